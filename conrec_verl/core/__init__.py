@@ -1,0 +1,1 @@
+"""Pure CoNRec building blocks. Nothing in this package imports verl."""

@@ -1,0 +1,233 @@
+"""Semantic-ID (SID) codec and codebook.
+
+A semantic ID is a tuple of codes, one per residual-quantisation level. In text it is written as
+one added token per level, levels named ``a``, ``b``, ``c``, ...::
+
+    (12, 200, 7)  <->  "<a_12><b_200><c_7>"
+
+An item's *reconstructed embedding* is the sum of the codewords its SID selects; the reward,
+the evaluation metrics and the deployment filter all compare items through it.
+
+Nothing here imports verl or torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+LEVEL_LETTERS = "abcdefgh"
+SID_TOKEN_RE = re.compile(r"<([a-h])_(\d{1,7})>")
+
+Codes = tuple[int, ...]
+
+
+def sid_token(level: int, code: int) -> str:
+    """The text token for ``code`` at ``level`` (0-based), e.g. ``sid_token(1, 5) == "<b_5>"``."""
+    if not 0 <= level < len(LEVEL_LETTERS):
+        raise ValueError(f"SID level {level} out of range 0..{len(LEVEL_LETTERS) - 1}")
+    if code < 0:
+        raise ValueError(f"SID code must be non-negative, got {code}")
+    return f"<{LEVEL_LETTERS[level]}_{int(code)}>"
+
+
+def format_sid(codes: Sequence[int]) -> str:
+    """``(12, 200, 7) -> "<a_12><b_200><c_7>"``."""
+    return "".join(sid_token(level, int(c)) for level, c in enumerate(codes))
+
+
+def all_sid_tokens(sizes: Sequence[int]) -> list[str]:
+    """Every SID token of a codebook with ``sizes[l]`` codes at level ``l``."""
+    return [sid_token(level, code) for level, size in enumerate(sizes) for code in range(int(size))]
+
+
+def parse_sid(text: str) -> Codes | None:
+    """Parse a string that is exactly one SID (whitespace between tokens allowed).
+
+    Returns ``None`` for anything else. Use :func:`extract_sids` for free-form model output.
+    """
+    if not isinstance(text, str):
+        return None
+    stripped = re.sub(r"\s+", "", text)
+    tokens = SID_TOKEN_RE.findall(stripped)
+    if not tokens or "".join(f"<{lv}_{c}>" for lv, c in tokens) != stripped:
+        return None
+    codes = []
+    for position, (letter, code) in enumerate(tokens):
+        if LEVEL_LETTERS.index(letter) != position:
+            return None
+        codes.append(int(code))
+    return tuple(codes)
+
+
+@dataclass(frozen=True)
+class SidSpan:
+    """A run of consecutive level tokens found in text (may be a partial SID)."""
+
+    codes: Codes
+    start: int
+    end: int
+
+
+def scan_sid_spans(text: str) -> list[SidSpan]:
+    """Find runs ``<a_..><b_..>...`` in arbitrary text.
+
+    A run starts at an ``a`` token and continues while the next token is the next level and only
+    whitespace separates them. Tokens that do not start or continue a run are ignored.
+    Never raises on a ``str``; anything else yields ``[]``.
+    """
+    if not isinstance(text, str):
+        return []
+    spans: list[SidSpan] = []
+    current: list[int] = []
+    start = end = 0
+    for match in SID_TOKEN_RE.finditer(text):
+        level = LEVEL_LETTERS.index(match.group(1))
+        code = int(match.group(2))
+        joins = current and level == len(current) and not text[end : match.start()].strip()
+        if joins:
+            current.append(code)
+            end = match.end()
+            continue
+        if current:
+            spans.append(SidSpan(tuple(current), start, end))
+            current = []
+        if level == 0:
+            current = [code]
+            start, end = match.start(), match.end()
+    if current:
+        spans.append(SidSpan(tuple(current), start, end))
+    return spans
+
+
+def extract_sids(text: str, num_levels: int) -> list[Codes]:
+    """All complete SIDs (exactly ``num_levels`` levels) in ``text``, in order of appearance."""
+    return [span.codes for span in scan_sid_spans(text) if len(span.codes) == num_levels]
+
+
+class CodebookError(ValueError):
+    """A codebook file is missing, malformed or does not match what uses it."""
+
+
+class Codebook:
+    """Residual codebooks: ``codewords[l]`` has shape ``(sizes[l], dim)``."""
+
+    FORMAT_VERSION = 1
+
+    def __init__(self, codewords: Sequence[np.ndarray], meta: dict | None = None):
+        if not codewords:
+            raise CodebookError("a codebook needs at least one level")
+        arrays = [np.ascontiguousarray(np.asarray(c, dtype=np.float32)) for c in codewords]
+        dims = {a.shape[1] if a.ndim == 2 else -1 for a in arrays}
+        if len(dims) != 1 or -1 in dims:
+            raise CodebookError(
+                f"every level must be a 2-D array with the same width; got shapes {[a.shape for a in arrays]}"
+            )
+        if len(arrays) > len(LEVEL_LETTERS):
+            raise CodebookError(f"at most {len(LEVEL_LETTERS)} levels are supported, got {len(arrays)}")
+        self.codewords = arrays
+        self.meta = dict(meta or {})
+        self._fingerprint: str | None = None
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.codewords)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(int(a.shape[0]) for a in self.codewords)
+
+    @property
+    def dim(self) -> int:
+        return int(self.codewords[0].shape[1])
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the codewords: identifies one SID build."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for a in self.codewords:
+                h.update(str(a.shape).encode())
+                h.update(a.tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def tokens(self) -> list[str]:
+        return all_sid_tokens(self.sizes)
+
+    def is_valid(self, codes: Sequence[int]) -> bool:
+        return len(codes) == self.num_levels and all(
+            0 <= int(c) < size for c, size in zip(codes, self.sizes)
+        )
+
+    def embed(self, codes: Sequence[int]) -> np.ndarray:
+        """Reconstructed embedding of one SID: the sum of its codewords."""
+        if not self.is_valid(codes):
+            raise CodebookError(f"SID {tuple(codes)} is not valid for codebook sizes {self.sizes}")
+        out = np.zeros(self.dim, dtype=np.float32)
+        for level, c in enumerate(codes):
+            out += self.codewords[level][int(c)]
+        return out
+
+    def embed_many(self, codes: np.ndarray) -> np.ndarray:
+        """Vectorised :meth:`embed` for an ``(N, num_levels)`` integer array."""
+        codes = np.asarray(codes, dtype=np.int64).reshape(-1, self.num_levels)
+        for level, size in enumerate(self.sizes):
+            col = codes[:, level]
+            if col.size and (col.min() < 0 or col.max() >= size):
+                raise CodebookError(f"level {level} code out of range 0..{size - 1}")
+        out = np.zeros((codes.shape[0], self.dim), dtype=np.float32)
+        for level in range(self.num_levels):
+            out += self.codewords[level][codes[:, level]]
+        return out
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write an ``.npz`` atomically (temp file + rename)."""
+        path = os.fspath(path)
+        meta = dict(self.meta, format_version=self.FORMAT_VERSION, sizes=list(self.sizes),
+                    dim=self.dim, fingerprint=self.fingerprint)
+        arrays = {f"level_{i}": a for i, a in enumerate(self.codewords)}
+        arrays["meta_json"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Codebook":
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise CodebookError(f"codebook file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(bytes(data["meta_json"]).decode()) if "meta_json" in data else {}
+                levels = sorted((k for k in data.files if k.startswith("level_")),
+                                key=lambda k: int(k.split("_")[1]))
+                codewords = [data[k] for k in levels]
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+            raise CodebookError(f"{path}: not a conrec codebook file ({exc})") from exc
+        book = cls(codewords, meta)
+        expected = meta.get("fingerprint")
+        if expected and expected != book.fingerprint:
+            raise CodebookError(f"{path}: codewords do not match the stored fingerprint (file corrupted?)")
+        return book
+
+
+def as_codes_array(sids: Iterable[Sequence[int]], num_levels: int) -> np.ndarray:
+    arr = np.asarray(list(sids), dtype=np.int64)
+    return arr.reshape(-1, num_levels)
