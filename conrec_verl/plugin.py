@@ -1,0 +1,55 @@
+"""verl plugin entry point (group ``verl.plugins``, name ``conrec``).
+
+``import verl`` imports this module in every process verl starts (driver, task runner, workers).
+Importing it registers everything conrec-verl adds to verl's registries:
+
+* platform ``cpu`` (``VERL_PLATFORM=cpu``) -- ``conrec_verl.runtime.cpu_platform``
+* rollout ``hf`` (``actor_rollout_ref.rollout.name=hf``) -- ``conrec_verl.runtime.hf_rollout``
+* reward manager ``conrec`` -- ``conrec_verl.reward_manager``
+* advantage estimator ``progressive_grpo`` -- ``conrec_verl.advantage``
+
+verl swallows exceptions raised while importing a plugin (they only reach a DEBUG log), so a
+broken registration would silently disappear. This module therefore logs every failure at ERROR
+level and re-raises, and ``tests/test_plugin_loading.py`` checks in a fresh interpreter that every
+name is visible after ``import verl``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+logger = logging.getLogger("conrec_verl")
+
+#: Modules whose import registers something with verl, in import order.
+REGISTERING_MODULES = (
+    "conrec_verl.runtime.cpu_platform",
+    "conrec_verl.runtime.hf_rollout",
+    "conrec_verl.reward_manager",
+    "conrec_verl.advantage",
+)
+
+_loaded = False
+
+
+def register_all() -> None:
+    """Import every registering module once (idempotent)."""
+    global _loaded
+    if _loaded:
+        return
+    for name in REGISTERING_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # module not written yet in this checkout
+                logger.debug("conrec_verl: optional plugin module %s not present", name)
+                continue
+            logger.error("conrec_verl: failed to import plugin module %s: %s", name, exc)
+            raise
+        except Exception as exc:  # noqa: BLE001 - make verl's silent skip loud
+            logger.error("conrec_verl: failed to import plugin module %s: %r", name, exc)
+            raise
+    _loaded = True
+
+
+register_all()
