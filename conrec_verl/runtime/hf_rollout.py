@@ -466,29 +466,9 @@ class HFReplica(RolloutReplica):
         self._server_address = name
 
 
-def _guard_gpu_only_rollouts() -> None:
-    """On ``VERL_PLATFORM=cpu`` make GPU-only rollout names fail with an actionable message."""
-    if os.environ.get("VERL_PLATFORM", "").strip().lower() != "cpu":
-        return
-
-    def refuse(name):
-        def loader():
-            raise ValueError(
-                f"actor_rollout_ref.rollout.name={name} needs a GPU, but VERL_PLATFORM=cpu selects the CPU "
-                f"runtime. Use actor_rollout_ref.rollout.name={ROLLOUT_NAME} on CPU (or unset VERL_PLATFORM "
-                f"on a GPU machine)."
-            )
-
-        return loader
-
-    for name in ("vllm", "sglang", "trtllm"):
-        RolloutReplicaRegistry.register(name, refuse(name))
-
-
 def register() -> None:
     rollout_base._ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = f"{__name__}.HFServerAdapter"
     RolloutReplicaRegistry.register(ROLLOUT_NAME, lambda: HFReplica)
-    _guard_gpu_only_rollouts()
 
 
 register()
