@@ -95,19 +95,55 @@ class SidTrieLogitsProcessor(LogitsProcessor):
     """Masks every token that would not continue an existing SID (scores of others -> -inf).
 
     ``prompt_length``: length of the (left-padded) prompt block in ``input_ids``; tokens after it
-    are the generated SID so far. After a complete SID only ``end_token_id`` is allowed.
+    are the generated SID so far. ``prompt_length=None`` ("suffix mode", for callers that cannot
+    know it, such as a rollout server's logits-processor hook): the generated SID is the trailing
+    run of SID tokens, so the prompt must end with a non-SID token (every chat template's
+    generation prompt does). After a complete SID only ``end_token_id`` is allowed.
     """
 
-    def __init__(self, trie: SidTrie, token_map: SidTokenMap, prompt_length: int, end_token_id: int):
-        self.prompt_length = int(prompt_length)
+    def __init__(self, trie: SidTrie, token_map: SidTokenMap, prompt_length: int | None, end_token_id: int):
+        self.prompt_length = None if prompt_length is None else int(prompt_length)
         self._allowed = _AllowedCache(trie, token_map, end_token_id)
+        self._map = token_map
+        self._L = trie.num_levels
+
+    def _generated(self, row: list[int]) -> list[int]:
+        if self.prompt_length is not None:
+            return row[self.prompt_length:]
+        n = 0
+        while n < len(row) and n <= self._L and row[len(row) - 1 - n] in self._map.reverse:
+            n += 1
+        return row[len(row) - n:] if n else []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         mask = torch.full_like(scores, float("-inf"))
-        generated = input_ids[:, self.prompt_length:].tolist()
-        for row, gen in enumerate(generated):
-            mask[row, self._allowed.allowed_ids(gen)] = 0.0
+        for row, ids in enumerate(input_ids.tolist()):
+            mask[row, self._allowed.allowed_ids(self._generated(ids))] = 0.0
         return scores + mask
+
+
+def rollout_logits_processor(tokenizer, model_config=None, sid_map: str | None = None, **_) -> SidTrieLogitsProcessor:
+    """Factory for the ``hf`` rollout backend's hook (``engine_kwargs.hf.logits_processor``):
+    ``"conrec_verl.constrained:rollout_logits_processor"`` with
+    ``logits_processor_kwargs.sid_map=<data_dir>/sid_map.parquet`` makes validation rollouts emit
+    only SIDs of that build (suffix mode: the chat template's generation prompt ends the prompt).
+    """
+    import pyarrow.parquet as pq
+
+    from conrec_verl.core.sid import parse_sid
+
+    if not sid_map:
+        raise ConstrainedDecodingError("rollout_logits_processor needs sid_map=<path to sid_map.parquet>")
+    sids = pq.read_table(sid_map, columns=["sid"]).column("sid").to_pylist()
+    codes = []
+    for row, text in enumerate(sids):
+        c = parse_sid(text) if isinstance(text, str) else None
+        if c is None:
+            raise ConstrainedDecodingError(f"{sid_map}: column 'sid', row {row}: {text!r} is not a SID string")
+        codes.append(c)
+    trie = SidTrie(codes)
+    eos, _ = _token_ids(tokenizer)
+    return SidTrieLogitsProcessor(trie, SidTokenMap(tokenizer, trie.level_sizes()), None, eos)
 
 
 def make_prefix_allowed_tokens_fn(

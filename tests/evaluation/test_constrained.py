@@ -1,3 +1,4 @@
+import copy
 import itertools
 import random
 
@@ -26,6 +27,13 @@ PROMPTS = ["Items the user marked not interested: <a_1><b_2><c_3>", "Items the u
 def tiny(tmp_path_factory):
     d = save_tiny_model(tmp_path_factory.mktemp("m") / "model", SIZES, seed=3)
     return AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d)
+
+
+@pytest.fixture(autouse=True)
+def _restore_generation_config(tiny):
+    saved = copy.deepcopy(tiny[0].generation_config)
+    yield
+    tiny[0].generation_config = saved
 
 
 def hostile(model, tokenizer):
@@ -90,9 +98,6 @@ def test_logits_processor_and_prefix_fn_mask_by_trie(tiny):
     assert fn(0, full) == [eos]
     # usable directly with generate (what a rollout backend would do)
     model = tiny[0]
-    model.generation_config.do_sample = False
-    model.generation_config.min_new_tokens = None
-    model.generation_config.bad_words_ids = None
     enc = tok(["hello"], return_tensors="pt")
     gen = model.generate(**enc, max_new_tokens=3, do_sample=False, num_beams=1,
                          logits_processor=LogitsProcessorList([SidTrieLogitsProcessor(
@@ -117,3 +122,32 @@ def test_unconstrained_mode_counts_invalid(tiny):
     assert res.n_beams == 2 and res.n_invalid >= 1 and all(s in trie for s in res.sids)
     on = constrained_beam_search(model, tok, PROMPTS[:1], trie, k=2)[0]
     assert on.n_invalid == 0 and len(on.sids) == 2
+
+
+def test_suffix_mode_factory_for_rollout_hook(tiny, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conrec_verl.constrained import rollout_logits_processor
+    from conrec_verl.core.sid import format_sid
+
+    model, tok = tiny
+    sids = [(1, 2, 3), (1, 0, 0), (2, 2, 2)]
+    pq.write_table(pa.table({"item_id": ["x", "y", "z"], "sid": [format_sid(s) for s in sids]}),
+                   tmp_path / "sid_map.parquet")
+    proc = rollout_logits_processor(tok, None, sid_map=str(tmp_path / "sid_map.parquet"))
+    tmap = SidTokenMap(tok, SIZES)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Items: <a_1><b_2><c_3>"}], tokenize=False,
+                                     add_generation_prompt=True)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    for gen, expected in (([], {tmap.token_id(0, 1), tmap.token_id(0, 2)}),
+                          ([tmap.token_id(0, 1)], {tmap.token_id(1, 0), tmap.token_id(1, 2)}),
+                          ([tmap.token_id(lv, c) for lv, c in enumerate((1, 0, 0))], {tok.eos_token_id})):
+        out = proc(torch.tensor([ids + gen]), torch.zeros(1, len(tok)))
+        assert set(torch.nonzero(out[0] == 0).flatten().tolist()) == expected
+    # greedy generation as the rollout server runs it (it builds its own processor list)
+    gen = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=4, do_sample=False,
+                         logits_processor=LogitsProcessorList([proc]), eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    new = gen[0, len(ids):].tolist()
+    assert tmap.decode(new[:3]) in sids and new[3] == tok.eos_token_id
