@@ -6,8 +6,8 @@ candidate is compared with those predictions through codebook-reconstructed embe
 predicted negative is ``>= threshold`` is removed. No LLM call at serving time.
 
 Everything is matrix operations: a user's candidates against the user's predictions is one
-``(C, d) @ (d, P)`` product; :meth:`NegativeFilter.max_similarity_batch` does many users at once in
-memory-bounded chunks.
+``(C, d) @ (d, P)`` product; :meth:`NegativeFilter.max_similarity_batch` does many users at once
+as padded batched products in memory-bounded chunks (``benchmarks/bench_neg_filter.py``).
 """
 
 from __future__ import annotations
@@ -78,40 +78,63 @@ class NegativeFilter:
         """:meth:`max_similarity` for many users at once.
 
         ``predicted[u]`` and ``candidates[u]`` are user ``u``'s ``(P_u, L)`` / ``(C_u, L)`` code arrays.
-        Predictions are padded to the largest ``P_u``; candidates of all users are processed in
-        chunks so that ``chunk * P_max * dim`` stays below ``chunk_elements``.
+        Users are processed in chunks as one padded batched matrix product
+        ``(U, C_max, d) @ (U, d, P_max)``; a chunk holds at most ``chunk_elements`` similarity
+        entries. Embeddings are computed once for the unique SIDs involved.
         """
         if len(predicted) != len(candidates):
             raise ValueError(f"{len(predicted)} prediction sets for {len(candidates)} candidate lists")
         L = self.codebook.num_levels
         preds = [_as_codes(p, L, f"predictions of user {u}") for u, p in enumerate(predicted)]
         cands = [_as_codes(c, L, f"candidates of user {u}") for u, c in enumerate(candidates)]
-        n_users = len(preds)
-        if n_users == 0:
-            return []
-        p_max = max((p.shape[0] for p in preds), default=0)
-        counts = np.array([c.shape[0] for c in cands], dtype=np.int64)
-        total = int(counts.sum())
-        if p_max == 0 or total == 0:
-            return [np.full(c.shape[0], -np.inf, dtype=np.float32) for c in cands]
-        dim = self.codebook.dim
-        pred_emb = np.zeros((n_users, p_max, dim), dtype=np.float32)
-        pred_valid = np.zeros((n_users, p_max), dtype=bool)
-        for u, p in enumerate(preds):
-            if p.shape[0]:
-                pred_emb[u, : p.shape[0]] = self.unit_embeddings(p)
-                pred_valid[u, : p.shape[0]] = True
-        cand_emb = self.unit_embeddings(np.concatenate(cands, axis=0))
-        owner = np.repeat(np.arange(n_users), counts)
-        out = np.empty(total, dtype=np.float32)
-        step = max(1, int(chunk_elements // max(1, p_max * dim)))
-        for lo in range(0, total, step):
-            hi = min(total, lo + step)
-            users = owner[lo:hi]
-            sims = np.einsum("cd,cpd->cp", cand_emb[lo:hi], pred_emb[users])
-            sims[~pred_valid[users]] = -np.inf
-            out[lo:hi] = sims.max(axis=1)
-        return np.split(out, np.cumsum(counts)[:-1])
+        out = [np.full(c.shape[0], -np.inf, dtype=np.float32) for c in cands]
+        users = [u for u in range(len(preds)) if preds[u].shape[0] and cands[u].shape[0]]
+        if not users:
+            return out
+        # embed each distinct SID once
+        all_codes = np.concatenate([preds[u] for u in users] + [cands[u] for u in users], axis=0)
+        # one int64 key per SID (mixed radix over the level sizes) -> fast 1-D unique
+        key = np.zeros(all_codes.shape[0], dtype=np.int64)
+        for level, size in enumerate(self.codebook.sizes):
+            col = all_codes[:, level]
+            if col.size and (col.min() < 0 or col.max() >= size):
+                raise ValueError(f"level {level} code out of range 0..{size - 1}")
+            key = key * int(size) + col
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        emb = self.unit_embeddings(all_codes[first])
+        inverse = inverse.reshape(-1)
+        sizes = [preds[u].shape[0] for u in users] + [cands[u].shape[0] for u in users]
+        ids = np.split(inverse, np.cumsum(sizes)[:-1])
+        pred_ids, cand_ids = ids[: len(users)], ids[len(users):]
+        # sort users by candidate count so padding stays small
+        order = sorted(range(len(users)), key=lambda j: (cand_ids[j].size, pred_ids[j].size))
+        lo = 0
+        while lo < len(order):
+            hi = lo + 1
+            c_max, p_max = cand_ids[order[lo]].size, pred_ids[order[lo]].size
+            while hi < len(order):
+                c2 = max(c_max, cand_ids[order[hi]].size)
+                p2 = max(p_max, pred_ids[order[hi]].size)
+                if (hi - lo + 1) * c2 * p2 > chunk_elements:
+                    break
+                c_max, p_max, hi = c2, p2, hi + 1
+            chunk = order[lo:hi]
+            n = len(chunk)
+            c_idx = np.zeros((n, c_max), dtype=np.int64)
+            p_idx = np.zeros((n, p_max), dtype=np.int64)
+            p_valid = np.zeros((n, p_max), dtype=bool)
+            for row, j in enumerate(chunk):
+                c_idx[row, : cand_ids[j].size] = cand_ids[j]
+                p_idx[row, : pred_ids[j].size] = pred_ids[j]
+                p_valid[row, : pred_ids[j].size] = True
+            sims = np.matmul(emb[c_idx], emb[p_idx].transpose(0, 2, 1))  # (n, c_max, p_max)
+            if not p_valid.all():
+                sims += np.where(p_valid, 0.0, -np.inf).astype(np.float32)[:, None, :]
+            sims = sims.max(axis=2)
+            for row, j in enumerate(chunk):
+                out[users[j]] = sims[row, : cand_ids[j].size].astype(np.float32)
+            lo = hi
+        return out
 
 
 def removal_sweep(

@@ -78,12 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="alignment task parquet for the forget rate (default: <data>/sft/alignment.parquet)")
     p.add_argument("--forget-reference", default=None,
                    help="model row whose alignment accuracy is 'after alignment SFT' for the forget rate")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (SASRec, CPU decoding); 1 is fastest for tiny models on a busy machine")
     p.add_argument("--title", default=None)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         baselines = [] if args.baselines.strip().lower() == "none" else [
             b.strip() for b in args.baselines.split(",") if b.strip()]
