@@ -132,7 +132,8 @@ def _row(path: Path, i: int, raw: dict, sid_build: str) -> EvalRow:
         long_tail_user=bool(extra.get("long_tail_user", False)),
         n_future_neg_cold=int(gt.get("n_future_neg_cold") or 0),
     )
-    if "candidates" in raw and raw["candidates"] is not None:
+    # a row without a candidate task (e.g. its future dislikes are all cold): no / empty candidates
+    if raw.get("candidates") is not None and len(raw["candidates"]) > 0:
         target.candidates = _sid_list(raw["candidates"], f"{where}: column 'candidates'")
         ct = raw.get("candidate_target")
         if ct is None or not 0 <= int(ct) < len(target.candidates):

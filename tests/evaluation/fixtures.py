@@ -67,8 +67,8 @@ def make_data_folder(root: Path, n_users: int = 12, n_items: int = 40, sizes=(4,
             row["candidates"] = [sid[i] for i in others[:t]] + [sid[future[0]]] + [sid[i] for i in others[t:]]
             row["candidate_target"] = t
         else:
-            row["candidates"] = None
-            row["candidate_target"] = None
+            row["candidates"] = []  # as data_prep writes a row without a candidate task
+            row["candidate_target"] = -1
         rows.append(row)
     pq.write_table(pa.Table.from_pylist(rows), root / "eval" / "test.parquet")
     (root / "manifest.json").write_text(json.dumps({"sid_build": book.fingerprint, "counts": {"items": n_items}}))
