@@ -109,16 +109,25 @@ class SidTrieLogitsProcessor(LogitsProcessor):
 
     def _generated(self, row: list[int]) -> list[int]:
         if self.prompt_length is not None:
-            return row[self.prompt_length:]
+            return row
         n = 0
-        while n < len(row) and n <= self._L and row[len(row) - 1 - n] in self._map.reverse:
+        while n < len(row) and row[len(row) - 1 - n] in self._map.reverse:
             n += 1
         return row[len(row) - n:] if n else []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prompt_length is not None:
+            tails = input_ids[:, self.prompt_length:].tolist()
+        else:  # the last L + 1 tokens are enough to find a trailing SID run of up to L tokens
+            tails = input_ids[:, -(self._L + 1):].tolist()
+        rows: list[int] = []
+        cols: list[int] = []
+        for row, ids in enumerate(tails):
+            allowed = self._allowed.allowed_ids(self._generated(ids))
+            rows.extend([row] * len(allowed))
+            cols.extend(allowed)
         mask = torch.full_like(scores, float("-inf"))
-        for row, ids in enumerate(input_ids.tolist()):
-            mask[row, self._allowed.allowed_ids(self._generated(ids))] = 0.0
+        mask[torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)] = 0.0
         return scores + mask
 
 
