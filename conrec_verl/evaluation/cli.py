@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from conrec_verl.evaluation.data import EvalInputError
@@ -47,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(HR/FHR/LUF/LIF@K, SID-prefix hits, Candidate Acc, invalid-SID rate, forget rate, "
                     "deployment-filter sweep). Writes report.md, metrics.json, PNG plots and predictions/.",
         epilog="Predictions file format (--predictions):\n\n" + FORMAT_HELP)
-    p.add_argument("--data", required=True, help="data folder written by data_prep (docs/data-format.md)")
-    p.add_argument("--out", required=True, help="report folder to write")
+    p.add_argument("--run", default=None,
+                   help="a run folder: --data defaults to RUN/data and --out to RUN/eval")
+    p.add_argument("--data", default=None, help="data folder written by data_prep (docs/data-format.md)")
+    p.add_argument("--out", default=None, help="report folder to write")
     p.add_argument("--split", default="eval/test.parquet", help="evaluation split inside the data folder")
     p.add_argument("--baselines", default="random,popularity,swing,sasrec",
                    help="comma-separated baselines, or 'none' (default: %(default)s)")
@@ -85,7 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.run:
+        args.data = args.data or os.path.join(args.run, "data")
+        args.out = args.out or os.path.join(args.run, "eval")
+    if not args.data or not args.out:
+        parser.error("give --data and --out, or --run")
     if args.threads:
         import torch
 
