@@ -18,6 +18,8 @@ Definitions (K configurable, default 20; NDCG deliberately absent, as in the pap
   the top share the credit (1 / number tied), so a constant scorer gets exactly chance level.
 * ``invalid_rate``  share of the top-K entries that are not a SID of this build.
 * ``duplicate_rate`` share of the top-K entries repeating an earlier entry of the same row.
+* ``fhr_ceiling``  share of scored rows with at least one future dislike that has a SID: no
+  predictor can exceed it (far below 1 on cold-start-heavy logs).
 * ``forget_rate(acc_after_alignment, acc_now)`` the paper's Table 3 forgetting measure.
 
 Denominator [gap, our choice]: HR, FHR, LUF and the prefix hits count every row with at least one
@@ -168,6 +170,9 @@ def compute_metrics(
     out["n_rows_long_tail_item"] = len(buckets.get(f"LIF@{ks[0]}", []))
     out["n_rows_candidates"] = len(buckets.get("CandAcc", []))
     out["cold_share"] = cold / (warm + cold) if (warm + cold) else None
+    # the best FHR any predictor could reach: scored rows that have a future dislike with a SID
+    n_scored = len(buckets.get(f"FHR@{ks[0]}", []))
+    out["fhr_ceiling"] = len(buckets.get(f"FHR_warm@{ks[0]}", [])) / n_scored if n_scored else None
     return out
 
 

@@ -44,7 +44,8 @@ def markdown(report: dict) -> str:
         lines.append(f"- rows scored (≥ 1 future dislike): {r0['n_rows_scored']}; long-tail-user rows "
                      f"{r0['n_rows_long_tail_user']}; long-tail-item rows {r0['n_rows_long_tail_item']}; "
                      f"rows with candidates {r0['n_rows_candidates']}; cold share of future dislikes "
-                     f"{_fmt(r0['cold_share'], 3)}")
+                     f"{_fmt(r0['cold_share'], 3)}; FHR ceiling (rows with a future dislike that has a SID) "
+                     f"{_fmt(r0.get('fhr_ceiling'), 3)}")
     lines += ["", "## Quality", "", "| row | kind | " + " | ".join(cols) + " | wall s |",
               "|---|---|" + "---|" * (len(cols) + 1)]
     for r in rows:
@@ -125,16 +126,21 @@ def plot_rows(report: dict, path: Path) -> None:
 
 def plot_filter_sweep(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 4))
+    drawn = 0
     for r in report["rows"]:
         pts = [(s["likes_removed"], s["dislikes_removed"]) for s in r["filter_sweep"]
                if s["likes_removed"] is not None and s["dislikes_removed"] is not None]
         if pts:
             ax.plot(*zip(*pts), marker=".", label=r["name"])
+            drawn += 1
+    if not drawn:
+        ax.text(0.5, 0.5, "no threshold sweep", ha="center", va="center", transform=ax.transAxes)
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8)
     ax.set_xlabel("future likes removed (share)")
     ax.set_ylabel("future dislikes removed (share)")
     ax.set_title("deployment filter, threshold sweep")
-    ax.legend(fontsize=8)
+    if drawn:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -229,3 +229,13 @@ def test_filter_cli_matches_brute_force(folder, tmp_path):
     assert filter_main(["--data", str(folder), "--predictions", str(pfile), "--candidates",
                         str(tmp_path / "c.parquet"), "--out", str(tmp_path / "x.parquet")]) == 2
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_cli_run_folder_defaults(folder, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(folder, run / "data")
+    assert eval_main(["--run", str(run), "--baselines", "popularity", "--thresholds", "none"]) == 0
+    rep = json.loads((run / "eval" / "metrics.json").read_text())
+    assert [r["name"] for r in rep["rows"]] == ["popularity"] and rep["rows"][0]["filter_sweep"] == []

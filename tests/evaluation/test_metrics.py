@@ -79,6 +79,7 @@ def test_compute_metrics_hand_computed():
     assert m["duplicate_rate"] == 0.0
     # cold share: warm 3 (A, C, D), cold 3
     assert m["cold_share"] == pytest.approx(0.5)
+    assert m["fhr_ceiling"] == pytest.approx(2 / 3)  # row 2 has only cold dislikes
 
 
 def test_duplicates_use_slots_and_are_counted():
