@@ -190,7 +190,12 @@ def run_evaluation(
     """Evaluate every row and write ``report.md``, ``metrics.json``, PNG plots and the predictions."""
     from conrec_verl.evaluation.report import write_report
 
+    from conrec_verl.baselines import BASELINES
+
     t_all = time.time()
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise EvalInputError(f"unknown baseline(s) {unknown}; choose from {sorted(BASELINES)}")
     data = load_eval_data(data_dir, split=split, max_rows=max_rows)
     ks = sorted({int(x) for x in ks} | {int(k)})
     n_items = len(data.sid_items)

@@ -239,3 +239,12 @@ def test_cli_run_folder_defaults(folder, tmp_path):
     assert eval_main(["--run", str(run), "--baselines", "popularity", "--thresholds", "none"]) == 0
     rep = json.loads((run / "eval" / "metrics.json").read_text())
     assert [r["name"] for r in rep["rows"]] == ["popularity"] and rep["rows"][0]["filter_sweep"] == []
+
+
+def test_run_evaluation_api_errors_leave_no_output(folder, tmp_path):
+    out = tmp_path / "rep"
+    with pytest.raises(EvalInputError, match="forget reference"):
+        run_evaluation(folder, out, baselines=("popularity",), forget_reference="nope")
+    with pytest.raises(EvalInputError, match="unknown baseline"):
+        run_evaluation(folder, out, baselines=("popularity", "magic"))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
