@@ -1,9 +1,10 @@
 """Common machinery of the non-LLM baselines: score every item of the catalogue per evaluation row.
 
-A baseline learns only from what is known before each row's cutoff: the negative (dislike)
-histories in the evaluation rows (``hist_neg``) and, for Swing, ``swing.parquet`` (built by
-data_prep from dislikes before the cutoff). Training sequences are one per user, taken from the
-user's *earliest* cutoff so that no row of that user can see its own future.
+A baseline learns only from what is known before the cutoffs: negative (dislike) histories
+(``hist_neg``) and, for Swing, ``swing.parquet`` (built by data_prep from dislikes before the
+cutoff). Training sequences are one per user (:func:`training_sequences`): an evaluated user's
+history at the *earliest* evaluation cutoff (no row of that user can see its own future), and for
+users that only appear in ``rl/train.parquet`` their latest training history.
 
 Top-K excludes the items of the row's own negative history by default (a disliked item is
 filtered and rarely shown again); candidate scoring never excludes anything.
@@ -20,13 +21,37 @@ from conrec_verl.core.sid import Codes
 from conrec_verl.evaluation.data import EvalData
 
 
-def training_sequences(data: EvalData) -> list[list[Codes]]:
-    """One negative sequence per user: ``hist_neg`` at the user's earliest cutoff (oldest first)."""
+def training_sequences(data: EvalData, train_split: str | None = "rl/train.parquet") -> list[list[Codes]]:
+    """One negative sequence per user, oldest first, all of it before the user's cutoffs.
+
+    Users with an evaluation row: ``hist_neg`` at their earliest evaluation cutoff. Users that only
+    have training rows (``train_split``, when present): ``hist_neg`` at their latest training
+    cutoff. Future windows of training rows are never used (they can overlap the test window).
+    """
     first: dict[str, tuple[int, list[Codes]]] = {}
     for row in data.rows:
         if row.user_id not in first or row.cutoff_day < first[row.user_id][0]:
             first[row.user_id] = (row.cutoff_day, row.hist_neg)
-    return [seq for _, seq in first.values() if seq]
+    extra: dict[str, tuple[int, list[Codes]]] = {}
+    path = data.data_dir / train_split if train_split else None
+    if path is not None and path.is_file():
+        import pyarrow.parquet as pq
+
+        from conrec_verl.evaluation.data import EvalInputError, _sid_list
+
+        table = pq.read_table(path, columns=[c for c in ("extra_info", "hist_neg") if c in pq.read_schema(path).names])
+        if "hist_neg" in table.column_names and "extra_info" in table.column_names:
+            infos = table.column("extra_info").to_pylist()
+            hists = table.column("hist_neg").to_pylist()
+            for i, (info, hist) in enumerate(zip(infos, hists)):
+                if not info or "user_id" not in info or "cutoff_day" not in info:
+                    raise EvalInputError(f"{path}: row {i}: column 'extra_info' lacks user_id / cutoff_day")
+                user, day = str(info["user_id"]), int(info["cutoff_day"])
+                if user in first or (user in extra and extra[user][0] >= day):
+                    continue
+                seq = _sid_list(hist, f"{path}: row {i}: column 'hist_neg'")
+                extra[user] = (day, [s for s in seq if s in data.sid_items])
+    return [seq for _, seq in list(first.values()) + list(extra.values()) if seq]
 
 
 class Baseline(ABC):

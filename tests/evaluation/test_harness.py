@@ -8,6 +8,7 @@ import pytest
 
 from conrec_verl.baselines import PopularityBaseline, RandomBaseline, SASRecBaseline, SwingBaseline
 from conrec_verl.baselines.base import training_sequences
+from conrec_verl.core.sid import format_sid
 from conrec_verl.evaluation.cli import main as eval_main
 from conrec_verl.evaluation.data import EvalInputError, load_eval_data
 from conrec_verl.evaluation.filter_cli import main as filter_main
@@ -248,3 +249,33 @@ def test_run_evaluation_api_errors_leave_no_output(folder, tmp_path):
     with pytest.raises(EvalInputError, match="unknown baseline"):
         run_evaluation(folder, out, baselines=("popularity", "magic"))
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_training_sequences_add_train_only_users_without_future(folder, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+
+    d = tmp_path / "with_train"
+    shutil.copytree(folder, d)
+    data = load_eval_data(d)
+    without = training_sequences(data)
+    a, b, c = data.catalogue[:3]
+    (d / "rl").mkdir()
+    rows = [
+        # a train-only user: two cutoffs, the latest history is used
+        {"extra_info": {"user_id": "new", "cutoff_day": 20220410}, "hist_neg": [format_sid(a)]},
+        {"extra_info": {"user_id": "new", "cutoff_day": 20220412}, "hist_neg": [format_sid(a), format_sid(b)]},
+        # an evaluated user: its evaluation history wins, this row is ignored
+        {"extra_info": {"user_id": "0", "cutoff_day": 20220401}, "hist_neg": [format_sid(c)]},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), d / "rl" / "train.parquet")
+    with_train = training_sequences(load_eval_data(d))
+    assert len(with_train) == len(without) + 1
+    assert [a, b] in with_train
+    assert sorted(map(tuple, with_train[: len(without)])) == sorted(map(tuple, without))
+    rows[0]["hist_neg"] = ["not a sid"]
+    rows[1]["extra_info"]["cutoff_day"] = 20220409  # now the bad row is the latest
+    pq.write_table(pa.Table.from_pylist(rows), d / "rl" / "train.parquet")
+    with pytest.raises(EvalInputError, match=r"train.parquet: row 0: column 'hist_neg'"):
+        training_sequences(load_eval_data(d))
