@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="left-truncate longer prompts")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--model-exclude-history", action="store_true",
+                   help="drop each row's past dislikes from model rows' top K (baselines do so unless --keep-history)")
     p.add_argument("--no-candidate-acc", action="store_true", help="skip scoring the candidates with model rows")
     p.add_argument("--measure-unconstrained", action="store_true",
                    help="also report the share of beams that are not a valid SID when the same beam search runs without the constraint")
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         model_params = {"num_beams": args.num_beams, "batch_size": args.batch_size, "device": args.device,
                         "prompt_stage": args.prompt_stage, "candidate_acc": not args.no_candidate_acc,
                         "measure_unconstrained": args.measure_unconstrained,
-                        "max_prompt_tokens": args.max_prompt_tokens}
+                        "max_prompt_tokens": args.max_prompt_tokens,
+                        "exclude_history": args.model_exclude_history}
         if args.alignment:
             model_params["alignment_path"] = args.alignment
         exclude = not args.keep_history

@@ -110,14 +110,26 @@ def model_predictions(data: EvalData, model_dir, k: int, num_beams: int | None =
                       prompt_stage: str | int = "row", device: str = "auto", candidate_acc: bool = True,
                       alignment_path: Path | None = None, alignment_max_rows: int | None = 500,
                       measure_unconstrained: bool = False, max_prompt_tokens: int | None = None,
+                      exclude_history: bool = False, history_cap: int = 200,
                       ) -> tuple[PredictionSet, dict, list[list[float]]]:
+    """Top-K by constrained beam search, candidate scores, alignment accuracy of one model folder.
+
+    ``exclude_history=True`` drops the row's own past dislikes from the top K, as the baselines do
+    by default: each batch is searched with ``K + (longest history in the batch, <= history_cap)``
+    results and the history items are removed (kept at the end only if too few remain).
+    """
     from conrec_verl.constrained import constrained_beam_search, score_sids
 
     model, tokenizer = load_model(model_dir, device)
     trie = data.trie()
     prompts = [row_prompt(r, prompt_stage) for r in data.rows]
-    results = constrained_beam_search(model, tokenizer, prompts, trie, k=k, num_beams=num_beams,
-                                      batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, progress=True)
+    if exclude_history:
+        results = _beam_search_excluding_history(model, tokenizer, prompts, trie, k, num_beams, batch_size,
+                                                 max_prompt_tokens, [set(r.hist_neg) for r in data.rows],
+                                                 history_cap)
+    else:
+        results = constrained_beam_search(model, tokenizer, prompts, trie, k=k, num_beams=num_beams,
+                                          batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, progress=True)
     # dead beams can only come from a trie narrower than the beam at some depth; every returned SID is valid
     info: dict = {"dead_beams": int(sum(r.n_invalid for r in results))}
     if any(len(r.sids) < k for r in results):
@@ -139,6 +151,25 @@ def model_predictions(data: EvalData, model_dir, k: int, num_beams: int | None =
         info["alignment_acc"] = correct / len(rows) if rows else None
         info["alignment_rows"] = len(rows)
     return PredictionSet(Path(model_dir).name, [r.sids for r in results], cand_scores), info, [r.scores for r in results]
+
+
+def _beam_search_excluding_history(model, tokenizer, prompts, trie, k, num_beams, batch_size, max_prompt_tokens,
+                                   histories, history_cap: int = 200):
+    from conrec_verl.constrained import BeamResult, constrained_beam_search
+
+    out = []
+    for lo in range(0, len(prompts), batch_size):
+        hist = histories[lo:lo + batch_size]
+        wide = min(len(trie), k + min(max(len(h) for h in hist), history_cap))
+        res = constrained_beam_search(model, tokenizer, prompts[lo:lo + batch_size], trie, k=wide,
+                                      num_beams=max(wide, num_beams or 0), batch_size=batch_size,
+                                      max_prompt_tokens=max_prompt_tokens)
+        for r, h in zip(res, hist):
+            fresh = [(s, v) for s, v in zip(r.sids, r.scores) if s not in h]
+            seen = [(s, v) for s, v in zip(r.sids, r.scores) if s in h]
+            top = (fresh + seen)[:k]
+            out.append(BeamResult([s for s, _ in top], [v for _, v in top], r.n_invalid, r.n_beams))
+    return out
 
 
 # -- scoring ------------------------------------------------------------------------------------

@@ -279,3 +279,17 @@ def test_training_sequences_add_train_only_users_without_future(folder, tmp_path
     pq.write_table(pa.Table.from_pylist(rows), d / "rl" / "train.parquet")
     with pytest.raises(EvalInputError, match=r"train.parquet: row 0: column 'hist_neg'"):
         training_sequences(load_eval_data(d))
+
+
+def test_model_rows_can_exclude_history(folder, tmp_path):
+    from conrec_verl.evaluation.harness import model_predictions
+    from conrec_verl.model_builder import save_tiny_model
+
+    data = load_eval_data(folder)
+    model = save_tiny_model(tmp_path / "tiny", (4, 4, 4))
+    excl, _, scores = model_predictions(data, model, 10, device="cpu", candidate_acc=False, alignment_path=None,
+                                        exclude_history=True)
+    for row, e, sc in zip(data.rows, excl.sids, scores):
+        assert len(e) == 10 and len(set(e)) == 10 and not set(e) & set(row.hist_neg)
+        assert sc == sorted(sc, reverse=True)
+        assert all(s in data.sid_items for s in e)
