@@ -305,16 +305,19 @@ def constrained_beam_search(
 
 
 @torch.no_grad()
-def score_sids(model, tokenizer, prompt, sids: Sequence[Codes], max_prompt_tokens: int | None = None) -> list[float]:
+def score_sids(model, tokenizer, prompt, sids: Sequence[Codes], max_prompt_tokens: int | None = None,
+               token_map: SidTokenMap | None = None) -> list[float]:
     """Teacher-forced log-probability of each SID (its tokens only) after ``prompt``.
 
-    Used for Candidate Acc: rank the row's candidates by the model's own likelihood.
+    Used for Candidate Acc: rank the row's candidates by the model's own likelihood. Pass a
+    ``token_map`` built once when scoring many rows (building one reads the whole vocabulary).
     """
     if not sids:
         return []
     L = len(sids[0])
-    sizes = [max(int(s[level]) for s in sids) + 1 for level in range(L)]
-    token_map = SidTokenMap(tokenizer, sizes)
+    if token_map is None:
+        sizes = [max(int(s[level]) for s in sids) + 1 for level in range(L)]
+        token_map = SidTokenMap(tokenizer, sizes)
     device = next(model.parameters()).device
     enc = _encode(tokenizer, [prompt], max_prompt_tokens, device)
     prompt_ids = enc["input_ids"][0]

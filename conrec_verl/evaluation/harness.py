@@ -118,10 +118,11 @@ def model_predictions(data: EvalData, model_dir, k: int, num_beams: int | None =
     by default: each batch is searched with ``K + (longest history in the batch, <= history_cap)``
     results and the history items are removed (kept at the end only if too few remain).
     """
-    from conrec_verl.constrained import constrained_beam_search, score_sids
+    from conrec_verl.constrained import SidTokenMap, constrained_beam_search, score_sids
 
     model, tokenizer = load_model(model_dir, device)
     trie = data.trie()
+    token_map = SidTokenMap(tokenizer, data.codebook.sizes)
     prompts = [row_prompt(r, prompt_stage) for r in data.rows]
     if exclude_history:
         results = _beam_search_excluding_history(model, tokenizer, prompts, trie, k, num_beams, batch_size,
@@ -137,7 +138,8 @@ def model_predictions(data: EvalData, model_dir, k: int, num_beams: int | None =
     cand_scores: list[list[float] | None] = []
     for r, p in zip(data.rows, prompts):
         cands = r.target.candidates
-        cand_scores.append(score_sids(model, tokenizer, p, cands, max_prompt_tokens) if (candidate_acc and cands) else None)
+        cand_scores.append(score_sids(model, tokenizer, p, cands, max_prompt_tokens, token_map)
+                           if (candidate_acc and cands) else None)
     if measure_unconstrained:
         free = constrained_beam_search(model, tokenizer, prompts, trie, k=k, num_beams=num_beams,
                                        batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, constrained=False)
@@ -146,7 +148,7 @@ def model_predictions(data: EvalData, model_dir, k: int, num_beams: int | None =
         rows = alignment_rows(Path(alignment_path), data, alignment_max_rows)
         correct = 0
         for prompt, options, answer in rows:
-            s = score_sids(model, tokenizer, prompt, options, max_prompt_tokens)
+            s = score_sids(model, tokenizer, prompt, options, max_prompt_tokens, token_map)
             correct += options[int(np.argmax(s))] == answer
         info["alignment_acc"] = correct / len(rows) if rows else None
         info["alignment_rows"] = len(rows)
