@@ -19,6 +19,17 @@ from conrec_verl.evaluation.harness import DEFAULT_THRESHOLDS, run_evaluation
 from conrec_verl.evaluation.predictions import FORMAT_HELP
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean bad input (reported as one line, exit code 2)."""
+    from conrec_verl.core.sid import CodebookError
+    from conrec_verl.core.sid_trie import SidTrieError
+
+    errors: tuple[type[Exception], ...] = (EvalInputError, CodebookError, SidTrieError)
+    if "conrec_verl.constrained" in sys.modules:
+        errors += (sys.modules["conrec_verl.constrained"].ConstrainedDecodingError,)
+    return errors
+
+
 def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for v in values or []:
@@ -104,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         baselines = [] if args.baselines.strip().lower() == "none" else [
             b.strip() for b in args.baselines.split(",") if b.strip()]
-        thresholds = [] if args.thresholds.strip().lower() == "none" else [float(x) for x in args.thresholds.split(",")]
+        try:
+            thresholds = [] if args.thresholds.strip().lower() == "none" else [
+                float(x) for x in args.thresholds.split(",")]
+        except ValueError as exc:
+            raise EvalInputError(f"--thresholds expects comma-separated numbers, got {args.thresholds!r}") from exc
         model_params = {"num_beams": args.num_beams, "batch_size": args.batch_size, "device": args.device,
                         "prompt_stage": args.prompt_stage, "candidate_acc": not args.no_candidate_acc,
                         "measure_unconstrained": args.measure_unconstrained,
@@ -124,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             model_params=model_params, forget_reference=args.forget_reference, title=args.title,
             split=args.split,
         )
-    except (EvalInputError, ValueError) as exc:
+    except ValueError as exc:
+        if not isinstance(exc, user_errors()):
+            raise  # a bug, not bad input: keep the traceback
         print(f"conrec-eval: error: {exc}", file=sys.stderr)
         return 2
     k = report["k"]

@@ -34,9 +34,13 @@ from conrec_verl.evaluation.predictions import read_prediction_lines
 def _read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise EvalInputError(f"{path}: candidates file not found")
-    if path.suffix == ".csv":
-        return pd.read_csv(path, dtype={"user_id": str, "item_id": str})
-    return pd.read_parquet(path)
+    try:
+        if path.suffix == ".csv":
+            return pd.read_csv(path, dtype={"user_id": str, "item_id": str})
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
+        raise EvalInputError(f"{path}: cannot read the candidates table ({type(exc).__name__}: {exc}); "
+                             "expected parquet, or csv by extension") from exc
 
 
 def _write_table(df: pd.DataFrame, path: Path) -> None:
@@ -59,6 +63,8 @@ def filter_candidates(data_dir, predictions, candidates: pd.DataFrame, threshold
                       top: int | None = None, candidates_name: str = "candidates") -> pd.DataFrame:
     """Library form of the CLI: returns ``candidates`` with ``max_sim`` and ``removed`` added."""
     data_dir = Path(data_dir)
+    if not -1.0 <= float(threshold) <= 1.0:
+        raise EvalInputError(f"threshold {threshold} is a cosine similarity and must be in [-1, 1]")
     try:
         book = Codebook.load(data_dir / "codebook.npz")
     except CodebookError as exc:
@@ -125,11 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=None, help="use the first N predictions per user (default: all)")
     args = p.parse_args(argv)
     try:
+        if not -1.0 <= args.threshold <= 1.0:
+            raise EvalInputError(f"--threshold {args.threshold} is a cosine similarity and must be in [-1, 1]")
         cand_path = Path(args.candidates)
         df = filter_candidates(args.data, args.predictions, _read_table(cand_path), args.threshold, args.top,
                                str(cand_path))
         _write_table(df, Path(args.out))
-    except (EvalInputError, ValueError) as exc:
+    except ValueError as exc:
+        from conrec_verl.evaluation.cli import user_errors
+
+        if not isinstance(exc, user_errors()):
+            raise
         print(f"conrec-filter: error: {exc}", file=sys.stderr)
         return 2
     print(f"{int(df['removed'].sum())} of {len(df)} candidates removed -> {args.out}")

@@ -15,6 +15,7 @@ use up a slot). The file must cover every row of the split exactly once.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -106,8 +107,9 @@ def read_predictions(path: str | os.PathLike, data: EvalData, k: int, name: str 
         cs = obj.get("candidate_scores")
         if cs is not None:
             n_c = len(data.rows[i].target.candidates or [])
-            if not isinstance(cs, list) or len(cs) != n_c:
-                raise EvalInputError(f"{where}: field 'candidate_scores' needs {n_c} numbers (one per candidate)")
+            if (not isinstance(cs, list) or len(cs) != n_c
+                    or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in cs)):
+                raise EvalInputError(f"{where}: field 'candidate_scores' needs {n_c} finite numbers (one per candidate)")
             cand[i] = [float(x) for x in cs]
     missing = [data.rows[i].key for i, s in enumerate(sids) if s is None]
     if missing:

@@ -293,3 +293,22 @@ def test_model_rows_can_exclude_history(folder, tmp_path):
         assert len(e) == 10 and len(set(e)) == 10 and not set(e) & set(row.hist_neg)
         assert sc == sorted(sc, reverse=True)
         assert all(s in data.sid_items for s in e)
+
+
+def test_cli_errors_are_one_line(folder, tmp_path, capsys):
+    data = load_eval_data(folder)
+    p = write_predictions(tmp_path / "p.jsonl", data, oracle(data),
+                          candidate_scores=[None if r.target.candidates is None else [float("nan")] * 20
+                                            for r in data.rows])
+    assert eval_main(["--data", str(folder), "--out", str(tmp_path / "o"), "--baselines", "none",
+                      "--predictions", f"x={p}"]) == 2
+    assert "finite numbers" in capsys.readouterr().err
+    assert eval_main(["--data", str(folder), "--out", str(tmp_path / "o"), "--thresholds", "a,b"]) == 2
+    assert "--thresholds" in capsys.readouterr().err
+    assert filter_main(["--data", str(folder), "--predictions", str(p), "--candidates", str(p),
+                        "--out", str(tmp_path / "f.parquet"), "--threshold", "1.5"]) == 2
+    assert "[-1, 1]" in capsys.readouterr().err
+    assert filter_main(["--data", str(folder), "--predictions", str(p), "--candidates", str(p),
+                        "--out", str(tmp_path / "f.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read the candidates table" in err and err.count("\n") == 1
