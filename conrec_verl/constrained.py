@@ -1,0 +1,338 @@
+"""SID-constrained decoding for Hugging Face causal LMs (the transformers adapter of the trie).
+
+:class:`SidTrieLogitsProcessor` (or :func:`make_prefix_allowed_tokens_fn`) lets a model emit only
+token paths that spell an existing SID of :class:`conrec_verl.core.sid_trie.SidTrie`: after the
+prompt, step ``d`` may only produce the level-``d`` tokens that extend the prefix generated so far.
+:func:`constrained_beam_search` returns, per prompt, the top-K *distinct* items with their scores.
+
+Generation settings are set explicitly and the model's own ``generation_config`` is swapped for a
+clean one during the call, because transformers fills every setting left unset from the model's
+``generation_config`` (a checkpoint saved with ``do_sample=True``, ``num_beams=1``,
+``repetition_penalty`` or ``bad_words_ids`` would otherwise silently change or break the search).
+
+The validation rollouts of a CPU ``hf`` rollout backend can pass
+``logits_processor=LogitsProcessorList([SidTrieLogitsProcessor(...)])`` to ``generate`` too.
+
+Score of a returned SID: the sum of the model's log-probabilities of its tokens (unconstrained
+softmax; the mask only restricts which tokens may be chosen; ``length_penalty=0``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from conrec_verl.core.sid import Codes, extract_sids, format_sid, sid_token
+from conrec_verl.core.sid_trie import SidTrie
+
+
+class ConstrainedDecodingError(ValueError):
+    """The model/tokenizer cannot decode the requested SIDs, or the request is impossible."""
+
+
+class SidTokenMap:
+    """Token ids of the SID tokens ``<a_0>`` ... of a tokenizer, both directions."""
+
+    def __init__(self, tokenizer, level_sizes: Sequence[int]):
+        self.num_levels = len(level_sizes)
+        vocab = tokenizer.get_vocab()
+        self.ids: list[list[int]] = []
+        missing = []
+        for level, size in enumerate(level_sizes):
+            row = []
+            for code in range(int(size)):
+                tok = sid_token(level, code)
+                if tok not in vocab:
+                    missing.append(tok)
+                    row.append(-1)
+                else:
+                    row.append(int(vocab[tok]))
+            self.ids.append(row)
+        if missing:
+            raise ConstrainedDecodingError(
+                f"the tokenizer lacks {len(missing)} SID tokens (first: {missing[:5]}); build it with "
+                "conrec_verl.model_builder (build_tokenizer / extend_model_with_sid_tokens) for this SID build"
+            )
+        self.reverse: dict[int, tuple[int, int]] = {
+            tid: (level, code) for level, row in enumerate(self.ids) for code, tid in enumerate(row)
+        }
+
+    def token_id(self, level: int, code: int) -> int:
+        return self.ids[level][code]
+
+    def decode(self, token_ids: Sequence[int]) -> Codes | None:
+        """Codes spelled by ``token_ids`` (level 0, 1, ... in order), or None if they are not a SID path."""
+        codes = []
+        for depth, tid in enumerate(token_ids):
+            hit = self.reverse.get(int(tid))
+            if hit is None or hit[0] != depth:
+                return None
+            codes.append(hit[1])
+        return tuple(codes)
+
+
+class _AllowedCache:
+    def __init__(self, trie: SidTrie, token_map: SidTokenMap, dead_end_token: int):
+        self.trie, self.map, self.dead = trie, token_map, int(dead_end_token)
+        self.cache: dict[Codes | None, list[int]] = {}
+
+    def allowed_ids(self, generated: Sequence[int]) -> list[int]:
+        prefix = self.map.decode(generated) if len(generated) <= self.trie.num_levels else None
+        if prefix not in self.cache:
+            codes = self.trie.allowed(prefix) if prefix is not None else ()
+            depth = len(prefix) if prefix is not None else 0
+            ids = [self.map.token_id(depth, c) for c in codes]
+            # complete SID or an impossible prefix: only the end token (the beam is finished / dead)
+            self.cache[prefix] = ids or [self.dead]
+        return self.cache[prefix]
+
+
+class SidTrieLogitsProcessor(LogitsProcessor):
+    """Masks every token that would not continue an existing SID (scores of others -> -inf).
+
+    ``prompt_length``: length of the (left-padded) prompt block in ``input_ids``; tokens after it
+    are the generated SID so far. ``prompt_length=None`` ("suffix mode", for callers that cannot
+    know it, such as a rollout server's logits-processor hook): the generated SID is the trailing
+    run of SID tokens, so the prompt must end with a non-SID token (every chat template's
+    generation prompt does). After a complete SID only ``end_token_id`` is allowed.
+    """
+
+    def __init__(self, trie: SidTrie, token_map: SidTokenMap, prompt_length: int | None, end_token_id: int):
+        self.prompt_length = None if prompt_length is None else int(prompt_length)
+        self._allowed = _AllowedCache(trie, token_map, end_token_id)
+        self._map = token_map
+        self._L = trie.num_levels
+
+    def _generated(self, row: list[int]) -> list[int]:
+        if self.prompt_length is not None:
+            return row
+        n = 0
+        while n < len(row) and row[len(row) - 1 - n] in self._map.reverse:
+            n += 1
+        return row[len(row) - n:] if n else []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prompt_length is not None:
+            tails = input_ids[:, self.prompt_length:].tolist()
+        else:  # the last L + 1 tokens are enough to find a trailing SID run of up to L tokens
+            tails = input_ids[:, -(self._L + 1):].tolist()
+        rows: list[int] = []
+        cols: list[int] = []
+        for row, ids in enumerate(tails):
+            allowed = self._allowed.allowed_ids(self._generated(ids))
+            rows.extend([row] * len(allowed))
+            cols.extend(allowed)
+        mask = torch.full_like(scores, float("-inf"))
+        mask[torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)] = 0.0
+        return scores + mask
+
+
+def rollout_logits_processor(tokenizer, model_config=None, sid_map: str | None = None, **_) -> SidTrieLogitsProcessor:
+    """Factory for the ``hf`` rollout backend's hook (``engine_kwargs.hf.logits_processor``):
+    ``"conrec_verl.constrained:rollout_logits_processor"`` with
+    ``logits_processor_kwargs.sid_map=<data_dir>/sid_map.parquet`` makes validation rollouts emit
+    only SIDs of that build (suffix mode: the chat template's generation prompt ends the prompt).
+    """
+    import pyarrow.parquet as pq
+
+    from conrec_verl.core.sid import parse_sid
+
+    if not sid_map:
+        raise ConstrainedDecodingError("rollout_logits_processor needs sid_map=<path to sid_map.parquet>")
+    sids = pq.read_table(sid_map, columns=["sid"]).column("sid").to_pylist()
+    codes = []
+    for row, text in enumerate(sids):
+        c = parse_sid(text) if isinstance(text, str) else None
+        if c is None:
+            raise ConstrainedDecodingError(f"{sid_map}: column 'sid', row {row}: {text!r} is not a SID string")
+        codes.append(c)
+    trie = SidTrie(codes)
+    eos, _ = _token_ids(tokenizer)
+    return SidTrieLogitsProcessor(trie, SidTokenMap(tokenizer, trie.level_sizes()), None, eos)
+
+
+def make_prefix_allowed_tokens_fn(
+    trie: SidTrie, token_map: SidTokenMap, prompt_length: int, end_token_id: int
+) -> Callable[[int, torch.Tensor], list[int]]:
+    """The same constraint as a ``prefix_allowed_tokens_fn`` for ``model.generate``."""
+    cache = _AllowedCache(trie, token_map, end_token_id)
+
+    def fn(batch_id: int, input_ids: torch.Tensor) -> list[int]:
+        return cache.allowed_ids(input_ids[prompt_length:].tolist())
+
+    return fn
+
+
+@dataclass
+class BeamResult:
+    """Top-K of one prompt: distinct valid SIDs, best first, with summed log-prob scores."""
+
+    sids: list[Codes]
+    scores: list[float]
+    n_invalid: int = 0  # beams that did not spell an existing SID (dead beams of a narrow trie when constrained)
+    n_beams: int = 0
+
+    @property
+    def sid_strings(self) -> list[str]:
+        return [format_sid(s) for s in self.sids]
+
+
+def _render(tokenizer, prompt) -> str:
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        messages = [dict(m) for m in prompt]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages)
+
+
+@contextlib.contextmanager
+def _clean_generation_config(model, eos_id: int, pad_id: int):
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id)
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def _token_ids(tokenizer):
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if eos is None:
+        raise ConstrainedDecodingError("the tokenizer has no eos token")
+    return int(eos), int(pad)
+
+
+def _encode(tokenizer, prompts, max_prompt_tokens, device):
+    texts = [_render(tokenizer, p) for p in prompts]
+    saved_side, saved_trunc = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
+                        truncation=max_prompt_tokens is not None, max_length=max_prompt_tokens)
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = saved_side, saved_trunc
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+@torch.no_grad()
+def constrained_beam_search(
+    model,
+    tokenizer,
+    prompts: Sequence,
+    trie: SidTrie,
+    k: int = 20,
+    num_beams: int | None = None,
+    batch_size: int = 8,
+    max_prompt_tokens: int | None = None,
+    constrained: bool = True,
+    progress: bool = False,
+) -> list[BeamResult]:
+    """Top-``k`` distinct SIDs per prompt by beam search (``num_beams >= k``, greedy, no sampling).
+
+    ``prompts``: user texts or chat message lists (rendered with the tokenizer's chat template and
+    a generation prompt). ``constrained=False`` runs the same beam search without the trie, to
+    measure how often an unconstrained model emits invalid SIDs (these count in ``n_invalid``).
+    """
+    k = int(k)
+    if k < 1:
+        raise ConstrainedDecodingError(f"k must be >= 1, got {k}")
+    if k > len(trie):
+        raise ConstrainedDecodingError(f"k={k} is larger than the number of items with a SID ({len(trie)})")
+    # beam search (never greedy: greedy returns no sequence scores), at least k beams
+    num_beams = max(2, k, int(num_beams or k))
+    token_map = SidTokenMap(tokenizer, trie.level_sizes())
+    eos_id, pad_id = _token_ids(tokenizer)
+    L = trie.num_levels
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results: list[BeamResult] = []
+    starts = range(0, len(prompts), max(1, int(batch_size)))
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="beam search", unit="batch")
+    try:
+        for start in starts:
+            chunk = list(prompts[start:start + batch_size])
+            enc = _encode(tokenizer, chunk, max_prompt_tokens, device)
+            prompt_len = enc["input_ids"].shape[1]
+            processors = LogitsProcessorList()
+            if constrained:
+                processors.append(SidTrieLogitsProcessor(trie, token_map, prompt_len, eos_id))
+            config = GenerationConfig(
+                do_sample=False, num_beams=num_beams, num_return_sequences=num_beams,
+                max_new_tokens=L if constrained else L + 2, min_new_tokens=0, early_stopping=True,
+                length_penalty=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                use_cache=True,
+                output_scores=True, return_dict_in_generate=True,
+                eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None,
+            )
+            with _clean_generation_config(model, eos_id, pad_id):
+                out = model.generate(**enc, generation_config=config, logits_processor=processors)
+            seqs = out.sequences[:, prompt_len:].tolist()
+            scores = out.sequences_scores.tolist()
+            for i in range(len(chunk)):
+                sids, vals, seen, invalid = [], [], set(), 0
+                for j in range(i * num_beams, (i + 1) * num_beams):
+                    score = float(scores[j])
+                    gen = [t for t in seqs[j] if t not in (eos_id, pad_id)]
+                    if constrained:
+                        codes = token_map.decode(gen[:L]) if len(gen) >= L else None
+                    else:
+                        found = extract_sids(tokenizer.decode(gen, skip_special_tokens=True), L)
+                        codes = found[0] if len(found) == 1 else None
+                    if codes is None or codes not in trie or score == float("-inf"):
+                        invalid += 1
+                        continue
+                    if codes in seen:
+                        continue
+                    seen.add(codes)
+                    sids.append(codes)
+                    vals.append(score)
+                results.append(BeamResult(sids[:k], vals[:k], invalid, num_beams))
+    finally:
+        if was_training:
+            model.train()
+    return results
+
+
+@torch.no_grad()
+def score_sids(model, tokenizer, prompt, sids: Sequence[Codes], max_prompt_tokens: int | None = None,
+               token_map: SidTokenMap | None = None) -> list[float]:
+    """Teacher-forced log-probability of each SID (its tokens only) after ``prompt``.
+
+    Used for Candidate Acc: rank the row's candidates by the model's own likelihood. Pass a
+    ``token_map`` built once when scoring many rows (building one reads the whole vocabulary).
+    """
+    if not sids:
+        return []
+    L = len(sids[0])
+    if token_map is None:
+        sizes = [max(int(s[level]) for s in sids) + 1 for level in range(L)]
+        token_map = SidTokenMap(tokenizer, sizes)
+    device = next(model.parameters()).device
+    enc = _encode(tokenizer, [prompt], max_prompt_tokens, device)
+    prompt_ids = enc["input_ids"][0]
+    cand = torch.tensor([[token_map.token_id(level, c) for level, c in enumerate(s)] for s in sids],
+                        dtype=torch.long, device=device)
+    n = cand.shape[0]
+    input_ids = torch.cat([prompt_ids.unsqueeze(0).expand(n, -1), cand], dim=1)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=input_ids).logits.float()
+    finally:
+        if was_training:
+            model.train()
+    P = prompt_ids.shape[0]
+    logp = torch.log_softmax(logits[:, P - 1:P - 1 + L, :], dim=-1)
+    picked = logp.gather(2, cand.unsqueeze(-1)).squeeze(-1)
+    return picked.sum(dim=1).tolist()

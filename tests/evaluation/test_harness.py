@@ -1,0 +1,314 @@
+import json
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from conrec_verl.baselines import PopularityBaseline, RandomBaseline, SASRecBaseline, SwingBaseline
+from conrec_verl.baselines.base import training_sequences
+from conrec_verl.core.sid import format_sid
+from conrec_verl.evaluation.cli import main as eval_main
+from conrec_verl.evaluation.data import EvalInputError, load_eval_data
+from conrec_verl.evaluation.filter_cli import main as filter_main
+from conrec_verl.evaluation.harness import deployment_sweep, run_evaluation
+from conrec_verl.evaluation.predictions import PredictionSet, read_predictions, write_predictions
+
+from .fixtures import make_data_folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_data_folder(tmp_path_factory.mktemp("d") / "data")
+
+
+@pytest.fixture(scope="module")
+def data(folder):
+    return load_eval_data(folder)
+
+
+def oracle(data, k=20):
+    """future dislikes first, then filler items: the best possible top-K."""
+    out = []
+    for r in data.rows:
+        first = list(r.target.future_neg)
+        out.append(first + [s for s in data.catalogue if s not in first][: k - len(first)])
+    return out
+
+
+def test_load_fixture(data):
+    assert len(data.rows) == 12 and len(data.sid_items) == 40
+    assert data.sid_build == data.codebook.fingerprint
+    assert all(len(r.target.candidates) == 20 for r in data.rows if r.target.candidates)
+
+
+def _rewrite_eval(folder, tmp_path, mutate):
+    import shutil
+    dst = tmp_path / "copy"
+    shutil.copytree(folder, dst)
+    rows = pq.read_table(dst / "eval" / "test.parquet").to_pylist()
+    mutate(rows)
+    import pyarrow as pa
+    pq.write_table(pa.Table.from_pylist(rows), dst / "eval" / "test.parquet")
+    return dst
+
+
+def test_bad_ground_truth_names_file_column_row(folder, tmp_path):
+    def mutate(rows):
+        rows[3]["reward_model"]["ground_truth"] = "{not json"
+    d = _rewrite_eval(folder, tmp_path, mutate)
+    with pytest.raises(EvalInputError, match=r"test.parquet: row 3: column 'reward_model.ground_truth'"):
+        load_eval_data(d)
+
+
+def test_sid_outside_map_and_other_build(folder, tmp_path):
+    def mutate(rows):
+        gt = json.loads(rows[1]["reward_model"]["ground_truth"])
+        gt["future_neg"] = ["<a_99><b_0><c_0>"]
+        rows[1]["reward_model"]["ground_truth"] = json.dumps(gt)
+    d = _rewrite_eval(folder, tmp_path, mutate)
+    with pytest.raises(EvalInputError, match="row 1: column 'future_neg'.*not in sid_map"):
+        load_eval_data(d)
+    (d / "manifest.json").write_text(json.dumps({"sid_build": "deadbeef"}))
+    with pytest.raises(EvalInputError, match="two SID builds"):
+        load_eval_data(d)
+
+
+def _write_lines(path, lines):
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_predictions_round_trip_and_errors(data, tmp_path):
+    preds = oracle(data)
+    p = write_predictions(tmp_path / "p.jsonl", data, preds)
+    ps = read_predictions(p, data, 20)
+    assert ps.sids == [list(x) for x in preds] and ps.n_invalid_strings == 0
+    lines = [json.loads(x) for x in p.read_text().splitlines()]
+    bad = [dict(x, sid_build="other") for x in lines]
+    with pytest.raises(EvalInputError, match="another SID build"):
+        read_predictions(_write_lines(tmp_path / "b.jsonl", bad), data, 20)
+    with pytest.raises(EvalInputError, match="users missing"):
+        read_predictions(_write_lines(tmp_path / "m.jsonl", lines[:-2]), data, 20)
+    with pytest.raises(EvalInputError, match="not a row of"):
+        read_predictions(_write_lines(tmp_path / "u.jsonl", lines + [dict(lines[0], user_id="nobody")]), data, 20)
+    with pytest.raises(EvalInputError, match="larger than the number of items"):
+        read_predictions(p, data, 41)
+    with pytest.raises(EvalInputError, match="fewer than K=20"):
+        read_predictions(_write_lines(tmp_path / "s.jsonl", [dict(x, predictions=x["predictions"][:5]) for x in lines]),
+                         data, 20)
+    junk = [dict(x, predictions=["garbage"] + x["predictions"][1:]) for x in lines]
+    ps = read_predictions(_write_lines(tmp_path / "j.jsonl", junk), data, 20)
+    assert ps.n_invalid_strings == len(lines) and all(row[0] is None for row in ps.sids)
+
+
+def test_popularity_matches_hand_count(data):
+    counts = Counter()
+    for seq in training_sequences(data):
+        counts.update(set(seq))
+    b = PopularityBaseline(exclude_history=False).fit(data)
+    top = b.recommend(5)[0]
+    expected = sorted(data.catalogue, key=lambda s: (-counts[s], data.catalogue.index(s)))[:5]
+    assert top == expected
+    cs = b.candidate_scores()
+    for r, scores in zip(data.rows, cs):
+        if r.target.candidates:
+            assert scores == [float(counts[c]) for c in r.target.candidates]
+
+
+def test_history_excluded_and_random_deterministic(data):
+    for cls in (PopularityBaseline, RandomBaseline):
+        recs = cls(seed=1).fit(data).recommend(10)
+        for r, top in zip(data.rows, recs):
+            assert len(set(top)) == 10 and not set(top) & set(r.hist_neg)
+    assert RandomBaseline(seed=1).fit(data).recommend(10) == RandomBaseline(seed=1).fit(data).recommend(10)
+    assert RandomBaseline(seed=1).fit(data).recommend(10) != RandomBaseline(seed=2).fit(data).recommend(10)
+
+
+def test_swing_scores_match_brute_force(data, folder):
+    table = pq.read_table(folder / "swing.parquet").to_pandas()
+    b = SwingBaseline(exclude_history=False, backfill=False).fit(data)
+    scores = b.row_scores(range(len(data.rows)))
+    for i, r in enumerate(data.rows):
+        hist_items = [data.sid_items[s] for s in r.hist_neg]
+        expect = {}
+        for _, e in table[table.item_id.isin(hist_items)].iterrows():
+            expect[e.neighbor_id] = expect.get(e.neighbor_id, 0.0) + e.score * hist_items.count(e.item_id)
+        for j, s in enumerate(data.catalogue):
+            item = data.sid_items[s]
+            want = 1.0 + expect[item] if expect.get(item, 0) > 0 else 0.0
+            assert scores[i, j] == pytest.approx(want)
+
+
+def test_sasrec_training_reduces_loss(data):
+    b = SASRecBaseline(epochs=30, dim=32, layers=1, dropout=0.0).fit(data)
+    assert b.losses[-1] < b.losses[0] * 0.8
+    recs = b.recommend(20)
+    assert all(len(set(t)) == 20 and all(s in data.sid_items for s in t) for t in recs)
+
+
+def test_deployment_sweep_oracle_removes_all_dislikes(data):
+    ps = PredictionSet("o", oracle(data), [None] * len(data.rows))
+    sweep = deployment_sweep(data, ps, 20, [0.999])
+    assert sweep[0]["dislikes_removed"] == 1.0
+
+
+def test_cli_end_to_end(folder, tmp_path):
+    from conrec_verl.model_builder import save_tiny_model
+
+    data = load_eval_data(folder)
+    pred = write_predictions(tmp_path / "oracle.jsonl", data, oracle(data),
+                             candidate_scores=[None if r.target.candidates is None else
+                                               [float(i == r.target.candidate_target) for i in range(20)]
+                                               for r in data.rows])
+    model = save_tiny_model(tmp_path / "tiny", (4, 4, 4))
+    out = tmp_path / "report"
+    rc = eval_main(["--data", str(folder), "--out", str(out), "--baselines", "random,popularity,swing,sasrec",
+                    "--sasrec-epochs", "2", "--predictions", f"oracle={pred}", "--model", f"tiny={model}",
+                    "--forget-reference", "tiny", "--measure-unconstrained", "--ks", "1,5,20"])
+    assert rc == 0
+    for f in ("report.md", "metrics.json", "metric_by_k.png", "rows.png", "filter_sweep.png",
+              "predictions/random.jsonl", "predictions/tiny.jsonl"):
+        assert (out / f).is_file(), f
+    rep = json.loads((out / "metrics.json").read_text())
+    rows = {r["name"]: r for r in rep["rows"]}
+    assert set(rows) == {"random", "popularity", "swing", "sasrec", "oracle", "tiny"}
+    o = rows["oracle"]["metrics"]
+    scored = [r for r in data.rows if r.target.has_future_dislike]
+    assert o["FHR@20"] == pytest.approx(sum(bool(r.target.future_neg) for r in scored) / len(scored))
+    assert o["CandAcc"] == 1.0 and o["invalid_rate"] == 0.0
+    t = rows["tiny"]
+    assert t["metrics"]["invalid_rate"] == 0.0 and t["metrics"]["forget_rate"] == 0.0
+    assert 0.0 <= t["info"]["alignment_acc"] <= 1.0
+    assert t["info"]["invalid_rate_unconstrained"] > 0.5
+    # the model row's predictions file is itself valid input
+    assert read_predictions(out / "predictions" / "tiny.jsonl", data, 20).n_invalid_strings == 0
+    md = (out / "report.md").read_text()
+    assert "| oracle | predictions |" in md and "FHR@20" in md
+
+
+def test_cli_bad_input_one_error_no_output(folder, tmp_path, capsys):
+    bad = _write_lines(tmp_path / "bad.jsonl", [{"user_id": "0", "cutoff_day": 20220414, "sid_build": "x",
+                                                  "predictions": []}])
+    out = tmp_path / "never"
+    rc = eval_main(["--data", str(folder), "--out", str(out), "--baselines", "popularity",
+                    "--predictions", f"bad={bad}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "another SID build" in err and err.count("\n") == 1
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+    rc = eval_main(["--data", str(folder), "--out", str(out), "--baselines", "popularity", "--k", "50"])
+    assert rc == 2 and "larger than the number of items" in capsys.readouterr().err
+
+
+def test_filter_cli_matches_brute_force(folder, tmp_path):
+    data = load_eval_data(folder)
+    preds = [r.target.future_neg[:1] + data.catalogue[:2] for r in data.rows]
+    pfile = write_predictions(tmp_path / "p.jsonl", data, preds)
+    rng = np.random.default_rng(0)
+    cands = pd.DataFrame({"user_id": [str(u) for u in rng.integers(0, 12, 60)] + ["nobody"],
+                          "item_id": [f"i{j}" for j in rng.integers(0, 45, 60)] + ["i1"]})
+    cands.to_parquet(tmp_path / "c.parquet")
+    out = tmp_path / "kept.parquet"
+    assert filter_main(["--data", str(folder), "--predictions", str(pfile), "--candidates",
+                        str(tmp_path / "c.parquet"), "--out", str(out), "--threshold", "0.8"]) == 0
+    got = pd.read_parquet(out)
+    pred_by_user = {r.user_id: p for r, p in zip(data.rows, preds)}
+    for _, row in got.iterrows():
+        sid = data.item_sids.get(row.item_id)
+        ps = pred_by_user.get(row.user_id, [])
+        if sid is None or not ps:
+            assert not row.removed and np.isnan(row.max_sim)
+            continue
+        e = data.codebook.embed(sid)
+        sims = [float(e @ data.codebook.embed(p) / np.linalg.norm(e) / np.linalg.norm(data.codebook.embed(p)))
+                for p in ps]
+        assert row.max_sim == pytest.approx(max(sims), abs=1e-5)
+        assert row.removed == (max(sims) >= 0.8)
+    assert got.removed.any() and not got.removed.all()
+    pfile.write_text(pfile.read_text().replace(data.sid_build, "otherbuild"))
+    assert filter_main(["--data", str(folder), "--predictions", str(pfile), "--candidates",
+                        str(tmp_path / "c.parquet"), "--out", str(tmp_path / "x.parquet")]) == 2
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_cli_run_folder_defaults(folder, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(folder, run / "data")
+    assert eval_main(["--run", str(run), "--baselines", "popularity", "--thresholds", "none"]) == 0
+    rep = json.loads((run / "eval" / "metrics.json").read_text())
+    assert [r["name"] for r in rep["rows"]] == ["popularity"] and rep["rows"][0]["filter_sweep"] == []
+
+
+def test_run_evaluation_api_errors_leave_no_output(folder, tmp_path):
+    out = tmp_path / "rep"
+    with pytest.raises(EvalInputError, match="forget reference"):
+        run_evaluation(folder, out, baselines=("popularity",), forget_reference="nope")
+    with pytest.raises(EvalInputError, match="unknown baseline"):
+        run_evaluation(folder, out, baselines=("popularity", "magic"))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_training_sequences_add_train_only_users_without_future(folder, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+
+    d = tmp_path / "with_train"
+    shutil.copytree(folder, d)
+    data = load_eval_data(d)
+    without = training_sequences(data)
+    a, b, c = data.catalogue[:3]
+    (d / "rl").mkdir()
+    rows = [
+        # a train-only user: two cutoffs, the latest history is used
+        {"extra_info": {"user_id": "new", "cutoff_day": 20220410}, "hist_neg": [format_sid(a)]},
+        {"extra_info": {"user_id": "new", "cutoff_day": 20220412}, "hist_neg": [format_sid(a), format_sid(b)]},
+        # an evaluated user: its evaluation history wins, this row is ignored
+        {"extra_info": {"user_id": "0", "cutoff_day": 20220401}, "hist_neg": [format_sid(c)]},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), d / "rl" / "train.parquet")
+    with_train = training_sequences(load_eval_data(d))
+    assert len(with_train) == len(without) + 1
+    assert [a, b] in with_train
+    assert sorted(map(tuple, with_train[: len(without)])) == sorted(map(tuple, without))
+    rows[0]["hist_neg"] = ["not a sid"]
+    rows[1]["extra_info"]["cutoff_day"] = 20220409  # now the bad row is the latest
+    pq.write_table(pa.Table.from_pylist(rows), d / "rl" / "train.parquet")
+    with pytest.raises(EvalInputError, match=r"train.parquet: row 0: column 'hist_neg'"):
+        training_sequences(load_eval_data(d))
+
+
+def test_model_rows_can_exclude_history(folder, tmp_path):
+    from conrec_verl.evaluation.harness import model_predictions
+    from conrec_verl.model_builder import save_tiny_model
+
+    data = load_eval_data(folder)
+    model = save_tiny_model(tmp_path / "tiny", (4, 4, 4))
+    excl, _, scores = model_predictions(data, model, 10, device="cpu", candidate_acc=False, alignment_path=None,
+                                        exclude_history=True)
+    for row, e, sc in zip(data.rows, excl.sids, scores):
+        assert len(e) == 10 and len(set(e)) == 10 and not set(e) & set(row.hist_neg)
+        assert sc == sorted(sc, reverse=True)
+        assert all(s in data.sid_items for s in e)
+
+
+def test_cli_errors_are_one_line(folder, tmp_path, capsys):
+    data = load_eval_data(folder)
+    p = write_predictions(tmp_path / "p.jsonl", data, oracle(data),
+                          candidate_scores=[None if r.target.candidates is None else [float("nan")] * 20
+                                            for r in data.rows])
+    assert eval_main(["--data", str(folder), "--out", str(tmp_path / "o"), "--baselines", "none",
+                      "--predictions", f"x={p}"]) == 2
+    assert "finite numbers" in capsys.readouterr().err
+    assert eval_main(["--data", str(folder), "--out", str(tmp_path / "o"), "--thresholds", "a,b"]) == 2
+    assert "--thresholds" in capsys.readouterr().err
+    assert filter_main(["--data", str(folder), "--predictions", str(p), "--candidates", str(p),
+                        "--out", str(tmp_path / "f.parquet"), "--threshold", "1.5"]) == 2
+    assert "[-1, 1]" in capsys.readouterr().err
+    assert filter_main(["--data", str(folder), "--predictions", str(p), "--candidates", str(p),
+                        "--out", str(tmp_path / "f.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read the candidates table" in err and err.count("\n") == 1
