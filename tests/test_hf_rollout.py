@@ -86,3 +86,17 @@ def test_mixed_settings_are_rejected(gen):
     p = _prompts(gen.tokenizer)[0]
     with pytest.raises(AssertionError):
         gen.generate([GenerationRequest(p, 2, temperature=0), GenerationRequest(p, 2, temperature=1)])
+
+
+def test_checkpoint_generation_config_cannot_change_rollouts(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from conrec_verl.runtime.hf_rollout import HFGenerator, load_generator
+
+    clean = load_generator(str(tiny_model_dir), device="cpu")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.generation_config.no_repeat_ngram_size = 1
+    model.generation_config.repetition_penalty = 5.0
+    hostile = HFGenerator(model.eval(), clean.tokenizer)
+    reqs = [GenerationRequest(p, max_tokens=6, temperature=0) for p in _prompts(clean.tokenizer)]
+    assert [r.token_ids for r in hostile.generate(reqs)] == [r.token_ids for r in clean.generate(reqs)]

@@ -128,6 +128,12 @@ class HFGenerator:
         if not eos:
             raise ValueError("the tokenizer/model defines no eos_token_id; generation could not stop")
         self.eos_token_ids = sorted(eos)
+        # transformers fills every setting a call leaves unset from model.generation_config; a
+        # checkpoint's no_repeat_ngram_size / repetition_penalty / bad_words_ids would silently
+        # change rollouts (and break constrained decoding). The generator owns its model: clean it.
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig(eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id)
 
     @torch.no_grad()
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
