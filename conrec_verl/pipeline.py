@@ -1,0 +1,315 @@
+"""The whole CoNRec pipeline in one command, resumable:
+
+    data_prep -> model -> SFT (translation, alignment, warm-up) -> progressive GRPO -> evaluation
+
+``python -m conrec_verl.pipeline --run-dir runs/kuairand`` (or ``conrec-pipeline``) runs it on the
+bundled KuaiRand sample with the ``cpu_tiny`` profile. Every phase is a stock tool: ``python -m
+data_prep``, ``conrec-model``, ``torchrun -m verl.trainer.sft_trainer`` (verl's own SFT trainer),
+``python -m verl.trainer.main_ppo`` (with the conrec plugins) and ``conrec-eval``. Everything goes
+under one run folder::
+
+    RUN/pipeline.json        resolved profile + finished phases (what a rerun skips)
+    RUN/logs/<phase>.log     each phase's full output
+    RUN/data/                data_prep output
+    RUN/models/base          the starting model (tiny, or a user model extended with SID tokens)
+    RUN/sft/<stage>/         verl SFT checkpoints; RUN/models/sft_<stage> its Hugging Face export
+    RUN/grpo/                main_ppo checkpoints; RUN/models/grpo its Hugging Face export
+    RUN/eval/                report.md, metrics.json, plots
+
+Killing the command and running it again continues after the last finished phase; inside SFT
+and GRPO, verl's own ``resume_mode=auto`` continues from the last checkpoint (GRPO in the right
+curriculum stage: the stage follows the global step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPE_DIR = REPO_ROOT / "recipes" / "conrec"
+PROFILE_DIR = RECIPE_DIR / "pipeline"
+
+
+class PipelineError(RuntimeError):
+    """A phase failed or the inputs are inconsistent; the message says what to fix."""
+
+
+@dataclass
+class Phase:
+    name: str
+    title: str
+
+
+def load_profile(name_or_path: str, overrides: Sequence[str] = ()):
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+        raise PipelineError(f"pipeline profile {name_or_path!r} not found (known: {known})")
+    cfg = OmegaConf.load(path)
+    if "defaults_from" in cfg:
+        base = load_profile(str(cfg.defaults_from))
+        cfg = OmegaConf.merge(base, {k: v for k, v in cfg.items() if k != "defaults_from"})
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    return cfg
+
+
+def _env(profile) -> dict[str, str]:
+    env = dict(os.environ)
+    if profile.device == "cpu":
+        from conrec_verl.runtime.cpu_platform import cpu_env
+
+        env.update(cpu_env())
+    env.setdefault("WANDB_MODE", "disabled")
+    env["PYTHONUNBUFFERED"] = "1"
+    # the repo root first, so recipes and data_prep resolve from this checkout
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO_ROOT), env.get("PYTHONPATH", "")] if p)
+    return env
+
+
+class Pipeline:
+    def __init__(self, run_dir: Path, profile, echo=print):
+        self.run = Path(run_dir).resolve()
+        self.profile = profile
+        self.echo = echo
+        self.state_path = self.run / "pipeline.json"
+        self.env = _env(profile)
+
+    # -- state -----------------------------------------------------------------------------
+    def _load_state(self) -> dict:
+        if self.state_path.is_file():
+            return json.loads(self.state_path.read_text())
+        return {"done": {}, "profile": OmegaConf.to_container(self.profile, resolve=True)}
+
+    def _save_state(self, state: dict) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, self.state_path)
+
+    def _run(self, phase: str, cmd: list[str], cwd: Path | None = None) -> None:
+        log = self.run / "logs" / f"{phase}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as fh:
+            fh.write(f"\n$ {' '.join(cmd)}\n")
+            fh.flush()
+            proc = subprocess.run(cmd, cwd=str(cwd or REPO_ROOT), env=self.env, stdout=fh, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
+            raise PipelineError(f"phase {phase} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+
+    # -- checks before any training ----------------------------------------------------------
+    def check_inputs(self) -> None:
+        base = self.profile.model.base
+        if base and not Path(os.path.expanduser(str(base))).exists():
+            raise PipelineError(f"model.base={base} does not exist")
+        data_path = self.profile.data.get("input_path")
+        if data_path and not Path(os.path.expanduser(str(data_path))).exists():
+            raise PipelineError(f"data.input_path={data_path} does not exist")
+
+    def check_data_folder(self, state: dict) -> str:
+        """The data folder is one SID build: manifest, codebook and RL rows agree."""
+        from conrec_verl.core.sid import Codebook
+
+        data = self.run / "data"
+        manifest = json.loads((data / "manifest.json").read_text())
+        book = Codebook.load(data / "codebook.npz")
+        if manifest.get("sid_build") != book.fingerprint:
+            raise PipelineError(f"{data}: manifest sid_build {manifest.get('sid_build')} does not match the codebook "
+                                f"({book.fingerprint}); rebuild the data folder")
+        recorded = state.get("sid_build")
+        if recorded and recorded != book.fingerprint:
+            raise PipelineError(
+                f"{data} is SID build {book.fingerprint}, but this run's models were trained on build {recorded}: "
+                "use a new --run-dir (or delete the run folder) after rebuilding the data")
+        return book.fingerprint
+
+    # -- phases --------------------------------------------------------------------------------
+    def phases(self) -> list[Phase]:
+        out = [Phase("data", "data_prep"), Phase("model", "base model with SID tokens")]
+        for stage in self.profile.sft.stages:
+            out.append(Phase(f"sft_{stage.name}", f"SFT {stage.name}"))
+        out += [Phase("grpo", "progressive GRPO"), Phase("eval", "evaluation")]
+        return out
+
+    def run_all(self, only: Sequence[str] = ()) -> Path:
+        self.run.mkdir(parents=True, exist_ok=True)
+        self.check_inputs()
+        state = self._load_state()
+        phases = [p for p in self.phases() if not only or p.name in only]
+        start_all = time.time()
+        for i, phase in enumerate(phases, 1):
+            prefix = f"[conrec-pipeline] ({i}/{len(phases)}) {phase.title}"
+            if phase.name in state["done"]:
+                self.echo(f"{prefix}: done earlier, skipped")
+                continue
+            self.echo(f"{prefix} ...", )
+            t0 = time.time()
+            info = getattr(self, f"phase_{phase.name.split('_')[0]}")(phase, state) or {}
+            state["done"][phase.name] = {"seconds": round(time.time() - t0, 1), **info}
+            self._save_state(state)
+            self.echo(f"{prefix}: done in {time.time() - t0:.0f} s")
+        self.echo(f"[conrec-pipeline] all phases done in {time.time() - start_all:.0f} s; run folder: {self.run}")
+        return self.run
+
+    def phase_data(self, phase: Phase, state: dict) -> dict:
+        data = self.run / "data"
+        if not (data / "manifest.json").is_file():
+            cmd = [sys.executable, "-m", "data_prep", "--config-name", str(self.profile.data.config),
+                   f"out_dir={data}", *map(str, self.profile.data.overrides)]
+            if self.profile.data.get("input_path"):
+                cmd.append(f"input.path={self.profile.data.input_path}")
+            self._run(phase.name, cmd)
+        state["sid_build"] = self.check_data_folder(state)
+        return {"sid_build": state["sid_build"]}
+
+    def phase_model(self, phase: Phase, state: dict) -> dict:
+        self.check_data_folder(state)
+        out = self.run / "models" / "base"
+        m = self.profile.model
+        if m.base:
+            from conrec_verl.core.sid import Codebook
+
+            sizes = ",".join(map(str, Codebook.load(self.run / "data" / "codebook.npz").sizes))
+            cmd = [sys.executable, "-m", "conrec_verl.model_builder", "extend", "--model", str(m.base),
+                   "--sid-sizes", sizes, "--out", str(out)]
+        else:
+            cmd = [sys.executable, "-m", "conrec_verl.model_builder", "tiny", "--data-dir", str(self.run / "data"),
+                   "--out", str(out), "--layers", str(m.tiny.layers), "--hidden", str(m.tiny.hidden),
+                   "--seed", str(m.tiny.seed)]
+        self._run(phase.name, cmd)
+        return {"path": str(out)}
+
+    def _current_model(self, state: dict) -> Path:
+        """The newest model: the last finished SFT stage's export, else the base model."""
+        model = self.run / "models" / "base"
+        for stage in self.profile.sft.stages:
+            done = state["done"].get(f"sft_{stage.name}")
+            if done and done.get("path"):
+                model = Path(done["path"])
+        return model
+
+    def phase_sft(self, phase: Phase, state: dict) -> dict:
+        self.check_data_folder(state)
+        name = phase.name[len("sft_"):]
+        stage = next(s for s in self.profile.sft.stages if s.name == name)
+        train = self.run / "data" / str(stage.file)
+        if not train.is_file():
+            if stage.get("optional", False):
+                self.echo(f"    {train.relative_to(self.run)} not in the data folder (no item text): stage skipped")
+                return {"skipped": True}
+            raise PipelineError(f"SFT stage {name}: {train} missing from the data folder")
+        model = self._current_model(state)
+        ckpt = self.run / "sft" / name
+        cmd = ["torchrun", "--standalone", "--nnodes=1", f"--nproc_per_node={self.profile.sft.nproc}",
+               "-m", "verl.trainer.sft_trainer", "--config-path", str(RECIPE_DIR / "config"),
+               "--config-name", str(self.profile.sft.config),
+               f"model.path={model}", f"data.train_files={train}", f"trainer.default_local_dir={ckpt}",
+               f"trainer.experiment_name=sft_{name}",
+               *map(str, self.profile.sft.overrides), *map(str, stage.get("overrides", []))]
+        self._run(phase.name, cmd)
+        export = self._export(ckpt, self.run / "models" / f"sft_{name}", sub="huggingface")
+        return {"path": str(export)}
+
+    def _export(self, ckpt: Path, dest: Path, sub: str) -> Path:
+        """Copy the Hugging Face export of the newest checkpoint under ``ckpt`` to ``dest``."""
+        tracker = ckpt / "latest_checkpointed_iteration.txt"
+        if not tracker.is_file():
+            raise PipelineError(f"{ckpt}: no checkpoint was written (is save_freq / hf_model export configured?)")
+        step = tracker.read_text().strip()
+        src = ckpt / f"global_step_{step}" / sub
+        if not (src / "config.json").is_file():
+            raise PipelineError(f"{src}: no Hugging Face export (checkpoint.save_contents must include hf_model)")
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+        return dest
+
+    def phase_grpo(self, phase: Phase, state: dict) -> dict:
+        self.check_data_folder(state)
+        model = self._current_model(state)
+        data = self.run / "data"
+        ckpt = self.run / "grpo"
+        cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(RECIPE_DIR / "config"),
+               "--config-name", str(self.profile.grpo.config), f"data_dir={data}",
+               f"actor_rollout_ref.model.path={model}", f"trainer.default_local_dir={ckpt}",
+               *map(str, self.profile.grpo.overrides)]
+        self._run(phase.name, cmd)
+        export = self._export(ckpt, self.run / "models" / "grpo", sub="actor/huggingface")
+        return {"path": str(export)}
+
+    def phase_eval(self, phase: Phase, state: dict) -> dict:
+        self.check_data_folder(state)
+        rows = []
+        warm = state["done"].get("sft_warmup", {}).get("path")
+        if warm:
+            rows += ["--model", f"warm-up SFT={warm}"]
+        grpo = state["done"].get("grpo", {}).get("path")
+        if grpo:
+            rows += ["--model", f"progressive GRPO={grpo}"]
+        cmd = [sys.executable, "-m", "conrec_verl.evaluation", "--data", str(self.run / "data"),
+               "--out", str(self.run / "eval"), "--k", str(self.profile.eval.k), *rows,
+               *map(str, self.profile.eval.args)]
+        self._run(phase.name, cmd)
+        metrics = json.loads((self.run / "eval" / "metrics.json").read_text())
+        return {"report": str(self.run / "eval" / "report.md"), "summary": summarise(metrics, self.profile.eval.k)}
+
+
+def summarise(metrics: dict, k: int) -> dict[str, float]:
+    """``{row name: FHR@k}`` from conrec-eval's metrics.json."""
+    out = {}
+    rows = metrics.get("rows", metrics)
+    items = rows.items() if isinstance(rows, dict) else ((r.get("name"), r) for r in rows)
+    for name, row in items:
+        if not isinstance(row, dict):
+            continue
+        val = row.get(f"FHR@{k}", row.get("metrics", {}).get(f"FHR@{k}") if isinstance(row.get("metrics"), dict) else None)
+        if isinstance(val, (int, float)):
+            out[str(name)] = float(val)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="conrec-pipeline", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--run-dir", default="runs/kuairand", help="the run folder (default: %(default)s)")
+    parser.add_argument("--profile", default="cpu_tiny",
+                        help="a profile in recipes/conrec/pipeline/ or a yaml path (default: %(default)s)")
+    parser.add_argument("--only", default="", help="comma-separated phases to run (default: all)")
+    parser.add_argument("overrides", nargs="*", help="profile overrides, e.g. grpo.overrides=[trainer.total_training_steps=6]")
+    args = parser.parse_args(argv)
+    try:
+        profile = load_profile(args.profile, args.overrides)
+        pipe = Pipeline(Path(args.run_dir), profile)
+        pipe.run_all(only=[p for p in args.only.split(",") if p])
+        state = pipe._load_state()
+        summary = state["done"].get("eval", {}).get("summary")
+        if summary:
+            k = profile.eval.k
+            print(f"\nFHR@{k} on the evaluation split ({pipe.run / 'eval' / 'report.md'}):")
+            width = max(len(n) for n in summary)
+            for name, val in summary.items():
+                print(f"  {name:<{width}}  {val:.4f}")
+    except PipelineError as exc:
+        print(f"conrec-pipeline: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
