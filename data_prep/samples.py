@@ -1,0 +1,368 @@
+"""Time-based samples: (user, cutoff) -> histories before the cutoff and targets after it.
+
+Two split modes (``split.mode``):
+
+* ``global_day`` -- one calendar cutoff for everybody. Event key = day number. History = events on
+  days ``<= cutoff`` (the cutoff is the *end* of the cutoff day); future window = days
+  ``cutoff+1 .. cutoff+window_days``. Training cutoffs are earlier days; their windows are
+  truncated at the evaluation cutoff so nothing of the test window is used for training.
+* ``per_user`` -- each user's evaluation cutoff is the timestamp of the event at
+  ``user_fraction`` of the user's events (ties at that timestamp stay in the history); the window
+  is ``(cutoff, cutoff + window_days * 24h]``. Training cutoffs sit at ``train_fractions`` of
+  the user's events, windows truncated at the user's evaluation cutoff.
+
+"Last N days" (``recent_days``) = the N calendar days ending with the cutoff day (global) or the
+``N * 24h`` before the cutoff timestamp (per_user).
+
+Everything here is plain numpy/pandas; SIDs arrive as a lookup array.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from conrec_verl.core.prompts import render_history_prompt
+from data_prep.errors import DataPrepError
+
+DAY_MS = 86_400_000
+EPOCH = pd.Timestamp("1970-01-01")
+
+
+def day_number(yyyymmdd: np.ndarray | int) -> np.ndarray:
+    """Days since 1970-01-01 of ``YYYYMMDD`` ints."""
+    s = pd.to_datetime(pd.Series(np.atleast_1d(yyyymmdd)).astype(str), format="%Y%m%d")
+    return ((s - EPOCH).dt.days).to_numpy(dtype=np.int64)
+
+
+def yyyymmdd(day_num: int) -> int:
+    d = EPOCH + pd.Timedelta(days=int(day_num))
+    return d.year * 10000 + d.month * 100 + d.day
+
+
+@dataclass
+class SplitPlan:
+    """Per-event key plus, per user, the evaluation cutoff and the training cutoffs (in key units)."""
+
+    mode: str
+    key: np.ndarray                 # per event (aligned with the interactions frame)
+    window: int                     # in key units
+    recent: int                     # in key units
+    eval_cut: dict                  # user -> cutoff key
+    train_cuts: dict                # user -> list of cutoff keys
+    info: dict = field(default_factory=dict)
+
+    def cutoff_day(self, cut: int) -> int:
+        if self.mode == "global_day":
+            return yyyymmdd(cut)
+        d = pd.Timestamp(int(cut), unit="ms")
+        return d.year * 10000 + d.month * 100 + d.day
+
+    def train_mask(self, users: np.ndarray) -> np.ndarray:
+        """Events strictly usable for embeddings, SIDs and Swing: key <= the user's eval cutoff."""
+        cut = pd.Series(users).map(self.eval_cut).to_numpy(dtype=np.float64)
+        return self.key <= cut
+
+
+def plan_split(inter: pd.DataFrame, cfg: Mapping) -> SplitPlan:
+    mode = cfg.get("mode", "global_day")
+    window_days = int(cfg.get("window_days", 7))
+    recent_days = int(cfg.get("recent_days", 3))
+    if window_days < 1 or recent_days < 1:
+        raise DataPrepError("split.window_days and split.recent_days must be >= 1")
+    users = inter["user_id"].to_numpy()
+    uniq = pd.unique(users)
+    if mode == "global_day":
+        key = day_number(inter["day"].to_numpy())
+        first, last = int(key.min()), int(key.max())
+        ec = cfg.get("eval_cutoff_day")
+        if ec is None:
+            raise DataPrepError("split.eval_cutoff_day (YYYYMMDD) is required for split.mode=global_day")
+        try:
+            t_e = int(day_number(int(ec))[0])
+        except (ValueError, TypeError) as exc:
+            raise DataPrepError(f"split.eval_cutoff_day must be YYYYMMDD, got {ec!r}") from exc
+        if not first <= t_e < last:
+            raise DataPrepError(f"split.eval_cutoff_day={ec} must fall inside the log ({yyyymmdd(first)}.."
+                                f"{yyyymmdd(last)}) and leave at least one later day")
+        tc = cfg.get("train_cutoff_days", "auto")
+        if tc in (None, "auto"):
+            n = int(cfg.get("num_train_cutoffs", 5))
+            min_hist = int(cfg.get("min_history_days", 1))
+            cuts = [t for t in range(t_e - n, t_e) if t >= first + min_hist - 1]
+        else:
+            cuts = sorted(int(day_number(int(d))[0]) for d in tc)
+            bad = [yyyymmdd(c) for c in cuts if c >= t_e or c < first]
+            if bad:
+                raise DataPrepError(f"split.train_cutoff_days {bad} must be before the evaluation cutoff {ec} "
+                                    "and inside the log")
+        info = {"mode": mode, "eval_cutoff_day": yyyymmdd(t_e), "train_cutoff_days": [yyyymmdd(c) for c in cuts],
+                "window_days": window_days, "recent_days": recent_days,
+                "log_days": [yyyymmdd(first), yyyymmdd(last)],
+                "eval_window_complete": bool(t_e + window_days <= last)}
+        return SplitPlan(mode, key, window_days, recent_days, {u: t_e for u in uniq}, {u: list(cuts) for u in uniq},
+                         info)
+    if mode == "per_user":
+        frac = float(cfg.get("user_fraction", 0.7))
+        fracs = [float(f) for f in (cfg.get("train_fractions") or [])]
+        if not 0 < frac < 1 or any(not 0 < f < frac for f in fracs):
+            raise DataPrepError(f"split.user_fraction must be in (0, 1) and every train_fraction in (0, user_fraction); "
+                                f"got {frac} and {fracs}")
+        key = inter["ts"].to_numpy(dtype=np.int64)
+        # events are sorted by (user, ts): positions within each user
+        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+        ends = np.r_[starts[1:], len(users)]
+        eval_cut, train_cuts = {}, {}
+        for s, e in zip(starts, ends):
+            n = e - s
+            eval_cut[users[s]] = int(key[s + max(1, math.ceil(frac * n)) - 1])
+            train_cuts[users[s]] = sorted({int(key[s + max(1, math.ceil(f * n)) - 1]) for f in fracs})
+        info = {"mode": mode, "user_fraction": frac, "train_fractions": fracs, "window_days": window_days,
+                "recent_days": recent_days}
+        return SplitPlan(mode, key, window_days * DAY_MS, recent_days * DAY_MS, eval_cut, train_cuts, info)
+    raise DataPrepError(f"split.mode must be global_day or per_user, got {mode!r}")
+
+
+def _unique_keep_order(values: Sequence) -> list:
+    seen = set()
+    out = []
+    for v in values:
+        if v not in seen:
+            seen.add(v)
+            out.append(v)
+    return out
+
+
+def _stable_uniform(seed: int, *parts) -> float:
+    """A reproducible number in [0, 1) from ``seed`` and the parts (independent of row order)."""
+    import hashlib
+
+    h = hashlib.blake2b(repr((seed,) + parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2 ** 64
+
+
+@dataclass
+class SampleContext:
+    inter: pd.DataFrame
+    plan: SplitPlan
+    sid_of: dict                  # item_id -> SID string (items with a SID)
+    neighbors: dict               # item_id -> list of Swing neighbour ids, best first (already top-n)
+    item_neg_count: dict          # item_id -> dislikes in the training period
+    sid_build: str
+    seed: int
+    cfg: Mapping                  # the ``samples`` config group
+
+
+def _row(ctx: SampleContext, user, cut: int, horizon: int, key, items, pol, days, split: str) -> dict | str:
+    """One sample dict, or the reason it is skipped."""
+    cfg = ctx.cfg
+    p = ctx.plan
+    h = int(np.searchsorted(key, cut, side="right"))
+    end = int(np.searchsorted(key, min(cut + p.window, horizon), side="right"))
+    r0 = int(np.searchsorted(key, cut - p.recent, side="right"))
+    sid_of = ctx.sid_of
+    hist_items, hist_pol = items[:h], pol[:h]
+    neg_hist_items = hist_items[hist_pol < 0]
+    if h == 0:
+        return "empty_history"
+    if len(neg_hist_items) == 0 and cfg.get("require_negative_history", False):
+        return "no_negative_history"
+    fut_items, fut_pol, fut_days = items[h:end], pol[h:end], days[h:end]
+    fut_neg_all = _unique_keep_order(fut_items[fut_pol < 0].tolist())
+    if not fut_neg_all:
+        return "no_future_negative"
+    fut_neg = [i for i in fut_neg_all if i in sid_of]
+    n_cold = len(fut_neg_all) - len(fut_neg)
+    if not fut_neg and split != "test":
+        return "only_cold_future_negatives"
+    if not fut_neg and not cfg.get("eval_keep_cold_only_rows", True):
+        return "only_cold_future_negatives"
+    max_hist = int(cfg.get("max_history", 0) or 0)
+
+    def sids(seq):
+        out = [sid_of[i] for i in seq if i in sid_of]
+        return out[-max_hist:] if max_hist > 0 else out
+
+    hist_neg = sids(neg_hist_items)
+    rec_items, rec_pol = items[r0:h], pol[r0:h]
+    hist_neg_recent = sids(rec_items[rec_pol < 0])
+    hist_pos = sids(hist_items[hist_pol > 0])
+    fut_neg_set = set(fut_neg_all)
+    swing: list = []
+    seen = set(fut_neg)
+    for i in fut_neg:
+        for j in ctx.neighbors.get(i, ()):
+            if j not in seen and j in sid_of:
+                seen.add(j)
+                swing.append(j)
+    fut_pos = [i for i in _unique_keep_order(fut_items[fut_pol > 0].tolist()) if i in sid_of and i not in fut_neg_set]
+    first_neg = fut_items[fut_pol < 0][0]
+    target_day = -1
+    if fut_neg:
+        hit = np.flatnonzero((fut_pol < 0) & (fut_items == fut_neg[0]))
+        target_day = int(fut_days[hit[0]])
+    lt_item_max = int(cfg.get("long_tail_item_max_neg", 5))
+    lt_user_max = int(cfg.get("long_tail_user_max_neg", 3))
+    gt = {"future_neg": [sid_of[i] for i in fut_neg],
+          "swing": [sid_of[j] for j in swing],
+          "future_pos": [sid_of[i] for i in fut_pos],
+          "next_neg": sid_of.get(first_neg),
+          "long_tail_items": [sid_of[i] for i in fut_neg if ctx.item_neg_count.get(i, 0) < lt_item_max],
+          "n_future_neg_cold": int(n_cold),
+          "n_future_neg": len(fut_neg_all),
+          "sid_build": ctx.sid_build}
+    window_end = min(cut + p.window, horizon)
+    return {
+        "user_id": str(user), "cut": int(cut), "split": split,
+        "cutoff_day": p.cutoff_day(cut),
+        "window_days": int(round((window_end - cut) / (1 if p.mode == "global_day" else DAY_MS))),
+        "hist_neg_recent": hist_neg_recent, "hist_neg": hist_neg, "hist_pos": hist_pos,
+        "gt": gt, "long_tail_user": bool(len(neg_hist_items) < lt_user_max),
+        "future_neg_items": fut_neg, "target_day": target_day,
+    }
+
+
+def _per_user_arrays(inter: pd.DataFrame, key: np.ndarray):
+    users = inter["user_id"].to_numpy()
+    order = np.lexsort((inter["ts"].to_numpy(), key, users))
+    users, key = users[order], key[order]
+    items = inter["item_id"].to_numpy()[order]
+    pol = inter["polarity"].to_numpy()[order]
+    days = inter["day"].to_numpy()[order]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    ends = np.r_[starts[1:], len(users)]
+    for s, e in zip(starts, ends):
+        yield users[s], key[s:e], items[s:e], pol[s:e], days[s:e]
+
+
+def build_samples(ctx: SampleContext) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Training/validation samples (``split`` = train | val) and test samples, plus counts."""
+    p = ctx.plan
+    cfg = ctx.cfg
+    val_frac = float(cfg.get("val_user_fraction", 0.1))
+    counts: dict = {"train": {}, "test": {}}
+    train_rows, test_rows = [], []
+    n_users = ctx.inter["user_id"].nunique()
+    for user, key, items, pol, days in tqdm(_per_user_arrays(ctx.inter, p.key), total=n_users, desc="samples",
+                                      leave=False):
+        is_val = _stable_uniform(ctx.seed, "val", str(user)) < val_frac
+        e_cut = p.eval_cut[user]
+        for cut in p.train_cuts.get(user, ()):
+            row = _row(ctx, user, cut, e_cut, key, items, pol, days, "val" if is_val else "train")
+            if isinstance(row, str):
+                counts["train"][row] = counts["train"].get(row, 0) + 1
+            else:
+                train_rows.append(row)
+        row = _row(ctx, user, e_cut, np.iinfo(np.int64).max // 2, key, items, pol, days, "test")
+        if isinstance(row, str):
+            counts["test"][row] = counts["test"].get(row, 0) + 1
+        else:
+            test_rows.append(row)
+    return pd.DataFrame(train_rows), pd.DataFrame(test_rows), counts
+
+
+def assign_stages(rows: pd.DataFrame, cfg: Mapping, seed: int) -> pd.DataFrame:
+    """Progressive-GRPO stage per training row.
+
+    ``partition`` (default): every row gets one stage at random (reproducible per user x cutoff);
+    stage 1 only for rows that have negatives in the last ``recent_days``. ``replicate``: every
+    row appears once per stage. Rows are ordered by stage, then cutoff, then user.
+    """
+    stages = [int(s) for s in cfg.get("stages", [1, 2, 3])]
+    how = cfg.get("stage_assignment", "partition")
+    if rows.empty:
+        return rows.assign(stage=pd.Series(dtype=np.int64))
+    if how == "replicate":
+        parts = []
+        for s in stages:
+            part = rows if s != 1 else rows[rows["hist_neg_recent"].map(len) > 0]
+            parts.append(part.assign(stage=s))
+        out = pd.concat(parts, ignore_index=True)
+    elif how == "partition":
+        st = []
+        for r in rows.itertuples():
+            allowed = [s for s in stages if s != 1 or len(r.hist_neg_recent) > 0] or stages[-1:]
+            u = _stable_uniform(seed, "stage", r.user_id, r.cut)
+            st.append(allowed[min(int(u * len(allowed)), len(allowed) - 1)])
+        out = rows.assign(stage=st)
+    else:
+        raise DataPrepError(f"rl.stage_assignment must be partition or replicate, got {how!r}")
+    return out.sort_values(["stage", "cut", "user_id"], kind="stable").reset_index(drop=True)
+
+
+def rl_records(rows: pd.DataFrame, split: str, sid_build: str, stage_col: str | int = "stage") -> list[dict]:
+    """verl RL rows (see docs/data-format.md)."""
+    out = []
+    for idx, r in enumerate(rows.itertuples(index=False)):
+        stage = int(getattr(r, stage_col)) if isinstance(stage_col, str) else int(stage_col)
+        text = render_history_prompt(stage, r.hist_neg_recent, r.hist_neg, r.hist_pos)
+        out.append({
+            "data_source": "conrec",
+            "prompt": [{"role": "user", "content": text}],
+            "ability": "negative_recommendation",
+            "reward_model": {"style": "rule", "ground_truth": json.dumps(r.gt)},
+            "extra_info": {"split": split, "index": idx, "user_id": r.user_id, "cutoff_day": int(r.cutoff_day),
+                           "stage": stage, "long_tail_user": bool(r.long_tail_user), "sid_build": sid_build,
+                           "window_days": int(r.window_days), "n_hist_neg": len(r.hist_neg)},
+            "hist_neg_recent": list(r.hist_neg_recent),
+            "hist_neg": list(r.hist_neg),
+            "hist_pos": list(r.hist_pos),
+        })
+    return out
+
+
+def candidate_sets(test_rows: pd.DataFrame, inter: pd.DataFrame, plan: SplitPlan, sid_of: dict, seed: int,
+                   n_candidates: int = 20) -> tuple[list, list, dict]:
+    """Candidate Acc sets: the target is the first future dislike that has a SID; the other
+    ``n_candidates - 1`` come, in order, from (1) items the same user liked that same calendar day,
+    (2) items anyone interacted with that day, (3) any item with a SID. None of them is a future
+    dislike of the user. The log holds likes/hates only (no impressions), so (1)+(2) is the closest
+    equivalent of "the others shown that day". Rows without a SID'd future dislike get ``[]``, -1."""
+    rng = np.random.default_rng(seed)
+    day_items = inter.groupby("day")["item_id"].unique().to_dict()
+    ud = inter[inter["polarity"] > 0].groupby(["user_id", "day"])["item_id"].unique().to_dict()
+    all_sid_items = np.asarray(sorted(sid_of), dtype=object)
+    cands, targets = [], []
+    used = {"same_user_same_day": 0, "same_day": 0, "random": 0, "rows": 0, "rows_without_target": 0}
+    for r in test_rows.itertuples(index=False):
+        if not r.future_neg_items:
+            cands.append([])
+            targets.append(-1)
+            used["rows_without_target"] += 1
+            continue
+        target = r.future_neg_items[0]
+        day = int(r.target_day)
+        exclude = set(r.future_neg_items) | {target}
+        picked: list = []
+        chosen = set()
+        for source, pool in (("same_user_same_day", ud.get((r.user_id, day), ())),
+                             ("same_day", day_items.get(day, ()))):
+            pool = [i for i in pool if i in sid_of and i not in exclude and i not in chosen]
+            pool.sort()
+            rng.shuffle(pool)
+            take = pool[: n_candidates - 1 - len(picked)]
+            picked += take
+            chosen.update(take)
+            used[source] += len(take)
+        tries = 0
+        while len(picked) < n_candidates - 1 and tries < 50 and len(all_sid_items):
+            tries += 1
+            for i in rng.choice(all_sid_items, size=min(len(all_sid_items), 4 * n_candidates), replace=False):
+                if len(picked) >= n_candidates - 1:
+                    break
+                if i not in exclude and i not in chosen:
+                    picked.append(i)
+                    chosen.add(i)
+                    used["random"] += 1
+        pos = int(rng.integers(0, len(picked) + 1))
+        items = picked[:pos] + [target] + picked[pos:]
+        cands.append([sid_of[i] for i in items])
+        targets.append(pos)
+        used["rows"] += 1
+    return cands, targets, used
