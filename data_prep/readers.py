@@ -137,6 +137,9 @@ def parse_timestamps(series: pd.Series, file: str, column: str, unit: str = "aut
     numeric = pd.to_numeric(text, errors="coerce")
     if numeric.notna().all():
         return parse_timestamps(numeric, file, column, unit)
+    if numeric.notna().mean() >= 0.5:  # mostly epoch numbers: the non-numbers are the bad rows
+        r = _first_bad(numeric.isna().to_numpy())
+        raise DataPrepError(f"unparsable timestamp {text.iloc[r - 1]!r}", file=file, column=column, row=r)
     parsed = pd.to_datetime(text, errors="coerce", utc=True, format="mixed")
     bad = parsed.isna().to_numpy()
     if bad.any():

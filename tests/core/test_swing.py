@@ -6,6 +6,7 @@ from conrec_verl.core.swing import (
     SwingParams,
     choose_min_co_dislikers,
     dislike_matrix,
+    item_coverage_at_thresholds,
     pairs_at_thresholds,
     swing_bruteforce,
     swing_scores,
@@ -70,7 +71,10 @@ def test_top_k_and_threshold_choice():
     R, _, _ = dislike_matrix(users, items)
     counts = pairs_at_thresholds(R, [2, 3, 6])
     assert counts[2] >= counts[3] >= counts[6]
-    assert choose_min_co_dislikers(R, target_pairs=10**9) == 2
-    assert choose_min_co_dislikers(R, target_pairs=0) == 6
+    assert choose_min_co_dislikers(R, target_coverage=1.01) == 2
+    assert choose_min_co_dislikers(R, target_coverage=0.0) == 6
+    cov = item_coverage_at_thresholds(R, [2, 3, 6])
+    assert 1.0 >= cov[2] >= cov[3] >= cov[6] >= 0.0
+    assert cov[2] > 0
     with pytest.raises(ValueError):
         top_k_neighbors(scores, k=0)
