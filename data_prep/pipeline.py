@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from conrec_verl.core.sid import format_sid
 from conrec_verl.core.swing import (
     SwingParams,
+    cap_dislikers,
     choose_min_co_dislikers,
     dislike_matrix,
     item_coverage_at_thresholds,
@@ -202,7 +203,13 @@ def _build_into(cfg: dict, tmp: Path, hook) -> dict:
     with steps("swing"):
         sw = cfg.get("swing", {}) or {}
         neg_train = train[train["polarity"] < 0]
-        R, _, _ = dislike_matrix(neg_train["user_id"].to_numpy(), neg_train["item_id"].to_numpy())
+        cap = sw.get("max_dislikers_per_item")
+        if cap:
+            sw_users, sw_items = cap_dislikers(neg_train["user_id"].to_numpy(), neg_train["item_id"].to_numpy(),
+                                               neg_train["ts"].to_numpy(), int(cap))
+        else:
+            sw_users, sw_items = neg_train["user_id"].to_numpy(), neg_train["item_id"].to_numpy()
+        R, _, _ = dislike_matrix(sw_users, sw_items)
         cands = [int(c) for c in sw.get("auto_candidates", [6, 5, 4, 3, 2])]
         coverage = item_coverage_at_thresholds(R, sorted(set(cands + [2])))
         mcd = sw.get("min_co_dislikers", "auto")
@@ -210,7 +217,7 @@ def _build_into(cfg: dict, tmp: Path, hook) -> dict:
             mcd = choose_min_co_dislikers(R, float(sw.get("auto_item_coverage", 0.5)), cands)
         params = SwingParams(float(sw.get("alpha1", 5.0)), float(sw.get("alpha2", 1.0)), float(sw.get("theta", 0.5)),
                              int(mcd))
-        scores = swing_scores(neg_train["user_id"].to_numpy(), neg_train["item_id"].to_numpy(), params)
+        scores = swing_scores(sw_users, sw_items, params)
         top = top_k_neighbors(scores, int(sw.get("top_k", 20)), float(sw.get("min_score", 0.0)))
         gts_n = int(sw.get("gts_neighbors", 3))
         neighbors = {}
@@ -220,7 +227,10 @@ def _build_into(cfg: dict, tmp: Path, hook) -> dict:
         swing_stats = {"min_co_dislikers": int(mcd), "min_co_dislikers_mode": "auto" if sw.get("min_co_dislikers", "auto") in (None, "auto") else "fixed",
                        "item_coverage_by_threshold": coverage, "scored_pairs": int(len(scores)),
                        "items_with_neighbors": int(top["item_id"].nunique()) if len(top) else 0,
-                       "dislike_events": int(len(neg_train)), "alpha1": params.alpha1, "alpha2": params.alpha2,
+                       "dislike_events": int(len(neg_train)), "graph_edges": int(len(sw_users)),
+                       "max_dislikers_per_item": int(cap) if cap else None,
+                       "capped_items": int((neg_train.drop_duplicates(["user_id", "item_id"]).groupby("item_id").size()
+                                            > int(cap)).sum()) if cap else 0, "alpha1": params.alpha1, "alpha2": params.alpha2,
                        "theta": params.theta, "top_k": int(sw.get("top_k", 20)), "gts_neighbors": gts_n}
         item_neg_count = neg_train.groupby("item_id").size().to_dict()
 

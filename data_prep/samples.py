@@ -325,8 +325,9 @@ def candidate_sets(test_rows: pd.DataFrame, inter: pd.DataFrame, plan: SplitPlan
     dislike of the user. The log holds likes/hates only (no impressions), so (1)+(2) is the closest
     equivalent of "the others shown that day". Rows without a SID'd future dislike get ``[]``, -1."""
     rng = np.random.default_rng(seed)
-    day_items = inter.groupby("day")["item_id"].unique().to_dict()
-    ud = inter[inter["polarity"] > 0].groupby(["user_id", "day"])["item_id"].unique().to_dict()
+    with_sid = inter[inter["item_id"].isin(sid_of.keys())]
+    day_items = {d: np.sort(v) for d, v in with_sid.groupby("day")["item_id"].unique().items()}
+    ud = with_sid[with_sid["polarity"] > 0].groupby(["user_id", "day"])["item_id"].unique().to_dict()
     all_sid_items = np.asarray(sorted(sid_of), dtype=object)
     cands, targets = [], []
     used = {"same_user_same_day": 0, "same_day": 0, "random": 0, "rows": 0, "rows_without_target": 0}
@@ -341,25 +342,28 @@ def candidate_sets(test_rows: pd.DataFrame, inter: pd.DataFrame, plan: SplitPlan
         exclude = set(r.future_neg_items) | {target}
         picked: list = []
         chosen = set()
-        for source, pool in (("same_user_same_day", ud.get((r.user_id, day), ())),
-                             ("same_day", day_items.get(day, ()))):
-            pool = [i for i in pool if i in sid_of and i not in exclude and i not in chosen]
-            pool.sort()
-            rng.shuffle(pool)
-            take = pool[: n_candidates - 1 - len(picked)]
-            picked += take
-            chosen.update(take)
-            used[source] += len(take)
-        tries = 0
-        while len(picked) < n_candidates - 1 and tries < 50 and len(all_sid_items):
-            tries += 1
-            for i in rng.choice(all_sid_items, size=min(len(all_sid_items), 4 * n_candidates), replace=False):
-                if len(picked) >= n_candidates - 1:
+        own = ud.get((r.user_id, day))
+        for source, pool in (("same_user_same_day", np.sort(own) if own is not None else np.empty(0, object)),
+                             ("same_day", day_items.get(day, np.empty(0, object))),
+                             ("random", all_sid_items)):
+            need = n_candidates - 1 - len(picked)
+            if need <= 0 or len(pool) == 0:
+                continue
+            # draw random positions (no full shuffle of big pools); exhaustive when the pool is small
+            order = rng.permutation(len(pool)) if len(pool) <= 8 * n_candidates else None
+            tries = 0
+            while len(picked) < n_candidates - 1 and tries < 20:
+                tries += 1
+                idx = order if order is not None else rng.integers(0, len(pool), size=4 * n_candidates)
+                for i in pool[idx]:
+                    if len(picked) >= n_candidates - 1:
+                        break
+                    if i not in exclude and i not in chosen:
+                        picked.append(i)
+                        chosen.add(i)
+                        used[source] += 1
+                if order is not None:
                     break
-                if i not in exclude and i not in chosen:
-                    picked.append(i)
-                    chosen.add(i)
-                    used["random"] += 1
         pos = int(rng.integers(0, len(picked) + 1))
         items = picked[:pos] + [target] + picked[pos:]
         cands.append([sid_of[i] for i in items])

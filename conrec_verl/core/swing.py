@@ -15,8 +15,8 @@ Computation, with ``R`` the binary user x item dislike matrix:
 
 1. ``C = R^T R`` gives every item pair's co-dislikers count; keep pairs ``i < j`` that pass ``Id``.
 2. ``P[u, p] = R[u, i_p] * R[u, j_p]`` marks the co-dislikers of each kept pair ``p``.
-3. ``W[u, v] = w_u w_v / (|I(u) & I(v)| + a2)`` for ``u != v`` (from ``R R^T``, only for users that
-   occur in some kept pair), ``w_u = (|I(u)| + a1)^-theta``.
+3. ``W[u, v] = w_u w_v / (|I(u) & I(v)| + a2)`` for ``u != v``, ``w_u = (|I(u)| + a1)^-theta``, only
+   for the user pairs in the pattern of ``P P^T`` (overlaps by sparse row dot products).
 4. ``S_p = sum_u P[u, p] (W P)[u, p]`` is the double sum; divide by ``sqrt(N_j)`` or ``sqrt(N_i)``.
 
 No Python loop runs over users or user pairs; kept pairs are processed in column blocks to bound
@@ -74,21 +74,47 @@ def pairs_at_thresholds(R: sp.csr_matrix, thresholds: Sequence[int]) -> dict[int
     return {int(t): int((C.data >= max(int(t), 2)).sum()) for t in thresholds}
 
 
-def choose_min_co_dislikers(R: sp.csr_matrix, target_pairs: int, candidates: Sequence[int] = (6, 5, 4, 3, 2)) -> int:
-    """The strictest threshold (candidates tried from strict to loose) that keeps ``target_pairs``
-    item pairs; the loosest candidate when none does. Small public logs need a low threshold."""
-    counts = pairs_at_thresholds(R, candidates)
+def item_coverage_at_thresholds(R: sp.csr_matrix, thresholds: Sequence[int]) -> dict[int, float]:
+    """Share of disliked items that have at least one partner with ``>= t`` co-dislikers."""
+    C = co_dislike_counts(R).tocoo()
+    n_items = int((np.asarray(R.sum(axis=0)).ravel() > 0).sum())
+    out = {}
+    for t in thresholds:
+        keep = C.data >= max(int(t), 2)
+        covered = np.unique(np.concatenate([C.row[keep], C.col[keep]]))
+        out[int(t)] = float(len(covered) / n_items) if n_items else 0.0
+    return out
+
+
+def choose_min_co_dislikers(R: sp.csr_matrix, target_coverage: float,
+                            candidates: Sequence[int] = (6, 5, 4, 3, 2)) -> int:
+    """The strictest threshold (``Id(x) = x >= t``, candidates tried from strict to loose) under
+    which at least ``target_coverage`` of the disliked items have a co-disliked partner; the
+    loosest candidate when none does. The paper's ``x > 5`` (6) leaves Swing almost empty on
+    small public logs, hence a data-driven default."""
+    cov = item_coverage_at_thresholds(R, candidates)
     ordered = sorted({int(c) for c in candidates}, reverse=True)
     for t in ordered:
-        if counts[t] >= target_pairs:
+        if cov[t] >= target_coverage:
             return t
     return ordered[-1]
 
 
-def swing_pair_scores(R: sp.csr_matrix, params: SwingParams, block: int = 200_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _row_overlaps(R: sp.csr_matrix, us: np.ndarray, vs: np.ndarray, chunk: int = 1_000_000) -> np.ndarray:
+    """``|I(u) & I(v)|`` for each pair ``(us[k], vs[k])`` (row dot products, chunked)."""
+    out = np.empty(len(us), dtype=np.float64)
+    for s in range(0, len(us), chunk):
+        a = R[us[s:s + chunk]]
+        b = R[vs[s:s + chunk]]
+        out[s:s + chunk] = np.asarray(a.multiply(b).sum(axis=1)).ravel()
+    return out
+
+
+def swing_pair_scores(R: sp.csr_matrix, params: SwingParams, block: int = 100_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The symmetric double sum ``S`` for every kept unordered pair: arrays ``(i, j, S)`` with ``i < j``.
 
-    ``Swi(i, j) = S / sqrt(N_j)``, ``Swi(j, i) = S / sqrt(N_i)``.
+    ``Swi(i, j) = S / sqrt(N_j)``, ``Swi(j, i) = S / sqrt(N_i)``. User overlaps ``|I(u) & I(v)|``
+    are computed only for user pairs that co-dislike some kept item pair (never a full ``R R^T``).
     """
     R = sp.csr_matrix(R, dtype=np.float64)
     R.data[:] = 1.0
@@ -96,27 +122,35 @@ def swing_pair_scores(R: sp.csr_matrix, params: SwingParams, block: int = 200_00
     keep = C.data >= max(int(params.min_co_dislikers), 2)  # u != v needs two co-dislikers
     I = C.row[keep].astype(np.int64)
     J = C.col[keep].astype(np.int64)
+    del C
     if I.size == 0:
         return I, J, np.zeros(0)
-    n_items_u = np.asarray(R.sum(axis=1)).ravel()
-    w = np.power(n_items_u + params.alpha1, -params.theta)
+    n_users = R.shape[0]
+    w = np.power(np.asarray(R.sum(axis=1)).ravel() + params.alpha1, -params.theta)
     Rc = R.tocsc()
-    # users that co-dislike some kept pair; W only over them
-    involved = np.unique(np.concatenate([Rc[:, I].tocoo().row, Rc[:, J].tocoo().row]))
-    Rs = R[involved]
-    O = (Rs @ Rs.T).tocoo()
-    off = O.row != O.col
-    wv = w[involved]
-    wdata = wv[O.row[off]] * wv[O.col[off]] / (O.data[off] + params.alpha2)
-    W = sp.csr_matrix((wdata, (O.row[off], O.col[off])), shape=O.shape)
-    Rsc = Rs.tocsc()
     S = np.empty(I.size, dtype=np.float64)
     for start in range(0, I.size, block):
         stop = min(start + block, I.size)
-        P = Rsc[:, I[start:stop]].multiply(Rsc[:, J[start:stop]]).tocsc()
-        WP = (W @ P).tocsc()
-        S[start:stop] = np.asarray(P.multiply(WP).sum(axis=0)).ravel()
+        P = Rc[:, I[start:stop]].multiply(Rc[:, J[start:stop]]).tocsc()  # users x pairs: co-dislikers
+        Q = (P @ P.T).tocoo()  # the user pairs that co-occur in some pair of this block
+        off = Q.row != Q.col
+        us, vs = Q.row[off].astype(np.int64), Q.col[off].astype(np.int64)
+        del Q
+        overlap = _row_overlaps(R, us, vs)
+        W = sp.csr_matrix((w[us] * w[vs] / (overlap + params.alpha2), (us, vs)), shape=(n_users, n_users))
+        S[start:stop] = np.asarray(P.multiply(W @ P).sum(axis=0)).ravel()
     return I, J, S
+
+
+def cap_dislikers(users: Sequence, items: Sequence, times: Sequence, max_per_item: int):
+    """Keep, per item, only its ``max_per_item`` most recent dislikers (one row per (user, item),
+    at its latest time). Bounds the cost of hot items (``sum_p |C_p|^2``); Swing is then exact on the
+    capped graph."""
+    df = pd.DataFrame({"u": np.asarray(users), "i": np.asarray(items), "t": np.asarray(times)})
+    df = df.sort_values(["t", "u"], kind="stable").drop_duplicates(["u", "i"], keep="last")
+    rank = df.groupby("i", sort=False).cumcount(ascending=False)
+    df = df[rank.to_numpy() < int(max_per_item)]
+    return df["u"].to_numpy(), df["i"].to_numpy()
 
 
 def swing_scores(users: Sequence, items: Sequence, params: SwingParams = SwingParams()) -> pd.DataFrame:

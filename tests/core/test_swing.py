@@ -4,6 +4,7 @@ import pytest
 
 from conrec_verl.core.swing import (
     SwingParams,
+    cap_dislikers,
     choose_min_co_dislikers,
     dislike_matrix,
     item_coverage_at_thresholds,
@@ -78,3 +79,17 @@ def test_top_k_and_threshold_choice():
     assert cov[2] > 0
     with pytest.raises(ValueError):
         top_k_neighbors(scores, k=0)
+
+
+def test_cap_keeps_most_recent_dislikers_and_is_exact_below_cap():
+    users = ["a", "b", "c", "d", "a", "b", "c", "d", "a"]
+    items = ["x", "x", "x", "x", "y", "y", "y", "y", "x"]
+    times = [1, 2, 3, 4, 5, 6, 7, 8, 9]  # a re-dislikes x last
+    u, i = cap_dislikers(users, items, times, max_per_item=2)
+    kept = sorted(zip(i.tolist(), u.tolist()))
+    assert kept == [("x", "a"), ("x", "d"), ("y", "c"), ("y", "d")]
+    u, i = cap_dislikers(users, items, times, max_per_item=100)
+    full = swing_scores(users, items, SwingParams(min_co_dislikers=2))
+    capped = swing_scores(u, i, SwingParams(min_co_dislikers=2))
+    pd.testing.assert_frame_equal(full.sort_values(["item_id"]).reset_index(drop=True),
+                                  capped.sort_values(["item_id"]).reset_index(drop=True))
