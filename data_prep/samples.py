@@ -317,6 +317,26 @@ def rl_records(rows: pd.DataFrame, split: str, sid_build: str, stage_col: str | 
     return out
 
 
+def _group_arrays(df: pd.DataFrame, keys: list[str]) -> dict:
+    """``{key (tuple when several): sorted array of item_id}`` without a per-group pandas apply."""
+    if df.empty:
+        return {}
+    df = df.sort_values(keys + ["item_id"], kind="stable")
+    items = df["item_id"].to_numpy(dtype=object)
+    kcols = [df[k].to_numpy() for k in keys]
+    change = np.zeros(len(df), dtype=bool)
+    change[0] = True
+    for col in kcols:
+        change[1:] |= col[1:] != col[:-1]
+    starts = np.flatnonzero(change)
+    ends = np.r_[starts[1:], len(df)]
+    out = {}
+    for s, e in zip(starts, ends):
+        key = tuple(col[s] for col in kcols) if len(keys) > 1 else kcols[0][s]
+        out[key] = items[s:e]
+    return out
+
+
 def candidate_sets(test_rows: pd.DataFrame, inter: pd.DataFrame, plan: SplitPlan, sid_of: dict, seed: int,
                    n_candidates: int = 20) -> tuple[list, list, dict]:
     """Candidate Acc sets: the target is the first future dislike that has a SID; the other
@@ -325,9 +345,11 @@ def candidate_sets(test_rows: pd.DataFrame, inter: pd.DataFrame, plan: SplitPlan
     dislike of the user. The log holds likes/hates only (no impressions), so (1)+(2) is the closest
     equivalent of "the others shown that day". Rows without a SID'd future dislike get ``[]``, -1."""
     rng = np.random.default_rng(seed)
-    with_sid = inter[inter["item_id"].isin(sid_of.keys())]
-    day_items = {d: np.sort(v) for d, v in with_sid.groupby("day")["item_id"].unique().items()}
-    ud = with_sid[with_sid["polarity"] > 0].groupby(["user_id", "day"])["item_id"].unique().to_dict()
+    with_sid = inter.loc[inter["item_id"].isin(sid_of.keys()), ["user_id", "item_id", "day", "polarity"]]
+    day_items = _group_arrays(with_sid[["day", "item_id"]].drop_duplicates(), ["day"])
+    wanted = pd.DataFrame({"user_id": test_rows["user_id"].to_numpy(), "day": test_rows["target_day"].to_numpy()})
+    likes = with_sid[with_sid["polarity"] > 0][["user_id", "day", "item_id"]].drop_duplicates()
+    ud = _group_arrays(likes.merge(wanted.drop_duplicates(), on=["user_id", "day"]), ["user_id", "day"])
     all_sid_items = np.asarray(sorted(sid_of), dtype=object)
     cands, targets = [], []
     used = {"same_user_same_day": 0, "same_day": 0, "random": 0, "rows": 0, "rows_without_target": 0}
@@ -343,7 +365,7 @@ def candidate_sets(test_rows: pd.DataFrame, inter: pd.DataFrame, plan: SplitPlan
         picked: list = []
         chosen = set()
         own = ud.get((r.user_id, day))
-        for source, pool in (("same_user_same_day", np.sort(own) if own is not None else np.empty(0, object)),
+        for source, pool in (("same_user_same_day", own if own is not None else np.empty(0, object)),
                              ("same_day", day_items.get(day, np.empty(0, object))),
                              ("random", all_sid_items)):
             need = n_candidates - 1 - len(picked)

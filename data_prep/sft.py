@@ -44,18 +44,30 @@ def alignment_records(train: pd.DataFrame, users: set, sid_of: dict, cfg: Mappin
     rng = np.random.default_rng(seed)
     min_neg = int(cfg.get("min_neg_count", 1))
     per_user = int(cfg.get("max_per_user", 3))
-    df = train[train["user_id"].isin(users) & train["item_id"].isin(sid_of.keys())]
+    df = train.loc[train["user_id"].isin(users) & train["item_id"].isin(sid_of.keys()), ["user_id", "item_id", "polarity"]]
+    negs = df[df["polarity"] < 0].groupby(["user_id", "item_id"], sort=True).size().rename("n").reset_index()
+    pos = df[df["polarity"] > 0][["user_id", "item_id"]].drop_duplicates()
+    pos = pos.merge(negs[["user_id", "item_id"]], how="left", indicator=True)
+    pos = pos[pos["_merge"] == "left_only"].sort_values(["user_id", "item_id"], kind="stable")
+    negs = negs[negs["n"] >= min_neg]
+
+    def by_user(frame):
+        u = frame["user_id"].to_numpy()
+        it = frame["item_id"].to_numpy(dtype=object)
+        if len(u) == 0:
+            return {}
+        starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
+        ends = np.r_[starts[1:], len(u)]
+        return {u[s]: it[s:e] for s, e in zip(starts, ends)}
+
+    neg_of, pos_of = by_user(negs), by_user(pos)
     out = []
-    for user, grp in df.groupby("user_id", sort=True):
-        neg_counts = grp.loc[grp["polarity"] < 0, "item_id"].value_counts()
-        disliked_set = set(neg_counts.index)
-        negs = sorted(neg_counts[neg_counts >= min_neg].index)
-        pos = sorted(set(grp.loc[grp["polarity"] > 0, "item_id"]) - disliked_set)
-        if not negs or len(pos) < 3:
+    for user in sorted(neg_of):
+        liked = pos_of.get(user)
+        if liked is None or len(liked) < 3:
             continue
-        negs = list(rng.permutation(np.asarray(negs, dtype=object)))[:per_user]
-        for neg in negs:
-            distract = list(rng.choice(np.asarray(pos, dtype=object), size=3, replace=False))
+        for neg in rng.permutation(neg_of[user])[:per_user]:
+            distract = list(rng.choice(liked, size=3, replace=False))
             answer = int(rng.integers(0, 4))
             options = distract[:answer] + [neg] + distract[answer:]
             sids = [sid_of[i] for i in options]
