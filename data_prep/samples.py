@@ -129,16 +129,6 @@ def plan_split(inter: pd.DataFrame, cfg: Mapping) -> SplitPlan:
     raise DataPrepError(f"split.mode must be global_day or per_user, got {mode!r}")
 
 
-def _unique_keep_order(values: Sequence) -> list:
-    seen = set()
-    out = []
-    for v in values:
-        if v not in seen:
-            seen.add(v)
-            out.append(v)
-    return out
-
-
 def _stable_uniform(seed: int, *parts) -> float:
     """A reproducible number in [0, 1) from ``seed`` and the parts (independent of row order)."""
     import hashlib
@@ -159,80 +149,109 @@ class SampleContext:
     cfg: Mapping                  # the ``samples`` config group
 
 
-def _row(ctx: SampleContext, user, cut: int, horizon: int, key, items, pol, days, split: str) -> dict | str:
-    """One sample dict, or the reason it is skipped."""
+@dataclass
+class _Lookup:
+    """Item-code-indexed arrays (built once) so rows are made with numpy, not dict lookups."""
+
+    labels: np.ndarray     # code -> item id
+    sid: np.ndarray        # code -> SID string or None
+    has_sid: np.ndarray    # code -> bool
+    neg_count: np.ndarray  # code -> training-period dislikes
+    neighbors: dict        # code -> array of neighbour codes (with SIDs), best first
+
+
+def _lookup(ctx: SampleContext, labels: np.ndarray) -> _Lookup:
+    code_of = {l: c for c, l in enumerate(labels.tolist())}
+    sid = np.array([ctx.sid_of.get(l) for l in labels.tolist()], dtype=object)
+    has = np.array([l in ctx.sid_of for l in labels.tolist()], dtype=bool)
+    cnt = np.array([ctx.item_neg_count.get(l, 0) for l in labels.tolist()], dtype=np.int64)
+    nb = {}
+    for i, js in ctx.neighbors.items():
+        if i in code_of:
+            nb[code_of[i]] = np.array([code_of[j] for j in js if j in code_of and j in ctx.sid_of], dtype=np.int64)
+    return _Lookup(labels, sid, has, cnt, nb)
+
+
+def _first_occurrences(x: np.ndarray) -> np.ndarray:
+    if len(x) < 2:
+        return x
+    _, idx = np.unique(x, return_index=True)
+    return x[np.sort(idx)]
+
+
+def _row(ctx: SampleContext, lk: _Lookup, user, cut: int, horizon: int, key, items, pol, days,
+         split: str) -> dict | str:
+    """One sample dict, or the reason it is skipped. ``items`` are item codes of ``lk``."""
     cfg = ctx.cfg
     p = ctx.plan
     h = int(np.searchsorted(key, cut, side="right"))
-    end = int(np.searchsorted(key, min(cut + p.window, horizon), side="right"))
-    r0 = int(np.searchsorted(key, cut - p.recent, side="right"))
-    sid_of = ctx.sid_of
-    hist_items, hist_pol = items[:h], pol[:h]
-    neg_hist_items = hist_items[hist_pol < 0]
     if h == 0:
         return "empty_history"
+    end = int(np.searchsorted(key, min(cut + p.window, horizon), side="right"))
+    r0 = int(np.searchsorted(key, cut - p.recent, side="right"))
+    hist_items, hist_pol = items[:h], pol[:h]
+    neg_hist_items = hist_items[hist_pol < 0]
     if len(neg_hist_items) == 0 and cfg.get("require_negative_history", False):
         return "no_negative_history"
-    fut_items, fut_pol, fut_days = items[h:end], pol[h:end], days[h:end]
-    fut_neg_all = _unique_keep_order(fut_items[fut_pol < 0].tolist())
-    if not fut_neg_all:
+    fut_items, fut_pol = items[h:end], pol[h:end]
+    fut_neg_mask = fut_pol < 0
+    fut_neg_all = _first_occurrences(fut_items[fut_neg_mask])
+    if len(fut_neg_all) == 0:
         return "no_future_negative"
-    fut_neg = [i for i in fut_neg_all if i in sid_of]
+    fut_neg = fut_neg_all[lk.has_sid[fut_neg_all]]
     n_cold = len(fut_neg_all) - len(fut_neg)
-    if not fut_neg and split != "test":
-        return "only_cold_future_negatives"
-    if not fut_neg and not cfg.get("eval_keep_cold_only_rows", True):
+    if len(fut_neg) == 0 and (split != "test" or not cfg.get("eval_keep_cold_only_rows", True)):
         return "only_cold_future_negatives"
     max_hist = int(cfg.get("max_history", 0) or 0)
 
-    def sids(seq):
-        out = [sid_of[i] for i in seq if i in sid_of]
-        return out[-max_hist:] if max_hist > 0 else out
+    def sids(codes):
+        codes = codes[lk.has_sid[codes]]
+        if max_hist > 0:
+            codes = codes[-max_hist:]
+        return lk.sid[codes].tolist()
 
-    hist_neg = sids(neg_hist_items)
     rec_items, rec_pol = items[r0:h], pol[r0:h]
-    hist_neg_recent = sids(rec_items[rec_pol < 0])
-    hist_pos = sids(hist_items[hist_pol > 0])
-    fut_neg_set = set(fut_neg_all)
     swing: list = []
-    seen = set(fut_neg)
-    for i in fut_neg:
-        for j in ctx.neighbors.get(i, ()):
-            if j not in seen and j in sid_of:
+    seen = set(fut_neg.tolist())
+    for i in fut_neg.tolist():
+        for j in lk.neighbors.get(i, ()).tolist() if i in lk.neighbors else ():
+            if j not in seen:
                 seen.add(j)
                 swing.append(j)
-    fut_pos = [i for i in _unique_keep_order(fut_items[fut_pol > 0].tolist()) if i in sid_of and i not in fut_neg_set]
-    first_neg = fut_items[fut_pol < 0][0]
+    fut_pos = _first_occurrences(fut_items[fut_pol > 0])
+    fut_pos = fut_pos[lk.has_sid[fut_pos] & ~np.isin(fut_pos, fut_neg_all)]
+    first_neg = fut_items[fut_neg_mask][0]
     target_day = -1
-    if fut_neg:
-        hit = np.flatnonzero((fut_pol < 0) & (fut_items == fut_neg[0]))
-        target_day = int(fut_days[hit[0]])
+    if len(fut_neg):
+        hit = np.flatnonzero(fut_neg_mask & (fut_items == fut_neg[0]))
+        target_day = int(days[h + hit[0]])
     lt_item_max = int(cfg.get("long_tail_item_max_neg", 5))
     lt_user_max = int(cfg.get("long_tail_user_max_neg", 3))
-    gt = {"future_neg": [sid_of[i] for i in fut_neg],
-          "swing": [sid_of[j] for j in swing],
-          "future_pos": [sid_of[i] for i in fut_pos],
-          "next_neg": sid_of.get(first_neg),
-          "long_tail_items": [sid_of[i] for i in fut_neg if ctx.item_neg_count.get(i, 0) < lt_item_max],
+    gt = {"future_neg": lk.sid[fut_neg].tolist(),
+          "swing": lk.sid[np.asarray(swing, dtype=np.int64)].tolist(),
+          "future_pos": lk.sid[fut_pos].tolist(),
+          "next_neg": lk.sid[first_neg],
+          "long_tail_items": lk.sid[fut_neg[lk.neg_count[fut_neg] < lt_item_max]].tolist(),
           "n_future_neg_cold": int(n_cold),
-          "n_future_neg": len(fut_neg_all),
+          "n_future_neg": int(len(fut_neg_all)),
           "sid_build": ctx.sid_build}
     window_end = min(cut + p.window, horizon)
     return {
         "user_id": str(user), "cut": int(cut), "split": split,
         "cutoff_day": p.cutoff_day(cut),
         "window_days": int(round((window_end - cut) / (1 if p.mode == "global_day" else DAY_MS))),
-        "hist_neg_recent": hist_neg_recent, "hist_neg": hist_neg, "hist_pos": hist_pos,
+        "hist_neg_recent": sids(rec_items[rec_pol < 0]), "hist_neg": sids(neg_hist_items),
+        "hist_pos": sids(hist_items[hist_pol > 0]),
         "gt": gt, "long_tail_user": bool(len(neg_hist_items) < lt_user_max),
-        "future_neg_items": fut_neg, "target_day": target_day,
+        "future_neg_items": lk.labels[fut_neg].tolist(), "target_day": target_day,
     }
 
 
-def _per_user_arrays(inter: pd.DataFrame, key: np.ndarray):
+def _per_user_arrays(inter: pd.DataFrame, key: np.ndarray, item_codes: np.ndarray):
     users = inter["user_id"].to_numpy()
     order = np.lexsort((inter["ts"].to_numpy(), key, users))
     users, key = users[order], key[order]
-    items = inter["item_id"].to_numpy()[order]
+    items = item_codes[order]
     pol = inter["polarity"].to_numpy()[order]
     days = inter["day"].to_numpy()[order]
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
@@ -249,17 +268,19 @@ def build_samples(ctx: SampleContext) -> tuple[pd.DataFrame, pd.DataFrame, dict]
     counts: dict = {"train": {}, "test": {}}
     train_rows, test_rows = [], []
     n_users = ctx.inter["user_id"].nunique()
-    for user, key, items, pol, days in tqdm(_per_user_arrays(ctx.inter, p.key), total=n_users, desc="samples",
-                                      leave=False):
+    codes, labels = pd.factorize(ctx.inter["item_id"])
+    lk = _lookup(ctx, np.asarray(labels, dtype=object))
+    for user, key, items, pol, days in tqdm(_per_user_arrays(ctx.inter, p.key, codes.astype(np.int64)), total=n_users,
+                                            desc="samples", leave=False):
         is_val = _stable_uniform(ctx.seed, "val", str(user)) < val_frac
         e_cut = p.eval_cut[user]
         for cut in p.train_cuts.get(user, ()):
-            row = _row(ctx, user, cut, e_cut, key, items, pol, days, "val" if is_val else "train")
+            row = _row(ctx, lk, user, cut, e_cut, key, items, pol, days, "val" if is_val else "train")
             if isinstance(row, str):
                 counts["train"][row] = counts["train"].get(row, 0) + 1
             else:
                 train_rows.append(row)
-        row = _row(ctx, user, e_cut, np.iinfo(np.int64).max // 2, key, items, pol, days, "test")
+        row = _row(ctx, lk, user, e_cut, np.iinfo(np.int64).max // 2, key, items, pol, days, "test")
         if isinstance(row, str):
             counts["test"][row] = counts["test"].get(row, 0) + 1
         else:
