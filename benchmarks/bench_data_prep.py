@@ -139,8 +139,8 @@ def main(argv=None):
         # Swing: sparse vs the literal formula on a slice of the dislikes
         df = pd.read_parquet(work / "log_1.parquet")
         neg = df[df.label == 0]
-        hot = neg["item_id"].value_counts().index[:300]
-        sl = neg[neg["item_id"].isin(hot)].head(6000)
+        hot = neg["item_id"].value_counts().index[:1500]
+        sl = neg[neg["item_id"].isin(hot)].head(30000)
         p = SwingParams(min_co_dislikers=2)
         t0 = time.perf_counter()
         brute = swing_bruteforce(sl.user_id.tolist(), sl.item_id.tolist(), p)

@@ -37,8 +37,9 @@ EPOCH = pd.Timestamp("1970-01-01")
 
 def day_number(yyyymmdd: np.ndarray | int) -> np.ndarray:
     """Days since 1970-01-01 of ``YYYYMMDD`` ints."""
-    s = pd.to_datetime(pd.Series(np.atleast_1d(yyyymmdd)).astype(str), format="%Y%m%d")
-    return ((s - EPOCH).dt.days).to_numpy(dtype=np.int64)
+    uniq, inverse = np.unique(np.atleast_1d(yyyymmdd), return_inverse=True)
+    s = pd.to_datetime(pd.Series(uniq).astype(str), format="%Y%m%d")
+    return ((s - EPOCH).dt.days).to_numpy(dtype=np.int64)[inverse]
 
 
 def yyyymmdd(day_num: int) -> int:

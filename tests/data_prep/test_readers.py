@@ -141,3 +141,21 @@ def test_metadata_unknown_item_and_duplicates(tmp_path):
 def test_missing_file():
     with pytest.raises(DataPrepError, match="file not found"):
         read_input(generic_input("/nonexistent/log.csv"))
+
+
+def test_days_in_half_hour_timezone(tmp_path):
+    from data_prep.readers import days_from_ts
+
+    # 18:29 and 18:31 UTC on Jan 1 are 23:59 on Jan 1 and 00:01 on Jan 2 in Asia/Kolkata (UTC+5:30)
+    t = [ms(1, 0) + (18 * 60 + 29) * 60_000, ms(1, 0) + (18 * 60 + 31) * 60_000]
+    assert days_from_ts(t, "Asia/Kolkata").tolist() == [20240101, 20240102]
+    assert days_from_ts(t, "UTC").tolist() == [20240101, 20240101]
+
+
+def test_bad_day_column_names_row(tmp_path):
+    p = tmp_path / "log.csv"
+    pd.DataFrame(dict(user_id=["a", "b", "c"], item_id=["x", "y", "z"], timestamp=[1, 2, 3], label=[0, 1, 0],
+                      date=[20240101, 20240101, 20241341])).to_csv(p, index=False)
+    cols = {"user": "user_id", "item": "item_id", "timestamp": "timestamp", "label": "label", "day": "date"}
+    with pytest.raises(DataPrepError, match=r"column 'date', row 3: day must be YYYYMMDD, got 20241341"):
+        read_input(generic_input(p, columns=cols))
