@@ -262,10 +262,8 @@ def _build_into(cfg: dict, tmp: Path, hook) -> dict:
     with steps("sft"):
         sft_cfg = cfg.get("sft", {}) or {}
         translation = translation_records(items, sid_of) if sft_cfg.get("translation", True) else []
-        train_users = set(tr["user_id"]) if len(tr) else set()
-        if not train_users:
-            val_users = set(va["user_id"]) if len(va) else set()
-            train_users = set(train["user_id"].unique()) - val_users
+        vfrac = float(scfg.get("val_user_fraction", 0.1))
+        train_users = {u for u in train["user_id"].unique().tolist() if not S.is_val_user(seed, u, vfrac)}
         alignment = alignment_records(train, train_users, sid_of, sft_cfg.get("alignment", {}) or {}, seed)
         warmup = warmup_records(tr) if sft_cfg.get("warmup", True) and len(tr) else []
 

@@ -138,6 +138,11 @@ def _stable_uniform(seed: int, *parts) -> float:
     return int.from_bytes(h, "little") / 2 ** 64
 
 
+def is_val_user(seed: int, user, fraction: float) -> bool:
+    """Held-out validation users: a seeded hash of the user id (independent of row order)."""
+    return _stable_uniform(seed, "val", str(user)) < fraction
+
+
 @dataclass
 class SampleContext:
     inter: pd.DataFrame
@@ -273,7 +278,7 @@ def build_samples(ctx: SampleContext) -> tuple[pd.DataFrame, pd.DataFrame, dict]
     lk = _lookup(ctx, np.asarray(labels, dtype=object))
     for user, key, items, pol, days in tqdm(_per_user_arrays(ctx.inter, p.key, codes.astype(np.int64)), total=n_users,
                                             desc="samples", leave=False):
-        is_val = _stable_uniform(ctx.seed, "val", str(user)) < val_frac
+        is_val = is_val_user(ctx.seed, user, val_frac)
         e_cut = p.eval_cut[user]
         for cut in p.train_cuts.get(user, ()):
             row = _row(ctx, lk, user, cut, e_cut, key, items, pol, days, "val" if is_val else "train")

@@ -241,3 +241,21 @@ def test_bad_configs_leave_nothing(tmp_path, synth_path):
     build(generic_cfg(synth_path, out, "overwrite=true"))
     assert not (out / "keep").exists() and (out / "manifest.json").exists()
     assert sorted(os.listdir(tmp_path)) == ["log.csv", "out"]
+
+
+def test_sft_sets_exclude_validation_users(built):
+    d, log, out = built
+    val_users = set(read(out, "rl/val.parquet")["extra_info"].map(lambda e: e["user_id"]))
+    assert val_users
+    for rel in ("sft/alignment.parquet", "sft/warmup.parquet"):
+        users = set(read(out, rel)["extra_info"].map(lambda e: e["user_id"]))
+        assert users and not users & val_users, rel
+    warm = read(out, "sft/warmup.parquet")
+    train = read(out, "rl/train.parquet")
+    # warm-up answers are the next (SID'd) future dislike of the matching training row
+    assert len(warm) == len(train)
+    nxt = train["reward_model"].map(lambda r: json.loads(r["ground_truth"]))
+    expected = [g["next_neg"] or g["future_neg"][0] for g in nxt]
+    key = lambda df: list(zip(df["extra_info"].map(lambda e: e["user_id"]), df["extra_info"].map(lambda e: e["cutoff_day"])))
+    got = dict(zip(key(warm), warm["messages"].map(lambda m: m[1]["content"])))
+    assert [got[k] for k in key(train)] == expected
