@@ -1,0 +1,25 @@
+"""``python -m data_prep --config-name kuairand out_dir=<folder> [key=value ...]``"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from data_prep.errors import DataPrepError
+
+
+@hydra.main(config_path="config", config_name="kuairand", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from data_prep.pipeline import build
+
+    try:
+        build(cfg)
+    except DataPrepError as exc:
+        print(f"data_prep: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

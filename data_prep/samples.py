@@ -1,0 +1,421 @@
+"""Time-based samples: (user, cutoff) -> histories before the cutoff and targets after it.
+
+Two split modes (``split.mode``):
+
+* ``global_day`` -- one calendar cutoff for everybody. Event key = day number. History = events on
+  days ``<= cutoff`` (the cutoff is the *end* of the cutoff day); future window = days
+  ``cutoff+1 .. cutoff+window_days``. Training cutoffs are earlier days; their windows are
+  truncated at the evaluation cutoff so nothing of the test window is used for training.
+* ``per_user`` -- each user's evaluation cutoff is the timestamp of the event at
+  ``user_fraction`` of the user's events (ties at that timestamp stay in the history); the window
+  is ``(cutoff, cutoff + window_days * 24h]``. Training cutoffs sit at ``train_fractions`` of
+  the user's events, windows truncated at the user's evaluation cutoff.
+
+"Last N days" (``recent_days``) = the N calendar days ending with the cutoff day (global) or the
+``N * 24h`` before the cutoff timestamp (per_user).
+
+Everything here is plain numpy/pandas; SIDs arrive as a lookup array.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from conrec_verl.core.prompts import render_history_prompt
+from data_prep.errors import DataPrepError
+
+DAY_MS = 86_400_000
+EPOCH = pd.Timestamp("1970-01-01")
+
+
+def day_number(yyyymmdd: np.ndarray | int) -> np.ndarray:
+    """Days since 1970-01-01 of ``YYYYMMDD`` ints."""
+    uniq, inverse = np.unique(np.atleast_1d(yyyymmdd), return_inverse=True)
+    s = pd.to_datetime(pd.Series(uniq).astype(str), format="%Y%m%d")
+    return ((s - EPOCH).dt.days).to_numpy(dtype=np.int64)[inverse]
+
+
+def yyyymmdd(day_num: int) -> int:
+    d = EPOCH + pd.Timedelta(days=int(day_num))
+    return d.year * 10000 + d.month * 100 + d.day
+
+
+@dataclass
+class SplitPlan:
+    """Per-event key plus, per user, the evaluation cutoff and the training cutoffs (in key units)."""
+
+    mode: str
+    key: np.ndarray                 # per event (aligned with the interactions frame)
+    window: int                     # in key units
+    recent: int                     # in key units
+    eval_cut: dict                  # user -> cutoff key
+    train_cuts: dict                # user -> list of cutoff keys
+    info: dict = field(default_factory=dict)
+
+    def cutoff_day(self, cut: int) -> int:
+        if self.mode == "global_day":
+            return yyyymmdd(cut)
+        d = pd.Timestamp(int(cut), unit="ms")
+        return d.year * 10000 + d.month * 100 + d.day
+
+    def train_mask(self, users: np.ndarray) -> np.ndarray:
+        """Events strictly usable for embeddings, SIDs and Swing: key <= the user's eval cutoff."""
+        cut = pd.Series(users).map(self.eval_cut).to_numpy(dtype=np.float64)
+        return self.key <= cut
+
+
+def plan_split(inter: pd.DataFrame, cfg: Mapping) -> SplitPlan:
+    mode = cfg.get("mode", "global_day")
+    window_days = int(cfg.get("window_days", 7))
+    recent_days = int(cfg.get("recent_days", 3))
+    if window_days < 1 or recent_days < 1:
+        raise DataPrepError("split.window_days and split.recent_days must be >= 1")
+    users = inter["user_id"].to_numpy()
+    uniq = pd.unique(users)
+    if mode == "global_day":
+        key = day_number(inter["day"].to_numpy())
+        first, last = int(key.min()), int(key.max())
+        ec = cfg.get("eval_cutoff_day")
+        if ec is None:
+            raise DataPrepError("split.eval_cutoff_day (YYYYMMDD) is required for split.mode=global_day")
+        try:
+            t_e = int(day_number(int(ec))[0])
+        except (ValueError, TypeError) as exc:
+            raise DataPrepError(f"split.eval_cutoff_day must be YYYYMMDD, got {ec!r}") from exc
+        if not first <= t_e < last:
+            raise DataPrepError(f"split.eval_cutoff_day={ec} must fall inside the log ({yyyymmdd(first)}.."
+                                f"{yyyymmdd(last)}) and leave at least one later day")
+        tc = cfg.get("train_cutoff_days", "auto")
+        if tc in (None, "auto"):
+            n = int(cfg.get("num_train_cutoffs", 5))
+            min_hist = int(cfg.get("min_history_days", 1))
+            cuts = [t for t in range(t_e - n, t_e) if t >= first + min_hist - 1]
+        else:
+            cuts = sorted(int(day_number(int(d))[0]) for d in tc)
+            bad = [yyyymmdd(c) for c in cuts if c >= t_e or c < first]
+            if bad:
+                raise DataPrepError(f"split.train_cutoff_days {bad} must be before the evaluation cutoff {ec} "
+                                    "and inside the log")
+        info = {"mode": mode, "eval_cutoff_day": yyyymmdd(t_e), "train_cutoff_days": [yyyymmdd(c) for c in cuts],
+                "window_days": window_days, "recent_days": recent_days,
+                "log_days": [yyyymmdd(first), yyyymmdd(last)],
+                "eval_window_complete": bool(t_e + window_days <= last)}
+        return SplitPlan(mode, key, window_days, recent_days, {u: t_e for u in uniq}, {u: list(cuts) for u in uniq},
+                         info)
+    if mode == "per_user":
+        frac = float(cfg.get("user_fraction", 0.7))
+        fracs = [float(f) for f in (cfg.get("train_fractions") or [])]
+        if not 0 < frac < 1 or any(not 0 < f < frac for f in fracs):
+            raise DataPrepError(f"split.user_fraction must be in (0, 1) and every train_fraction in (0, user_fraction); "
+                                f"got {frac} and {fracs}")
+        key = inter["ts"].to_numpy(dtype=np.int64)
+        # events are sorted by (user, ts): positions within each user
+        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+        ends = np.r_[starts[1:], len(users)]
+        eval_cut, train_cuts = {}, {}
+        for s, e in zip(starts, ends):
+            n = e - s
+            eval_cut[users[s]] = int(key[s + max(1, math.ceil(frac * n)) - 1])
+            train_cuts[users[s]] = sorted({int(key[s + max(1, math.ceil(f * n)) - 1]) for f in fracs})
+        info = {"mode": mode, "user_fraction": frac, "train_fractions": fracs, "window_days": window_days,
+                "recent_days": recent_days}
+        return SplitPlan(mode, key, window_days * DAY_MS, recent_days * DAY_MS, eval_cut, train_cuts, info)
+    raise DataPrepError(f"split.mode must be global_day or per_user, got {mode!r}")
+
+
+def _stable_uniform(seed: int, *parts) -> float:
+    """A reproducible number in [0, 1) from ``seed`` and the parts (independent of row order)."""
+    import hashlib
+
+    h = hashlib.blake2b(repr((seed,) + parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2 ** 64
+
+
+def is_val_user(seed: int, user, fraction: float) -> bool:
+    """Held-out validation users: a seeded hash of the user id (independent of row order)."""
+    return _stable_uniform(seed, "val", str(user)) < fraction
+
+
+@dataclass
+class SampleContext:
+    inter: pd.DataFrame
+    plan: SplitPlan
+    sid_of: dict                  # item_id -> SID string (items with a SID)
+    neighbors: dict               # item_id -> list of Swing neighbour ids, best first (already top-n)
+    item_neg_count: dict          # item_id -> dislikes in the training period
+    sid_build: str
+    seed: int
+    cfg: Mapping                  # the ``samples`` config group
+
+
+@dataclass
+class _Lookup:
+    """Item-code-indexed arrays (built once) so rows are made with numpy, not dict lookups."""
+
+    labels: np.ndarray     # code -> item id
+    sid: np.ndarray        # code -> SID string or None
+    has_sid: np.ndarray    # code -> bool
+    neg_count: np.ndarray  # code -> training-period dislikes
+    neighbors: dict        # code -> array of neighbour codes (with SIDs), best first
+
+
+def _lookup(ctx: SampleContext, labels: np.ndarray) -> _Lookup:
+    code_of = {l: c for c, l in enumerate(labels.tolist())}
+    sid = np.array([ctx.sid_of.get(l) for l in labels.tolist()], dtype=object)
+    has = np.array([l in ctx.sid_of for l in labels.tolist()], dtype=bool)
+    cnt = np.array([ctx.item_neg_count.get(l, 0) for l in labels.tolist()], dtype=np.int64)
+    nb = {}
+    for i, js in ctx.neighbors.items():
+        if i in code_of:
+            nb[code_of[i]] = np.array([code_of[j] for j in js if j in code_of and j in ctx.sid_of], dtype=np.int64)
+    return _Lookup(labels, sid, has, cnt, nb)
+
+
+def _first_occurrences(x: np.ndarray) -> np.ndarray:
+    if len(x) < 2:
+        return x
+    _, idx = np.unique(x, return_index=True)
+    return x[np.sort(idx)]
+
+
+def _row(ctx: SampleContext, lk: _Lookup, user, cut: int, horizon: int, key, items, pol, days,
+         split: str) -> dict | str:
+    """One sample dict, or the reason it is skipped. ``items`` are item codes of ``lk``."""
+    cfg = ctx.cfg
+    p = ctx.plan
+    h = int(np.searchsorted(key, cut, side="right"))
+    if h == 0:
+        return "empty_history"
+    end = int(np.searchsorted(key, min(cut + p.window, horizon), side="right"))
+    r0 = int(np.searchsorted(key, cut - p.recent, side="right"))
+    hist_items, hist_pol = items[:h], pol[:h]
+    neg_hist_items = hist_items[hist_pol < 0]
+    if len(neg_hist_items) == 0 and cfg.get("require_negative_history", False):
+        return "no_negative_history"
+    fut_items, fut_pol = items[h:end], pol[h:end]
+    fut_neg_mask = fut_pol < 0
+    fut_neg_all = _first_occurrences(fut_items[fut_neg_mask])
+    if len(fut_neg_all) == 0:
+        return "no_future_negative"
+    fut_neg = fut_neg_all[lk.has_sid[fut_neg_all]]
+    n_cold = len(fut_neg_all) - len(fut_neg)
+    if len(fut_neg) == 0 and (split != "test" or not cfg.get("eval_keep_cold_only_rows", True)):
+        return "only_cold_future_negatives"
+    max_hist = int(cfg.get("max_history", 0) or 0)
+
+    def sids(codes):
+        codes = codes[lk.has_sid[codes]]
+        if max_hist > 0:
+            codes = codes[-max_hist:]
+        return lk.sid[codes].tolist()
+
+    rec_items, rec_pol = items[r0:h], pol[r0:h]
+    swing: list = []
+    seen = set(fut_neg.tolist())
+    for i in fut_neg.tolist():
+        for j in lk.neighbors.get(i, ()).tolist() if i in lk.neighbors else ():
+            if j not in seen:
+                seen.add(j)
+                swing.append(j)
+    fut_pos = _first_occurrences(fut_items[fut_pol > 0])
+    fut_pos = fut_pos[lk.has_sid[fut_pos] & ~np.isin(fut_pos, fut_neg_all)]
+    first_neg = fut_items[fut_neg_mask][0]
+    target_day = -1
+    if len(fut_neg):
+        hit = np.flatnonzero(fut_neg_mask & (fut_items == fut_neg[0]))
+        target_day = int(days[h + hit[0]])
+    lt_item_max = int(cfg.get("long_tail_item_max_neg", 5))
+    lt_user_max = int(cfg.get("long_tail_user_max_neg", 3))
+    gt = {"future_neg": lk.sid[fut_neg].tolist(),
+          "swing": lk.sid[np.asarray(swing, dtype=np.int64)].tolist(),
+          "future_pos": lk.sid[fut_pos].tolist(),
+          "next_neg": lk.sid[first_neg],
+          "long_tail_items": lk.sid[fut_neg[lk.neg_count[fut_neg] < lt_item_max]].tolist(),
+          "n_future_neg_cold": int(n_cold),
+          "n_future_neg": int(len(fut_neg_all)),
+          "sid_build": ctx.sid_build}
+    window_end = min(cut + p.window, horizon)
+    return {
+        "user_id": str(user), "cut": int(cut), "split": split,
+        "cutoff_day": p.cutoff_day(cut),
+        "window_days": int(round((window_end - cut) / (1 if p.mode == "global_day" else DAY_MS))),
+        "hist_neg_recent": sids(rec_items[rec_pol < 0]), "hist_neg": sids(neg_hist_items),
+        "hist_pos": sids(hist_items[hist_pol > 0]),
+        "gt": gt, "long_tail_user": bool(len(neg_hist_items) < lt_user_max),
+        "future_neg_items": lk.labels[fut_neg].tolist(), "target_day": target_day,
+    }
+
+
+def _per_user_arrays(inter: pd.DataFrame, key: np.ndarray, item_codes: np.ndarray):
+    users = inter["user_id"].to_numpy()
+    order = np.lexsort((inter["ts"].to_numpy(), key, users))
+    users, key = users[order], key[order]
+    items = item_codes[order]
+    pol = inter["polarity"].to_numpy()[order]
+    days = inter["day"].to_numpy()[order]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    ends = np.r_[starts[1:], len(users)]
+    for s, e in zip(starts, ends):
+        yield users[s], key[s:e], items[s:e], pol[s:e], days[s:e]
+
+
+def build_samples(ctx: SampleContext) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Training/validation samples (``split`` = train | val) and test samples, plus counts."""
+    p = ctx.plan
+    cfg = ctx.cfg
+    val_frac = float(cfg.get("val_user_fraction", 0.1))
+    counts: dict = {"train": {}, "test": {}}
+    train_rows, test_rows = [], []
+    n_users = ctx.inter["user_id"].nunique()
+    codes, labels = pd.factorize(ctx.inter["item_id"])
+    lk = _lookup(ctx, np.asarray(labels, dtype=object))
+    for user, key, items, pol, days in tqdm(_per_user_arrays(ctx.inter, p.key, codes.astype(np.int64)), total=n_users,
+                                            desc="samples", leave=False):
+        is_val = is_val_user(ctx.seed, user, val_frac)
+        e_cut = p.eval_cut[user]
+        for cut in p.train_cuts.get(user, ()):
+            row = _row(ctx, lk, user, cut, e_cut, key, items, pol, days, "val" if is_val else "train")
+            if isinstance(row, str):
+                counts["train"][row] = counts["train"].get(row, 0) + 1
+            else:
+                train_rows.append(row)
+        row = _row(ctx, lk, user, e_cut, np.iinfo(np.int64).max // 2, key, items, pol, days, "test")
+        if isinstance(row, str):
+            counts["test"][row] = counts["test"].get(row, 0) + 1
+        else:
+            test_rows.append(row)
+    return pd.DataFrame(train_rows), pd.DataFrame(test_rows), counts
+
+
+def assign_stages(rows: pd.DataFrame, cfg: Mapping, seed: int) -> pd.DataFrame:
+    """Progressive-GRPO stage per training row.
+
+    ``partition`` (default): every row gets one stage at random (reproducible per user x cutoff);
+    stage 1 only for rows that have negatives in the last ``recent_days``. ``replicate``: every
+    row appears once per stage. Rows are ordered by stage, then cutoff, then user.
+    """
+    stages = [int(s) for s in cfg.get("stages", [1, 2, 3])]
+    how = cfg.get("stage_assignment", "partition")
+    if rows.empty:
+        return rows.assign(stage=pd.Series(dtype=np.int64))
+    if how == "replicate":
+        parts = []
+        for s in stages:
+            part = rows if s != 1 else rows[rows["hist_neg_recent"].map(len) > 0]
+            parts.append(part.assign(stage=s))
+        out = pd.concat(parts, ignore_index=True)
+    elif how == "partition":
+        st = []
+        for r in rows.itertuples():
+            allowed = [s for s in stages if s != 1 or len(r.hist_neg_recent) > 0] or stages[-1:]
+            u = _stable_uniform(seed, "stage", r.user_id, r.cut)
+            st.append(allowed[min(int(u * len(allowed)), len(allowed) - 1)])
+        out = rows.assign(stage=st)
+    else:
+        raise DataPrepError(f"rl.stage_assignment must be partition or replicate, got {how!r}")
+    return out.sort_values(["stage", "cut", "user_id"], kind="stable").reset_index(drop=True)
+
+
+def rl_records(rows: pd.DataFrame, split: str, sid_build: str, stage_col: str | int = "stage") -> list[dict]:
+    """verl RL rows (see docs/data-format.md)."""
+    out = []
+    for idx, r in enumerate(rows.itertuples(index=False)):
+        stage = int(getattr(r, stage_col)) if isinstance(stage_col, str) else int(stage_col)
+        text = render_history_prompt(stage, r.hist_neg_recent, r.hist_neg, r.hist_pos)
+        out.append({
+            "data_source": "conrec",
+            "prompt": [{"role": "user", "content": text}],
+            "ability": "negative_recommendation",
+            "reward_model": {"style": "rule", "ground_truth": json.dumps(r.gt)},
+            "extra_info": {"split": split, "index": idx, "user_id": r.user_id, "cutoff_day": int(r.cutoff_day),
+                           "stage": stage, "long_tail_user": bool(r.long_tail_user), "sid_build": sid_build,
+                           "window_days": int(r.window_days), "n_hist_neg": len(r.hist_neg)},
+            "hist_neg_recent": list(r.hist_neg_recent),
+            "hist_neg": list(r.hist_neg),
+            "hist_pos": list(r.hist_pos),
+        })
+    return out
+
+
+def _group_arrays(df: pd.DataFrame, keys: list[str]) -> dict:
+    """``{key (tuple when several): sorted array of item_id}`` without a per-group pandas apply."""
+    if df.empty:
+        return {}
+    df = df.sort_values(keys + ["item_id"], kind="stable")
+    items = df["item_id"].to_numpy(dtype=object)
+    kcols = [df[k].to_numpy() for k in keys]
+    change = np.zeros(len(df), dtype=bool)
+    change[0] = True
+    for col in kcols:
+        change[1:] |= col[1:] != col[:-1]
+    starts = np.flatnonzero(change)
+    ends = np.r_[starts[1:], len(df)]
+    out = {}
+    for s, e in zip(starts, ends):
+        key = tuple(col[s] for col in kcols) if len(keys) > 1 else kcols[0][s]
+        out[key] = items[s:e]
+    return out
+
+
+def candidate_sets(test_rows: pd.DataFrame, inter: pd.DataFrame, plan: SplitPlan, sid_of: dict, seed: int,
+                   n_candidates: int = 20) -> tuple[list, list, dict]:
+    """Candidate Acc sets: the target is the first future dislike that has a SID; the other
+    ``n_candidates - 1`` come, in order, from (1) items the same user liked that same calendar day,
+    (2) items anyone interacted with that day, (3) any item with a SID. None of them is a future
+    dislike of the user. The log holds likes/hates only (no impressions), so (1)+(2) is the closest
+    equivalent of "the others shown that day". Rows without a SID'd future dislike get ``[]``, -1."""
+    rng = np.random.default_rng(seed)
+    with_sid = inter.loc[inter["item_id"].isin(sid_of.keys()), ["user_id", "item_id", "day", "polarity"]]
+    day_items = _group_arrays(with_sid[["day", "item_id"]].drop_duplicates(), ["day"])
+    wanted = pd.DataFrame({"user_id": test_rows["user_id"].to_numpy(), "day": test_rows["target_day"].to_numpy()})
+    likes = with_sid[with_sid["polarity"] > 0][["user_id", "day", "item_id"]].drop_duplicates()
+    ud = _group_arrays(likes.merge(wanted.drop_duplicates(), on=["user_id", "day"]), ["user_id", "day"])
+    all_sid_items = np.asarray(sorted(sid_of), dtype=object)
+    cands, targets = [], []
+    used = {"same_user_same_day": 0, "same_day": 0, "random": 0, "rows": 0, "rows_without_target": 0}
+    for r in test_rows.itertuples(index=False):
+        if not r.future_neg_items:
+            cands.append([])
+            targets.append(-1)
+            used["rows_without_target"] += 1
+            continue
+        target = r.future_neg_items[0]
+        day = int(r.target_day)
+        exclude = set(r.future_neg_items) | {target}
+        picked: list = []
+        chosen = set()
+        own = ud.get((r.user_id, day))
+        for source, pool in (("same_user_same_day", own if own is not None else np.empty(0, object)),
+                             ("same_day", day_items.get(day, np.empty(0, object))),
+                             ("random", all_sid_items)):
+            need = n_candidates - 1 - len(picked)
+            if need <= 0 or len(pool) == 0:
+                continue
+            # draw random positions (no full shuffle of big pools); exhaustive when the pool is small
+            order = rng.permutation(len(pool)) if len(pool) <= 8 * n_candidates else None
+            tries = 0
+            while len(picked) < n_candidates - 1 and tries < 20:
+                tries += 1
+                idx = order if order is not None else rng.integers(0, len(pool), size=4 * n_candidates)
+                for i in pool[idx]:
+                    if len(picked) >= n_candidates - 1:
+                        break
+                    if i not in exclude and i not in chosen:
+                        picked.append(i)
+                        chosen.add(i)
+                        used[source] += 1
+                if order is not None:
+                    break
+        pos = int(rng.integers(0, len(picked) + 1))
+        items = picked[:pos] + [target] + picked[pos:]
+        cands.append([sid_of[i] for i in items])
+        targets.append(pos)
+        used["rows"] += 1
+    return cands, targets, used

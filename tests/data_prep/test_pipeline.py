@@ -1,0 +1,261 @@
+"""End-to-end properties of ``data_prep.build`` on small synthetic logs."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conrec_verl.core.sid import Codebook, format_sid, parse_sid
+from data_prep import DataPrepError, build
+from data_prep.samples import day_number
+from dp_helpers import generic_cfg, ms, synth_log
+
+
+def read(out, rel):
+    return pd.read_parquet(out / rel)
+
+
+def gt(row):
+    return json.loads(row["reward_model"]["ground_truth"])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    d = tmp_path_factory.mktemp("built")
+    log = synth_log()
+    log.to_csv(d / "log.csv", index=False)
+    out = build(generic_cfg(d / "log.csv", d / "out"))
+    return d, log, out
+
+
+def test_layout_schema_and_manifest(built):
+    d, log, out = built
+    for rel in ["manifest.json", "codebook.npz", "sid_map.parquet", "swing.parquet", "sid_report.json",
+                "sft/alignment.parquet", "sft/warmup.parquet", "rl/train.parquet", "rl/val.parquet",
+                "eval/test.parquet"]:
+        assert (out / rel).is_file(), rel
+    assert not (out / "sft/translation.parquet").exists()  # no item text in this log
+    m = json.loads((out / "manifest.json").read_text())
+    book = Codebook.load(out / "codebook.npz")
+    assert m["sid_build"] == book.fingerprint
+    assert m["counts"]["events"] == len(log)
+    assert m["inputs"]["log.csv"]["sha256"]
+    train = read(out, "rl/train.parquet")
+    assert len(train) == m["counts"]["rl/train"] > 0
+    row = train.iloc[0]
+    assert row["data_source"] == "conrec" and row["ability"] == "negative_recommendation"
+    assert row["prompt"][0]["role"] == "user"
+    assert row["extra_info"]["sid_build"] == book.fingerprint == gt(row)["sid_build"]
+    assert set(train["extra_info"].map(lambda e: e["stage"])) == {1, 2, 3}
+    # stage-1 rows always have recent negatives, and the prompt is rendered for the row's stage
+    for _, r in train.iterrows():
+        stage = r["extra_info"]["stage"]
+        if stage == 1:
+            assert len(r["hist_neg_recent"]) > 0 and "last 3 days" in r["prompt"][0]["content"]
+        if stage == 3:
+            assert "liked" in r["prompt"][0]["content"]
+    # val users and train users are disjoint
+    val = read(out, "rl/val.parquet")
+    assert len(val) > 0
+    assert not set(val["extra_info"].map(lambda e: e["user_id"])) & set(train["extra_info"].map(lambda e: e["user_id"]))
+
+
+def test_sids_one_to_one_roundtrip_and_reproducible(built, tmp_path):
+    d, log, out = built
+    sm = read(out, "sid_map.parquet")
+    book = Codebook.load(out / "codebook.npz")
+    assert sm["sid"].is_unique and sm["item_id"].is_unique
+    codes = sm[[f"code_{i}" for i in range(book.num_levels)]].to_numpy()
+    for sid, c in zip(sm["sid"], codes):
+        assert parse_sid(sid) == tuple(int(x) for x in c)
+        assert format_sid(c) == sid
+    # item -> SID -> codebook embedding: the sum of the chosen codewords
+    recon = book.embed_many(codes)
+    manual = sum(book.codewords[l][codes[:, l]] for l in range(book.num_levels))
+    np.testing.assert_allclose(recon, manual, rtol=1e-6)
+    np.testing.assert_allclose(book.embed(parse_sid(sm["sid"].iloc[3])), recon[3], rtol=1e-6)
+    report = json.loads((out / "sid_report.json").read_text())
+    assert report["after"]["collision_rate"] == 0.0 and report["after"]["max_items_per_sid"] == 1
+    assert report["before"]["unique_sids"] <= len(sm)
+    assert report["relative_reconstruction_error"]["before"] < 1.0
+    # same config, same seed -> identical build; other seed -> other codebook
+    again = build(generic_cfg(d / "log.csv", tmp_path / "again"))
+    pd.testing.assert_frame_equal(read(again, "sid_map.parquet"), sm)
+    assert Codebook.load(again / "codebook.npz").fingerprint == book.fingerprint
+    pd.testing.assert_frame_equal(read(again, "rl/train.parquet").drop(columns=["prompt"]).astype(str),
+                                  read(out, "rl/train.parquet").drop(columns=["prompt"]).astype(str))
+    other = build(generic_cfg(d / "log.csv", tmp_path / "other", "seed=7"))
+    assert Codebook.load(other / "codebook.npz").fingerprint != book.fingerprint
+
+
+def test_no_future_event_reaches_history_embedding_sid_or_swing(built, tmp_path):
+    """Rewrite every event after the evaluation cutoff (new items, flipped labels, other users'
+    co-dislikes): codebook, SIDs of warm items, Swing and every history must not change."""
+    d, log, out = built
+    cut = ms(11, 0)  # 2024-01-11 00:00 UTC: days <= 20240110 are history
+    rng = np.random.default_rng(1)
+    fut = log["timestamp"] >= cut
+    changed = log.copy()
+    changed.loc[fut, "label"] = 1 - changed.loc[fut, "label"]
+    changed.loc[fut, "item_id"] = [f"i{x}" if rng.random() < 0.5 else f"new{x}" for x in rng.integers(0, 60, fut.sum())]
+    extra = pd.DataFrame({"user_id": ["u1", "u2", "u3"] * 4, "item_id": ["i0", "i1", "i2"] * 4,
+                          "timestamp": [cut + 1000 * k for k in range(12)], "label": [0] * 12})
+    changed = pd.concat([changed, extra], ignore_index=True)
+    changed.to_csv(tmp_path / "changed.csv", index=False)
+    out2 = build(generic_cfg(tmp_path / "changed.csv", tmp_path / "out2"))
+    assert Codebook.load(out2 / "codebook.npz").fingerprint == Codebook.load(out / "codebook.npz").fingerprint
+    a, b = read(out, "sid_map.parquet"), read(out2, "sid_map.parquet")
+    pd.testing.assert_frame_equal(a[~a.cold].reset_index(drop=True), b[~b.cold].reset_index(drop=True))
+    pd.testing.assert_frame_equal(read(out, "swing.parquet"), read(out2, "swing.parquet"))
+    for rel in ("rl/train.parquet", "rl/val.parquet", "eval/test.parquet"):
+        cols = ["hist_neg_recent", "hist_neg", "hist_pos"]
+        key = lambda df: df.assign(u=df["extra_info"].map(lambda e: (e["user_id"], e["cutoff_day"]))).set_index("u")
+        x, y = key(read(out, rel)), key(read(out2, rel))
+        common = x.index.intersection(y.index)
+        assert len(common) > 0
+        for c in cols:
+            assert x.loc[common, c].map(list).tolist() == y.loc[common, c].map(list).tolist()
+        if rel != "eval/test.parquet":  # training windows end at the evaluation cutoff: targets identical too
+            assert sorted(x.index) == sorted(y.index)
+            assert x.loc[common, "reward_model"].tolist() == y.loc[common, "reward_model"].tolist()
+    # and every history SID belongs to an item the user touched on/before the row's cutoff day
+    sid_item = dict(zip(a["sid"], a["item_id"]))
+    test = read(out, "eval/test.parquet")
+    logd = log.assign(day=pd.to_datetime(log["timestamp"], unit="ms").dt.strftime("%Y%m%d").astype(int))
+    for _, r in test.iterrows():
+        u = r["extra_info"]["user_id"]
+        past = logd[(logd.user_id == u) & (logd.day <= r["extra_info"]["cutoff_day"])]
+        assert {sid_item[s] for s in r["hist_neg"]} <= set(past[past.label == 0].item_id)
+        assert {sid_item[s] for s in r["hist_pos"]} <= set(past[past.label == 1].item_id)
+
+
+def test_windows_exact_at_day_boundaries(tmp_path):
+    """Eval cutoff 2024-01-10; window days 11..17 inclusive, day 10 is history, day 18 is out."""
+    base = synth_log(n_users=30, n_days=10)  # days 1..10: gives every item a SID
+    items = sorted(base["item_id"].unique())
+    a, b, c, d_, e, f, g7 = items[:7]
+    probe = pd.DataFrame([
+        ("probe", a, ms(10, 23), 0),     # last second-ish of the cutoff day -> history
+        ("probe", b, ms(11, 0) + 1, 0),  # first moment of day 11 -> future_neg
+        ("probe", c, ms(17, 23), 0),     # last day of the window -> future_neg
+        ("probe", d_, ms(18, 0) + 1, 0), # day 18 -> outside
+        ("probe", e, ms(12), 1),         # like in the window -> future_pos
+        ("probe", f, ms(18, 1), 1),      # like after the window -> not in FPS
+        ("probe", a, ms(7), 0),          # day 7: older than the 3-day recent list (days 8, 9, 10)
+        ("probe", g7, ms(8, 0) + 1, 0),  # day 8: first day of the recent list
+        ("probe", b, ms(5), 1),
+    ], columns=base.columns)
+    log = pd.concat([base, probe], ignore_index=True)
+    log.to_csv(tmp_path / "log.csv", index=False)
+    out = build(generic_cfg(tmp_path / "log.csv", tmp_path / "out", "samples.val_user_fraction=0"))
+    sid = dict(zip(*read(out, "sid_map.parquet")[["item_id", "sid"]].T.to_numpy()))
+    test = read(out, "eval/test.parquet")
+    row = test[test["extra_info"].map(lambda x: x["user_id"]) == "probe"].iloc[0]
+    g = gt(row)
+    assert row["extra_info"]["cutoff_day"] == 20240110 and row["extra_info"]["window_days"] == 7
+    assert g["future_neg"] == [sid[b], sid[c]]
+    assert g["next_neg"] == sid[b]
+    assert g["future_pos"] == [sid[e]]
+    assert list(row["hist_neg"]) == [sid[a], sid[g7], sid[a]]   # days 7, 8, 10, oldest first
+    assert list(row["hist_neg_recent"]) == [sid[g7], sid[a]]    # days 8..10
+    assert list(row["hist_pos"]) == [sid[b]]
+    assert g["n_future_neg_cold"] == 0 and g["n_future_neg"] == 2
+    # candidates: 20 distinct SIDs, the target is the first future dislike, no other future dislike
+    cands = list(row["candidates"])
+    assert len(cands) == 20 == len(set(cands))
+    assert cands[row["candidate_target"]] == sid[b]
+    assert sid[c] not in cands
+    # training rows: windows truncated at the evaluation cutoff
+    train = pd.concat([read(out, "rl/train.parquet"), read(out, "rl/val.parquet")])
+    for _, r in train.iterrows():
+        ei = r["extra_info"]
+        assert ei["cutoff_day"] < 20240110
+        assert ei["window_days"] == min(7, int(day_number(20240110)[0] - day_number(ei["cutoff_day"])[0]))
+
+
+def test_cold_items_counted_and_swing_in_gts(tmp_path):
+    base = synth_log(n_users=30, n_days=10)
+    extra = pd.DataFrame([("u0", "brand_new", ms(12), 0), ("u0", "i0", ms(13), 0)], columns=base.columns)
+    log = pd.concat([base, extra], ignore_index=True)
+    log.to_csv(tmp_path / "log.csv", index=False)
+    out = build(generic_cfg(tmp_path / "log.csv", tmp_path / "out", "swing.min_co_dislikers=2",
+                            "swing.gts_neighbors=2"))
+    sm = read(out, "sid_map.parquet")
+    assert "brand_new" not in set(sm.item_id)  # cold, no content -> no SID
+    test = read(out, "eval/test.parquet")
+    r = test[test["extra_info"].map(lambda x: x["user_id"]) == "u0"].iloc[0]
+    g = gt(r)
+    assert g["n_future_neg_cold"] >= 1
+    assert g["next_neg"] is None or g["next_neg"] != ""
+    sw = read(out, "swing.parquet")
+    nb = sw[sw.item_id.isin([sm.set_index("sid").item_id[s] for s in g["future_neg"]])]
+    if len(nb):  # every admitted Swing item is a top neighbour of a future dislike, not a future dislike
+        sid_of = dict(zip(sm.item_id, sm.sid))
+        allowed = {sid_of[i] for i in nb.groupby("item_id").head(2).neighbor_id}
+        assert set(g["swing"]) <= allowed and not set(g["swing"]) & set(g["future_neg"])
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["samples"]["test"]["future_neg_cold"] >= 1
+    assert m["split"]["cold_items"] >= 1
+
+
+def test_per_user_split(tmp_path):
+    rows = []
+    for u in range(12):
+        for k in range(10):  # 10 events per user, one per day, days 1..10 (+u offset)
+            rows.append((f"u{u}", f"i{(u + k) % 15}", ms(1 + k + u % 3), 0 if k % 3 == 0 else 1))
+    log = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "label"])
+    log.to_csv(tmp_path / "log.csv", index=False)
+    out = build(generic_cfg(tmp_path / "log.csv", tmp_path / "out", "split.mode=per_user", "sid.sizes=[4,4]",
+                            "split.train_fractions=[0.4]", "samples.val_user_fraction=0"))
+    test = read(out, "eval/test.parquet")
+    sm = read(out, "sid_map.parquet")
+    item_of = dict(zip(sm.sid, sm.item_id))
+    assert len(test) > 0
+    for _, r in test.iterrows():
+        u = r["extra_info"]["user_id"]
+        ev = log[log.user_id == u].sort_values("timestamp")
+        hist = ev.iloc[:7]  # ceil(0.7 * 10) events form the history
+        assert [item_of[s] for s in r["hist_neg"]] == hist[hist.label == 0].item_id.tolist()
+        fut = ev.iloc[7:]
+        fut = fut[fut.timestamp <= hist.timestamp.iloc[-1] + 7 * 86_400_000]
+        assert [item_of[s] for s in gt(r)["future_neg"]] == list(dict.fromkeys(fut[fut.label == 0].item_id))
+
+
+def test_bad_configs_leave_nothing(tmp_path, synth_path):
+    out = tmp_path / "out"
+    with pytest.raises(DataPrepError, match="codebook too large"):
+        build(generic_cfg(synth_path, out, "sid.sizes=[512,4]"))
+    with pytest.raises(DataPrepError, match="codebook too small"):
+        build(generic_cfg(synth_path, out, "sid.sizes=[2,2]"))
+    with pytest.raises(DataPrepError, match="eval_cutoff_day"):
+        build(generic_cfg(synth_path, out, "split.eval_cutoff_day=20300101"))
+    assert sorted(os.listdir(tmp_path)) == ["log.csv"]
+    # an existing out_dir is kept unless overwrite=true
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(DataPrepError, match="already exists"):
+        build(generic_cfg(synth_path, out))
+    assert (out / "keep").exists()
+    build(generic_cfg(synth_path, out, "overwrite=true"))
+    assert not (out / "keep").exists() and (out / "manifest.json").exists()
+    assert sorted(os.listdir(tmp_path)) == ["log.csv", "out"]
+
+
+def test_sft_sets_exclude_validation_users(built):
+    d, log, out = built
+    val_users = set(read(out, "rl/val.parquet")["extra_info"].map(lambda e: e["user_id"]))
+    assert val_users
+    for rel in ("sft/alignment.parquet", "sft/warmup.parquet"):
+        users = set(read(out, rel)["extra_info"].map(lambda e: e["user_id"]))
+        assert users and not users & val_users, rel
+    warm = read(out, "sft/warmup.parquet")
+    train = read(out, "rl/train.parquet")
+    # warm-up answers are the next (SID'd) future dislike of the matching training row
+    assert len(warm) == len(train)
+    nxt = train["reward_model"].map(lambda r: json.loads(r["ground_truth"]))
+    expected = [g["next_neg"] or g["future_neg"][0] for g in nxt]
+    key = lambda df: list(zip(df["extra_info"].map(lambda e: e["user_id"]), df["extra_info"].map(lambda e: e["cutoff_day"])))
+    got = dict(zip(key(warm), warm["messages"].map(lambda m: m[1]["content"])))
+    assert [got[k] for k in key(train)] == expected

@@ -1,0 +1,161 @@
+import gzip
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from data_prep import DataPrepError
+from data_prep.readers import SAMPLE_PATH, read_input
+from dp_helpers import ms
+
+
+def generic_input(path, **kw):
+    cfg = {"format": "generic", "path": str(path), "timestamp_unit": "auto", "timezone": "UTC",
+           "columns": {"user": "user_id", "item": "item_id", "timestamp": "timestamp", "label": "label"},
+           "polarity": {"mode": "label", "negative_values": [0], "positive_values": [1]}, "items": {}}
+    for k, v in kw.items():
+        cfg[k] = v
+    return cfg
+
+
+def test_bundled_sample_matches_its_readme():
+    with gzip.open(SAMPLE_PATH, "rb") as fh:
+        import hashlib
+
+        assert hashlib.md5(fh.read()).hexdigest() == "bb785e5bebc2b3bb69ab6c2cc145a140"
+    res = read_input({"format": "kuairand", "path": None, "sep": "\t", "timestamp_unit": "ms",
+                      "columns": {"user": "user_id", "item": "video_id", "timestamp": "time_ms", "day": "date",
+                                  "label": "label"},
+                      "polarity": {"mode": "label", "negative_values": [0], "positive_values": [1]}})
+    s = res.stats
+    assert (s["events"], s["users"], s["items"], s["likes"], s["dislikes"]) == (41828, 664, 9359, 33745, 8083)
+    df = res.interactions
+    assert list(df.columns) == ["user_id", "item_id", "ts", "day", "polarity", "weight"]
+    assert df["day"].min() == 20220408 and df["day"].max() == 20220421
+    assert df["user_id"].map(type).eq(str).all()
+
+
+def test_generic_csv_text_timestamps_weights_and_day(tmp_path):
+    p = tmp_path / "log.csv"
+    pd.DataFrame({"uid": [1, 1, 2], "iid": ["a", "b", "a"], "when": ["2024-01-02 23:30:00", "2024-01-03T01:00:00Z", "2024-01-01"],
+                  "lab": ["bad", "good", "bad"], "w": [1.0, 2.5, 0.5]}).to_csv(p, index=False)
+    res = read_input(generic_input(p, columns={"user": "uid", "item": "iid", "timestamp": "when", "label": "lab",
+                                               "weight": "w"},
+                                   polarity={"mode": "label", "negative_values": ["bad"], "positive_values": ["good"]}))
+    df = res.interactions
+    assert df["user_id"].tolist() == ["1", "1", "2"]
+    assert df["day"].tolist() == [20240102, 20240103, 20240101]
+    assert df["polarity"].tolist() == [-1, 1, -1]
+    assert df["weight"].tolist() == [1.0, 2.5, 0.5]
+    assert df["ts"].iloc[0] == pd.Timestamp("2024-01-02 23:30:00", tz="UTC").value // 10**6
+
+
+def test_generic_parquet_and_timezone_day(tmp_path):
+    p = tmp_path / "log.parquet"
+    pd.DataFrame({"user_id": ["u"] * 2, "item_id": ["x", "y"], "timestamp": [ms(2, 20), ms(3, 1)],
+                  "label": [0, 1]}).to_parquet(p)
+    res = read_input(generic_input(p, timezone="Asia/Shanghai"))
+    # 20:00 UTC on Jan 2 is Jan 3 in UTC+8
+    assert res.interactions["day"].tolist() == [20240103, 20240103]
+
+
+def _write_ml100k(folder, rows, items):
+    folder.mkdir()
+    (folder / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows))
+    lines = []
+    for iid, title, genres in items:
+        flags = ["1" if g in genres else "0" for g in range(19)]
+        lines.append("|".join([str(iid), title, "01-Jan-1995", "", "http://x"] + flags))
+    (folder / "u.item").write_text("\n".join(lines) + "\n", encoding="latin-1")
+
+
+def test_movielens_100k_and_1m_formats(tmp_path):
+    rows = [(1, 10, 1, 880000000), (1, 11, 5, 880000100), (2, 10, 3, 880000200), (2, 12, 4, 880000300)]
+    _write_ml100k(tmp_path / "ml100k", rows, [(10, "Toy Story (1995)", {3, 4}), (11, "Heat (1995)", {1}),
+                                              (12, "Café (1996)", {8}), (13, "Unrated (1990)", {8})])
+    cfg = {"format": "movielens", "path": str(tmp_path / "ml100k"), "timezone": "UTC",
+           "polarity": {"dislike_max": 2, "like_min": 4}, "items": {"unknown_ids": "drop"}}
+    res = read_input(cfg)
+    df = res.interactions
+    assert len(df) == 3 and res.stats["neutral_dropped"] == 1
+    assert df.set_index("item_id").loc["10", "polarity"] == -1
+    items = res.items.set_index("item_id")
+    assert items.loc["10", "category"] == "Animation|Children's"
+    assert items.loc["12", "title"] == "Café (1996)"
+    assert "13" not in items.index and res.stats["unknown_item_rows_dropped"] == 1
+
+    d = tmp_path / "ml1m"
+    d.mkdir()
+    (d / "ratings.dat").write_text("1::10::2::978300760\n1::11::5::978302109\n2::11::1::978301968\n")
+    (d / "movies.dat").write_text("10::Heat (1995)::Action|Crime\n11::Toy Story (1995)::Animation\n", encoding="latin-1")
+    res = read_input(dict(cfg, path=str(d / "ratings.dat")))
+    assert res.stats["dislikes"] == 2 and res.stats["likes"] == 1
+    assert res.items.set_index("item_id").loc["10", "category"] == "Action|Crime"
+
+
+@pytest.mark.parametrize(
+    "frame, kw, expect",
+    [
+        (dict(user_id=["a"], item=["x"], timestamp=[1], label=[0]), {}, ["log.csv", "'item_id'", "item"]),
+        (dict(user_id=["a", "b"], item_id=["x", "y"], timestamp=[1, "yesterday-ish"], label=[0, 1]), {},
+         ["log.csv", "'timestamp'", "row 2", "yesterday-ish"]),
+        (dict(user_id=["a", "b", "c"], item_id=["x", "y", "z"], timestamp=[1, 2, 3], label=[0, 1, 7]), {},
+         ["'label'", "row 3", "7"]),
+        (dict(user_id=["a", None], item_id=["x", "y"], timestamp=[1, 2], label=[0, 1]), {}, ["'user_id'", "row 2"]),
+        (dict(user_id=["a", "b"], item_id=["x", "y"], timestamp=[1, 2], label=[1, 1]), {}, ["no negative"]),
+        (dict(user_id=["a", "b"], item_id=["x", "y"], timestamp=[1, 2], rating=[1, "five"]),
+         {"polarity": {"mode": "rating", "dislike_max": 2, "like_min": 4},
+          "columns": {"user": "user_id", "item": "item_id", "timestamp": "timestamp", "rating": "rating"}},
+         ["'rating'", "row 2", "five"]),
+        (dict(user_id=["a", "b"], item_id=["x", "y"], timestamp=[1, 2], label=[0, 1], w=[1, -2]),
+         {"columns": {"user": "user_id", "item": "item_id", "timestamp": "timestamp", "label": "label", "weight": "w"}},
+         ["'w'", "row 2"]),
+    ],
+)
+def test_bad_input_names_file_column_row(tmp_path, frame, kw, expect):
+    p = tmp_path / "log.csv"
+    pd.DataFrame(frame).to_csv(p, index=False)
+    with pytest.raises(DataPrepError) as err:
+        read_input(generic_input(p, **kw))
+    for text in expect:
+        assert text in str(err.value)
+
+
+def test_metadata_unknown_item_and_duplicates(tmp_path):
+    p = tmp_path / "log.csv"
+    pd.DataFrame(dict(user_id=["a", "b"], item_id=["x", "y"], timestamp=[1, 2], label=[0, 1])).to_csv(p, index=False)
+    meta = tmp_path / "items.csv"
+    pd.DataFrame({"item_id": ["x", "y", "ghost"], "name": ["X", "Y", "G"]}).to_csv(meta, index=False)
+    items = {"path": str(meta), "unknown_ids": "error", "columns": {"item": "item_id", "title": "name"}}
+    with pytest.raises(DataPrepError, match=r"items\.csv, column 'item_id', row 3: item id 'ghost'"):
+        read_input(generic_input(p, items=items))
+    res = read_input(generic_input(p, items=dict(items, unknown_ids="drop")))
+    assert res.items["item_id"].tolist() == ["x", "y"]
+    pd.DataFrame({"item_id": ["x", "x"], "name": ["X", "Y"]}).to_csv(meta, index=False)
+    with pytest.raises(DataPrepError, match="row 2: duplicate item id 'x'"):
+        read_input(generic_input(p, items=items))
+    with pytest.raises(DataPrepError, match="column 'title_typo'"):
+        read_input(generic_input(p, items=dict(items, columns={"item": "item_id", "title": "title_typo"})))
+
+
+def test_missing_file():
+    with pytest.raises(DataPrepError, match="file not found"):
+        read_input(generic_input("/nonexistent/log.csv"))
+
+
+def test_days_in_half_hour_timezone(tmp_path):
+    from data_prep.readers import days_from_ts
+
+    # 18:29 and 18:31 UTC on Jan 1 are 23:59 on Jan 1 and 00:01 on Jan 2 in Asia/Kolkata (UTC+5:30)
+    t = [ms(1, 0) + (18 * 60 + 29) * 60_000, ms(1, 0) + (18 * 60 + 31) * 60_000]
+    assert days_from_ts(t, "Asia/Kolkata").tolist() == [20240101, 20240102]
+    assert days_from_ts(t, "UTC").tolist() == [20240101, 20240101]
+
+
+def test_bad_day_column_names_row(tmp_path):
+    p = tmp_path / "log.csv"
+    pd.DataFrame(dict(user_id=["a", "b", "c"], item_id=["x", "y", "z"], timestamp=[1, 2, 3], label=[0, 1, 0],
+                      date=[20240101, 20240101, 20241341])).to_csv(p, index=False)
+    cols = {"user": "user_id", "item": "item_id", "timestamp": "timestamp", "label": "label", "day": "date"}
+    with pytest.raises(DataPrepError, match=r"column 'date', row 3: day must be YYYYMMDD, got 20241341"):
+        read_input(generic_input(p, columns=cols))
