@@ -1,0 +1,246 @@
+"""Build the tiny model/tokenizer the tests and the CPU recipes use, or add SID tokens to any HF model.
+
+Two entry points:
+
+* :func:`save_tiny_model` -- a randomly initialised Qwen3 causal LM (a few layers) and a
+  tokenizer that knows every semantic-ID token (``<a_0>`` ...), the prompt words, a chat
+  template, and encodes ``"\\n"`` as one token. Saved as a normal Hugging Face folder, loadable by
+  ``AutoTokenizer`` / ``AutoModelForCausalLM`` and therefore by verl.
+* :func:`extend_model_with_sid_tokens` -- take any existing HF model folder (e.g. a user's Qwen3
+  checkpoint), add the SID tokens and resize the embeddings.
+
+Nothing is downloaded. The tokenizer is a byte-level BPE trained here on the prompt texts, so no
+input can be silently dropped (every byte has a token); SID and chat tokens are added tokens.
+transformers 5.x rebuilds tokenizers of ``qwen2``/``qwen3`` model types as a byte-level BPE
+``Qwen2Tokenizer`` regardless of ``tokenizer_class`` -- which is exactly what this tokenizer is, so
+the round trip through ``AutoTokenizer.from_pretrained`` is lossless (a test asserts it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from conrec_verl.core.prompts import vocabulary_corpus
+from conrec_verl.core.sid import Codebook, all_sid_tokens
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
+
+
+class MissingSidTokensError(ValueError):
+    """A tokenizer/model folder lacks the semantic-ID tokens a codebook needs."""
+
+
+def _training_corpus(extra_texts: Iterable[str]) -> list[str]:
+    base = vocabulary_corpus()
+    # digits, punctuation and common words so free text (titles, numbers) tokenises compactly
+    base += ["0 1 2 3 4 5 6 7 8 9 10 100 1000", "A B C D E F G H I J K L M N O P Q R S T U V W X Y Z",
+             "a b c d e f g h i j k l m n o p q r s t u v w x y z", ". , : ; ! ? ( ) [ ] - ' \" / &",
+             "user assistant system item items title"]
+    return base + [t for t in extra_texts if isinstance(t, str) and t]
+
+
+def build_tokenizer(sid_sizes: Sequence[int], extra_texts: Iterable[str] = (), vocab_size: int = 1024):
+    """A ``PreTrainedTokenizerFast`` with byte-level BPE + SID tokens + chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = _training_corpus(extra_texts)
+    # repeat the fixed prompt texts so their words become single tokens
+    tok.train_from_iterator(corpus * 4, trainer=trainer)
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in all_sid_tokens(sid_sizes)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.model_max_length = 4096
+    return fast
+
+
+def build_tiny_model(tokenizer, num_layers: int = 2, hidden_size: int = 64, num_heads: int = 4,
+                     intermediate_size: int = 128, seed: int = 0):
+    """A randomly initialised Qwen3 causal LM sized for CPU tests."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+        eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
+        pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+        torch_dtype="float32",
+    )
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _atomic_save_dir(out_dir: Path, write) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        write(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def save_tiny_model(out_dir: str | os.PathLike, sid_sizes: Sequence[int], extra_texts: Iterable[str] = (),
+                    num_layers: int = 2, hidden_size: int = 64, seed: int = 0) -> Path:
+    """Build and save the tiny model + tokenizer as one HF folder (atomically)."""
+    tokenizer = build_tokenizer(sid_sizes, extra_texts)
+    model = build_tiny_model(tokenizer, num_layers=num_layers, hidden_size=hidden_size, seed=seed)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    def write(tmp: Path):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "conrec_sid.json").write_text(json.dumps({"sid_sizes": list(map(int, sid_sizes))}))
+
+    return _atomic_save_dir(Path(out_dir), write)
+
+
+def missing_sid_tokens(tokenizer, sid_sizes: Sequence[int]) -> list[str]:
+    """SID tokens that ``tokenizer`` does not encode as one known token."""
+    vocab = tokenizer.get_vocab()
+    return [t for t in all_sid_tokens(sid_sizes) if t not in vocab]
+
+
+def check_sid_tokens(tokenizer, sid_sizes: Sequence[int], where: str = "tokenizer") -> None:
+    """Raise :class:`MissingSidTokensError` naming what is missing and how to fix it."""
+    missing = missing_sid_tokens(tokenizer, sid_sizes)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise MissingSidTokensError(
+            f"{where} lacks {len(missing)} of {sum(sid_sizes)} semantic-ID tokens for codebook sizes "
+            f"{list(sid_sizes)} (e.g. {shown}). Add them with "
+            f"`python -m conrec_verl.model_builder extend --model <path> --sid-sizes "
+            f"{','.join(map(str, sid_sizes))} --out <new folder>`."
+        )
+
+
+def extend_model_with_sid_tokens(model_path: str | os.PathLike, out_dir: str | os.PathLike,
+                                 sid_sizes: Sequence[int]) -> Path:
+    """Copy an HF model folder, adding the SID tokens and resizing the embeddings.
+
+    New embedding rows are initialised to the mean of the existing ones (transformers' default).
+    """
+    from tokenizers import AddedToken
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(model_path).exists():
+        raise FileNotFoundError(f"model folder not found: {model_path}")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    missing = missing_sid_tokens(tokenizer, sid_sizes)
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in missing])
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+
+    def write(tmp: Path):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "conrec_sid.json").write_text(json.dumps({"sid_sizes": list(map(int, sid_sizes))}))
+
+    return _atomic_save_dir(Path(out_dir), write)
+
+
+def _sizes_arg(value: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--sid-sizes must look like 32,32,32; got {value!r}") from exc
+    if not sizes or any(s <= 0 for s in sizes):
+        raise argparse.ArgumentTypeError(f"--sid-sizes must be positive integers; got {value!r}")
+    return sizes
+
+
+def _texts_from_data_dir(data_dir: Path) -> list[str]:
+    """User texts of the SFT sets in a data_prep folder (so titles tokenise compactly)."""
+    texts: list[str] = []
+    sft = data_dir / "sft"
+    if sft.is_dir():
+        import pyarrow.parquet as pq
+
+        for f in sorted(sft.glob("*.parquet")):
+            table = pq.read_table(f, columns=["messages"])
+            for messages in table.column("messages").to_pylist()[:20000]:
+                texts.extend(m["content"] for m in messages if m.get("content"))
+    return texts
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="conrec-model", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd")
+    tiny = sub.add_parser("tiny", help="build a tiny random Qwen3 + tokenizer with SID tokens")
+    tiny.add_argument("--out", required=True)
+    group = tiny.add_mutually_exclusive_group(required=True)
+    group.add_argument("--sid-sizes", type=_sizes_arg, help="codebook sizes per level, e.g. 32,32,32")
+    group.add_argument("--data-dir", type=Path, help="a data_prep folder: sizes from its codebook, words from its texts")
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--hidden", type=int, default=64)
+    tiny.add_argument("--seed", type=int, default=0)
+    ext = sub.add_parser("extend", help="add SID tokens to an existing HF model folder")
+    ext.add_argument("--model", required=True)
+    ext.add_argument("--out", required=True)
+    ext.add_argument("--sid-sizes", type=_sizes_arg, required=True)
+    args = parser.parse_args(argv)
+    if args.cmd == "tiny":
+        texts: list[str] = []
+        sizes = args.sid_sizes
+        if args.data_dir is not None:
+            book_path = args.data_dir / "codebook.npz"
+            sizes = list(Codebook.load(book_path).sizes)
+            texts = _texts_from_data_dir(args.data_dir)
+        out = save_tiny_model(args.out, sizes, texts, num_layers=args.layers, hidden_size=args.hidden, seed=args.seed)
+        print(f"tiny model with SID sizes {sizes} written to {out}")
+    elif args.cmd == "extend":
+        out = extend_model_with_sid_tokens(args.model, args.out, args.sid_sizes)
+        print(f"{args.model} + SID tokens {args.sid_sizes} written to {out}")
+    else:
+        parser.print_help()
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()
