@@ -9,7 +9,7 @@ The output is scanned with :func:`conrec_verl.core.sid.scan_sid_spans`. In the d
 ``"first"`` the *first complete* SID (exactly ``codebook.num_levels`` consecutive level tokens)
 whose codes are inside the codebook counts; surrounding text, whitespace between tokens, partial
 SIDs and any later SIDs are ignored. In parse mode ``"strict"`` the whole output (stripped) must be
-exactly one SID. Anything else -- no complete SID, codes out of range, non-string input -- is
+exactly one SID. Tokens must be canonical (``<b_7>``, not ``<b_07>``). Anything else -- no complete SID, codes out of range, non-string input -- is
 *invalid* and gets the format penalty.
 
 Reward variants (``RewardConfig.variant``)
@@ -199,6 +199,11 @@ def _sid_list(value: Any) -> list[str]:
         return []
 
 
+def _canonical(text: str, codes: Codes) -> bool:
+    """Whether ``text`` spells ``codes`` with the tokens a model can emit (no ``<b_007>``)."""
+    return "".join(text.split()) == format_sid(codes)
+
+
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
@@ -261,9 +266,11 @@ class Scorer:
                 return None
             if self.config.parse_mode == "strict":
                 codes = parse_sid(text.strip())
-                return codes if codes is not None and self._valid(codes) else None
+                ok = codes is not None and self._valid(codes) and _canonical(text, codes)
+                return codes if ok else None
             for span in scan_sid_spans(text):
-                if len(span.codes) == self.num_levels and self._valid(span.codes):
+                if (len(span.codes) == self.num_levels and self._valid(span.codes)
+                        and _canonical(text[span.start:span.end], span.codes)):
                     return span.codes
             return None
         except Exception:  # noqa: BLE001 - the reward must never raise on model text

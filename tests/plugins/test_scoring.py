@@ -105,6 +105,8 @@ def test_parsing_first_complete_sid_counts():
     # four levels is not a 3-level SID
     assert scorer.parse_output("<a_1><b_2><c_3><d_4>") is None
     assert scorer.parse_output("garbage") is None
+    # non-canonical spelling is not a token the model can emit
+    assert scorer.parse_output("<a_0><b_00><c_0> <a_1><b_2><c_3>") == (1, 2, 3)
     assert scorer.parse_output(None) is None
     strict = Scorer(BOOK, RewardConfig(parse_mode="strict"))
     assert strict.parse_output("  <a_1><b_2><c_3>\n") == (1, 2, 3)
