@@ -15,8 +15,9 @@ Per trajectory it decodes the response, takes the SID that counts (see
 :mod:`conrec_verl.core.scoring`), scores it against ``reward_model.ground_truth`` (GTS = future_neg
 ∪ swing, FPS = future_pos) and returns ``{"reward_score", "reward_extra_info"}``; verl puts the score
 on the last response token. ``reward_extra_info`` (logged by verl): ``valid_sid``, ``exact_hit``
-(also as ``acc``), ``prefix_depth``, ``sim_gts``, ``sim_fps`` and ``stage`` (the progressive stage
-the prompt was rendered for; 0 if unknown).
+(also as ``acc``), ``prefix_depth``, ``sim_gts``, ``sim_fps`` and ``stage`` (the prompt context 1..3 the row
+was rendered for: ``extra_info.stage`` written by the dataset adapter, else the context of the
+schedule's stage at ``global_steps``; 0 if unknown).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class ConrecRewardManager(RewardManagerBase):
         step = item.non_tensor_batch.get("global_steps")
         if self.schedule is not None and step is not None:
             try:
-                return float(self.schedule.stage_at(int(step)).index)
+                return float(self.schedule.stage_at(int(step)).context)
             except (TypeError, ValueError):
                 pass
         return 0.0
