@@ -27,6 +27,7 @@ LOCATION_KEYS = ("codebook_path", "data_dir")
 VERL_CALL_KWARGS = ("reward_router_address", "reward_model_tokenizer")
 
 _CACHE: dict[tuple, Scorer] = {}
+_FAST: dict[tuple, Scorer] = {}  # raw reward_kwargs -> scorer (skips validation on every call)
 _LOCK = threading.Lock()
 
 
@@ -69,7 +70,15 @@ def compute_score(data_source: Any, solution_str: Any, ground_truth: Any, extra_
     manager logs every key. Never raises on ``solution_str``."""
     for name in VERL_CALL_KWARGS:
         kwargs.pop(name, None)
-    scorer = get_scorer(kwargs, where="reward.custom_reward_function.reward_kwargs")
+    try:
+        fast_key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()))
+        scorer = _FAST.get(fast_key)
+    except TypeError:  # unhashable option value: take the validated path
+        fast_key, scorer = None, None
+    if scorer is None:
+        scorer = get_scorer(kwargs, where="reward.custom_reward_function.reward_kwargs")
+        if fast_key is not None:
+            _FAST[fast_key] = scorer
     result = scorer.score(solution_str, ground_truth)
     info = result.as_extra_info()
     return {"score": float(result.reward), "acc": info["exact_hit"], **info}

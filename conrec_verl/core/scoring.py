@@ -36,13 +36,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from conrec_verl.core.sid import Codebook, Codes, format_sid, parse_sid, scan_sid_spans
+from conrec_verl.core.sid import LEVEL_LETTERS, Codebook, Codes, format_sid, parse_sid, scan_sid_spans
 
 VARIANTS = ("collab", "neg_only", "neg_truncated", "double_truncated", "hierarchical")
 PARSE_MODES = ("first", "strict")
@@ -169,6 +170,16 @@ class Targets:
     gts_unit: np.ndarray  # (len(gts), dim)
     fps_unit: np.ndarray  # (len(fps), dim)
     n_invalid: int = 0  # SID strings in the ground truth that did not parse / fit the codebook
+    #: ``[gts_unit; fps_unit]`` stacked, so one product gives both similarity sets
+    stacked: np.ndarray | None = None
+    #: ``prefixes[d-1]`` = the set of every GTS item's first ``d`` codes (prefix depth by lookup)
+    prefixes: tuple[frozenset, ...] = ()
+
+    def best_prefix_depth(self, codes: Codes) -> int:
+        for depth in range(len(self.prefixes), 0, -1):
+            if codes[:depth] in self.prefixes[depth - 1]:
+                return depth
+        return 0
 
 
 def parse_ground_truth(ground_truth: str | Mapping[str, Any]) -> dict:
@@ -257,6 +268,10 @@ class Scorer:
         self._cache_size = int(cache_size)
         self._gt_cache: OrderedDict = OrderedDict()
         self._emb_cache: OrderedDict = OrderedDict()
+        self._codewords = codebook.codewords
+        # fast path for canonical SID text (the usual model output and every data-file SID)
+        self._exact_re = re.compile("".join(f"<{LEVEL_LETTERS[lv]}_(0|[1-9][0-9]{{0,6}})>"
+                                            for lv in range(self.num_levels)))
 
     # -- parsing --------------------------------------------------------------------------------
     def parse_output(self, text: Any) -> Codes | None:
@@ -264,6 +279,10 @@ class Scorer:
         try:
             if not isinstance(text, str):
                 return None
+            m = self._exact_re.fullmatch(text)
+            if m is not None:
+                codes = tuple(int(g) for g in m.groups())
+                return codes if self._valid(codes) else None
             if self.config.parse_mode == "strict":
                 codes = parse_sid(text.strip())
                 ok = codes is not None and self._valid(codes) and _canonical(text, codes)
@@ -277,18 +296,37 @@ class Scorer:
             return None
 
     def _valid(self, codes: Codes) -> bool:
-        return len(codes) == self.num_levels and all(0 <= c < s for c, s in zip(codes, self._sizes))
+        if len(codes) != self.num_levels:
+            return False
+        for c, size in zip(codes, self._sizes):
+            if c < 0 or c >= size:
+                return False
+        return True
 
     # -- embeddings -----------------------------------------------------------------------------
     def unit_embedding(self, codes: Codes) -> np.ndarray:
+        """Unit-normalised reconstructed embedding of valid ``codes`` (zero vector if the sum is 0)."""
         cached = self._emb_cache.get(codes)
         if cached is not None:
             return cached
-        emb = self.codebook.embed(codes)
-        norm = float(np.linalg.norm(emb))
-        unit = emb / norm if norm > 0 else np.zeros_like(emb)
+        cw = self._codewords
+        emb = cw[0][codes[0]].copy()
+        for level in range(1, self.num_levels):
+            emb += cw[level][codes[level]]
+        norm = math.sqrt(float(emb @ emb))
+        unit = emb / norm if norm > 0 else emb * 0.0
         self._remember(self._emb_cache, codes, unit)
         return unit
+
+    def _format(self, codes: Codes) -> str:
+        return "".join([f"<{letter}_{c}>" for letter, c in zip(LEVEL_LETTERS, codes)])
+
+    def _sid_codes(self, s: Any) -> Codes | None:
+        if not isinstance(s, str):
+            return None
+        m = self._exact_re.fullmatch(s)
+        codes = tuple(int(g) for g in m.groups()) if m is not None else parse_sid(s)
+        return codes if codes is not None and self._valid(codes) else None
 
     def _remember(self, cache: OrderedDict, key, value) -> None:
         cache[key] = value
@@ -305,19 +343,23 @@ class Scorer:
         gt = parse_ground_truth(ground_truth)
         n_invalid = 0
 
+        fullmatch = self._exact_re.fullmatch
+        valid = self._valid
+
         def codes_of(names: Sequence[str]) -> tuple[Codes, ...]:
             nonlocal n_invalid
-            out: list[Codes] = []
-            seen = set()
+            out: dict[Codes, None] = {}  # ordered set
             for name in names:
                 for s in _sid_list(gt.get(name)):
-                    codes = parse_sid(s)
-                    if codes is None or not self._valid(codes):
+                    m = fullmatch(s)
+                    if m is not None:
+                        codes = tuple(map(int, m.groups()))
+                    else:
+                        codes = parse_sid(s)
+                    if codes is None or not valid(codes):
                         n_invalid += 1
                         continue
-                    if codes not in seen:
-                        seen.add(codes)
-                        out.append(codes)
+                    out[codes] = None
             return tuple(out)
 
         gts = codes_of(("future_neg", "swing"))
@@ -327,9 +369,16 @@ class Scorer:
         def unit(codes: tuple[Codes, ...]) -> np.ndarray:
             if not codes:
                 return np.zeros((0, dim), dtype=np.float32)
-            return _unit_rows(self.codebook.embed_many(np.asarray(codes, dtype=np.int64)))
+            arr = np.asarray(codes, dtype=np.int64)
+            emb = self._codewords[0][arr[:, 0]].copy()
+            for level in range(1, self.num_levels):
+                emb += self._codewords[level][arr[:, level]]
+            return _unit_rows(emb)
 
-        targets = Targets(gts, fps, unit(gts), unit(fps), n_invalid)
+        gts_unit, fps_unit = unit(gts), unit(fps)
+        prefixes = tuple(frozenset(c[:d] for c in gts) for d in range(1, self.num_levels + 1))
+        targets = Targets(gts, fps, gts_unit, fps_unit, n_invalid,
+                          stacked=np.ascontiguousarray(np.vstack([gts_unit, fps_unit])), prefixes=prefixes)
         if key is not None:
             self._remember(self._gt_cache, key, targets)
         return targets
@@ -339,13 +388,19 @@ class Scorer:
         if codes is None:
             return ScoreResult(reward=self._penalty, valid=False)
         u = self.unit_embedding(codes)
-        s_g = float(np.max(targets.gts_unit @ u)) if len(targets.gts) else 0.0
-        s_f = float(np.max(targets.fps_unit @ u)) if len(targets.fps) else 0.0
-        depth = best_prefix_depth(codes, targets.gts)
+        n_g, n_f = len(targets.gts), len(targets.fps)
+        if n_g or n_f:
+            sims = (targets.stacked @ u).tolist() if targets.stacked is not None else \
+                (targets.gts_unit @ u).tolist() + (targets.fps_unit @ u).tolist()
+            s_g = max(sims[:n_g]) if n_g else 0.0
+            s_f = max(sims[n_g:]) if n_f else 0.0
+        else:
+            s_g = s_f = 0.0
+        depth = targets.best_prefix_depth(codes) if targets.prefixes else best_prefix_depth(codes, targets.gts)
         hit = depth == self.num_levels
         reward = self._reward(s_g, s_f, depth)
         return ScoreResult(
-            reward=reward, valid=True, sid=format_sid(codes), exact_hit=hit, prefix_depth=depth,
+            reward=reward, valid=True, sid=self._format(codes), exact_hit=hit, prefix_depth=depth,
             sim_gts=s_g, sim_fps=s_f,
         )
 

@@ -133,6 +133,7 @@ def test_codebook_loaded_once_per_process(manager_for, monkeypatch):
     calls = []
     original = cs.Codebook.load
     monkeypatch.setattr(cs, "_CACHE", {})
+    monkeypatch.setattr(cs, "_FAST", {})
     monkeypatch.setattr(cs.Codebook, "load", classmethod(lambda cls, p: calls.append(p) or original(p)))
     ConrecRewardManager._class_initialized = False
     a = manager_for(variant="neg_only")
