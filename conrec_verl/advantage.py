@@ -24,9 +24,12 @@ advantages. For the stage of that step the estimator
    ``beta_stage``. An entropy bonus (``actor.entropy_coeff``, 0 by default) is rescaled the same
    way (effective coefficient ``entropy_coeff / c``).
 
-It prints one line when the stage changes. verl 0.9.1's v1 trainer passes the estimator no metrics
-dict; the stage is logged per sample as ``stage`` in the ``conrec`` reward manager's extra info,
-and :func:`stage_metrics` returns ``{"training/conrec_stage": k, ...}`` for a trainer hook.
+It prints one line when the stage changes. verl 0.9.1 passes the estimator no metrics dict, so
+the per-step metric comes from a trainer mode registered here with verl's v1 trainer registry:
+``trainer.v1.trainer_mode=conrec_sync`` is verl's ``sync`` trainer plus ``training/conrec_stage``
+(and ``training/conrec_beta``, ``training/conrec_adv_scale``, ``training/conrec_stage_context``)
+every step, and ``reward_extra/<key>/mean`` of the reward manager's extra info (which verl's v1
+trainer otherwise logs for validation only).
 """
 
 from __future__ import annotations
@@ -116,3 +119,63 @@ def compute_progressive_grpo_advantage(
         advantages = advantages * scale
         returns = returns * scale
     return advantages, returns
+
+
+# ---------------------------------------------------------------------------------------------
+# stage metric: a v1 trainer mode that logs the stage every step
+# ---------------------------------------------------------------------------------------------
+
+TRAINER_MODE = "conrec_sync"
+
+
+def progressive_stage_metrics(config: Any, step: int) -> dict[str, float]:
+    """:func:`stage_metrics` for a full trainer config; ``{}`` unless ``progressive_grpo`` is selected."""
+    algorithm = config.get("algorithm") if hasattr(config, "get") else None
+    if algorithm is None or algorithm.get("adv_estimator") != NAME:
+        return {}
+    return stage_metrics(schedule_from_algorithm_config(algorithm), int(step))
+
+
+def reward_extra_means(infos: list[dict]) -> dict[str, float]:
+    """``{"reward_extra/<key>/mean": mean}`` over the numeric values of per-sample extra-info dicts."""
+    sums: dict[str, list[float]] = {}
+    for info in infos:
+        for key, value in (info or {}).items():
+            if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+                sums.setdefault(key, []).append(float(value))
+            elif isinstance(value, (bool, np.bool_)):
+                sums.setdefault(key, []).append(float(value))
+    return {f"reward_extra/{k}/mean": float(np.mean(v)) for k, v in sums.items() if v}
+
+
+from verl.trainer.ppo.v1.trainer_base import register_trainer  # noqa: E402
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync  # noqa: E402
+
+
+@register_trainer(TRAINER_MODE)
+class ConrecSyncTrainer(PPOTrainerSync):
+    """verl's ``sync`` trainer that also logs ``training/conrec_stage`` (and beta, scale, context)
+    every step. verl gives an advantage estimator no metrics dict, so the per-step stage metric
+    needs a trainer hook; verl 0.9.1's v1 trainer registry is that hook
+    (``trainer.v1.trainer_mode=conrec_sync``)."""
+
+    def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
+        out = super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
+        metrics.update(progressive_stage_metrics(self.config, global_steps))
+        try:
+            metrics.update(self._reward_extra_metrics(batch))
+        except Exception as exc:  # noqa: BLE001 - logging must never stop training
+            logger.warning("conrec: could not aggregate reward extra info for metrics: %r", exc)
+        return out
+
+    def _reward_extra_metrics(self, batch) -> dict[str, float]:
+        """Means of the reward manager's per-sample ``reward_extra_info`` (verl's v1 trainer logs them
+        for validation only) as ``reward_extra/<key>/mean``."""
+        import transfer_queue as tq
+
+        non_padding = [not tag.get("is_padding", False) for tag in batch.tags]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
+        fields = list(data["extra_fields"])
+        return reward_extra_means(
+            [f.get("reward_extra_info", {}) if isinstance(f, dict) else {} for f, keep in zip(fields, non_padding)
+             if keep])

@@ -186,3 +186,41 @@ def test_stage_metrics():
     assert stage_metrics(s, 2)["training/conrec_stage"] == 1.0
     m = stage_metrics(s, 3)
     assert m["training/conrec_stage"] == 2.0 and m["training/conrec_adv_scale"] == pytest.approx(2.0)
+
+
+def test_conrec_sync_trainer_logs_the_stage_every_step(config, monkeypatch):
+    from verl.trainer.ppo.v1 import get_trainer_cls
+    from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+    from conrec_verl.advantage import ConrecSyncTrainer
+
+    assert get_trainer_cls("conrec_sync") is ConrecSyncTrainer
+    assert issubclass(ConrecSyncTrainer, PPOTrainerSync)
+    calls = []
+    monkeypatch.setattr(PPOTrainerSync, "_compute_metrics",
+                        lambda self, batch, metrics, timing_raw, global_steps, epoch: calls.append(global_steps))
+    import types
+
+    import transfer_queue as tq
+
+    infos = {f"k{i}": {"reward_extra_info": {"valid_sid": float(i % 2), "stage": 1.0}} for i in range(4)}
+    monkeypatch.setattr(tq, "kv_batch_get", lambda keys, partition_id, select_fields: {
+        "extra_fields": [infos[k] for k in keys]})
+    trainer = object.__new__(ConrecSyncTrainer)  # the metric hook only needs the config
+    trainer.config = config()
+    batch = types.SimpleNamespace(keys=list(infos), partition_id="train",
+                                  tags=[{}, {}, {}, {"is_padding": True}])
+    logged = []
+    for step in range(1, 8):
+        metrics = {}
+        trainer._compute_metrics(batch, metrics, {}, step, 0)
+        logged.append(metrics["training/conrec_stage"])
+        # the reward manager's extra info, averaged over the non-padding samples (0, 1, 0)
+        assert metrics["reward_extra/valid_sid/mean"] == pytest.approx(1 / 3)
+    assert calls == list(range(1, 8))
+    assert logged == [1.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0]
+    # another estimator: nothing added
+    trainer.config = config(extra=["algorithm.adv_estimator=grpo"])
+    metrics = {}
+    trainer._compute_metrics(batch, metrics, {}, 4, 0)
+    assert "training/conrec_stage" not in metrics
