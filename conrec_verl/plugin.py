@@ -5,6 +5,7 @@ Importing it registers everything conrec-verl adds to verl's registries:
 
 * platform ``cpu`` (``VERL_PLATFORM=cpu``) -- ``conrec_verl.runtime.cpu_platform``
 * rollout ``hf`` (``actor_rollout_ref.rollout.name=hf``) -- ``conrec_verl.runtime.hf_rollout``
+* pre-flight config checks before Ray starts -- ``conrec_verl.runtime.preflight``
 * reward manager ``conrec`` -- ``conrec_verl.reward_manager``
 * advantage estimator ``progressive_grpo`` -- ``conrec_verl.advantage``
 
@@ -25,9 +26,18 @@ logger = logging.getLogger("conrec_verl")
 REGISTERING_MODULES = (
     "conrec_verl.runtime.cpu_platform",
     "conrec_verl.runtime.hf_rollout",
+    "conrec_verl.runtime.preflight",
     "conrec_verl.reward_manager",
     "conrec_verl.advantage",
 )
+
+#: Names this package adds to verl's registries (checked by tests in a fresh interpreter).
+EXPECTED_NAMES = {
+    "platforms": ("cpu",),
+    "rollouts": ("hf",),
+    "adv_estimators": (),
+    "reward_managers": (),
+}
 
 _loaded = False
 

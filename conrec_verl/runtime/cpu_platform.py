@@ -1,0 +1,225 @@
+"""A CPU platform for verl 0.9.1 (``VERL_PLATFORM=cpu``).
+
+verl ships platforms for NVIDIA, Ascend and ROCm only. This one lets the stock trainers
+(``main_ppo``, ``sft_trainer``) run on a laptop or CI machine: device ``cpu``, collectives over
+``gloo``. It is an opt-in debugging / CI runtime; on GPUs keep verl's own platforms.
+
+Besides ``VERL_PLATFORM=cpu`` a CPU run needs ``VERL_ENGINE_DEVICE=cuda`` (verl's FSDP engine
+is registered for cuda/npu only; the override only picks the engine class, tensors stay on the
+CPU) -- :func:`cpu_env` returns the full set of variables, and the recipes set them.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import torch
+
+from verl.plugin.platform import PlatformBase, PlatformRegistry
+
+PLATFORM_NAME = "cpu"
+
+
+def cpu_env() -> dict[str, str]:
+    """Environment variables a CPU run of verl needs (set them before ``import verl``)."""
+    return {
+        "VERL_PLATFORM": PLATFORM_NAME,
+        "VERL_ENGINE_DEVICE": "cuda",
+        "TORCH_COMPILE_DISABLE": "1",
+        "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def _make_device_module() -> types.ModuleType:
+    """``torch.cpu`` plus the few ``torch.cuda``-style functions verl calls on a device module."""
+    module = types.ModuleType("conrec_verl_cpu_device")
+    for name in dir(torch.cpu):
+        if not name.startswith("__"):
+            setattr(module, name, getattr(torch.cpu, name))
+
+    def _zero(*_args, **_kwargs):
+        return 0
+
+    def _noop(*_args, **_kwargs):
+        return None
+
+    module.is_available = lambda: True
+    module.device_count = lambda: 1
+    module.current_device = lambda: torch.device("cpu")
+    module.set_device = _noop
+    module.synchronize = _noop
+    module.empty_cache = _noop
+    module.manual_seed = torch.manual_seed
+    module.manual_seed_all = torch.manual_seed
+    module.get_device_name = lambda *_a, **_k: "cpu"
+    module.get_device_capability = lambda *_a, **_k: (None, None)
+    module.memory_allocated = _zero
+    module.memory_reserved = _zero
+    module.max_memory_allocated = _zero
+    module.max_memory_reserved = _zero
+    module.reset_peak_memory_stats = _noop
+    module.mem_get_info = lambda *_a, **_k: (0, 0)
+    module.get_rng_state = torch.get_rng_state
+    module.set_rng_state = torch.set_rng_state
+    module.is_initialized = lambda: True
+    return module
+
+
+_DEVICE_MODULE = _make_device_module()
+
+
+@PlatformRegistry.register(platform=PLATFORM_NAME)
+class PlatformCPU(PlatformBase):
+    """verl platform backed by the host CPU (gloo collectives, no accelerator)."""
+
+    @property
+    def device_name(self) -> str:
+        return "cpu"
+
+    @property
+    def vendor_name(self) -> str:
+        return "cpu"
+
+    @property
+    def device_module(self) -> types.ModuleType:
+        return _DEVICE_MODULE
+
+    def is_available(self) -> bool:
+        return True
+
+    def is_platform_available(self, use_smi_check: bool = False) -> bool:
+        # Never auto-detected: a CPU run is always asked for explicitly with VERL_PLATFORM=cpu.
+        return False
+
+    def current_device(self):  # verl builds tensors with device=current_device()
+        return torch.device("cpu")
+
+    def device_count(self) -> int:
+        return 1
+
+    def set_device(self, device_index: int) -> None:
+        return None
+
+    def synchronize(self, device_index: Optional[int] = None) -> None:
+        return None
+
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def manual_seed_all(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def set_allocator_settings(self, settings: str) -> None:
+        return None
+
+    def empty_cache(self) -> None:
+        return None
+
+    def get_device_capability(self, device_index: int = 0) -> tuple[Optional[int], Optional[int]]:
+        return None, None
+
+    def communication_backend_name(self) -> str:
+        # verl's distributed helpers build "cpu:gloo,{device}:{backend}" = "cpu:gloo,cpu:gloo",
+        # which torch rejects (duplicate device type); _install_backend_normaliser collapses it.
+        return "gloo"
+
+    def visible_devices_envvar(self) -> str:
+        return "CONREC_VISIBLE_CPUS"
+
+    @contextmanager
+    def nvtx_range(self, msg: str):
+        yield
+
+    def profiler_start(self) -> None:
+        return None
+
+    def profiler_stop(self) -> None:
+        return None
+
+    def ray_resource_name(self) -> str:
+        # Resource pools always ask for accelerator bundles; CPU runs declare logical GPUs with
+        # ray_kwargs.ray_init.num_gpus (see recipes), so the bundles are satisfiable.
+        return "GPU"
+
+    def ray_resource_options(self, num_gpus: float) -> dict[str, Any]:
+        return {"num_gpus": num_gpus}
+
+    def ray_noset_envvars(self) -> list[str]:
+        return ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"]
+
+    def is_ipc_supported(self) -> bool:
+        return False
+
+    def cudart(self) -> Any:
+        return None
+
+
+def normalise_backend(backend):
+    """``"cpu:gloo,cpu:gloo"`` -> ``"cpu:gloo"``: drop repeated device types from a backend string."""
+    if not isinstance(backend, str) or "," not in backend:
+        return backend
+    seen: dict[str, str] = {}
+    for part in backend.split(","):
+        device, _, name = part.partition(":")
+        seen.setdefault(device.strip(), name.strip())
+    return ",".join(f"{d}:{b}" if b else d for d, b in seen.items())
+
+
+def _install_backend_normaliser() -> None:
+    """Wrap ``torch.distributed.init_process_group`` once so verl's backend string is accepted."""
+    import torch.distributed as dist
+
+    original = dist.init_process_group
+    if getattr(original, "_conrec_normalised", False):
+        return
+
+    def init_process_group(*args, **kwargs):
+        if "backend" in kwargs:
+            kwargs["backend"] = normalise_backend(kwargs["backend"])
+        elif args:
+            args = (normalise_backend(args[0]),) + tuple(args[1:])
+        return original(*args, **kwargs)
+
+    init_process_group._conrec_normalised = True
+    init_process_group.__wrapped__ = original
+    dist.init_process_group = init_process_group
+
+
+def _install_unpinned_cpu_offload() -> None:
+    """verl's FSDP2 engine gives forward-only models (the reference policy) a
+    ``CPUOffloadPolicy(pin_memory=True)``; pinning needs an accelerator. On the CPU platform the
+    parameters already live in host memory, so the policy is made to never pin."""
+    import sys
+
+    import torch.distributed.fsdp as fsdp
+
+    original = fsdp.CPUOffloadPolicy
+    if getattr(original, "_conrec_unpinned", False):
+        return
+
+    class UnpinnedCPUOffloadPolicy(original):
+        _conrec_unpinned = True
+
+        def __init__(self, pin_memory: bool = False):
+            super().__init__(pin_memory=False)
+
+    UnpinnedCPUOffloadPolicy.__name__ = original.__name__
+    fsdp.CPUOffloadPolicy = UnpinnedCPUOffloadPolicy
+    for name in ("verl.utils.fsdp_utils", "verl.workers.engine.fsdp.transformer_impl"):
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "CPUOffloadPolicy", None) is original:
+            module.CPUOffloadPolicy = UnpinnedCPUOffloadPolicy
+
+
+def install_cpu_patches() -> None:
+    """The two process-local adjustments a CPU run needs (idempotent)."""
+    _install_backend_normaliser()
+    _install_unpinned_cpu_offload()
+
+
+if os.environ.get("VERL_PLATFORM", "").strip().lower() == PLATFORM_NAME:
+    install_cpu_patches()

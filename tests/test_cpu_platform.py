@@ -1,0 +1,42 @@
+import torch
+
+from conrec_verl.runtime.cpu_platform import PlatformCPU, cpu_env, normalise_backend
+
+
+def test_backend_string_duplicates_are_collapsed():
+    assert normalise_backend("cpu:gloo,cpu:gloo") == "cpu:gloo"
+    assert normalise_backend("cpu:gloo,cuda:nccl") == "cpu:gloo,cuda:nccl"
+    assert normalise_backend("gloo") == "gloo"
+    assert normalise_backend(None) is None
+
+
+def test_platform_reports_cpu_and_is_never_autodetected():
+    p = PlatformCPU()
+    assert p.device_name == "cpu" and p.communication_backend_name() == "gloo"
+    assert p.current_device() == torch.device("cpu")
+    assert p.is_available() and not p.is_platform_available(use_smi_check=True)
+    mod = p.device_module
+    assert mod.get_device_name() == "cpu" and mod.device_count() == 1
+    assert mod.memory_allocated() == 0
+    assert p.ray_resource_options(1) == {"num_gpus": 1}
+
+
+def test_cpu_env_names_what_main_ppo_needs():
+    env = cpu_env()
+    assert env["VERL_PLATFORM"] == "cpu" and env["VERL_ENGINE_DEVICE"] == "cuda"
+
+
+def test_gloo_process_group_initialises_with_verls_backend_string(tmp_path):
+    """verl builds "cpu:gloo,{device}:{backend}"; with the patch it must initialise on CPU."""
+    import torch.distributed as dist
+
+    from conrec_verl.runtime.cpu_platform import _install_backend_normaliser
+
+    _install_backend_normaliser()
+    dist.init_process_group(backend="cpu:gloo,cpu:gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        t = torch.ones(3)
+        dist.all_reduce(t)
+        assert t.tolist() == [1.0, 1.0, 1.0]
+    finally:
+        dist.destroy_process_group()

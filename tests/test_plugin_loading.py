@@ -1,0 +1,57 @@
+"""verl swallows plugin import errors, so prove in a fresh interpreter that `import verl` alone
+makes every conrec name visible in verl's registries."""
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+PROBE = r"""
+import json, verl
+from verl.plugin.platform import PlatformRegistry
+from verl.workers.rollout.base import _ROLLOUT_REGISTRY
+from verl.workers.rollout.replica import RolloutReplicaRegistry
+from verl.trainer.ppo import core_algos
+import verl.experimental.reward_loop.reward_manager
+from verl.experimental.reward_loop.reward_manager import registry as rm_registry
+import verl.utils.device as device_utils
+print(json.dumps({
+    "platforms": list(PlatformRegistry.registered_names()),
+    "rollouts": sorted({name for name, _ in _ROLLOUT_REGISTRY}),
+    "replicas": sorted(RolloutReplicaRegistry._registry),
+    "adv_estimators": sorted(core_algos.ADV_ESTIMATOR_REGISTRY),
+    "reward_managers": sorted(rm_registry.REWARD_MANAGER),
+    "preflight": bool(getattr(device_utils.auto_set_device, "_conrec_preflight", False)),
+}))
+"""
+
+
+def _probe(env_extra=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
+    env.update(env_extra or {})
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=180,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_entry_point_is_declared():
+    names = {ep.name: ep.value for ep in entry_points(group="verl.plugins")}
+    assert names.get("conrec") == "conrec_verl.plugin"
+
+
+def test_fresh_import_of_verl_registers_everything():
+    seen = _probe()
+    assert "cpu" in seen["platforms"]
+    assert "hf" in seen["rollouts"] and "hf" in seen["replicas"]
+    assert seen["preflight"] is True
+    from conrec_verl.plugin import EXPECTED_NAMES
+
+    assert set(EXPECTED_NAMES["adv_estimators"]) <= set(seen["adv_estimators"])
+    assert set(EXPECTED_NAMES["reward_managers"]) <= set(seen["reward_managers"])
+
+
+def test_plugin_can_be_switched_off():
+    seen = _probe({"VERL_USE_EXTERNAL_PLUGINS": "none"})
+    assert "cpu" not in seen["platforms"] and "hf" not in seen["rollouts"]
