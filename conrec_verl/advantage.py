@@ -157,7 +157,19 @@ class ConrecSyncTrainer(PPOTrainerSync):
     """verl's ``sync`` trainer that also logs ``training/conrec_stage`` (and beta, scale, context)
     every step. verl gives an advantage estimator no metrics dict, so the per-step stage metric
     needs a trainer hook; verl 0.9.1's v1 trainer registry is that hook
-    (``trainer.v1.trainer_mode=conrec_sync``)."""
+    (``trainer.v1.trainer_mode=conrec_sync``).
+
+    verl's trainer branches on ``self.trainer_mode == "sync"`` (replay buffer, exact refill, weight
+    sync); this class reports ``"sync"`` so it behaves exactly like the ``sync`` trainer (and reads
+    ``trainer.v1.sync.*`` options)."""
+
+    @property
+    def trainer_mode(self) -> str:
+        return "sync"
+
+    @trainer_mode.setter
+    def trainer_mode(self, value: str) -> None:  # verl assigns config.trainer.v1.trainer_mode
+        pass
 
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         out = super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)

@@ -69,13 +69,6 @@ def _as_plain(obj: Any) -> Any:
     return obj
 
 
-DEFAULT_STAGES = (
-    {"context": 1, "steps": 1, "beta": None},
-    {"context": 2, "steps": 1, "beta": None},
-    {"context": 3, "steps": 1, "beta": None},
-)
-
-
 class StageSchedule:
     """Ordered stages over training steps."""
 
@@ -113,7 +106,10 @@ class StageSchedule:
         epsilon = float(cfg.get("epsilon", 1e-6) if cfg.get("epsilon") is not None else 1e-6)
         raw_stages = cfg.get("stages")
         if raw_stages is None:
-            raw_stages = list(DEFAULT_STAGES)
+            raise ScheduleError(
+                f"{where}.stages is required, e.g. [{{context: 1, steps: 100, beta: 0.001}}, "
+                "{context: 2, steps: 100, beta: 0.0005}, {context: 3, steps: 100, beta: 0.001}]"
+            )
         if not isinstance(raw_stages, list):
             raise ScheduleError(f"{where}.stages must be a list of stages, got {type(raw_stages).__name__}")
         stages: list[Stage] = []

@@ -207,6 +207,8 @@ def test_conrec_sync_trainer_logs_the_stage_every_step(config, monkeypatch):
     monkeypatch.setattr(tq, "kv_batch_get", lambda keys, partition_id, select_fields: {
         "extra_fields": [infos[k] for k in keys]})
     trainer = object.__new__(ConrecSyncTrainer)  # the metric hook only needs the config
+    trainer.trainer_mode = "conrec_sync"  # what verl's __init__ assigns ...
+    assert trainer.trainer_mode == "sync"  # ... and verl's `== "sync"` branches still see sync
     trainer.config = config()
     batch = types.SimpleNamespace(keys=list(infos), partition_id="train",
                                   tags=[{}, {}, {}, {"is_padding": True}])

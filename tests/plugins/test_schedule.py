@@ -44,6 +44,8 @@ def test_reads_omegaconf_with_interpolation():
 
 @pytest.mark.parametrize("bad,match", [
     ({"stages": []}, "at least one stage"),
+    ({}, "stages is required"),
+    (None, "stages is required"),
     ({"stages": [{"steps": 0}]}, r"stages\[0\].steps"),
     ({"stages": [{"steps": 2, "context": 4}]}, r"stages\[0\].context"),
     ({"stages": [{"steps": 2, "beta": -1}], "kl_ref": 1}, r"stages\[0\].beta"),
