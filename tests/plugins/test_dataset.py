@@ -208,3 +208,17 @@ def test_bad_rows_and_config_are_clear_errors(cfg_for, tokenizer, tmp_path):
         build(cfg_for("data.shuffle=true"), tokenizer)
     with pytest.raises(ConrecDataError, match="unknown key"):
         build(cfg_for("+data.conrec.stagee=1"), tokenizer)
+
+
+def test_tokenizer_without_chat_template_counts_plain_text(cfg_for, tokenizer, tmp_path):
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    ds = build(cfg_for("data.max_prompt_length=90", "+data.conrec.mode=fixed", "+data.conrec.stage=3"), plain)
+    text = ds[0]["raw_prompt"][0]["content"]
+    assert ds.prompt_length(text) == len(plain(text, add_special_tokens=False)["input_ids"]) <= 90
+    templated = build(cfg_for("data.max_prompt_length=90", "+data.conrec.mode=fixed", "+data.conrec.stage=3"),
+                      tokenizer)
+    # the chat template's tokens count against the budget: it keeps fewer history items
+    assert len(templated[0]["raw_prompt"][0]["content"]) < len(text)
