@@ -267,6 +267,11 @@ class ConrecSidDataset(RLHFDataset):
         row, stage, step = self.order.locate(item)
         return row, stage.context, stage.index, step
 
+    def __getstate__(self):
+        # RLHFDataset drops its rows when pickled (and re-reads them on resume); dataloader worker
+        # processes started with "spawn" would then have no rows. Ours are plain lists: keep them.
+        return self.__dict__.copy()
+
     def __len__(self):
         return len(self.order) if self.order is not None else len(self.dataframe)
 

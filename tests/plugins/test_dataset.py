@@ -222,3 +222,19 @@ def test_tokenizer_without_chat_template_counts_plain_text(cfg_for, tokenizer, t
                       tokenizer)
     # the chat template's tokens count against the budget: it keeps fewer history items
     assert len(templated[0]["raw_prompt"][0]["content"]) < len(text)
+
+
+def test_same_items_with_dataloader_worker_processes(cfg_for, tokenizer):
+    import pickle
+
+    cfg = cfg_for()
+    ds = build(cfg, tokenizer)
+    clone = pickle.loads(pickle.dumps(ds))  # what a "spawn" dataloader worker receives
+    assert [clone[i]["raw_prompt"] for i in range(len(ds))] == [ds[i]["raw_prompt"] for i in range(len(ds))]
+
+    def rows(num_workers):
+        loader = StatefulDataLoader(ds, batch_size=B, sampler=create_rl_sampler(cfg.data, ds), drop_last=True,
+                                    collate_fn=collate_fn, num_workers=num_workers)
+        return [[e["conrec_row"] for e in b["extra_info"]] for b in loader]
+
+    assert rows(2) == rows(0)
