@@ -94,6 +94,8 @@ class RewardConfig:
     hier_weights: tuple[float, ...] | None = None
     #: ``first`` (first complete in-range SID counts) or ``strict`` (output must be one SID)
     parse_mode: str = "first"
+    #: refuse ground truths whose ``sid_build`` differs from the codebook's fingerprint
+    check_sid_build: bool = True
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -341,6 +343,13 @@ class Scorer:
             if cached is not None:
                 return cached
         gt = parse_ground_truth(ground_truth)
+        build = gt.get("sid_build")
+        if self.config.check_sid_build and build and build != self.codebook.fingerprint:
+            raise GroundTruthError(
+                f"ground truth was built with SID build {build!r} but the codebook has fingerprint "
+                f"{self.codebook.fingerprint!r}: use the codebook.npz of the same data folder "
+                "(or set check_sid_build: false)"
+            )
         n_invalid = 0
 
         fullmatch = self._exact_re.fullmatch

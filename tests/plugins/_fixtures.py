@@ -26,7 +26,7 @@ def sid(*codes: int) -> str:
     return format_sid(codes)
 
 
-def ground_truth(future_neg=(), swing=(), future_pos=(), next_neg=None, as_json=True):
+def ground_truth(future_neg=(), swing=(), future_pos=(), next_neg=None, as_json=True, sid_build=None):
     gt = {
         "future_neg": list(future_neg),
         "swing": list(swing),
@@ -34,7 +34,7 @@ def ground_truth(future_neg=(), swing=(), future_pos=(), next_neg=None, as_json=
         "next_neg": next_neg,
         "long_tail_items": [],
         "n_future_neg_cold": 0,
-        "sid_build": "test",
+        "sid_build": make_codebook().fingerprint if sid_build is None else sid_build,
     }
     return json.dumps(gt) if as_json else gt
 
@@ -57,7 +57,8 @@ def make_rl_rows(n: int, seed: int = 0, sizes=SIZES, hist_len=(2, 12)) -> list[d
             "ability": "negative_recommendation",
             "reward_model": {"style": "rule", "ground_truth": gt},
             "extra_info": {"split": "train", "index": i, "user_id": f"u{i}", "cutoff_day": 20220501,
-                           "stage": 2, "long_tail_user": False, "sid_build": "test"},
+                           "stage": 2, "long_tail_user": False,
+                           "sid_build": make_codebook().fingerprint},
             "hist_neg_recent": recent,
             "hist_neg": neg,
             "hist_pos": pos,

@@ -137,6 +137,14 @@ def test_ground_truth_as_dict_or_json_and_empty_sets():
     assert t.gts == ((1, 2, 3),) and t.fps == () and t.n_invalid == 2
 
 
+def test_ground_truth_of_another_sid_build_is_refused():
+    other = ground_truth([sid(1, 2, 3)], sid_build="0123456789abcdef")
+    with pytest.raises(GroundTruthError, match="SID build '0123456789abcdef' but the codebook has fingerprint"):
+        Scorer(BOOK).score(sid(1, 2, 3), other)
+    assert Scorer(BOOK, RewardConfig(check_sid_build=False)).score(sid(1, 2, 3), other).exact_hit
+    assert Scorer(BOOK).score(sid(1, 2, 3), ground_truth([sid(1, 2, 3)], sid_build="")).exact_hit
+
+
 def test_bad_ground_truth_is_a_clear_error():
     with pytest.raises(GroundTruthError, match="not valid JSON"):
         Scorer(BOOK).score(sid(1, 2, 3), "{not json")
