@@ -35,6 +35,7 @@ from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 from conrec_verl.compute_score import get_scorer
 from conrec_verl.core.schedule import StageSchedule
 from conrec_verl.core.scoring import Scorer
+from conrec_verl.core.sid import SID_TOKEN_RE
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,18 @@ class ConrecRewardManager(RewardManagerBase):
         self.schedule = _schedule_of(config)
         self.reward_router_address = reward_router_address
         self.reward_model_tokenizer = reward_model_tokenizer
+        # Decode keeping special tokens (a tokenizer may register the SID tokens as special ones,
+        # which skip_special_tokens=True would delete), then drop the non-SID special tokens.
+        specials = getattr(tokenizer, "all_special_tokens", None) or []
+        self._strip_tokens = sorted((t for t in specials if t and not SID_TOKEN_RE.fullmatch(t)), key=len,
+                                    reverse=True)
+
+    def decode(self, token_ids) -> str:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=False)
+        for token in self._strip_tokens:
+            if token in text:
+                text = text.replace(token, "")
+        return text
 
     @classmethod
     def init_class(cls, config: DictConfig, tokenizer: Any):
@@ -110,6 +123,6 @@ class ConrecRewardManager(RewardManagerBase):
         response_ids = item.batch["responses"]
         response_length = response_ids.shape[-1]
         valid_length = int(item.batch["attention_mask"][-response_length:].sum())
-        text = self.tokenizer.decode(response_ids[:valid_length], skip_special_tokens=True)
+        text = self.decode(response_ids[:valid_length])
         ground_truth = item.non_tensor_batch["reward_model"]["ground_truth"]
         return self.score_text(text, ground_truth, self._stage(item))

@@ -192,3 +192,20 @@ def test_manager_never_raises_on_any_token_ids(default_manager, tokenizer, ids):
     out = run(manager, data)
     assert math.isfinite(out["reward_score"])
     assert out["reward_extra_info"]["valid_sid"] in (0.0, 1.0)
+
+
+def test_sid_tokens_registered_as_special_tokens_still_count(compose, codebook_path):
+    from conrec_verl.core.sid import all_sid_tokens
+    from conrec_verl.model_builder import build_tokenizer
+
+    from ._fixtures import SIZES
+
+    tok = build_tokenizer(SIZES)
+    tok.add_special_tokens({"additional_special_tokens": all_sid_tokens(SIZES)})
+    ids = tok(sid(1, 2, 3), add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True).strip() == ""  # what a naive decode would score
+    config = compose(["reward.reward_manager.name=conrec", f"+reward.reward_kwargs.codebook_path={codebook_path}",
+                      "+reward.reward_kwargs.parse_mode=strict"])
+    manager = load_reward_manager(config, tok)
+    out = run(manager, one_row(tok, sid(1, 2, 3)))  # the response ends with <|im_end|>
+    assert out["reward_extra_info"]["valid_sid"] == 1.0 and out["reward_extra_info"]["exact_hit"] == 1.0
