@@ -2,13 +2,51 @@
 
 Shared by the ``conrec`` reward manager, the plain ``compute_score`` function and the evaluation
 metrics, so training reward and evaluation cannot drift.
+
+Which SID in a model output counts
+----------------------------------
+The output is scanned with :func:`conrec_verl.core.sid.scan_sid_spans`. In the default parse mode
+``"first"`` the *first complete* SID (exactly ``codebook.num_levels`` consecutive level tokens)
+whose codes are inside the codebook counts; surrounding text, whitespace between tokens, partial
+SIDs and any later SIDs are ignored. In parse mode ``"strict"`` the whole output (stripped) must be
+exactly one SID. Tokens must be canonical (``<b_7>``, not ``<b_07>``). Anything else -- no complete SID, codes out of range, non-string input -- is
+*invalid* and gets the format penalty.
+
+Reward variants (``RewardConfig.variant``)
+------------------------------------------
+With ``s_g = max cos(out, GTS)`` and ``s_f = max cos(out, FPS)`` over codebook-reconstructed
+embeddings (an empty set contributes 0) and ``t = sim_threshold``:
+
+============== ==================================================  ==============
+variant         reward                                              paper
+============== ==================================================  ==============
+collab          ``s_g - gamma * s_f``   (default, the final choice)  (c)
+neg_only        ``s_g``                                              (a)
+neg_truncated   ``s_g if s_g >= t else 0``                           (b)
+double_truncated ``[s_g]_t - gamma * [s_f]_t``, ``[x]_t = x if x >= t else 0``  (d)
+hierarchical    ``hier_weights[d-1]`` for the deepest prefix ``d`` shared with a GTS item,
+                0 if none (default weights 0.01 / 0.1 / 1 for 3 levels)  (e)
+============== ==================================================  ==============
+
+The format penalty defaults to ``lower_bound(variant) - 0.5`` (``-2.0`` for ``collab`` with
+``gamma=0.5``) so that any valid SID always scores above garbage; set it explicitly to override.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import json
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Sequence
 
-from conrec_verl.core.sid import Codes
+import numpy as np
+
+from conrec_verl.core.sid import LEVEL_LETTERS, Codebook, Codes, format_sid, parse_sid, scan_sid_spans
+
+VARIANTS = ("collab", "neg_only", "neg_truncated", "double_truncated", "hierarchical")
+PARSE_MODES = ("first", "strict")
 
 
 def prefix_depth(a: Sequence[int], b: Sequence[int]) -> int:
@@ -30,3 +68,374 @@ def exact_hit(pred: Codes, targets: Sequence[Codes]) -> bool:
     """Whether ``pred`` is exactly one of ``targets``."""
     pred = tuple(int(c) for c in pred)
     return any(pred == tuple(int(c) for c in t) for t in targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------
+
+
+class ScoringConfigError(ValueError):
+    """A reward/scoring option has an invalid value."""
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Options of the CoNRec reward; the keys of ``reward.reward_kwargs`` (minus ``codebook_path``)."""
+
+    variant: str = "collab"
+    #: weight of the future-positive penalty (paper: [gap]; 0.5 keeps the negative term dominant)
+    gamma: float = 0.5
+    #: similarity truncation threshold of the truncated variants (paper: 0.6)
+    sim_threshold: float = 0.6
+    #: reward of an invalid output; ``None`` = ``lower_bound(variant) - 0.5``
+    format_penalty: float | None = None
+    #: reward per prefix depth 1..L for ``hierarchical``; ``None`` = ``10 ** -(L - d)``
+    hier_weights: tuple[float, ...] | None = None
+    #: ``first`` (first complete in-range SID counts) or ``strict`` (output must be one SID)
+    parse_mode: str = "first"
+    #: refuse ground truths whose ``sid_build`` differs from the codebook's fingerprint
+    check_sid_build: bool = True
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ScoringConfigError(f"reward variant {self.variant!r} unknown; choose one of {VARIANTS}")
+        if self.parse_mode not in PARSE_MODES:
+            raise ScoringConfigError(f"parse_mode {self.parse_mode!r} unknown; choose one of {PARSE_MODES}")
+        for name in ("gamma", "sim_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ScoringConfigError(f"{name} must be a finite number, got {value!r}")
+        if self.gamma < 0:
+            raise ScoringConfigError(f"gamma must be >= 0, got {self.gamma}")
+        if self.format_penalty is not None and not math.isfinite(float(self.format_penalty)):
+            raise ScoringConfigError(f"format_penalty must be finite, got {self.format_penalty!r}")
+        if self.hier_weights is not None:
+            object.__setattr__(self, "hier_weights", tuple(float(w) for w in self.hier_weights))
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | None, ignore: Sequence[str] = ()) -> "RewardConfig":
+        """Build from a dict / DictConfig; unknown keys (other than ``ignore``) are an error."""
+        options = dict(options or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in options if k not in known and k not in ignore)
+        if unknown:
+            raise ScoringConfigError(f"unknown reward option(s) {unknown}; known: {sorted(known | set(ignore))}")
+        kwargs = {k: v for k, v in options.items() if k in known}
+        if kwargs.get("hier_weights") is not None:
+            kwargs["hier_weights"] = tuple(kwargs["hier_weights"])
+        for key in ("gamma", "sim_threshold"):
+            if key in kwargs and kwargs[key] is not None:
+                kwargs[key] = float(kwargs[key])
+        return cls(**kwargs)
+
+    def lower_bound(self) -> float:
+        """The lowest reward a valid SID can get under this variant."""
+        return {
+            "collab": -1.0 - self.gamma,
+            "neg_only": -1.0,
+            "neg_truncated": 0.0,
+            "double_truncated": -self.gamma,
+            "hierarchical": 0.0,
+        }[self.variant]
+
+    def effective_format_penalty(self) -> float:
+        if self.format_penalty is not None:
+            return float(self.format_penalty)
+        return self.lower_bound() - 0.5
+
+    def effective_hier_weights(self, num_levels: int) -> tuple[float, ...]:
+        if self.hier_weights is None:
+            return tuple(10.0 ** -(num_levels - d) for d in range(1, num_levels + 1))
+        if len(self.hier_weights) != num_levels:
+            raise ScoringConfigError(
+                f"hier_weights has {len(self.hier_weights)} entries but the codebook has {num_levels} levels"
+            )
+        return self.hier_weights
+
+
+# ---------------------------------------------------------------------------------------------
+# ground truth
+# ---------------------------------------------------------------------------------------------
+
+
+class GroundTruthError(ValueError):
+    """A ``reward_model.ground_truth`` value cannot be read."""
+
+
+@dataclass(frozen=True)
+class Targets:
+    """GTS / FPS of one row, as codes and unit-normalised reconstructed embeddings."""
+
+    gts: tuple[Codes, ...]
+    fps: tuple[Codes, ...]
+    gts_unit: np.ndarray  # (len(gts), dim)
+    fps_unit: np.ndarray  # (len(fps), dim)
+    n_invalid: int = 0  # SID strings in the ground truth that did not parse / fit the codebook
+    #: ``[gts_unit; fps_unit]`` stacked, so one product gives both similarity sets
+    stacked: np.ndarray | None = None
+    #: ``prefixes[d-1]`` = the set of every GTS item's first ``d`` codes (prefix depth by lookup)
+    prefixes: tuple[frozenset, ...] = ()
+
+    def best_prefix_depth(self, codes: Codes) -> int:
+        for depth in range(len(self.prefixes), 0, -1):
+            if codes[:depth] in self.prefixes[depth - 1]:
+                return depth
+        return 0
+
+
+def parse_ground_truth(ground_truth: str | Mapping[str, Any]) -> dict:
+    """Accept the JSON string of the data contract or an already-parsed mapping."""
+    if isinstance(ground_truth, Mapping):
+        return dict(ground_truth)
+    if isinstance(ground_truth, (bytes, bytearray)):
+        ground_truth = ground_truth.decode("utf-8", errors="replace")
+    if not isinstance(ground_truth, str):
+        raise GroundTruthError(f"ground_truth must be a JSON string or a dict, got {type(ground_truth).__name__}")
+    try:
+        parsed = json.loads(ground_truth)
+    except json.JSONDecodeError as exc:
+        raise GroundTruthError(f"ground_truth is not valid JSON ({exc}): {ground_truth[:120]!r}") from exc
+    if not isinstance(parsed, dict):
+        raise GroundTruthError(f"ground_truth JSON must be an object, got {type(parsed).__name__}")
+    return parsed
+
+
+def _sid_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    try:
+        return [v for v in value if isinstance(v, str)]
+    except TypeError:
+        return []
+
+
+def _canonical(text: str, codes: Codes) -> bool:
+    """Whether ``text`` spells ``codes`` with the tokens a model can emit (no ``<b_007>``)."""
+    return "".join(text.split()) == format_sid(codes)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# result + scorer
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreResult:
+    """One scored response; ``as_extra_info`` is what verl logs per sample."""
+
+    reward: float
+    valid: bool
+    sid: str = ""
+    exact_hit: bool = False
+    prefix_depth: int = 0
+    sim_gts: float = 0.0
+    sim_fps: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def as_extra_info(self) -> dict:
+        """Flat scalars only (verl stacks them into numpy arrays): invalid rows report 0 similarities."""
+        return {
+            "valid_sid": float(self.valid),
+            "exact_hit": float(self.exact_hit),
+            "prefix_depth": float(self.prefix_depth),
+            "sim_gts": float(self.sim_gts),
+            "sim_fps": float(self.sim_fps),
+        }
+
+
+class Scorer:
+    """Scores model outputs against a row's ground truth with one codebook.
+
+    Thread-safe for reading; caches parsed ground truths and SID embeddings (LRU), because the
+    ``n`` rollouts of one prompt share the same ground truth string.
+    """
+
+    def __init__(self, codebook: Codebook, config: RewardConfig | None = None, cache_size: int = 4096):
+        self.codebook = codebook
+        self.config = config or RewardConfig()
+        self.num_levels = codebook.num_levels
+        self._sizes = codebook.sizes
+        self._penalty = self.config.effective_format_penalty()
+        self._hier = (
+            self.config.effective_hier_weights(self.num_levels) if self.config.variant == "hierarchical" else None
+        )
+        self._cache_size = int(cache_size)
+        self._gt_cache: OrderedDict = OrderedDict()
+        self._emb_cache: OrderedDict = OrderedDict()
+        self._codewords = codebook.codewords
+        # fast path for canonical SID text (the usual model output and every data-file SID)
+        self._exact_re = re.compile("".join(f"<{LEVEL_LETTERS[lv]}_(0|[1-9][0-9]{{0,6}})>"
+                                            for lv in range(self.num_levels)))
+
+    # -- parsing --------------------------------------------------------------------------------
+    def parse_output(self, text: Any) -> Codes | None:
+        """The SID that counts in ``text`` (see module docstring), or ``None``. Never raises."""
+        try:
+            if not isinstance(text, str):
+                return None
+            m = self._exact_re.fullmatch(text)
+            if m is not None:
+                codes = tuple(int(g) for g in m.groups())
+                return codes if self._valid(codes) else None
+            if self.config.parse_mode == "strict":
+                codes = parse_sid(text.strip())
+                ok = codes is not None and self._valid(codes) and _canonical(text, codes)
+                return codes if ok else None
+            for span in scan_sid_spans(text):
+                if (len(span.codes) == self.num_levels and self._valid(span.codes)
+                        and _canonical(text[span.start:span.end], span.codes)):
+                    return span.codes
+            return None
+        except Exception:  # noqa: BLE001 - the reward must never raise on model text
+            return None
+
+    def _valid(self, codes: Codes) -> bool:
+        if len(codes) != self.num_levels:
+            return False
+        for c, size in zip(codes, self._sizes):
+            if c < 0 or c >= size:
+                return False
+        return True
+
+    # -- embeddings -----------------------------------------------------------------------------
+    def unit_embedding(self, codes: Codes) -> np.ndarray:
+        """Unit-normalised reconstructed embedding of valid ``codes`` (zero vector if the sum is 0)."""
+        cached = self._emb_cache.get(codes)
+        if cached is not None:
+            return cached
+        cw = self._codewords
+        emb = cw[0][codes[0]].copy()
+        for level in range(1, self.num_levels):
+            emb += cw[level][codes[level]]
+        norm = math.sqrt(float(emb @ emb))
+        unit = emb / norm if norm > 0 else emb * 0.0
+        self._remember(self._emb_cache, codes, unit)
+        return unit
+
+    def _format(self, codes: Codes) -> str:
+        return "".join([f"<{letter}_{c}>" for letter, c in zip(LEVEL_LETTERS, codes)])
+
+    def _sid_codes(self, s: Any) -> Codes | None:
+        if not isinstance(s, str):
+            return None
+        m = self._exact_re.fullmatch(s)
+        codes = tuple(int(g) for g in m.groups()) if m is not None else parse_sid(s)
+        return codes if codes is not None and self._valid(codes) else None
+
+    def _remember(self, cache: OrderedDict, key, value) -> None:
+        cache[key] = value
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)
+
+    def targets(self, ground_truth: str | Mapping[str, Any]) -> Targets:
+        """GTS = future_neg ∪ swing, FPS = future_pos, parsed and embedded (cached per JSON string)."""
+        key = ground_truth if isinstance(ground_truth, str) else None
+        if key is not None:
+            cached = self._gt_cache.get(key)
+            if cached is not None:
+                return cached
+        gt = parse_ground_truth(ground_truth)
+        build = gt.get("sid_build")
+        if self.config.check_sid_build and build and build != self.codebook.fingerprint:
+            raise GroundTruthError(
+                f"ground truth was built with SID build {build!r} but the codebook has fingerprint "
+                f"{self.codebook.fingerprint!r}: use the codebook.npz of the same data folder "
+                "(or set check_sid_build: false)"
+            )
+        n_invalid = 0
+
+        fullmatch = self._exact_re.fullmatch
+        valid = self._valid
+
+        def codes_of(names: Sequence[str]) -> tuple[Codes, ...]:
+            nonlocal n_invalid
+            out: dict[Codes, None] = {}  # ordered set
+            for name in names:
+                for s in _sid_list(gt.get(name)):
+                    m = fullmatch(s)
+                    if m is not None:
+                        codes = tuple(map(int, m.groups()))
+                    else:
+                        codes = parse_sid(s)
+                    if codes is None or not valid(codes):
+                        n_invalid += 1
+                        continue
+                    out[codes] = None
+            return tuple(out)
+
+        gts = codes_of(("future_neg", "swing"))
+        fps = codes_of(("future_pos",))
+        dim = self.codebook.dim
+
+        def unit(codes: tuple[Codes, ...]) -> np.ndarray:
+            if not codes:
+                return np.zeros((0, dim), dtype=np.float32)
+            arr = np.asarray(codes, dtype=np.int64)
+            emb = self._codewords[0][arr[:, 0]].copy()
+            for level in range(1, self.num_levels):
+                emb += self._codewords[level][arr[:, level]]
+            return _unit_rows(emb)
+
+        gts_unit, fps_unit = unit(gts), unit(fps)
+        prefixes = tuple(frozenset(c[:d] for c in gts) for d in range(1, self.num_levels + 1))
+        targets = Targets(gts, fps, gts_unit, fps_unit, n_invalid,
+                          stacked=np.ascontiguousarray(np.vstack([gts_unit, fps_unit])), prefixes=prefixes)
+        if key is not None:
+            self._remember(self._gt_cache, key, targets)
+        return targets
+
+    # -- scoring --------------------------------------------------------------------------------
+    def score_codes(self, codes: Codes | None, targets: Targets) -> ScoreResult:
+        if codes is None:
+            return ScoreResult(reward=self._penalty, valid=False)
+        u = self.unit_embedding(codes)
+        n_g, n_f = len(targets.gts), len(targets.fps)
+        if n_g or n_f:
+            sims = (targets.stacked @ u).tolist() if targets.stacked is not None else \
+                (targets.gts_unit @ u).tolist() + (targets.fps_unit @ u).tolist()
+            s_g = max(sims[:n_g]) if n_g else 0.0
+            s_f = max(sims[n_g:]) if n_f else 0.0
+        else:
+            s_g = s_f = 0.0
+        depth = targets.best_prefix_depth(codes) if targets.prefixes else best_prefix_depth(codes, targets.gts)
+        hit = depth == self.num_levels
+        reward = self._reward(s_g, s_f, depth)
+        return ScoreResult(
+            reward=reward, valid=True, sid=self._format(codes), exact_hit=hit, prefix_depth=depth,
+            sim_gts=s_g, sim_fps=s_f,
+        )
+
+    def _reward(self, s_g: float, s_f: float, depth: int) -> float:
+        cfg = self.config
+        variant = cfg.variant
+        if variant == "collab":
+            return s_g - cfg.gamma * s_f
+        if variant == "neg_only":
+            return s_g
+        if variant == "neg_truncated":
+            return s_g if s_g >= cfg.sim_threshold else 0.0
+        if variant == "double_truncated":
+            pos = s_g if s_g >= cfg.sim_threshold else 0.0
+            neg = s_f if s_f >= cfg.sim_threshold else 0.0
+            return pos - cfg.gamma * neg
+        # hierarchical
+        return self._hier[depth - 1] if depth > 0 else 0.0
+
+    def score(self, text: Any, ground_truth: str | Mapping[str, Any]) -> ScoreResult:
+        """Score one output. Never raises on ``text``; raises :class:`GroundTruthError` on a bad
+        ground truth (that is a data bug, not a model output)."""
+        targets = self.targets(ground_truth)
+        return self.score_codes(self.parse_output(text), targets)
+
+    def score_many(self, texts: Sequence[Any], ground_truths: Sequence[str | Mapping[str, Any]]) -> list[ScoreResult]:
+        if len(texts) != len(ground_truths):
+            raise ValueError(f"{len(texts)} texts but {len(ground_truths)} ground truths")
+        return [self.score(t, g) for t, g in zip(texts, ground_truths)]

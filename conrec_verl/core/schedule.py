@@ -1,0 +1,235 @@
+"""The progressive-GRPO stage schedule (pure; no verl, no torch).
+
+One schedule object answers "which stage is training step ``s`` in?" for everything that needs it:
+the advantage estimator (per-stage KL weight and advantage normalisation), the dataset adapter
+(which prompt context to render for the rows of step ``s``) and the reward manager (the stage it
+logs). All of them read the same config block, ``algorithm.progressive_grpo``::
+
+    algorithm:
+      adv_estimator: progressive_grpo
+      progressive_grpo:
+        kl_ref: ${actor_rollout_ref.actor.kl_loss_coef}  # the fixed KL weight verl's actor applies
+        norm_adv_by_std: true       # default for stages that do not set it
+        epsilon: 1.0e-6
+        stages:                     # in order; `steps` = length of the stage in training steps
+          - {context: 1, steps: 100, beta: 1.0e-3}   # last-3-days negatives
+          - {context: 2, steps: 100, beta: 5.0e-4}   # all negatives
+          - {context: 3, steps: 100, beta: 1.0e-3}   # negatives + positives
+
+Steps are verl's ``global_steps`` (the first training step is 1). Stage ``k`` covers steps
+``start_k .. end_k`` (inclusive, ``start_1 = 1``); steps after the last stage stay in the last
+stage, steps < 1 (e.g. validation before training) belong to the first.
+
+Per-stage beta (the paper re-sets the KL coefficient per stage; values are a [gap]): verl's actor
+applies one fixed coefficient ``kl_ref`` to its KL loss. Scaling the group-normalised advantages by
+``c = kl_ref / beta`` makes the actor minimise ``c * (L_pg + beta * KL)``; with Adam (invariant to a
+constant loss scale, up to epsilon and gradient clipping) that is the same update as optimising
+``L_pg + beta * KL``. See :meth:`StageSchedule.advantage_scale`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+CONTEXTS = (1, 2, 3)
+
+
+class ScheduleError(ValueError):
+    """The stage schedule config is invalid."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int  # 1-based
+    context: int  # 1 = recent negatives, 2 = all negatives, 3 = negatives + positives
+    steps: int
+    start_step: int
+    end_step: int
+    beta: float | None
+    norm_adv_by_std: bool
+    name: str = ""
+
+    def contains(self, step: int) -> bool:
+        return self.start_step <= step <= self.end_step
+
+
+def _as_plain(obj: Any) -> Any:
+    """DictConfig/ListConfig -> dict/list without importing omegaconf here."""
+    if hasattr(obj, "items") and not isinstance(obj, dict):
+        return {k: _as_plain(v) for k, v in obj.items()}
+    if isinstance(obj, dict):
+        return {k: _as_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) or (hasattr(obj, "__iter__") and hasattr(obj, "__len__")
+                                          and not isinstance(obj, (str, bytes))):
+        return [_as_plain(v) for v in obj]
+    return obj
+
+
+class StageSchedule:
+    """Ordered stages over training steps."""
+
+    def __init__(self, stages: Sequence[Stage], kl_ref: float = 0.0, epsilon: float = 1e-6,
+                 where: str = "algorithm.progressive_grpo"):
+        if not stages:
+            raise ScheduleError(f"{where}.stages must list at least one stage")
+        self.stages = tuple(stages)
+        self.kl_ref = float(kl_ref)
+        self.epsilon = float(epsilon)
+        self.where = where
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None, where: str = "algorithm.progressive_grpo") -> "StageSchedule":
+        cfg = _as_plain(config) if config is not None else {}
+        if not isinstance(cfg, dict):
+            raise ScheduleError(f"{where} must be a mapping, got {type(config).__name__}")
+        known = {"stages", "kl_ref", "norm_adv_by_std", "epsilon"}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ScheduleError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        default_norm = cfg.get("norm_adv_by_std", True)
+        default_norm = True if default_norm is None else default_norm
+        if not isinstance(default_norm, bool):
+            raise ScheduleError(f"{where}.norm_adv_by_std must be true/false, got {default_norm!r}")
+        kl_ref = cfg.get("kl_ref", 0.0)
+        kl_ref = 0.0 if kl_ref is None else kl_ref
+        try:
+            kl_ref = float(kl_ref)
+        except (TypeError, ValueError):
+            raise ScheduleError(f"{where}.kl_ref must be a number, got {kl_ref!r}") from None
+        if not math.isfinite(kl_ref) or kl_ref < 0:
+            raise ScheduleError(f"{where}.kl_ref must be a finite number >= 0, got {kl_ref}")
+        epsilon = float(cfg.get("epsilon", 1e-6) if cfg.get("epsilon") is not None else 1e-6)
+        raw_stages = cfg.get("stages")
+        if raw_stages is None:
+            raise ScheduleError(
+                f"{where}.stages is required, e.g. [{{context: 1, steps: 100, beta: 0.001}}, "
+                "{context: 2, steps: 100, beta: 0.0005}, {context: 3, steps: 100, beta: 0.001}]"
+            )
+        if not isinstance(raw_stages, list):
+            raise ScheduleError(f"{where}.stages must be a list of stages, got {type(raw_stages).__name__}")
+        stages: list[Stage] = []
+        start = 1
+        stage_keys = {"context", "steps", "beta", "norm_adv_by_std", "name"}
+        for i, raw in enumerate(raw_stages):
+            key = f"{where}.stages[{i}]"
+            if not isinstance(raw, dict):
+                raise ScheduleError(f"{key} must be a mapping, got {raw!r}")
+            bad = sorted(set(raw) - stage_keys)
+            if bad:
+                raise ScheduleError(f"{key}: unknown key(s) {bad}; known: {sorted(stage_keys)}")
+            context = raw.get("context", i + 1)
+            if context not in CONTEXTS:
+                raise ScheduleError(f"{key}.context must be one of {CONTEXTS}, got {context!r}")
+            steps = raw.get("steps")
+            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+                raise ScheduleError(f"{key}.steps must be a positive integer, got {steps!r}")
+            beta = raw.get("beta")
+            if beta is not None:
+                try:
+                    beta = float(beta)
+                except (TypeError, ValueError):
+                    raise ScheduleError(f"{key}.beta must be a number or null, got {beta!r}") from None
+                if not math.isfinite(beta) or beta <= 0:
+                    raise ScheduleError(f"{key}.beta must be > 0 (or null for kl_ref), got {beta}")
+            norm = raw.get("norm_adv_by_std", default_norm)
+            norm = default_norm if norm is None else norm
+            if not isinstance(norm, bool):
+                raise ScheduleError(f"{key}.norm_adv_by_std must be true/false, got {norm!r}")
+            stages.append(Stage(index=i + 1, context=int(context), steps=steps, start_step=start,
+                                end_step=start + steps - 1, beta=beta, norm_adv_by_std=norm,
+                                name=str(raw.get("name") or f"stage{i + 1}")))
+            start += steps
+        if kl_ref == 0 and any(s.beta is not None for s in stages):
+            raise ScheduleError(
+                f"{where}: stages set beta but kl_ref is 0; set kl_ref to the actor's KL weight "
+                "(e.g. kl_ref: ${{actor_rollout_ref.actor.kl_loss_coef}} with actor.use_kl_loss=true)"
+            )
+        return cls(stages, kl_ref=kl_ref, epsilon=epsilon, where=where)
+
+    # -- queries --------------------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        return self.stages[-1].end_step
+
+    @property
+    def boundaries(self) -> list[int]:
+        """First step of every stage after the first."""
+        return [s.start_step for s in self.stages[1:]]
+
+    def stage_at(self, step: int) -> Stage:
+        step = int(step)
+        for stage in self.stages:
+            if step <= stage.end_step:
+                return stage
+        return self.stages[-1]
+
+    def advantage_scale(self, stage: Stage) -> float:
+        """Factor on the group-normalised advantages that turns the actor's fixed KL weight
+        ``kl_ref`` into the stage's ``beta`` (1 when the stage keeps ``kl_ref``)."""
+        if stage.beta is None or self.kl_ref == 0:
+            return 1.0
+        return self.kl_ref / stage.beta
+
+    def effective_beta(self, stage: Stage) -> float:
+        return self.kl_ref if stage.beta is None else stage.beta
+
+
+# ---------------------------------------------------------------------------------------------
+# curriculum order for the dataset adapter
+# ---------------------------------------------------------------------------------------------
+
+
+class CurriculumOrder:
+    """Maps a sequential dataset position to (row, stage, step).
+
+    Position ``i`` is trained at step ``i // batch_size + 1`` and therefore in the stage the
+    schedule gives for that step. Rows are visited in a per-stage permutation seeded by
+    ``(seed, stage, pass)``, where ``pass`` counts how often the stage has gone through all rows,
+    so the order is deterministic (resumable) and each stage sees every row before repeating.
+    """
+
+    def __init__(self, schedule: StageSchedule, n_rows: int, batch_size: int, seed: int = 0,
+                 total_steps: int | None = None):
+        if n_rows < 1:
+            raise ScheduleError("the curriculum needs at least one data row")
+        if batch_size < 1:
+            raise ScheduleError(f"batch size must be >= 1, got {batch_size}")
+        self.schedule = schedule
+        self.n_rows = int(n_rows)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.total_steps = int(total_steps) if total_steps else schedule.total_steps
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.total_steps * self.batch_size
+
+    def step_of(self, position: int) -> int:
+        return position // self.batch_size + 1
+
+    def locate(self, position: int) -> tuple[int, Stage, int]:
+        """``(row, stage, step)`` for a dataset position."""
+        if not 0 <= position < len(self):
+            raise IndexError(f"position {position} out of range 0..{len(self) - 1}")
+        step = self.step_of(position)
+        stage = self.schedule.stage_at(step)
+        first_position_of_stage = (stage.start_step - 1) * self.batch_size
+        k = position - first_position_of_stage  # k-th item of this stage
+        n_pass, offset = divmod(k, self.n_rows)
+        return int(self._perm(stage.index, n_pass)[offset]), stage, step
+
+    def _perm(self, stage_index: int, n_pass: int) -> np.ndarray:
+        key = (stage_index, n_pass)
+        perm = self._perms.get(key)
+        if perm is None:
+            rng = np.random.default_rng([self.seed, stage_index, n_pass])
+            perm = rng.permutation(self.n_rows)
+            if len(self._perms) > 64:
+                self._perms.clear()
+            self._perms[key] = perm
+        return perm

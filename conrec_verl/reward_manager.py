@@ -1,0 +1,128 @@
+"""verl reward-loop manager ``conrec``: the collaborative negative reward of CoNRec.
+
+Select it with::
+
+    reward.reward_manager.name=conrec
+    +reward.reward_kwargs.codebook_path=<data_dir>/codebook.npz
+    +reward.reward_kwargs.variant=collab   # collab | neg_only | neg_truncated | double_truncated | hierarchical
+    +reward.reward_kwargs.gamma=0.5         # and sim_threshold, format_penalty, hier_weights, parse_mode,
+                                            # check_sid_build (see conrec_verl.core.scoring.RewardConfig)
+
+(in a recipe yaml the ``+`` is not needed). Importing this module registers the name with
+``verl.experimental.reward_loop.reward_manager.register``; ``conrec_verl.plugin`` imports it in
+every verl process.
+
+Per trajectory it decodes the response, takes the SID that counts (see
+:mod:`conrec_verl.core.scoring`), scores it against ``reward_model.ground_truth`` (GTS = future_neg
+∪ swing, FPS = future_pos) and returns ``{"reward_score", "reward_extra_info"}``; verl puts the score
+on the last response token. ``reward_extra_info`` (logged by verl): ``valid_sid``, ``exact_hit``
+(also as ``acc``), ``prefix_depth``, ``sim_gts``, ``sim_fps`` and ``stage`` (the prompt context 1..3 the row
+was rendered for: ``extra_info.stage`` written by the dataset adapter, else the context of the
+schedule's stage at ``global_steps``; 0 if unknown).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from verl import DataProto
+from verl.experimental.reward_loop.reward_manager import register
+from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
+
+from conrec_verl.compute_score import get_scorer
+from conrec_verl.core.schedule import StageSchedule
+from conrec_verl.core.scoring import Scorer
+from conrec_verl.core.sid import SID_TOKEN_RE
+
+logger = logging.getLogger(__name__)
+
+NAME = "conrec"
+
+
+def reward_options(config: Any) -> dict:
+    """``config.reward.reward_kwargs`` as a plain dict (empty if absent)."""
+    reward = config.get("reward") if hasattr(config, "get") else None
+    options = reward.get("reward_kwargs") if reward is not None and hasattr(reward, "get") else None
+    if options is None:
+        return {}
+    if isinstance(options, DictConfig):
+        return OmegaConf.to_container(options, resolve=True)
+    return dict(options)
+
+
+def _schedule_of(config: Any) -> StageSchedule | None:
+    try:
+        algorithm = config.get("algorithm")
+        if algorithm is None or algorithm.get("progressive_grpo") is None:
+            return None
+        return StageSchedule.from_config(algorithm.get("progressive_grpo"))
+    except Exception as exc:  # noqa: BLE001 - the estimator reports schedule errors loudly
+        logger.warning("conrec reward: cannot read algorithm.progressive_grpo for stage logging: %s", exc)
+        return None
+
+
+@register(NAME)
+class ConrecRewardManager(RewardManagerBase):
+    """Collaborative negative reward: ``max cos(out, GTS) - gamma * max cos(out, FPS)`` and variants."""
+
+    def __init__(self, config: DictConfig, tokenizer: Any, compute_score: Any = None,
+                 reward_router_address: str | None = None, reward_model_tokenizer: Any = None, **kwargs: Any):
+        super().__init__(config, tokenizer, compute_score)
+        self.scorer: Scorer = get_scorer(reward_options(config), where="reward.reward_kwargs")
+        self.schedule = _schedule_of(config)
+        self.reward_router_address = reward_router_address
+        self.reward_model_tokenizer = reward_model_tokenizer
+        # Decode keeping special tokens (a tokenizer may register the SID tokens as special ones,
+        # which skip_special_tokens=True would delete), then drop the non-SID special tokens.
+        specials = getattr(tokenizer, "all_special_tokens", None) or []
+        self._strip_tokens = sorted((t for t in specials if t and not SID_TOKEN_RE.fullmatch(t)), key=len,
+                                    reverse=True)
+
+    def decode(self, token_ids) -> str:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=False)
+        for token in self._strip_tokens:
+            if token in text:
+                text = text.replace(token, "")
+        return text
+
+    @classmethod
+    def init_class(cls, config: DictConfig, tokenizer: Any):
+        """Load the codebook once per process (``get_scorer`` caches it for every instance)."""
+        if cls._class_initialized:
+            return
+        get_scorer(reward_options(config), where="reward.reward_kwargs")
+        cls._class_initialized = True
+
+    def _stage(self, item) -> float:
+        extra = item.non_tensor_batch.get("extra_info")
+        if isinstance(extra, dict) and extra.get("stage") is not None:
+            try:
+                return float(extra["stage"])
+            except (TypeError, ValueError):
+                pass
+        step = item.non_tensor_batch.get("global_steps")
+        if self.schedule is not None and step is not None:
+            try:
+                return float(self.schedule.stage_at(int(step)).context)
+            except (TypeError, ValueError):
+                pass
+        return 0.0
+
+    def score_text(self, text: Any, ground_truth: Any, stage: float = 0.0) -> dict:
+        result = self.scorer.score(text, ground_truth)
+        info = result.as_extra_info()
+        info["acc"] = info["exact_hit"]
+        info["stage"] = float(stage)
+        return {"reward_score": float(result.reward), "reward_extra_info": info}
+
+    async def run_single(self, data: DataProto) -> dict:
+        item = data[-1:][0]  # multi-sequence outputs: score the last sequence, like verl's naive manager
+        response_ids = item.batch["responses"]
+        response_length = response_ids.shape[-1]
+        valid_length = int(item.batch["attention_mask"][-response_length:].sum())
+        text = self.decode(response_ids[:valid_length])
+        ground_truth = item.non_tensor_batch["reward_model"]["ground_truth"]
+        return self.score_text(text, ground_truth, self._stage(item))

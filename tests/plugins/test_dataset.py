@@ -1,0 +1,240 @@
+"""The SID dataset adapter built through verl's ``create_rl_dataset`` and iterated with verl's
+sampler + stateful dataloader, including a resume in the middle of a stage."""
+
+from __future__ import annotations
+
+import pytest
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from verl.trainer.ppo.utils import create_rl_dataset, create_rl_sampler
+from verl.utils.dataset.rl_dataset import RLHFDataset, collate_fn
+
+from conrec_verl.core import prompts
+from conrec_verl.core.schedule import StageSchedule
+from conrec_verl.dataset import ConrecDataError, ConrecSidDataset
+
+from ._fixtures import make_rl_rows, write_parquet
+
+B = 3
+STAGES = "[{context: 1, steps: 3}, {context: 2, steps: 3}, {context: 3, steps: 2}]"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rl_ds")
+    train = write_parquet(make_rl_rows(7, seed=2), str(d / "train.parquet"))
+    val = write_parquet(make_rl_rows(4, seed=3), str(d / "val.parquet"))
+    return train, val
+
+
+@pytest.fixture(scope="module")
+def cfg_for(compose, files):
+    train, val = files
+
+    def make(*extra, train_files=train, val_files=val):
+        return compose([
+            "data.custom_cls.path=pkg://conrec_verl.dataset",
+            "data.custom_cls.name=ConrecSidDataset",
+            "data.shuffle=false",
+            f"data.train_batch_size={B}",
+            "data.max_prompt_length=512",
+            "data.seed=5",
+            f"data.train_files={train_files}",
+            f"data.val_files={val_files}",
+            f"+algorithm.progressive_grpo.stages={STAGES}",
+            "+data.conrec.schedule=${algorithm.progressive_grpo}",
+            "+data.conrec.val_stage=2",
+            *extra,
+        ])
+
+    return make
+
+
+def build(cfg, tokenizer, is_train=True):
+    files = cfg.data.train_files if is_train else cfg.data.val_files
+    return create_rl_dataset(files, cfg.data, tokenizer, None, is_train=is_train)
+
+
+def context_of(text: str) -> int:
+    if prompts.NEG_RECENT_HEADER in text:
+        return 1
+    return 3 if prompts.POS_HEADER in text else 2
+
+
+def test_curriculum_items_belong_to_the_stage_of_their_step(cfg_for, tokenizer):
+    cfg = cfg_for()
+    ds = build(cfg, tokenizer)
+    assert isinstance(ds, ConrecSidDataset) and isinstance(ds, RLHFDataset)
+    schedule = StageSchedule.from_config(cfg.algorithm.progressive_grpo)
+    assert len(ds) == schedule.total_steps * B
+    loader = StatefulDataLoader(ds, batch_size=B, sampler=create_rl_sampler(cfg.data, ds), drop_last=True,
+                                collate_fn=collate_fn, num_workers=0)
+    seen_rows = {1: set(), 2: set(), 3: set()}
+    for step, batch in enumerate(loader, start=1):
+        stage = schedule.stage_at(step)
+        for msgs, extra, rm in zip(batch["raw_prompt"], batch["extra_info"], batch["reward_model"]):
+            text = msgs[0]["content"]
+            assert context_of(text) == stage.context and extra["stage"] == stage.context
+            assert extra["conrec_step"] == step and extra["stage_index"] == stage.index
+            assert text.endswith(prompts.INSTRUCTION)
+            assert set(rm) == {"style", "ground_truth"}
+            seen_rows[stage.context].add(extra["conrec_row"])
+    assert step == schedule.total_steps
+    # stages 1 and 2 have 9 items over 7 rows: every row appears in each
+    assert seen_rows[1] == set(range(7)) and seen_rows[2] == set(range(7))
+
+
+def test_prompt_content_is_the_rows_history_for_the_stage(cfg_for, tokenizer, files):
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(files[0]).to_pylist()
+    ds = build(cfg_for(), tokenizer)
+    for pos in range(len(ds)):
+        item = ds[pos]
+        row = rows[item["extra_info"]["conrec_row"]]
+        ctx = item["extra_info"]["stage"]
+        assert item["raw_prompt"][0]["content"] == prompts.render_history_prompt(
+            ctx, row["hist_neg_recent"], row["hist_neg"], row["hist_pos"])
+        assert item["reward_model"]["ground_truth"] == row["reward_model"]["ground_truth"]
+        assert item["extra_info"]["user_id"] == row["extra_info"]["user_id"]
+
+
+def test_validation_files_render_one_item_per_row_for_val_stage(cfg_for, tokenizer):
+    ds = build(cfg_for(), tokenizer, is_train=False)
+    assert len(ds) == 4
+    assert all(context_of(ds[i]["raw_prompt"][0]["content"]) == 2 for i in range(4))
+    fixed = build(cfg_for("+data.conrec.mode=fixed", "+data.conrec.stage=1"), tokenizer)
+    assert len(fixed) == 7 and context_of(fixed[0]["raw_prompt"][0]["content"]) == 1
+
+
+def test_resume_in_the_middle_of_a_stage(cfg_for, tokenizer):
+    cfg = cfg_for()
+    schedule = StageSchedule.from_config(cfg.algorithm.progressive_grpo)
+
+    def loader_for(ds):
+        return StatefulDataLoader(ds, batch_size=B, sampler=create_rl_sampler(cfg.data, ds), drop_last=True,
+                                  collate_fn=collate_fn, num_workers=0)
+
+    uninterrupted = [[e["conrec_row"] for e in b["extra_info"]] for b in loader_for(build(cfg, tokenizer))]
+    first = loader_for(build(cfg, tokenizer))
+    it = iter(first)
+    for _ in range(4):  # steps 1..4; step 4 is the first of stage 2 (steps 4-6)
+        next(it)
+    state = first.state_dict()
+    # a fresh process: new dataset object, new loader, restored position
+    resumed = loader_for(build(cfg, tokenizer))
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == schedule.total_steps - 4
+    for step, batch in enumerate(rest, start=5):
+        stage = schedule.stage_at(step)
+        assert [e["conrec_step"] for e in batch["extra_info"]] == [step] * B
+        assert all(context_of(m[0]["content"]) == stage.context for m in batch["raw_prompt"])
+        assert [e["conrec_row"] for e in batch["extra_info"]] == uninterrupted[step - 1]
+    assert schedule.stage_at(5).index == 2 and schedule.stage_at(7).index == 3
+
+
+def test_truncates_oldest_history_to_fit_and_keeps_instruction(cfg_for, tokenizer, tmp_path):
+    rows = make_rl_rows(2, seed=9, hist_len=(30, 31))
+    path = write_parquet(rows, str(tmp_path / "long.parquet"))
+    cfg = cfg_for("data.max_prompt_length=90", "+data.conrec.mode=fixed", "+data.conrec.stage=3",
+                  train_files=path)
+    ds = build(cfg, tokenizer)
+    for i in range(2):
+        text = ds[i]["raw_prompt"][0]["content"]
+        assert ds.prompt_length(text) <= 90
+        assert text.endswith(prompts.INSTRUCTION)
+        row = rows[i]
+        kept_neg = text.split(prompts.NEG_ALL_HEADER)[1].split("\n")[0].split()
+        assert 0 < len(kept_neg) < len(row["hist_neg"])
+        assert kept_neg == row["hist_neg"][-len(kept_neg):]  # newest kept, oldest dropped
+    with pytest.raises(ConrecDataError, match="max_prompt_length=10 is smaller"):
+        build(cfg_for("data.max_prompt_length=10", train_files=path), tokenizer)
+
+
+def test_works_with_a_saved_and_reloaded_hf_tokenizer(cfg_for, tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    ds = build(cfg_for(), reloaded)
+    text = ds[0]["raw_prompt"][0]["content"]
+    ids = reloaded(text, add_special_tokens=False)["input_ids"]
+    sids = [t for t in text.split() if t.startswith("<a_")]
+    assert sids and all(reloaded.convert_ids_to_tokens(reloaded(s, add_special_tokens=False)["input_ids"])[0]
+                        .startswith("<a_") for s in sids[:3])
+    assert reloaded.decode(ids) == text
+
+
+def test_missing_column_is_named(cfg_for, tokenizer, tmp_path):
+    rows = make_rl_rows(2)
+    for r in rows:
+        del r["hist_pos"]
+    path = write_parquet(rows, str(tmp_path / "nopos.parquet"))
+    with pytest.raises(ConrecDataError, match=r"nopos.parquet: missing column\(s\) \['hist_pos'\]"):
+        build(cfg_for(train_files=path), tokenizer)
+
+
+def test_unknown_sid_token_names_file_column_row(cfg_for, tmp_path):
+    from conrec_verl.model_builder import build_tokenizer
+
+    small = build_tokenizer((4, 5, 4))  # level c only has codes 0..3
+    rows = make_rl_rows(6, seed=4)
+    # find where the first c-code >= 4 occurs, to know which file/column/row the error must name
+    for i, r in enumerate(rows):
+        for col in ("hist_neg_recent", "hist_neg", "hist_pos"):
+            bad = [s for s in r[col] if int(s.split("<c_")[1][:-1]) >= 4]
+            if bad:
+                break
+        if bad:
+            break
+    path = write_parquet(rows, str(tmp_path / "sids.parquet"))
+    with pytest.raises(ConrecDataError, match=rf"sids.parquet: column '{col}', row {i}: SID .* tokenizer does not know"):
+        build(cfg_for(train_files=path), small)
+
+
+def test_bad_rows_and_config_are_clear_errors(cfg_for, tokenizer, tmp_path):
+    rows = make_rl_rows(3)
+    rows[2]["reward_model"] = {"style": "rule", "ground_truth": "{oops"}
+    path = write_parquet(rows, str(tmp_path / "gt.parquet"))
+    with pytest.raises(ConrecDataError, match=r"gt.parquet: column 'reward_model.ground_truth', row 2"):
+        build(cfg_for(train_files=path), tokenizer)
+    rows = make_rl_rows(3)
+    rows[1]["hist_neg"] = ["<a_1><b_1>x"]
+    path = write_parquet(rows, str(tmp_path / "sid.parquet"))
+    with pytest.raises(ConrecDataError, match=r"column 'hist_neg', row 1: .* is not a SID"):
+        build(cfg_for(train_files=path), tokenizer)
+    with pytest.raises(ConrecDataError, match="data.shuffle must be false"):
+        build(cfg_for("data.shuffle=true"), tokenizer)
+    with pytest.raises(ConrecDataError, match="unknown key"):
+        build(cfg_for("+data.conrec.stagee=1"), tokenizer)
+
+
+def test_tokenizer_without_chat_template_counts_plain_text(cfg_for, tokenizer, tmp_path):
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    ds = build(cfg_for("data.max_prompt_length=90", "+data.conrec.mode=fixed", "+data.conrec.stage=3"), plain)
+    text = ds[0]["raw_prompt"][0]["content"]
+    assert ds.prompt_length(text) == len(plain(text, add_special_tokens=False)["input_ids"]) <= 90
+    templated = build(cfg_for("data.max_prompt_length=90", "+data.conrec.mode=fixed", "+data.conrec.stage=3"),
+                      tokenizer)
+    # the chat template's tokens count against the budget: it keeps fewer history items
+    assert len(templated[0]["raw_prompt"][0]["content"]) < len(text)
+
+
+def test_same_items_with_dataloader_worker_processes(cfg_for, tokenizer):
+    import pickle
+
+    cfg = cfg_for()
+    ds = build(cfg, tokenizer)
+    clone = pickle.loads(pickle.dumps(ds))  # what a "spawn" dataloader worker receives
+    assert [clone[i]["raw_prompt"] for i in range(len(ds))] == [ds[i]["raw_prompt"] for i in range(len(ds))]
+
+    def rows(num_workers):
+        loader = StatefulDataLoader(ds, batch_size=B, sampler=create_rl_sampler(cfg.data, ds), drop_last=True,
+                                    collate_fn=collate_fn, num_workers=num_workers)
+        return [[e["conrec_row"] for e in b["extra_info"]] for b in loader]
+
+    assert rows(2) == rows(0)

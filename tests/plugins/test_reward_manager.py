@@ -1,0 +1,211 @@
+"""The ``conrec`` reward-loop manager and the plain ``compute_score``, built and driven through
+verl's own registry, loader and ``DataProto``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from verl import DataProto
+from verl.experimental.reward_loop.reward_manager import get_reward_manager_cls
+from verl.trainer.ppo.reward import get_custom_reward_fn, load_reward_manager
+
+import conrec_verl.reward_manager  # noqa: F401 - registration at import
+from conrec_verl.compute_score import compute_score
+from conrec_verl.core.scoring import VARIANTS, RewardConfig, Scorer, ScoringConfigError
+from conrec_verl.reward_manager import ConrecRewardManager
+
+from ._fixtures import ground_truth, sid
+
+GT = ground_truth([sid(1, 2, 3), sid(0, 4, 5)], [sid(3, 3, 3)], [sid(2, 1, 0)])
+
+
+def one_row(tokenizer, response_text, gt=GT, extra_info=None, prompt_text="predict", pad_to=24):
+    """A one-row DataProto shaped like the reward loop's input (left-padded prompt, right-padded response)."""
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    resp_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"] if response_text else []
+    resp_ids = list(resp_ids) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    p_len = max(len(prompt_ids), 4)
+    r_len = max(len(resp_ids), pad_to)
+    pad = tokenizer.pad_token_id
+    prompts = torch.full((1, p_len), pad, dtype=torch.long)
+    prompts[0, p_len - len(prompt_ids):] = torch.tensor(prompt_ids)
+    responses = torch.full((1, r_len), pad, dtype=torch.long)
+    responses[0, : len(resp_ids)] = torch.tensor(resp_ids)
+    attn = torch.zeros((1, p_len + r_len), dtype=torch.long)
+    attn[0, p_len - len(prompt_ids): p_len] = 1
+    attn[0, p_len: p_len + len(resp_ids)] = 1
+    return DataProto.from_dict(
+        tensors={"prompts": prompts, "responses": responses, "attention_mask": attn},
+        non_tensors={
+            "data_source": np.array(["conrec"], dtype=object),
+            "reward_model": np.array([{"style": "rule", "ground_truth": gt}], dtype=object),
+            "extra_info": np.array([extra_info if extra_info is not None else {"index": 0}], dtype=object),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def manager_for(compose, tokenizer, codebook_path):
+    def make(**kwargs):
+        overrides = ["reward.reward_manager.name=conrec", f"+reward.reward_kwargs.codebook_path={codebook_path}"]
+        overrides += [f"+reward.reward_kwargs.{k}={v}" for k, v in kwargs.items()]
+        config = compose(overrides)
+        return load_reward_manager(config, tokenizer, reward_router_address=None, reward_model_tokenizer=None)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def default_manager(manager_for):
+    return manager_for()
+
+
+def run(manager, data):
+    # verl's managers capture their event loop at construction (verl.utils.ray_utils.get_event_loop)
+    return manager.loop.run_until_complete(manager.run_single(data))
+
+
+def test_registered_under_conrec():
+    assert get_reward_manager_cls("conrec") is ConrecRewardManager
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_selected_by_one_key_matches_the_pure_scorer(manager_for, tokenizer, codebook, variant):
+    manager = manager_for(variant=variant)
+    assert isinstance(manager, ConrecRewardManager)
+    scorer = Scorer(codebook, RewardConfig(variant=variant))
+    rewards = set()
+    for text in [f"I think {sid(1, 2, 3)}", sid(1, 2, 0), f" {sid(2, 1, 1)} {sid(1, 2, 3)}", sid(3, 0, 5), "nothing"]:
+        out = run(manager, one_row(tokenizer, text))
+        expected = scorer.score(text, GT)
+        assert out["reward_score"] == pytest.approx(expected.reward, abs=1e-6)
+        info = out["reward_extra_info"]
+        assert info["valid_sid"] == float(expected.valid)
+        assert info["exact_hit"] == float(expected.exact_hit) == info["acc"]
+        assert info["prefix_depth"] == expected.prefix_depth
+        assert info["sim_gts"] == pytest.approx(expected.sim_gts, abs=1e-6)
+        assert info["sim_fps"] == pytest.approx(expected.sim_fps, abs=1e-6)
+        rewards.add(round(out["reward_score"], 6))
+    assert len(rewards) >= 3  # the texts really produce different rewards
+
+
+def test_reward_kwargs_take_effect(manager_for, tokenizer):
+    text = sid(2, 1, 1)
+    low = run(manager_for(gamma=0.0), one_row(tokenizer, text))["reward_score"]
+    high = run(manager_for(gamma=2.0), one_row(tokenizer, text))["reward_score"]
+    assert low != high
+    bad = run(manager_for(format_penalty=-7.5), one_row(tokenizer, "<a_1><b_2>"))
+    assert bad["reward_score"] == -7.5 and bad["reward_extra_info"]["valid_sid"] == 0.0
+
+
+def test_extra_info_reports_stage_and_is_flat(manager_for, tokenizer):
+    manager = manager_for()
+    out = run(manager, one_row(tokenizer, sid(1, 2, 3), extra_info={"index": 3, "stage": 2}))
+    assert out["reward_extra_info"]["stage"] == 2.0
+    assert out["reward_extra_info"]["exact_hit"] == 1.0
+    assert all(isinstance(v, float) for v in out["reward_extra_info"].values())
+    none = run(manager, one_row(tokenizer, sid(1, 2, 3), extra_info={"index": 3}))
+    assert none["reward_extra_info"]["stage"] == 0.0
+    assert set(none["reward_extra_info"]) == set(out["reward_extra_info"])  # verl stacks by key
+
+
+def test_stage_from_schedule_and_global_steps(compose, tokenizer, codebook_path):
+    config = compose([
+        "reward.reward_manager.name=conrec", f"+reward.reward_kwargs.codebook_path={codebook_path}",
+        "+algorithm.progressive_grpo.stages=[{context: 1, steps: 2}, {context: 2, steps: 2}]",
+    ])
+    manager = load_reward_manager(config, tokenizer)
+    data = one_row(tokenizer, sid(1, 2, 3))
+    data.non_tensor_batch["global_steps"] = np.array([3], dtype=object)
+    assert run(manager, data)["reward_extra_info"]["stage"] == 2.0
+
+
+def test_codebook_loaded_once_per_process(manager_for, monkeypatch):
+    from conrec_verl import compute_score as cs
+
+    calls = []
+    original = cs.Codebook.load
+    monkeypatch.setattr(cs, "_CACHE", {})
+    monkeypatch.setattr(cs, "_FAST", {})
+    monkeypatch.setattr(cs.Codebook, "load", classmethod(lambda cls, p: calls.append(p) or original(p)))
+    ConrecRewardManager._class_initialized = False
+    a = manager_for(variant="neg_only")
+    b = manager_for(variant="neg_only")
+    assert len(calls) == 1 and a.scorer is b.scorer
+
+
+def test_missing_codebook_is_a_clear_error(compose, tokenizer, tmp_path):
+    config = compose(["reward.reward_manager.name=conrec"])
+    with pytest.raises(ScoringConfigError, match="reward.reward_kwargs.codebook_path is required"):
+        load_reward_manager(config, tokenizer)
+    config = compose(["reward.reward_manager.name=conrec", f"+reward.reward_kwargs.data_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="codebook file not found"):
+        load_reward_manager(config, tokenizer)
+    config = compose(["reward.reward_manager.name=conrec", f"+reward.reward_kwargs.data_dir={tmp_path}",
+                      "+reward.reward_kwargs.varient=neg_only"])
+    with pytest.raises(ScoringConfigError, match="varient"):
+        load_reward_manager(config, tokenizer)
+
+
+def test_compute_score_through_verl_naive_manager(compose, tokenizer, codebook_path, codebook):
+    config = compose([
+        "reward.custom_reward_function.path=pkg://conrec_verl.compute_score",
+        "reward.custom_reward_function.name=compute_score",
+        f"+reward.custom_reward_function.reward_kwargs.codebook_path={codebook_path}",
+        "+reward.custom_reward_function.reward_kwargs.variant=double_truncated",
+    ])
+    fn = get_custom_reward_fn(config)
+    assert fn is not None
+    naive = load_reward_manager(config, tokenizer)
+    assert type(naive).__name__ == "NaiveRewardManager"
+    scorer = Scorer(codebook, RewardConfig(variant="double_truncated"))
+    for text in [sid(1, 2, 3), sid(2, 1, 0), "junk"]:
+        out = run(naive, one_row(tokenizer, text))
+        assert out["reward_score"] == pytest.approx(scorer.score(text, GT).reward, abs=1e-6)
+        assert out["reward_extra_info"]["valid_sid"] == float(scorer.score(text, GT).valid)
+    direct = compute_score("conrec", sid(1, 2, 3), json.loads(GT), {}, codebook_path=codebook_path)
+    assert direct["score"] == pytest.approx(1.0 - 0.5 * scorer.score(sid(1, 2, 3), GT).sim_fps, abs=1e-6)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(ids=st.lists(st.integers(min_value=0, max_value=10_000), max_size=30))
+def test_manager_never_raises_on_any_token_ids(default_manager, tokenizer, ids):
+    manager = default_manager
+    vocab = len(tokenizer)
+    ids = [i % vocab for i in ids]
+    data = one_row(tokenizer, "")
+    resp = torch.full((1, max(len(ids), 1)), tokenizer.pad_token_id, dtype=torch.long)
+    resp[0, : len(ids)] = torch.tensor(ids, dtype=torch.long) if ids else resp[0, :0]
+    p_len = data.batch["prompts"].shape[1]
+    attn = torch.cat([data.batch["attention_mask"][:, :p_len], torch.zeros_like(resp)], dim=1)
+    attn[0, p_len: p_len + len(ids)] = 1
+    data = DataProto.from_dict(tensors={"prompts": data.batch["prompts"], "responses": resp, "attention_mask": attn},
+                               non_tensors=dict(data.non_tensor_batch))
+    out = run(manager, data)
+    assert math.isfinite(out["reward_score"])
+    assert out["reward_extra_info"]["valid_sid"] in (0.0, 1.0)
+
+
+def test_sid_tokens_registered_as_special_tokens_still_count(compose, codebook_path):
+    from conrec_verl.core.sid import all_sid_tokens
+    from conrec_verl.model_builder import build_tokenizer
+
+    from ._fixtures import SIZES
+
+    tok = build_tokenizer(SIZES)
+    tok.add_special_tokens({"additional_special_tokens": all_sid_tokens(SIZES)})
+    ids = tok(sid(1, 2, 3), add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True).strip() == ""  # what a naive decode would score
+    config = compose(["reward.reward_manager.name=conrec", f"+reward.reward_kwargs.codebook_path={codebook_path}",
+                      "+reward.reward_kwargs.parse_mode=strict"])
+    manager = load_reward_manager(config, tok)
+    out = run(manager, one_row(tok, sid(1, 2, 3)))  # the response ends with <|im_end|>
+    assert out["reward_extra_info"]["valid_sid"] == 1.0 and out["reward_extra_info"]["exact_hit"] == 1.0
