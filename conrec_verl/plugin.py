@@ -7,7 +7,8 @@ Importing it registers everything conrec-verl adds to verl's registries:
 * rollout ``hf`` (``actor_rollout_ref.rollout.name=hf``) -- ``conrec_verl.runtime.hf_rollout``
 * pre-flight config checks before Ray starts -- ``conrec_verl.runtime.preflight``
 * reward manager ``conrec`` -- ``conrec_verl.reward_manager``
-* advantage estimator ``progressive_grpo`` -- ``conrec_verl.advantage``
+* advantage estimator ``progressive_grpo`` and v1 trainer mode ``conrec_sync`` (verl's sync
+  trainer + the curriculum stage as a metric) -- ``conrec_verl.advantage``
 
 verl swallows exceptions raised while importing a plugin (they only reach a DEBUG log), so a
 broken registration would silently disappear. This module therefore logs every failure at ERROR
@@ -35,8 +36,9 @@ REGISTERING_MODULES = (
 EXPECTED_NAMES = {
     "platforms": ("cpu",),
     "rollouts": ("hf",),
-    "adv_estimators": (),
-    "reward_managers": (),
+    "adv_estimators": ("progressive_grpo",),
+    "reward_managers": ("conrec",),
+    "trainer_modes": ("conrec_sync",),
 }
 
 _loaded = False
@@ -50,12 +52,6 @@ def register_all() -> None:
     for name in REGISTERING_MODULES:
         try:
             importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # module not written yet in this checkout
-                logger.debug("conrec_verl: optional plugin module %s not present", name)
-                continue
-            logger.error("conrec_verl: failed to import plugin module %s: %s", name, exc)
-            raise
         except Exception as exc:  # noqa: BLE001 - make verl's silent skip loud
             logger.error("conrec_verl: failed to import plugin module %s: %r", name, exc)
             raise

@@ -22,6 +22,7 @@ print(json.dumps({
     "replicas": sorted(RolloutReplicaRegistry._registry),
     "adv_estimators": sorted(core_algos.ADV_ESTIMATOR_REGISTRY),
     "reward_managers": sorted(rm_registry.REWARD_MANAGER),
+    "trainer_modes": sorted(__import__("verl.trainer.ppo.v1.trainer_base", fromlist=["x"]).TRAINER_REGISTRY),
     "preflight": bool(getattr(device_utils.auto_set_device, "_conrec_preflight", False)),
 }))
 """
@@ -50,6 +51,8 @@ def test_fresh_import_of_verl_registers_everything():
 
     assert set(EXPECTED_NAMES["adv_estimators"]) <= set(seen["adv_estimators"])
     assert set(EXPECTED_NAMES["reward_managers"]) <= set(seen["reward_managers"])
+    assert set(EXPECTED_NAMES["trainer_modes"]) <= set(seen["trainer_modes"])
+    assert EXPECTED_NAMES["adv_estimators"] and EXPECTED_NAMES["reward_managers"]
 
 
 def test_plugin_can_be_switched_off():
