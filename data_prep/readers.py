@@ -118,6 +118,9 @@ def _ids(series: pd.Series, file: str, column: str) -> np.ndarray:
             raise DataPrepError(f"id must be an integer or a string, got {_show(series.iloc[_first_bad(frac) - 1])}",
                                 file=file, column=column, row=_first_bad(frac))
         series = series.astype(np.int64)
+    if pd.api.types.is_integer_dtype(series):  # integer ids: text once per distinct id
+        uniq, inverse = np.unique(series.to_numpy(), return_inverse=True)
+        return np.array([str(v) for v in uniq.tolist()], dtype=object)[inverse]
     out = series.astype(str).str.strip()
     empty = (out == "").to_numpy()
     if empty.any():
