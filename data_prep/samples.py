@@ -86,7 +86,7 @@ def plan_split(inter: pd.DataFrame, cfg: Mapping) -> SplitPlan:
         key = day_number(inter["day"].to_numpy())
         first, last = int(key.min()), int(key.max())
         ec = cfg.get("eval_cutoff_day")
-        if ec is None:
+        if ec is None or ec == "???":
             raise DataPrepError("split.eval_cutoff_day (YYYYMMDD) is required for split.mode=global_day")
         try:
             t_e = int(day_number(int(ec))[0])

@@ -151,3 +151,30 @@ def test_cli_bundled_sample_writes_only_out_dir(tmp_path):
     assert proc.returncode == 2 and "codebook too large" in proc.stderr
     assert not (tmp_path / "bad").exists() and os.listdir(cwd) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "kr"]
+
+
+def test_generic_config_names_missing_mandatory_keys(tmp_path, synth_path):
+    with pytest.raises(DataPrepError, match=r"set input.path="):
+        build(load_config("generic", [f"out_dir={tmp_path / 'o'}", "progress=false"]))
+    with pytest.raises(DataPrepError, match="split.eval_cutoff_day"):
+        build(load_config("generic", [f"out_dir={tmp_path / 'o'}", f"input.path={synth_path}", "progress=false"]))
+    with pytest.raises(DataPrepError, match="out_dir is required"):
+        build(load_config("generic", [f"input.path={synth_path}", "split.eval_cutoff_day=20240110"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv"]
+
+
+def test_generic_with_item_metadata_builds_translation_and_content_sids(tmp_path, synth_path):
+    items = pd.DataFrame({"item_id": [f"i{k}" for k in range(60)],
+                          "name": [f"{GENRES[k % 5]} film number {k}" for k in range(60)],
+                          "kind": [GENRES[k % 5] for k in range(60)], "year": [1990 + k % 9 for k in range(60)]})
+    log = pd.read_csv(synth_path)
+    items = items[items.item_id.isin(set(log.item_id))]
+    items.to_csv(tmp_path / "items.csv", index=False)
+    out = build(generic_cfg(synth_path, tmp_path / "o", f"input.items.path={tmp_path / 'items.csv'}",
+                            "input.items.columns.title=name", "input.items.columns.category=kind",
+                            "input.items.columns.numeric=[year]", "embedding.method=content"))
+    sm = pd.read_parquet(out / "sid_map.parquet")
+    assert (sm.source == "content").all() and sm.sid.is_unique and len(sm) == len(items)
+    tr = pd.read_parquet(out / "sft/translation.parquet")
+    assert len(tr) == 2 * len(items)
+    assert set(tr["extra_info"].map(lambda e: e["task"])) == {"sid_to_title", "title_to_sid"}
