@@ -47,9 +47,9 @@ class ReadResult:
 
 # -- low-level helpers ---------------------------------------------------------------------------
 
-def _check_file(path) -> str:
-    if path is None:
-        raise DataPrepError("no input path given (set input.path)")
+def _check_file(path, key: str = "input.path") -> str:
+    if path is None or path == "???":
+        raise DataPrepError(f"no input path given (set {key}=<file>)")
     p = os.fspath(path)
     if not os.path.isfile(p):
         raise DataPrepError("file not found", file=p)
@@ -118,6 +118,9 @@ def _ids(series: pd.Series, file: str, column: str) -> np.ndarray:
             raise DataPrepError(f"id must be an integer or a string, got {_show(series.iloc[_first_bad(frac) - 1])}",
                                 file=file, column=column, row=_first_bad(frac))
         series = series.astype(np.int64)
+    if pd.api.types.is_integer_dtype(series):  # integer ids: text once per distinct id
+        uniq, inverse = np.unique(series.to_numpy(), return_inverse=True)
+        return np.array([str(v) for v in uniq.tolist()], dtype=object)[inverse]
     out = series.astype(str).str.strip()
     empty = (out == "").to_numpy()
     if empty.any():
@@ -372,7 +375,7 @@ def _generic(cfg: Mapping, path: str) -> tuple[pd.DataFrame, dict]:
 def _movielens_paths(cfg: Mapping) -> tuple[str, str | None, str]:
     """(ratings file, movies file or None, flavour '100k'|'1m'). ``input.path`` may be a folder."""
     path = cfg.get("path")
-    if path is None:
+    if path is None or path == "???":
         raise DataPrepError("no input path given (set input.path to u.data, ratings.dat or their folder)")
     p = Path(path)
     if p.is_dir():
@@ -436,7 +439,7 @@ def read_input(cfg: Mapping) -> ReadResult:
         files, items = [path], None
         icfg = cfg.get("items") or {}
         if icfg.get("path"):
-            ipath = _check_file(icfg["path"])
+            ipath = _check_file(icfg["path"], "input.items.path")
             raw = read_table(ipath, sep=icfg.get("sep"), encoding=icfg.get("encoding") or "utf-8")
             items, istats = items_from_frame(raw, ipath, icfg.get("columns") or {}, set(inter["item_id"].unique()),
                                              icfg.get("unknown_ids", "error"))

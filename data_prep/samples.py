@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -67,8 +67,11 @@ class SplitPlan:
 
     def train_mask(self, users: np.ndarray) -> np.ndarray:
         """Events strictly usable for embeddings, SIDs and Swing: key <= the user's eval cutoff."""
-        cut = pd.Series(users).map(self.eval_cut).to_numpy(dtype=np.float64)
-        return self.key <= cut
+        if self.mode == "global_day":  # one cutoff for everybody
+            return self.key <= next(iter(self.eval_cut.values()))
+        codes, uniq = pd.factorize(pd.Series(users, dtype=object))
+        cut = np.array([self.eval_cut[u] for u in uniq.tolist()], dtype=np.int64)
+        return self.key <= cut[codes]
 
 
 def plan_split(inter: pd.DataFrame, cfg: Mapping) -> SplitPlan:
@@ -77,13 +80,13 @@ def plan_split(inter: pd.DataFrame, cfg: Mapping) -> SplitPlan:
     recent_days = int(cfg.get("recent_days", 3))
     if window_days < 1 or recent_days < 1:
         raise DataPrepError("split.window_days and split.recent_days must be >= 1")
-    users = inter["user_id"].to_numpy()
-    uniq = pd.unique(users)
+    users = inter["user_id"].to_numpy(dtype=object)
     if mode == "global_day":
+        uniq = pd.unique(users)
         key = day_number(inter["day"].to_numpy())
         first, last = int(key.min()), int(key.max())
         ec = cfg.get("eval_cutoff_day")
-        if ec is None:
+        if ec is None or ec == "???":
             raise DataPrepError("split.eval_cutoff_day (YYYYMMDD) is required for split.mode=global_day")
         try:
             t_e = int(day_number(int(ec))[0])

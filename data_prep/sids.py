@@ -7,9 +7,10 @@ Collision resolution (SID -> item must be one-to-one for exact-hit metrics):
 items sharing a SID are ordered by their distance to the SID's reconstruction (ties: item id);
 the closest keeps it. Every other item, in order of that distance, moves to the nearest *free*
 last-level codeword under the same prefix (distance between its last-level residual and the
-codeword). When the prefix is full it moves to the nearest free SID found by a beam search over
-prefixes (beam widened until a free SID is found). Earlier levels therefore never change unless
-a prefix is full, and the repaired SID stays as close as possible to the item.
+codeword). When the prefix is full it moves to the nearest non-full prefix (distance between the
+item and the prefix reconstruction; a widening beam search when there are more than 2^17
+prefixes), then to that prefix's nearest free last-level codeword. Earlier levels therefore never
+change unless a prefix is full, and the repaired SID stays close to the item.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -34,3 +36,27 @@ def generic_cfg(log_path, out_dir, *extra: str):
         f"input.path={log_path}", f"out_dir={out_dir}", "split.eval_cutoff_day=20240110",
         "sid.sizes=[4,4,8]", "embedding.dim=8", "progress=false", "print_summary=false",
         "split.num_train_cutoffs=3", *extra])
+
+
+GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance"]
+
+
+def write_movielens(folder: Path, seed=0, n_users=30, n_items=50, per_user=25):
+    """u.data / u.item in the GroupLens 100K formats; items 40..49 are only rated late (cold)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    lines = []
+    t0 = 880_000_000
+    for u in range(1, n_users + 1):
+        ts = t0 + np.sort(rng.integers(0, 60 * 86400, per_user))
+        for k, t in enumerate(ts):
+            late = k >= int(0.8 * per_user)
+            item = int(rng.integers(40, n_items)) if late else int(min(rng.geometric(0.08), 40))
+            lines.append(f"{u}\t{item}\t{int(rng.integers(1, 6))}\t{int(t)}")
+    (folder / "u.data").write_text("\n".join(lines) + "\n")
+    items = []
+    for i in range(1, n_items + 1):
+        flags = ["0"] * 19
+        flags[1 + i % 5] = "1"
+        items.append("|".join([str(i), f"{GENRES[i % 5]} movie {i} ({1990 + i % 7})", "01-Jan-1995", "", "http://x"] + flags))
+    (folder / "u.item").write_text("\n".join(items) + "\n", encoding="latin-1")

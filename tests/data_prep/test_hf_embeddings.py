@@ -36,3 +36,22 @@ def test_hf_mean_pooled_embeddings(tmp_path):
     assert not np.allclose(v[0], v[1])
     with pytest.raises(DataPrepError, match="local model folder"):
         hf_embeddings(texts, str(tmp_path / "missing"))
+
+
+def test_hf_method_in_the_pipeline(tmp_path):
+    from data_prep import build, load_config
+    from dp_helpers import write_movielens
+
+    tiny_encoder(tmp_path / "enc")
+    write_movielens(tmp_path / "ml")
+    out = build(load_config("movielens", [f"input.path={tmp_path / 'ml'}", f"out_dir={tmp_path / 'o'}",
+                                          "sid.sizes=[4,4,4]", "embedding.method=hf",
+                                          f"embedding.hf_model_path={tmp_path / 'enc'}", "progress=false",
+                                          "print_summary=false"]))
+    import pandas as pd
+
+    from conrec_verl.core.sid import Codebook
+
+    sm = pd.read_parquet(out / "sid_map.parquet")
+    assert sm.sid.is_unique and (sm.source == "content").all()
+    assert Codebook.load(out / "codebook.npz").dim == 8  # the encoder's hidden size

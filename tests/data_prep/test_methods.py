@@ -13,33 +13,9 @@ import pytest
 from conrec_verl.core.sid import Codebook
 from data_prep import DataPrepError, build, load_config
 from data_prep.sids import build_sids, resolve_collisions, residual_kmeans, quantize
-from dp_helpers import generic_cfg, synth_log
+from dp_helpers import GENRES, generic_cfg, write_movielens
 
 ROOT = Path(__file__).resolve().parents[2]
-GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance"]
-
-
-def write_movielens(folder: Path, seed=0, n_users=30, n_items=50, per_user=25):
-    """u.data / u.item in the GroupLens 100K formats; items 40..49 are only rated late (cold)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    lines = []
-    t0 = 880_000_000
-    for u in range(1, n_users + 1):
-        ts = t0 + np.sort(rng.integers(0, 60 * 86400, per_user))
-        for k, t in enumerate(ts):
-            late = k >= int(0.8 * per_user)
-            item = int(rng.integers(40, n_items)) if late else int(min(rng.geometric(0.08), 40))
-            lines.append(f"{u}\t{item}\t{int(rng.integers(1, 6))}\t{int(t)}")
-    (folder / "u.data").write_text("\n".join(lines) + "\n")
-    items = []
-    for i in range(1, n_items + 1):
-        flags = ["0"] * 19
-        flags[1 + i % 5] = "1"
-        items.append("|".join([str(i), f"{GENRES[i % 5]} movie {i} ({1990 + i % 7})", "01-Jan-1995", "", "http://x"] + flags))
-    (folder / "u.item").write_text("\n".join(items) + "\n", encoding="latin-1")
-
-
 def ml_cfg(folder, out, *extra):
     return load_config("movielens", [f"input.path={folder}", f"out_dir={out}", "sid.sizes=[4,4,4]",
                                      "embedding.dim=8", "progress=false", "print_summary=false", *extra])
@@ -151,3 +127,30 @@ def test_cli_bundled_sample_writes_only_out_dir(tmp_path):
     assert proc.returncode == 2 and "codebook too large" in proc.stderr
     assert not (tmp_path / "bad").exists() and os.listdir(cwd) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "kr"]
+
+
+def test_generic_config_names_missing_mandatory_keys(tmp_path, synth_path):
+    with pytest.raises(DataPrepError, match=r"set input.path="):
+        build(load_config("generic", [f"out_dir={tmp_path / 'o'}", "progress=false"]))
+    with pytest.raises(DataPrepError, match="split.eval_cutoff_day"):
+        build(load_config("generic", [f"out_dir={tmp_path / 'o'}", f"input.path={synth_path}", "progress=false"]))
+    with pytest.raises(DataPrepError, match="out_dir is required"):
+        build(load_config("generic", [f"input.path={synth_path}", "split.eval_cutoff_day=20240110"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv"]
+
+
+def test_generic_with_item_metadata_builds_translation_and_content_sids(tmp_path, synth_path):
+    items = pd.DataFrame({"item_id": [f"i{k}" for k in range(60)],
+                          "name": [f"{GENRES[k % 5]} film number {k}" for k in range(60)],
+                          "kind": [GENRES[k % 5] for k in range(60)], "year": [1990 + k % 9 for k in range(60)]})
+    log = pd.read_csv(synth_path)
+    items = items[items.item_id.isin(set(log.item_id))]
+    items.to_csv(tmp_path / "items.csv", index=False)
+    out = build(generic_cfg(synth_path, tmp_path / "o", f"input.items.path={tmp_path / 'items.csv'}",
+                            "input.items.columns.title=name", "input.items.columns.category=kind",
+                            "input.items.columns.numeric=[year]", "embedding.method=content"))
+    sm = pd.read_parquet(out / "sid_map.parquet")
+    assert (sm.source == "content").all() and sm.sid.is_unique and len(sm) == len(items)
+    tr = pd.read_parquet(out / "sft/translation.parquet")
+    assert len(tr) == 2 * len(items)
+    assert set(tr["extra_info"].map(lambda e: e["task"])) == {"sid_to_title", "title_to_sid"}

@@ -259,3 +259,20 @@ def test_sft_sets_exclude_validation_users(built):
     key = lambda df: list(zip(df["extra_info"].map(lambda e: e["user_id"]), df["extra_info"].map(lambda e: e["cutoff_day"])))
     got = dict(zip(key(warm), warm["messages"].map(lambda m: m[1]["content"])))
     assert [got[k] for k in key(train)] == expected
+
+
+def test_rl_and_eval_files_load_in_verl_rlhf_dataset(built, tmp_path):
+    """verl's own RLHFDataset (0.9.1) reads the RL/eval parquet and yields the chat prompt."""
+    pytest.importorskip("verl")
+    from omegaconf import OmegaConf
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    d, log, out = built
+    for rel in ("rl/train.parquet", "eval/test.parquet"):
+        ds = RLHFDataset(data_files=[str(out / rel)], tokenizer=None,
+                         config=OmegaConf.create({"filter_overlong_prompts": False, "cache_dir": str(tmp_path)}))
+        assert len(ds) == len(read(out, rel))
+        item = ds[0]
+        assert item["raw_prompt"][0]["role"] == "user"
+        assert "Predict one item" in item["raw_prompt"][0]["content"]
+        assert json.loads(item["reward_model"]["ground_truth"])["sid_build"] == item["extra_info"]["sid_build"]
