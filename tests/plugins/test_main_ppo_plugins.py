@@ -60,12 +60,20 @@ def prompts_of(path: str) -> list[str]:
         return sorted(json.loads(line)["input"] for line in fh)
 
 
-def test_main_ppo_trains_across_a_stage_boundary_and_resumes_mid_stage(tmp_path):
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    """One uninterrupted 4-step run (stages: steps 1-2 context 1, steps 3-4 context 2)."""
+    tmp_path = tmp_path_factory.mktemp("main_ppo_plugins")
     smoke = tmp_path / "smoke"
     subprocess.run([sys.executable, "-m", "conrec_verl.smoke", "--out", str(smoke)], cwd=ROOT, check=True,
                    env=dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])),
                    capture_output=True)
     log = main_ppo(smoke, f"trainer.default_local_dir={tmp_path}/ck_a", f"trainer.rollout_data_dir={tmp_path}/roll_a")
+    return tmp_path, smoke, log
+
+
+def test_main_ppo_trains_across_a_stage_boundary(run_a):
+    _, _, log = run_a
     steps = step_metrics(log)
     assert sorted(steps) == [1, 2, 3, 4]
     assert [float(steps[s]["training/conrec_stage"]) for s in (1, 2, 3, 4)] == [1.0, 1.0, 2.0, 2.0]
@@ -76,8 +84,11 @@ def test_main_ppo_trains_across_a_stage_boundary_and_resumes_mid_stage(tmp_path)
     # stage 2 renders the full negative history: longer prompts than stage 1
     assert float(steps[3]["prompt_length/mean"]) > float(steps[2]["prompt_length/mean"])
 
-    # resume from the step-3 checkpoint (middle of stage 2) into a fresh directory: only step 4 runs,
-    # in stage 2, on exactly the prompts the uninterrupted run trained on at step 4
+
+def test_main_ppo_resumes_in_the_middle_of_a_stage(run_a):
+    """Resume from the step-3 checkpoint (middle of stage 2) into a fresh directory: only step 4
+    runs, in stage 2, on exactly the prompts the uninterrupted run trained on at step 4."""
+    tmp_path, smoke, _ = run_a
     log_b = main_ppo(smoke, f"trainer.default_local_dir={tmp_path}/ck_b", f"trainer.rollout_data_dir={tmp_path}/roll_b",
                      "trainer.resume_mode=resume_path", f"trainer.resume_from_path={tmp_path}/ck_a/global_step_3")
     steps_b = step_metrics(log_b)
