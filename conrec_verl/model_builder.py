@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from conrec_verl.core.prompts import vocabulary_corpus
 from conrec_verl.core.sid import Codebook, all_sid_tokens
+from conrec_verl.io_utils import atomic_dir
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -109,21 +108,6 @@ def build_tiny_model(tokenizer, num_layers: int = 2, hidden_size: int = 64, num_
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def _atomic_save_dir(out_dir: Path, write) -> Path:
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        write(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
 def save_tiny_model(out_dir: str | os.PathLike, sid_sizes: Sequence[int], extra_texts: Iterable[str] = (),
                     num_layers: int = 2, hidden_size: int = 64, seed: int = 0) -> Path:
     """Build and save the tiny model + tokenizer as one HF folder (atomically)."""
@@ -132,12 +116,15 @@ def save_tiny_model(out_dir: str | os.PathLike, sid_sizes: Sequence[int], extra_
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    def write(tmp: Path):
+    return _save(model, tokenizer, out_dir, sid_sizes)
+
+
+def _save(model, tokenizer, out_dir, sid_sizes) -> Path:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "conrec_sid.json").write_text(json.dumps({"sid_sizes": list(map(int, sid_sizes))}))
-
-    return _atomic_save_dir(Path(out_dir), write)
+    return Path(out_dir)
 
 
 def missing_sid_tokens(tokenizer, sid_sizes: Sequence[int]) -> list[str]:
@@ -177,12 +164,7 @@ def extend_model_with_sid_tokens(model_path: str | os.PathLike, out_dir: str | o
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
 
-    def write(tmp: Path):
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "conrec_sid.json").write_text(json.dumps({"sid_sizes": list(map(int, sid_sizes))}))
-
-    return _atomic_save_dir(Path(out_dir), write)
+    return _save(model, tokenizer, out_dir, sid_sizes)
 
 
 def _sizes_arg(value: str) -> list[int]:

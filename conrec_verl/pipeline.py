@@ -36,6 +36,8 @@ from typing import Sequence
 
 from omegaconf import OmegaConf
 
+from conrec_verl.io_utils import atomic_dir, atomic_write_text
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE_DIR = REPO_ROOT / "recipes" / "conrec"
 PROFILE_DIR = RECIPE_DIR / "pipeline"
@@ -95,9 +97,7 @@ class Pipeline:
         return {"done": {}, "profile": OmegaConf.to_container(self.profile, resolve=True)}
 
     def _save_state(self, state: dict) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, self.state_path)
+        atomic_write_text(self.state_path, json.dumps(state, indent=2))
 
     def _run(self, phase: str, cmd: list[str], cwd: Path | None = None) -> None:
         log = self.run / "logs" / f"{phase}.log"
@@ -233,11 +233,8 @@ class Pipeline:
         src = ckpt / f"global_step_{step}" / sub
         if not (src / "config.json").is_file():
             raise PipelineError(f"{src}: no Hugging Face export (checkpoint.save_contents must include hf_model)")
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
+        with atomic_dir(dest) as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
         return dest
 
     def phase_grpo(self, phase: Phase, state: dict) -> dict:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +20,7 @@ import numpy as np
 
 from conrec_verl.core.prompts import render_history_prompt
 from conrec_verl.core.sid import SID_TOKEN_RE, Codebook, format_sid
+from conrec_verl.io_utils import atomic_dir
 
 
 def write_smoke_dataset(out_dir: str | os.PathLike, sid_sizes: Sequence[int] = (16, 16, 16), n_items: int = 200,
@@ -72,10 +71,7 @@ def write_smoke_dataset(out_dir: str | os.PathLike, sid_sizes: Sequence[int] = (
             })
         return out
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         (tmp / "rl").mkdir()
         codebook.save(tmp / "codebook.npz")
         sid_table = {"item_id": [f"i{i}" for i in range(n_items)], "sid": sids}
@@ -88,13 +84,7 @@ def write_smoke_dataset(out_dir: str | os.PathLike, sid_sizes: Sequence[int] = (
         manifest = {"sid_build": codebook.fingerprint, "sid_sizes": list(sid_sizes), "source": "synthetic smoke",
                     "seed": seed, "counts": {"items": n_items, "rl_train": n_train, "rl_val": n_val}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, num_levels: int = 3, **kwargs) -> float:

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# CoNRec on one CUDA GPU with verl's own trainers and this project's hf rollout (no vLLM):
+#   1. warm-up SFT with `torchrun -m verl.trainer.sft_trainer` (SID prompts -> future dislike)
+#   2. progressive GRPO with `python -m verl.trainer.main_ppo` + the three conrec plugins
+#   3. the same GRPO steps with verl's plain `grpo` and a trivial reward (plugin overhead)
+# Usage: bash benchmarks/gpu_hf_grpo.sh DATA_DIR BASE_MODEL_DIR [WORK_DIR]
+# Prints each phase's wall time and the per-step timings of both GRPO runs.
+set -euo pipefail
+data=$(cd "$1" && pwd); model=$(cd "$2" && pwd); work=${3:-/tmp/conrec_gpu}
+config="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/recipes/conrec/config"
+export WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 RAY_DEDUP_LOGS=1
+rm -rf "$work"; mkdir -p "$work"
+python3 -c "import torch; print('device:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
+
+t0=$(date +%s)
+torchrun --standalone --nnodes=1 --nproc_per_node=1 -m verl.trainer.sft_trainer \
+  --config-path "$config" --config-name sft_cpu_tiny trainer.device=cuda engine.dtype=bfloat16 \
+  model.path="$model" data.train_files="$data/sft/warmup.parquet" trainer.default_local_dir="$work/sft" \
+  trainer.total_training_steps=20 > "$work/sft.log" 2>&1 || { tail -40 "$work/sft.log"; exit 1; }
+grep -o "step:[0-9]* .*train/loss:[0-9.]*" "$work/sft.log" | sed 's/ - perf.*train\/loss/ loss/' | sed -n '1p;$p'
+echo "phase sft: $(( $(date +%s) - t0 )) s"
+sft="$work/sft/global_step_20/huggingface"
+
+common=(data_dir="$data" actor_rollout_ref.model.path="$sft" actor_rollout_ref.rollout.name=hf
+  data.train_batch_size=16 actor_rollout_ref.actor.ppo_mini_batch_size=16 actor_rollout_ref.rollout.n=8
+  actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=32 actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=64
+  actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64 actor_rollout_ref.actor.optim.lr=1e-4
+  +actor_rollout_ref.model.override_config.attn_implementation=sdpa
+  actor_rollout_ref.rollout.agent.num_workers=2 reward.num_workers=2
+  transfer_queue.backend.SimpleStorage.num_data_storage_units=2 trainer.save_freq=-1)
+stages='algorithm.progressive_grpo.stages=[{name:recent_neg,context:1,steps:3,beta:0.001},{name:all_neg,context:2,steps:3,beta:0.001},{name:neg_and_pos,context:3,steps:3,beta:0.002}]'
+
+t0=$(date +%s)
+python3 -m verl.trainer.main_ppo --config-path "$config" --config-name conrec_gpu_qwen3 "${common[@]}" "$stages" \
+  trainer.default_local_dir="$work/grpo" > "$work/grpo.log" 2>&1 || { tail -60 "$work/grpo.log"; exit 1; }
+echo "phase grpo (conrec plugins): $(( $(date +%s) - t0 )) s"
+grep -o "step:[0-9]* \|training/conrec_stage:[0-9.]*\|critic/score/mean:[-0-9.e]*\|reward_extra/valid_sid/mean:[0-9.e-]*\|rollout_probs_diff_max:[0-9.e-]*\|timing_s/step:[0-9.]*" "$work/grpo.log" | paste -sd' ' | sed 's/step:/\nstep:/g' | grep -v "^$" | awk '!seen[$1]++'
+
+t0=$(date +%s)
+python3 -m verl.trainer.main_ppo --config-path "$config" --config-name conrec_gpu_qwen3 "${common[@]}" \
+  algorithm.adv_estimator=grpo data.custom_cls.path=null trainer.v1.trainer_mode=sync trainer.total_training_steps=9 \
+  reward.reward_manager.name=naive reward.custom_reward_function.path=pkg://conrec_verl.smoke \
+  reward.custom_reward_function.name=compute_score trainer.default_local_dir="$work/grpo_plain" \
+  > "$work/grpo_plain.log" 2>&1 || { tail -60 "$work/grpo_plain.log"; exit 1; }
+echo "phase grpo (plain verl grpo, trivial reward): $(( $(date +%s) - t0 )) s"
+for f in grpo grpo_plain; do
+  python3 - "$work/$f.log" <<'PY'
+import re, statistics, sys
+steps = [float(m) for m in re.findall(r"timing_s/step:([0-9.]+)", open(sys.argv[1]).read())]
+later = steps[1:] or steps
+print(f"{sys.argv[1].rsplit('/', 1)[-1]}: {len(steps)} steps, first {steps[0]:.2f} s, median of the rest {statistics.median(later):.2f} s")
+PY
+done

@@ -1,0 +1,57 @@
+"""The one-command pipeline, shortened (ci_tiny profile): data_prep -> SFT stages -> progressive
+GRPO -> evaluation on the bundled sample, then resume and the fail-fast checks."""
+
+import json
+
+import pytest
+
+from conrec_verl.pipeline import Pipeline, PipelineError, load_profile, main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("pipeline") / "run"
+    assert main(["--run-dir", str(run), "--profile", "ci_tiny"]) == 0
+    return run
+
+
+def test_whole_pipeline_runs_and_reports_both_models(finished_run, capsys):
+    state = json.loads((finished_run / "pipeline.json").read_text())
+    for phase in ("data", "model", "sft_alignment", "sft_warmup", "grpo", "eval"):
+        assert phase in state["done"], f"{phase} not finished: {sorted(state['done'])}"
+    # verl's SFT trainer and main_ppo really trained: checkpoints and HF exports exist
+    assert (finished_run / "models" / "sft_warmup" / "config.json").is_file()
+    assert (finished_run / "models" / "grpo" / "config.json").is_file()
+    grpo_log = (finished_run / "logs" / "grpo.log").read_text()
+    assert "training/conrec_stage:3" in grpo_log  # the curriculum reached its last stage
+    summary = state["done"]["eval"]["summary"]
+    assert {"warm-up SFT", "progressive GRPO"} <= set(summary)
+    report = (finished_run / "eval" / "report.md").read_text()
+    assert "| warm-up SFT |" in report and "| progressive GRPO |" in report
+
+
+def test_rerun_skips_finished_phases(finished_run, capsys):
+    capsys.readouterr()
+    assert main(["--run-dir", str(finished_run), "--profile", "ci_tiny"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done earlier, skipped") == 7
+    assert "FHR@20" in out and "progressive GRPO" in out
+
+
+def test_a_data_folder_of_another_sid_build_is_refused(finished_run, tmp_path):
+    state = json.loads((finished_run / "pipeline.json").read_text())
+    state["sid_build"] = "0123456789abcdef"
+    pipe = Pipeline(finished_run, load_profile("ci_tiny"))
+    with pytest.raises(PipelineError, match="trained on build 0123456789abcdef"):
+        pipe.check_data_folder(state)
+
+
+def test_wrong_paths_fail_before_any_work(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["--run-dir", str(run), "--profile", "ci_tiny", "model.base=/nonexistent/model"]) == 2
+    assert "model.base=/nonexistent/model does not exist" in capsys.readouterr().err
+    assert not (run / "data").exists()
+    assert main(["--run-dir", str(run), "--profile", "no_such_profile"]) == 2
+    assert "not found" in capsys.readouterr().err
