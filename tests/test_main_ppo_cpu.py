@@ -59,3 +59,22 @@ def test_vllm_rollout_on_cpu_fails_fast_with_advice(smoke_dir, tmp_path):
     assert rc != 0
     assert "rollout.name=vllm needs a GPU" in out and "rollout.name=hf" in out
     assert "Started a local Ray instance" not in out  # refused before Ray started
+
+
+def test_conrec_reward_swaps_into_a_plain_grpo_config(smoke_dir, tmp_path):
+    """README "swap the reward in": verl's plain GRPO recipe + only reward overrides."""
+    root, data = smoke_dir
+    rc, out = run_main_ppo("smoke_cpu", [
+        f"smoke_dir={root}", f"trainer.default_local_dir={tmp_path}", "trainer.total_training_steps=1",
+        "trainer.val_before_train=true",
+        "reward.custom_reward_function.path=null",            # drop the smoke reward ...
+        "reward.reward_manager.name=conrec",                  # ... and use the conrec manager
+        f"+reward.reward_kwargs.codebook_path={data}/codebook.npz",
+    ], log_path=tmp_path / "swap.log")
+    assert rc == 0, out[-4000:]
+    steps = step_metrics(out)
+    val = steps.get(0, {})
+    # the conrec manager's extra info reaches verl's validation metrics
+    assert any("valid_sid" in k for k in val), sorted(val)[:20]
+    assert any("sim_gts" in k for k in val)
+    assert 1 in steps and "critic/score/mean" in steps[1]

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Progressive GRPO on CPU with the conrec plugins.
+# Usage: bash recipes/conrec/run_conrec_cpu.sh DATA_DIR MODEL_DIR [hydra overrides...]
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+data="$(cd "$1" && pwd)"; model="$(cd "$2" && pwd)"; shift 2
+export VERL_PLATFORM=cpu VERL_ENGINE_DEVICE=cuda TORCH_COMPILE_DISABLE=1 WANDB_MODE=${WANDB_MODE:-disabled} \
+       TOKENIZERS_PARALLELISM=false
+exec python -m verl.trainer.main_ppo --config-path "$here/config" --config-name conrec_cpu_tiny \
+  data_dir="$data" actor_rollout_ref.model.path="$model" "$@"
