@@ -167,6 +167,51 @@ def extend_model_with_sid_tokens(model_path: str | os.PathLike, out_dir: str | o
     return _save(model, tokenizer, out_dir, sid_sizes)
 
 
+PEFT_PREFIX = "base_model.model."
+
+
+def merge_lora_export(export_dir: str | os.PathLike, out_dir: str | os.PathLike, lora_alpha: float, r: int) -> Path:
+    """Turn verl's LoRA SFT export (a PEFT-wrapped state dict: ``base_model.model.*``,
+    ``*.base_layer.weight``, ``*.lora_A/B.default.weight``) into a plain HF model folder with the
+    adapters merged: ``W = W0 + (lora_alpha / r) * B @ A``.
+
+    ``AutoModelForCausalLM`` would otherwise load such an export with every weight *missing* and
+    freshly initialised (a warning only) -- the next pipeline stage would start from noise.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    files = sorted(export_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{export_dir}: no .safetensors weights to merge")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    scale = float(lora_alpha) / float(r)
+    plain: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        if ".lora_A." in name or ".lora_B." in name or ".lora_embedding_" in name:
+            continue
+        if ".base_layer." in name:
+            module, _, leaf = name.partition(".base_layer.")
+            name = f"{module}.{leaf}"
+            if leaf == "weight":
+                a = state.get(f"{PEFT_PREFIX}{module}.lora_A.default.weight")
+                b = state.get(f"{PEFT_PREFIX}{module}.lora_B.default.weight")
+                if a is not None and b is not None:
+                    merged = tensor.float() + scale * (b.float() @ a.float())
+                    tensor = merged.to(tensor.dtype)
+        plain[name] = tensor.contiguous().clone()  # tied weights share storage; safetensors refuses that
+    with atomic_dir(out_dir) as tmp:
+        for item in export_dir.iterdir():
+            if item.is_file() and item.suffix != ".safetensors" and item.name != "model.safetensors.index.json":
+                (tmp / item.name).write_bytes(item.read_bytes())
+        save_file(plain, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
 def _sizes_arg(value: str) -> list[int]:
     try:
         sizes = [int(x) for x in value.split(",") if x.strip()]

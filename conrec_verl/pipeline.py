@@ -233,6 +233,12 @@ class Pipeline:
         src = ckpt / f"global_step_{step}" / sub
         if not (src / "config.json").is_file():
             raise PipelineError(f"{src}: no Hugging Face export (checkpoint.save_contents must include hf_model)")
+        lora_meta = src.parent / "lora_train_meta.json"
+        if lora_meta.is_file():  # a LoRA SFT stage: merge the adapters into a plain model
+            from conrec_verl.model_builder import merge_lora_export
+
+            meta = json.loads(lora_meta.read_text())
+            return merge_lora_export(src, dest, lora_alpha=meta["lora_alpha"], r=meta["r"])
         with atomic_dir(dest) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
         return dest

@@ -80,3 +80,33 @@ def test_cli_builds_tiny_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["tiny", "--out", str(tmp_path / "x"), "--sid-sizes", "4,zero"])
     assert not (tmp_path / "x").exists()
+
+
+def test_merge_lora_export_equals_the_peft_model(tiny_model_dir, tmp_path):
+    """verl's LoRA SFT export is a PEFT-wrapped state dict; merged, it must compute what PEFT computes."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    from conrec_verl.model_builder import merge_lora_export
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # trained adapters are non-zero
+    export = tmp_path / "export"
+    export.mkdir()
+    save_file({k: v.contiguous().clone() for k, v in peft_model.state_dict().items()}, str(export / "model.safetensors"))
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (export / f).write_bytes((tiny_model_dir / f).read_bytes())
+    merged_dir = merge_lora_export(export, tmp_path / "merged", lora_alpha=8, r=4)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    ids = torch.tensor([[1, 5, 9, 200, 300]])
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+        got = merged(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert not torch.allclose(got, plain, atol=1e-3)  # the adapters really were merged in

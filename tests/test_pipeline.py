@@ -7,7 +7,7 @@ import pytest
 
 from conrec_verl.pipeline import Pipeline, PipelineError, load_profile, main
 
-pytestmark = pytest.mark.slow
+
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +17,7 @@ def finished_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_whole_pipeline_runs_and_reports_both_models(finished_run, capsys):
     state = json.loads((finished_run / "pipeline.json").read_text())
     for phase in ("data", "model", "sft_alignment", "sft_warmup", "grpo", "eval"):
@@ -32,6 +33,7 @@ def test_whole_pipeline_runs_and_reports_both_models(finished_run, capsys):
     assert "| warm-up SFT |" in report and "| progressive GRPO |" in report
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_phases(finished_run, capsys):
     capsys.readouterr()
     assert main(["--run-dir", str(finished_run), "--profile", "ci_tiny"]) == 0
@@ -40,6 +42,7 @@ def test_rerun_skips_finished_phases(finished_run, capsys):
     assert "FHR@20" in out and "progressive GRPO" in out
 
 
+@pytest.mark.slow
 def test_a_data_folder_of_another_sid_build_is_refused(finished_run, tmp_path):
     state = json.loads((finished_run / "pipeline.json").read_text())
     state["sid_build"] = "0123456789abcdef"
@@ -55,3 +58,22 @@ def test_wrong_paths_fail_before_any_work(tmp_path, capsys):
     assert not (run / "data").exists()
     assert main(["--run-dir", str(run), "--profile", "no_such_profile"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("profile", ["cpu_tiny", "ci_tiny", "gpu_qwen3"])
+def test_profiles_compose_with_their_verl_configs(profile):
+    """Every profile names SFT and GRPO configs that hydra composes on verl's own configs."""
+    from hydra import compose, initialize_config_dir
+
+    from conrec_verl.pipeline import RECIPE_DIR
+
+    prof = load_profile(profile)
+    with initialize_config_dir(config_dir=str(RECIPE_DIR / "config"), version_base=None):
+        sft = compose(config_name=str(prof.sft.config), overrides=["model.path=m", "data.train_files=f"])
+        grpo = compose(config_name=str(prof.grpo.config),
+                       overrides=["data_dir=d", "actor_rollout_ref.model.path=m", *map(str, prof.grpo.overrides)])
+    assert sft.checkpoint.save_contents[-1] == "hf_model"  # the pipeline exports every stage
+    assert grpo.algorithm.adv_estimator == "progressive_grpo" and grpo.reward.reward_manager.name == "conrec"
+    assert grpo.data.custom_cls.name == "ConrecSidDataset" and grpo.data.shuffle is False
+    assert "hf_model" in grpo.actor_rollout_ref.actor.checkpoint.save_contents
+    assert grpo.trainer.device == ("cpu" if prof.device == "cpu" else "cuda")
