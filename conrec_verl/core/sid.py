@@ -17,11 +17,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from conrec_verl.io_utils import atomic_path
 
 LEVEL_LETTERS = "abcdefgh"
 SID_TOKEN_RE = re.compile(r"<([a-h])_(\d{1,7})>")
@@ -196,17 +197,8 @@ class Codebook:
                     dim=self.dim, fingerprint=self.fingerprint)
         arrays = {f"level_{i}": a for i, a in enumerate(self.codewords)}
         arrays["meta_json"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Codebook":

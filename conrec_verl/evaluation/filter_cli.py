@@ -17,9 +17,7 @@ Candidates without a SID and users without predictions are kept.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ from conrec_verl.core.neg_filter import NegativeFilter
 from conrec_verl.core.sid import Codebook, CodebookError, parse_sid
 from conrec_verl.evaluation.data import EvalInputError, load_sid_map
 from conrec_verl.evaluation.predictions import read_prediction_lines
+from conrec_verl.io_utils import atomic_path
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -44,19 +43,11 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 
 def _write_table(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix + ".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix == ".csv":
             df.to_csv(tmp, index=False)
         else:
             df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def filter_candidates(data_dir, predictions, candidates: pd.DataFrame, threshold: float,

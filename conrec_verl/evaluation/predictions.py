@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from conrec_verl.core.sid import Codes, format_sid, parse_sid
 from conrec_verl.evaluation.data import EvalData, EvalInputError
+from conrec_verl.io_utils import atomic_write_text
 
 FORMAT_HELP = __doc__.split("\n\n", 1)[1]
 
@@ -126,21 +126,14 @@ def write_predictions(path: str | os.PathLike, data: EvalData, ranked: Sequence[
     path = Path(path)
     if len(ranked) != len(data.rows):
         raise ValueError(f"{len(ranked)} prediction rows for {len(data.rows)} evaluation rows")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".jsonl.tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            for i, (row, preds) in enumerate(zip(data.rows, ranked)):
-                obj = {"user_id": row.user_id, "cutoff_day": row.cutoff_day, "sid_build": data.sid_build,
-                       "predictions": [p if isinstance(p, str) else ("" if p is None else format_sid(p)) for p in preds]}
-                if scores is not None and scores[i] is not None:
-                    obj["scores"] = [float(x) for x in scores[i]]
-                if candidate_scores is not None and candidate_scores[i] is not None:
-                    obj["candidate_scores"] = [float(x) for x in candidate_scores[i]]
-                fh.write(json.dumps(obj) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    lines = []
+    for i, (row, preds) in enumerate(zip(data.rows, ranked)):
+        obj = {"user_id": row.user_id, "cutoff_day": row.cutoff_day, "sid_build": data.sid_build,
+               "predictions": [p if isinstance(p, str) else ("" if p is None else format_sid(p)) for p in preds]}
+        if scores is not None and scores[i] is not None:
+            obj["scores"] = [float(x) for x in scores[i]]
+        if candidate_scores is not None and candidate_scores[i] is not None:
+            obj["candidate_scores"] = [float(x) for x in candidate_scores[i]]
+        lines.append(json.dumps(obj) + "\n")
+    atomic_write_text(path, "".join(lines))
     return path
