@@ -58,13 +58,10 @@ def _hf_options(config) -> dict:
     opts = engine_kwargs.get(ROLLOUT_NAME, None) if hasattr(engine_kwargs, "get") else None
     if opts is None:
         return {}
-    try:
-        from omegaconf import OmegaConf
+    from omegaconf import OmegaConf
 
-        if OmegaConf.is_config(opts):
-            return OmegaConf.to_container(opts, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
+    if OmegaConf.is_config(opts):
+        return OmegaConf.to_container(opts, resolve=True)
     return dict(opts)
 
 
