@@ -18,11 +18,14 @@
 # Every step is the resumable pipeline (pipeline.json records finished phases), so rerunning this
 # script after an interruption continues where it stopped. Extra pipeline overrides for every run:
 # PIPELINE_ARGS="sft.overrides=[...]"; extra bench_quality.py arguments: BENCH_ARGS="--sasrec-epochs 20".
+# TRAIN=0 skips all training and evaluates the model rows already trained under $WORK (the others
+# are listed as missing in the section).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 WORK=${WORK:-runs}
 DATASETS=${DATASETS:-"ml100k kuairand"}
+TRAIN=${TRAIN:-1}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -62,8 +65,19 @@ EOF
 MODELS=()
 for D in $DATASETS; do
   read -r -a DARGS <<< "$(data_args "$D")"
-  if [ "$D" = ml100k ]; then "$PY" -m data_prep.fetch_movielens --cache "$WORK/cache"; fi
+  if [ "$D" = ml100k ] && [ "$TRAIN" != 0 ]; then "$PY" -m data_prep.fetch_movielens --cache "$WORK/cache"; fi
   RUN=$WORK/$D
+  ROWS=("warm-up SFT=$RUN-warmup_only/models/sft_warmup"
+        "+ alignment=$RUN/models/sft_warmup"
+        "+ progressive GRPO=$RUN-grpo_next_neg/models/grpo"
+        "+ future negative reward=$RUN-grpo_neg_only/models/grpo"
+        "+ positive penalty=$RUN/models/grpo")
+  if [ "$TRAIN" = 0 ]; then
+    for row in "${ROWS[@]}"; do
+      if [ -f "${row#*=}/config.json" ]; then MODELS+=(--model "$D:$row"); else log "$D: no ${row%%=*} model yet"; fi
+    done
+    continue
+  fi
 
   log "$D: default pipeline (SFT stages + progressive GRPO, collab reward)"
   pipeline --run-dir "$RUN" --only data,model,sft_translation,sft_alignment,sft_warmup,grpo "${DARGS[@]}"
@@ -85,15 +99,11 @@ for D in $DATASETS; do
   pipeline --run-dir "$RUN-grpo_neg_only" --only grpo "${DARGS[@]}" \
     "grpo.overrides=[reward.reward_kwargs.variant=neg_only]"
 
-  MODELS+=(--model "$D:warm-up SFT=$RUN-warmup_only/models/sft_warmup"
-           --model "$D:+ alignment=$RUN/models/sft_warmup"
-           --model "$D:+ progressive GRPO=$RUN-grpo_next_neg/models/grpo"
-           --model "$D:+ future negative reward=$RUN-grpo_neg_only/models/grpo"
-           --model "$D:+ positive penalty=$RUN/models/grpo")
+  for row in "${ROWS[@]}"; do MODELS+=(--model "$D:$row"); done
 done
 
 log "evaluation + BENCHMARKS.md"
 # bench_quality.py reuses $WORK/D/data (the folder the models were trained on) and writes $WORK/D/eval
 "$PY" benchmarks/bench_quality.py --work "$WORK" --datasets "$(echo $DATASETS | tr ' ' ,)" "${MODELS[@]}" \
-  --command "bash benchmarks/run_ablation.sh" "${BENCH_EXTRA[@]}" --write BENCHMARKS.md
+  --command "$([ "$TRAIN" = 0 ] && echo "TRAIN=0 ")bash benchmarks/run_ablation.sh" "${BENCH_EXTRA[@]}" --write BENCHMARKS.md
 log "done"
