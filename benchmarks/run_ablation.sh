@@ -105,5 +105,5 @@ done
 log "evaluation + BENCHMARKS.md"
 # bench_quality.py reuses $WORK/D/data (the folder the models were trained on) and writes $WORK/D/eval
 "$PY" benchmarks/bench_quality.py --work "$WORK" --datasets "$(echo $DATASETS | tr ' ' ,)" "${MODELS[@]}" \
-  --command "$([ "$TRAIN" = 0 ] && echo "TRAIN=0 ")bash benchmarks/run_ablation.sh" "${BENCH_EXTRA[@]}" --write BENCHMARKS.md
+  --command "$([ "$TRAIN" = 0 ] && echo "TRAIN=0 ")${BENCH_ARGS:+BENCH_ARGS=\"$BENCH_ARGS\" }bash benchmarks/run_ablation.sh" "${BENCH_EXTRA[@]}" --write BENCHMARKS.md
 log "done"
