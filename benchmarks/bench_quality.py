@@ -90,6 +90,7 @@ def section(name: str, report: dict, missing: list[str], models: dict[str, str] 
     body = re.sub(r"^## ", "#### ", body, flags=re.M)
     body = re.sub(r"^# .*\n", "", body, count=1)
     body = body.replace("Plots: `", f"Plots (in `{name}/eval/`): `")
+    body = body.replace(str(ROOT) + os.sep, "")  # model_dir=runs/... rather than this machine's checkout path
     lines = [f"### {DATASETS[name]['title']}", "", body.strip(), ""]
     times = {row: training_time(path) for row, path in (models or {}).items()}
     if any(times.values()):
