@@ -28,6 +28,13 @@ hierarchical    ``hier_weights[d-1]`` for the deepest prefix ``d`` shared with a
                 0 if none (default weights 0.01 / 0.1 / 1 for 3 levels)  (e)
 ============== ==================================================  ==============
 
+Positive target set (``RewardConfig.targets``)
+----------------------------------------------
+``gts`` (default) scores against GTS = ``future_neg ∪ swing``, the paper's future-negative
+reward. ``next_neg`` scores against the single next dislike only (the ground truth's
+``next_neg``; an empty set when it is null): the classic next-item reward the paper starts from
+before adding future negatives (Table 2, "+ progressive GRPO" row). FPS is ``future_pos`` either way.
+
 The format penalty defaults to ``lower_bound(variant) - 0.5`` (``-2.0`` for ``collab`` with
 ``gamma=0.5``) so that any valid SID always scores above garbage; set it explicitly to override.
 """
@@ -47,6 +54,7 @@ from conrec_verl.core.sid import LEVEL_LETTERS, Codebook, Codes, format_sid, par
 
 VARIANTS = ("collab", "neg_only", "neg_truncated", "double_truncated", "hierarchical")
 PARSE_MODES = ("first", "strict")
+TARGET_SETS = ("gts", "next_neg")
 
 
 def prefix_depth(a: Sequence[int], b: Sequence[int]) -> int:
@@ -96,12 +104,16 @@ class RewardConfig:
     parse_mode: str = "first"
     #: refuse ground truths whose ``sid_build`` differs from the codebook's fingerprint
     check_sid_build: bool = True
+    #: positive target set: ``gts`` (future_neg ∪ swing) or ``next_neg`` (the single next dislike)
+    targets: str = "gts"
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ScoringConfigError(f"reward variant {self.variant!r} unknown; choose one of {VARIANTS}")
         if self.parse_mode not in PARSE_MODES:
             raise ScoringConfigError(f"parse_mode {self.parse_mode!r} unknown; choose one of {PARSE_MODES}")
+        if self.targets not in TARGET_SETS:
+            raise ScoringConfigError(f"targets {self.targets!r} unknown; choose one of {TARGET_SETS}")
         for name in ("gamma", "sim_threshold"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -336,7 +348,8 @@ class Scorer:
             cache.popitem(last=False)
 
     def targets(self, ground_truth: str | Mapping[str, Any]) -> Targets:
-        """GTS = future_neg ∪ swing, FPS = future_pos, parsed and embedded (cached per JSON string)."""
+        """GTS = future_neg ∪ swing (or just next_neg with ``targets="next_neg"``), FPS = future_pos,
+        parsed and embedded (cached per JSON string)."""
         key = ground_truth if isinstance(ground_truth, str) else None
         if key is not None:
             cached = self._gt_cache.get(key)
@@ -371,7 +384,7 @@ class Scorer:
                     out[codes] = None
             return tuple(out)
 
-        gts = codes_of(("future_neg", "swing"))
+        gts = codes_of(("next_neg",) if self.config.targets == "next_neg" else ("future_neg", "swing"))
         fps = codes_of(("future_pos",))
         dim = self.codebook.dim
 

@@ -46,3 +46,24 @@ def test_bench_quality_section_writer(tmp_path):
             mod["main"]()
         finally:
             sys.argv = sys_argv
+
+
+def test_bench_quality_training_time_sums_the_phases_that_made_a_model(tmp_path):
+    import json
+
+    mod = runpy.run_path(str(BENCH / "bench_quality.py"))
+    parent, branch = tmp_path / "ml", tmp_path / "ml-grpo_neg_only"
+    done = {"data": {"seconds": 5.0}, "model": {"seconds": 8.0},
+            "sft_translation": {"seconds": 1.0, "skipped": True},
+            "sft_warmup": {"seconds": 100.0, "path": str(parent / "models" / "sft_warmup")},
+            "grpo": {"seconds": 200.0, "path": str(parent / "models" / "grpo")}, "eval": {"seconds": 60.0}}
+    (parent / "models").mkdir(parents=True)
+    (parent / "pipeline.json").write_text(json.dumps({"done": done}))
+    branch_done = {k: v for k, v in done.items() if k not in ("grpo", "eval")}
+    branch_done["grpo"] = {"seconds": 50.0, "path": str(branch / "models" / "grpo")}
+    (branch / "models").mkdir(parents=True)
+    (branch / "pipeline.json").write_text(json.dumps({"done": branch_done}))
+    assert mod["training_time"](str(parent / "models" / "sft_warmup")) == (114.0, ["data", "model", "sft_warmup"])
+    assert mod["training_time"](str(parent / "models" / "grpo")) == (314.0, ["data", "model", "sft_warmup", "grpo"])
+    assert mod["training_time"](str(branch / "models" / "grpo"))[0] == 164.0
+    assert mod["training_time"](str(tmp_path / "elsewhere" / "model")) is None

@@ -187,3 +187,33 @@ def test_never_raises_and_reward_is_bounded(text, variant, mode):
     info = r.as_extra_info()
     assert set(info) == {"valid_sid", "exact_hit", "prefix_depth", "sim_gts", "sim_fps"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in info.values())
+
+
+@pytest.mark.parametrize("variant", ["collab", "neg_only", "hierarchical"])
+@pytest.mark.parametrize("out", [(1, 2, 3), (3, 3, 3), (2, 1, 1)])
+def test_next_neg_targets_score_against_the_single_next_dislike_only(variant, out):
+    nxt = (0, 4, 5)
+    gt = ground_truth([sid(*c) for c in GTS], [sid(*c) for c in SWING], [sid(*c) for c in FPS], next_neg=sid(*nxt))
+    r = Scorer(BOOK, RewardConfig(variant=variant, targets="next_neg")).score(sid(*out), gt)
+    s_g, s_f = cos(out, nxt), max(cos(out, t) for t in FPS)
+    expected = {"collab": s_g - 0.5 * s_f, "neg_only": s_g,
+                "hierarchical": [0.0, 0.01, 0.1, 1.0][prefix_depth(out, nxt)]}[variant]
+    assert r.valid
+    assert r.reward == pytest.approx(expected, abs=1e-5)
+    assert r.sim_gts == pytest.approx(s_g, abs=1e-5)
+    assert r.exact_hit == (out == nxt)
+    # the default target set still sees future_neg ∪ swing: (1, 2, 3) and (3, 3, 3) are exact hits there
+    default = Scorer(BOOK, RewardConfig(variant=variant)).score(sid(*out), gt)
+    assert default.exact_hit == (out in GTS + SWING)
+
+
+def test_next_neg_targets_with_no_next_dislike_is_an_empty_set():
+    gt = ground_truth([sid(1, 2, 3)], [], [], next_neg=None)
+    r = Scorer(BOOK, RewardConfig(variant="neg_only", targets="next_neg")).score(sid(1, 2, 3), gt)
+    assert r.valid and r.reward == 0.0 and not r.exact_hit
+
+
+def test_unknown_target_set_is_refused_and_targets_is_a_reward_kwarg():
+    with pytest.raises(ScoringConfigError, match="targets 'future' unknown"):
+        RewardConfig(targets="future")
+    assert RewardConfig.from_mapping({"targets": "next_neg", "variant": "neg_only"}).targets == "next_neg"

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Train the paper's Table 2 ablation rows with the cpu_tiny pipeline on the two real logs, then
+# regenerate the quality section of BENCHMARKS.md (baselines + model rows) with bench_quality.py.
+#
+#     bash benchmarks/run_ablation.sh                 # both logs, run folders under runs/
+#     WORK=/tmp/abl DATASETS="ml100k" bash benchmarks/run_ablation.sh
+#
+# Per log D (ml100k = MovieLens-100K fetched at run time into $WORK/cache; kuairand = the bundled
+# sample), all run folders under $WORK (never committed):
+#   $WORK/D                 the default pipeline up to GRPO: translation (when the log has item
+#                           text) + alignment + warm-up SFT, then progressive GRPO with the collab
+#                           reward.  models/sft_warmup = "+ alignment", models/grpo = "+ positive penalty"
+#   $WORK/D-warmup_only     warm-up SFT straight from the base model          -> "warm-up SFT"
+#   $WORK/D-grpo_next_neg   GRPO from "+ alignment", reward neg_only against the single next
+#                           dislike (reward.reward_kwargs.targets=next_neg)   -> "+ progressive GRPO"
+#   $WORK/D-grpo_neg_only   GRPO from "+ alignment", reward neg_only against GTS = future
+#                           dislikes + Swing neighbours                        -> "+ future negative reward"
+# Every step is the resumable pipeline (pipeline.json records finished phases), so rerunning this
+# script after an interruption continues where it stopped. Extra pipeline overrides for every run:
+# PIPELINE_ARGS="sft.overrides=[...]"; extra bench_quality.py arguments: BENCH_ARGS="--sasrec-epochs 20".
+# TRAIN=0 skips all training and evaluates the model rows already trained under $WORK (the others
+# are listed as missing in the section).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+WORK=${WORK:-runs}
+DATASETS=${DATASETS:-"ml100k kuairand"}
+TRAIN=${TRAIN:-1}
+mkdir -p "$WORK"
+WORK=$(cd "$WORK" && pwd)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+read -r -a EXTRA <<< "${PIPELINE_ARGS:-}"
+read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"
+
+log() { echo "[run_ablation $(date -u +%H:%M:%S)] $*"; }
+
+data_args() {
+  case "$1" in
+    ml100k) echo "data.config=movielens data.input_path=$WORK/cache/ml-100k" ;;
+    kuairand) echo "data.config=kuairand" ;;
+    *) echo "unknown dataset $1 (ml100k | kuairand)" >&2; exit 2 ;;
+  esac
+}
+
+pipeline() { "$PY" -m conrec_verl.pipeline --profile cpu_tiny "$@" "${EXTRA[@]}"; }
+
+# A run folder that shares D's data folder and finished SFT phases, without its GRPO/eval, so that
+# `--only grpo` trains another GRPO from the same "+ alignment" model.
+branch() {
+  local src=$1 dst=$2
+  mkdir -p "$dst"
+  [ -e "$dst/data" ] || ln -s "$src/data" "$dst/data"
+  [ -f "$dst/pipeline.json" ] || "$PY" - "$src/pipeline.json" "$dst/pipeline.json" <<'EOF'
+import json, os, sys, tempfile
+state = json.load(open(sys.argv[1]))
+for phase in ("grpo", "eval"):
+    state["done"].pop(phase, None)
+fd, tmp = tempfile.mkstemp(dir=os.path.dirname(sys.argv[2]))
+with os.fdopen(fd, "w") as fh:
+    json.dump(state, fh, indent=2)
+os.replace(tmp, sys.argv[2])
+EOF
+}
+
+MODELS=()
+for D in $DATASETS; do
+  read -r -a DARGS <<< "$(data_args "$D")"
+  if [ "$D" = ml100k ] && [ "$TRAIN" != 0 ]; then "$PY" -m data_prep.fetch_movielens --cache "$WORK/cache"; fi
+  RUN=$WORK/$D
+  ROWS=("warm-up SFT=$RUN-warmup_only/models/sft_warmup"
+        "+ alignment=$RUN/models/sft_warmup"
+        "+ progressive GRPO=$RUN-grpo_next_neg/models/grpo"
+        "+ future negative reward=$RUN-grpo_neg_only/models/grpo"
+        "+ positive penalty=$RUN/models/grpo")
+  if [ "$TRAIN" = 0 ]; then
+    for row in "${ROWS[@]}"; do
+      if [ -f "${row#*=}/config.json" ]; then MODELS+=(--model "$D:$row"); else log "$D: no ${row%%=*} model yet"; fi
+    done
+    continue
+  fi
+
+  log "$D: default pipeline (SFT stages + progressive GRPO, collab reward)"
+  pipeline --run-dir "$RUN" --only data,model,sft_translation,sft_alignment,sft_warmup,grpo "${DARGS[@]}"
+
+  log "$D: warm-up SFT only (no translation/alignment stage)"
+  mkdir -p "$RUN-warmup_only"
+  [ -e "$RUN-warmup_only/data" ] || ln -s "$RUN/data" "$RUN-warmup_only/data"
+  # the cpu_tiny profile's warm-up stage, alone
+  pipeline --run-dir "$RUN-warmup_only" --only data,model,sft_warmup "${DARGS[@]}" \
+    "sft.stages=[{name: warmup, file: sft/warmup.parquet, overrides: [trainer.total_epochs=4]}]"
+
+  log "$D: progressive GRPO rewarded on the next dislike only"
+  branch "$RUN" "$RUN-grpo_next_neg"
+  pipeline --run-dir "$RUN-grpo_next_neg" --only grpo "${DARGS[@]}" \
+    "grpo.overrides=[reward.reward_kwargs.variant=neg_only,+reward.reward_kwargs.targets=next_neg]"
+
+  log "$D: progressive GRPO with the future-negative reward (no positive penalty)"
+  branch "$RUN" "$RUN-grpo_neg_only"
+  pipeline --run-dir "$RUN-grpo_neg_only" --only grpo "${DARGS[@]}" \
+    "grpo.overrides=[reward.reward_kwargs.variant=neg_only]"
+
+  for row in "${ROWS[@]}"; do MODELS+=(--model "$D:$row"); done
+done
+
+log "evaluation + BENCHMARKS.md"
+# bench_quality.py reuses $WORK/D/data (the folder the models were trained on) and writes $WORK/D/eval
+"$PY" benchmarks/bench_quality.py --work "$WORK" --datasets "$(echo $DATASETS | tr ' ' ,)" "${MODELS[@]}" \
+  --command "$([ "$TRAIN" = 0 ] && echo "TRAIN=0 ")${BENCH_ARGS:+BENCH_ARGS=\"$BENCH_ARGS\" }bash benchmarks/run_ablation.sh" "${BENCH_EXTRA[@]}" --write BENCHMARKS.md
+log "done"
