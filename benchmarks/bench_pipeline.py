@@ -28,7 +28,12 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tree_rss(proc: psutil.Process) -> int:
+def tree_memory(proc: psutil.Process, field: str) -> int:
+    """Sum of one memory field over the process and its descendants.
+
+    ``pss`` (proportional set size) splits shared pages (libtorch, Ray's object store) between the
+    processes mapping them; ``rss`` counts them once per process.
+    """
     try:
         procs = [proc] + proc.children(recursive=True)
     except psutil.Error:
@@ -36,23 +41,8 @@ def tree_rss(proc: psutil.Process) -> int:
     total = 0
     for p in procs:
         try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
-def tree_pss(proc: psutil.Process) -> int:
-    """Proportional set size of the tree: shared pages (libtorch, Ray's object store) are split
-    between the processes mapping them instead of being counted once per process, as RSS does."""
-    total = 0
-    try:
-        procs = [proc] + proc.children(recursive=True)
-    except psutil.Error:
-        return 0
-    for p in procs:
-        try:
-            total += p.memory_full_info().pss
+            info = p.memory_full_info() if field == "pss" else p.memory_info()
+            total += getattr(info, field)
         except psutil.Error:
             pass
     return total
@@ -77,8 +67,8 @@ def main() -> int:
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], tree_pss(ps))
-            peak_rss[0] = max(peak_rss[0], tree_rss(ps))
+            peak[0] = max(peak[0], tree_memory(ps, "pss"))
+            peak_rss[0] = max(peak_rss[0], tree_memory(ps, "rss"))
             done.wait(1.0)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -85,13 +85,19 @@ class EvalData:
         return {r.key: i for i, r in enumerate(self.rows)}
 
 
-def load_sid_map(path: Path, codebook: Codebook) -> tuple[dict[str, Codes], dict[Codes, str]]:
+def _read_table(path: Path, columns: tuple[str, ...], missing: str):
+    """A parquet table that must have ``columns``; one clear error naming the file otherwise."""
     if not path.is_file():
-        raise EvalInputError(f"{path}: file not found (every data folder needs a SID map)")
+        raise EvalInputError(f"{path}: {missing}")
     table = pq.read_table(path)
-    for col in ("item_id", "sid"):
+    for col in columns:
         if col not in table.column_names:
             raise EvalInputError(f"{path}: column {col!r} missing (has {table.column_names})")
+    return table
+
+
+def load_sid_map(path: Path, codebook: Codebook) -> tuple[dict[str, Codes], dict[Codes, str]]:
+    table = _read_table(path, ("item_id", "sid"), "file not found (every data folder needs a SID map)")
     item_sids: dict[str, Codes] = {}
     sid_items: dict[Codes, str] = {}
     for row, (item, sid) in enumerate(zip(table.column("item_id").to_pylist(), table.column("sid").to_pylist())):
@@ -175,12 +181,7 @@ def load_eval_data(data_dir: str | os.PathLike, split: str = "eval/test.parquet"
                              f"{codebook.fingerprint!r} (files from two SID builds)")
     item_sids, sid_items = load_sid_map(data_dir / "sid_map.parquet", codebook)
     split_path = data_dir / split
-    if not split_path.is_file():
-        raise EvalInputError(f"{split_path}: evaluation split not found")
-    table = pq.read_table(split_path)
-    for col in ("reward_model", "extra_info"):
-        if col not in table.column_names:
-            raise EvalInputError(f"{split_path}: column {col!r} missing (has {table.column_names})")
+    table = _read_table(split_path, ("reward_model", "extra_info"), "evaluation split not found")
     raws = table.to_pylist()
     if max_rows is not None:
         raws = raws[: int(max_rows)]
