@@ -4,7 +4,8 @@
 #   2. progressive GRPO with `python -m verl.trainer.main_ppo` + the three conrec plugins
 #   3. the same GRPO steps with verl's plain `grpo` and a trivial reward (plugin overhead)
 # Usage: bash benchmarks/gpu_hf_grpo.sh DATA_DIR BASE_MODEL_DIR [WORK_DIR]
-# Prints each phase's wall time and the per-step timings of both GRPO runs.
+#   SFT_STEPS=20 (0: no SFT, GRPO starts from BASE_MODEL_DIR)  STAGE_STEPS=3 (GRPO steps per curriculum stage)
+# Prints each phase's wall time, the per-step timings of both GRPO runs and their ratio (plugin overhead).
 set -euo pipefail
 data=$(cd "$1" && pwd); model=$(cd "$2" && pwd); work=${3:-/tmp/conrec_gpu}
 config="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/recipes/conrec/config"
@@ -12,14 +13,18 @@ export WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 RAY_D
 rm -rf "$work"; mkdir -p "$work"
 python3 -c "import torch; print('device:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
 
+SFT_STEPS=${SFT_STEPS:-20}; STAGE_STEPS=${STAGE_STEPS:-3}
+sft="$model"
+if [ "$SFT_STEPS" -gt 0 ]; then
 t0=$(date +%s)
 torchrun --standalone --nnodes=1 --nproc_per_node=1 -m verl.trainer.sft_trainer \
   --config-path "$config" --config-name sft_cpu_tiny trainer.device=cuda engine.dtype=bfloat16 \
   model.path="$model" data.train_files="$data/sft/warmup.parquet" trainer.default_local_dir="$work/sft" \
-  trainer.total_training_steps=20 > "$work/sft.log" 2>&1 || { tail -40 "$work/sft.log"; exit 1; }
+  trainer.total_training_steps="$SFT_STEPS" > "$work/sft.log" 2>&1 || { tail -40 "$work/sft.log"; exit 1; }
 grep -o "step:[0-9]* .*train/loss:[0-9.]*" "$work/sft.log" | sed 's/ - perf.*train\/loss/ loss/' | sed -n '1p;$p'
 echo "phase sft: $(( $(date +%s) - t0 )) s"
-sft="$work/sft/global_step_20/huggingface"
+sft="$work/sft/global_step_$SFT_STEPS/huggingface"
+fi
 
 common=(data_dir="$data" actor_rollout_ref.model.path="$sft" actor_rollout_ref.rollout.name=hf
   data.train_batch_size=16 actor_rollout_ref.actor.ppo_mini_batch_size=16 actor_rollout_ref.rollout.n=8
@@ -28,7 +33,8 @@ common=(data_dir="$data" actor_rollout_ref.model.path="$sft" actor_rollout_ref.r
   +actor_rollout_ref.model.override_config.attn_implementation=sdpa
   actor_rollout_ref.rollout.agent.num_workers=2 reward.num_workers=2
   transfer_queue.backend.SimpleStorage.num_data_storage_units=2 trainer.save_freq=-1)
-stages='algorithm.progressive_grpo.stages=[{name:recent_neg,context:1,steps:3,beta:0.001},{name:all_neg,context:2,steps:3,beta:0.001},{name:neg_and_pos,context:3,steps:3,beta:0.002}]'
+n=$STAGE_STEPS
+stages="algorithm.progressive_grpo.stages=[{name:recent_neg,context:1,steps:$n,beta:0.001},{name:all_neg,context:2,steps:$n,beta:0.001},{name:neg_and_pos,context:3,steps:$n,beta:0.002}]"
 
 t0=$(date +%s)
 python3 -m verl.trainer.main_ppo --config-path "$config" --config-name conrec_gpu_qwen3 "${common[@]}" "$stages" \
@@ -38,16 +44,26 @@ grep -o "step:[0-9]* \|training/conrec_stage:[0-9.]*\|critic/score/mean:[-0-9.e]
 
 t0=$(date +%s)
 python3 -m verl.trainer.main_ppo --config-path "$config" --config-name conrec_gpu_qwen3 "${common[@]}" \
-  algorithm.adv_estimator=grpo data.custom_cls.path=null trainer.v1.trainer_mode=sync trainer.total_training_steps=9 \
+  algorithm.adv_estimator=grpo data.custom_cls.path=null trainer.v1.trainer_mode=sync trainer.total_training_steps=$((3 * n)) \
   reward.reward_manager.name=naive reward.custom_reward_function.path=pkg://conrec_verl.smoke \
   reward.custom_reward_function.name=compute_score trainer.default_local_dir="$work/grpo_plain" \
   > "$work/grpo_plain.log" 2>&1 || { tail -60 "$work/grpo_plain.log"; exit 1; }
 echo "phase grpo (plain verl grpo, trivial reward): $(( $(date +%s) - t0 )) s"
-for f in grpo grpo_plain; do
-  python3 - "$work/$f.log" <<'PY'
+python3 - "$work/grpo.log" "$work/grpo_plain.log" <<'PY'
 import re, statistics, sys
-steps = [float(m) for m in re.findall(r"timing_s/step:([0-9.]+)", open(sys.argv[1]).read())]
-later = steps[1:] or steps
-print(f"{sys.argv[1].rsplit('/', 1)[-1]}: {len(steps)} steps, first {steps[0]:.2f} s, median of the rest {statistics.median(later):.2f} s")
+med = {}
+for path in sys.argv[1:]:
+    text = open(path).read()
+    name = path.rsplit("/", 1)[-1]
+    row = {}
+    for key in ("step", "gen", "reward", "adv", "update_actor"):
+        vals = [float(m) for m in re.findall(rf"timing_s/{key}:([0-9.]+)", text)]
+        row[key] = statistics.median(vals[1:] or vals) if vals else float("nan")
+    steps = [float(m) for m in re.findall(r"timing_s/step:([0-9.]+)", text)]
+    med[name] = row
+    print(f"{name}: {len(steps)} steps, first {steps[0]:.2f} s; medians of the rest: "
+          + ", ".join(f"{k} {v:.3f} s" for k, v in row.items()))
+a, b = med["grpo.log"], med["grpo_plain.log"]
+print(f"plugin overhead: step {a['step'] / b['step']:.3f}x; non-generation part "
+      f"{(a['step'] - a['gen']) / (b['step'] - b['gen']):.3f}x (conrec / plain verl grpo)")
 PY
-done
