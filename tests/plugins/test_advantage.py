@@ -4,6 +4,8 @@ the objective verl's actor optimises at the stage boundary."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -226,3 +228,35 @@ def test_conrec_sync_trainer_logs_the_stage_every_step(config, monkeypatch):
     metrics = {}
     trainer._compute_metrics(batch, metrics, {}, 4, 0)
     assert "training/conrec_stage" not in metrics
+
+
+def test_conrec_sync_sets_the_replay_buffer_poll_interval(config):
+    """verl's own sync replay buffer, built by verl's ``_build_replay_buffer`` through the conrec
+    trainer: ``trainer.v1.sync.poll_interval`` replaces verl's fixed 2 s wait; unset keeps it."""
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+
+    from conrec_verl.advantage import ConrecSyncTrainer
+
+    def build(extra):
+        trainer = object.__new__(ConrecSyncTrainer)
+        trainer.trainer_mode = "conrec_sync"
+        trainer.config = config(extra=extra)
+        trainer._add_prompts_to_generate = lambda n: None
+        return trainer._build_replay_buffer()
+
+    default = build([])
+    assert type(default) is ReplayBuffer and default.poll_interval == 2.0
+    assert build(["+trainer.v1.sync.poll_interval=0.05"]).poll_interval == 0.05
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(ValueError, match="trainer.v1.sync.poll_interval"):
+            build([f"+trainer.v1.sync.poll_interval={bad}"])
+
+
+def test_recipes_poll_the_rollout_quickly():
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[2] / "recipes" / "conrec" / "config"
+    for name in ("conrec_cpu_tiny", "conrec_gpu_qwen3"):
+        cfg = OmegaConf.load(root / f"{name}.yaml")
+        assert cfg.trainer.v1.trainer_mode == "conrec_sync"
+        assert 0 < cfg.trainer.v1.sync.poll_interval < 2.0, name
