@@ -1,18 +1,26 @@
-"""Benchmark data_prep on a synthetic log (default 10M events, 1M items, 100k users, 28 days).
+"""Benchmark data_prep on synthetic logs at 1M, 3M and 10M events (items and users scale with the
+events: 10M events = 1M items, 100k users; 28 days).
 
-    python benchmarks/bench_data_prep.py                      # full size (target: < 10 min, < 12 GB on 2 cores)
-    python benchmarks/bench_data_prep.py --events 1000000 --items 100000 --users 10000   # quick look
+    python benchmarks/bench_data_prep.py                      # 1M, 3M, 10M + the Ray engine at 1M
+    python benchmarks/bench_data_prep.py --millions 1 --ray-at 1     # quick look
+    python benchmarks/bench_data_prep.py --millions 1,3,10 --ray-at 1,10
 
-Prints wall time and peak resident memory per step (RSS sampled every 20 ms by a thread) and,
-as baselines measured in the same run: (1) the same build at 1/10 of the size (scaling ratio) and
-(2) the sparse Swing against the literal brute-force formula on a small slice of the dislikes
-(speed-up ratio, results checked equal). Nothing here is a test; figures go in BENCHMARKS.md.
+Prints, per size, the wall time and peak resident memory of every step (RSS of this process,
+sampled every 20 ms by a thread), then how time and memory grow with the events (ratios against the
+smallest size: linear = the size ratio). Baselines measured in the same run: (1) ``engine=ray``
+(a local Ray started for the build, partitions by user/item) against ``engine=local`` on the same
+log, with its output files compared byte for byte (target: within 1.5x); (2) the sparse Swing against
+the literal brute-force formula on a small slice of the dislikes (speed-up ratio, results checked
+equal). Nothing here is a test; figures go in BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
+import json
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -83,11 +91,12 @@ def synth(path: Path, events: int, items: int, users: int, days: int, seed: int 
                   "label": label}).to_parquet(path, index=False)
 
 
-def run_build(log: Path, out: Path, days: int, sizes: str, cutoffs: int) -> tuple[float, StepMonitor]:
+def run_build(log: Path, out: Path, days: int, sizes: str, cutoffs: int,
+              extra: tuple = ()) -> tuple[float, StepMonitor]:
     cutoff = (pd.Timestamp("2024-01-01") + pd.Timedelta(days=days - 8)).strftime("%Y%m%d")
     cfg = load_config("generic", [f"input.path={log}", f"out_dir={out}", f"split.eval_cutoff_day={cutoff}",
                                   f"sid.sizes={sizes}", f"split.num_train_cutoffs={cutoffs}", "print_summary=false",
-                                  "progress=false", "overwrite=true"])
+                                  "progress=false", "overwrite=true", *extra])
     mon = StepMonitor()
     t0 = time.perf_counter()
     build(cfg, step_hook=mon.hook)
@@ -96,48 +105,98 @@ def run_build(log: Path, out: Path, days: int, sizes: str, cutoffs: int) -> tupl
     return wall, mon
 
 
+def same_outputs(a: Path, b: Path) -> bool:
+    """Every file of the two data folders byte-identical (the manifest: up to config and timings)."""
+    fa = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    if fa != sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()):
+        return False
+    for rel in fa:
+        if rel.name == "manifest.json":
+            ma, mb = (json.loads((d / rel).read_text()) for d in (a, b))
+            for m in (ma, mb):
+                m.pop("timings_s"), m.pop("config")
+            if ma != mb:
+                return False
+        elif not filecmp.cmp(a / rel, b / rel, shallow=False):
+            return False
+    return True
+
+
+def print_steps(title: str, wall: float, mon: StepMonitor) -> None:
+    print(f"\n[{title}]")
+    print(f"{'step':<12}{'wall s':>10}{'peak RSS GB':>14}")
+    for name, sec, peak in mon.rows:
+        print(f"{name:<12}{sec:>10.1f}{peak / 2**30:>14.2f}")
+    print(f"{'total':<12}{wall:>10.1f}{max(p for _, _, p in mon.rows) / 2**30:>14.2f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--events", type=int, default=10_000_000)
-    ap.add_argument("--items", type=int, default=1_000_000)
-    ap.add_argument("--users", type=int, default=100_000)
+    ap.add_argument("--millions", default="1,3,10", help="log sizes in millions of events")
+    ap.add_argument("--items-per-event", type=float, default=0.1)
+    ap.add_argument("--users-per-event", type=float, default=0.01)
     ap.add_argument("--days", type=int, default=28)
-    ap.add_argument("--sizes", default="[256,256,256]")
+    ap.add_argument("--sizes", default="[256,256,256]", help="sid.sizes")
     ap.add_argument("--train-cutoffs", type=int, default=3)
-    ap.add_argument("--workdir", default=None, help="where to put the synthetic log and outputs (default: a temp dir)")
-    ap.add_argument("--skip-small", action="store_true", help="skip the 1/10-size baseline build")
+    ap.add_argument("--ray-at", default="1", help="sizes (millions) also built with engine=ray; '' = none")
+    ap.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    ap.add_argument("--workdir", default=None, help="where to put the synthetic logs and outputs (default: a temp dir)")
     args = ap.parse_args(argv)
+    millions = [float(x) for x in args.millions.split(",") if x.strip()]
+    ray_at = {float(x) for x in args.ray_at.split(",") if x.strip()}
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_prep_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        print(f"workdir {work}; cores {os.cpu_count()}")
+        print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs; workdir {work}")
         results = {}
-        scales = [("full", 1)] + ([] if args.skip_small else [("1/10", 10)])
-        for label, div in scales:
-            log = work / f"log_{div}.parquet"
+        ray_rows = []
+        for mil in millions:
+            events = int(mil * 1_000_000)
+            items, users = max(int(events * args.items_per_event), 1000), max(int(events * args.users_per_event), 100)
+            log = work / f"log_{mil:g}M.parquet"
             t0 = time.perf_counter()
-            synth(log, args.events // div, max(args.items // div, 1000), max(args.users // div, 100), args.days)
+            synth(log, events, items, users, args.days)
             gen = time.perf_counter() - t0
-            wall, mon = run_build(log, work / f"out_{div}", args.days, args.sizes, args.train_cutoffs)
-            results[label] = wall
-            print(f"\n[{label}] {args.events // div:,} events, {max(args.items // div, 1000):,} items, "
-                  f"{max(args.users // div, 100):,} users (log generated in {gen:.1f} s)")
-            print(f"{'step':<12}{'wall s':>10}{'peak RSS GB':>14}")
-            for name, sec, peak in mon.rows:
-                print(f"{name:<12}{sec:>10.1f}{peak / 2**30:>14.2f}")
-            peak = max(p for _, _, p in mon.rows)
-            print(f"{'total':<12}{wall:>10.1f}{peak / 2**30:>14.2f}")
-            import json
-
-            m = json.loads((work / f"out_{div}" / "manifest.json").read_text())
+            wall, mon = run_build(log, work / f"out_{mil:g}M", args.days, args.sizes, args.train_cutoffs)
+            results[mil] = (wall, mon)
+            print_steps(f"{mil:g}M events, {items:,} items, {users:,} users (log generated in {gen:.1f} s); engine=local",
+                        wall, mon)
+            m = json.loads((work / f"out_{mil:g}M" / "manifest.json").read_text())
             print("rows:", {k: v for k, v in m["counts"].items() if "/" in k})
-        if "1/10" in results:
-            print(f"\nscaling: full / (1/10 size) wall-time ratio = {results['full'] / results['1/10']:.1f} "
-                  "(10.0 = linear)")
+            if mil in ray_at:
+                extra = ("engine=ray",) + ((f"ray.num_cpus={args.ray_cpus}",) if args.ray_cpus else ())
+                rwall, rmon = run_build(log, work / f"out_{mil:g}M_ray", args.days, args.sizes, args.train_cutoffs, extra)
+                print_steps(f"{mil:g}M events; engine=ray (driver RSS only)", rwall, rmon)
+                same = same_outputs(work / f"out_{mil:g}M", work / f"out_{mil:g}M_ray")
+                ray_rows.append((mil, wall, rwall, same))
+                shutil.rmtree(work / f"out_{mil:g}M_ray", ignore_errors=True)
+            shutil.rmtree(work / f"out_{mil:g}M", ignore_errors=True)
+            log.unlink()
+
+        base = min(results)
+        steps = [name for name, _, _ in results[base][1].rows]
+        print(f"\n## time (s) and peak RSS (GB) per step by log size; growth = value / value at {base:g}M")
+        print("| step | " + " | ".join(f"{m:g}M s" for m in results) + " | " + " | ".join(f"{m:g}M GB" for m in results)
+              + " | time growth " + ", ".join(f"{m / base:g}x" for m in results if m != base) + " |")
+        print("|---" * (1 + 2 * len(results) + 1) + "|")
+        for i, name in enumerate(steps + ["total"]):
+            secs = [r[0] if name == "total" else r[1].rows[i][1] for r in results.values()]
+            peaks = [max(p for _, _, p in r[1].rows) if name == "total" else r[1].rows[i][2] for r in results.values()]
+            growth = [s / secs[0] if secs[0] > 0 else float("nan") for s in secs[1:]]
+            print(f"| {name} | " + " | ".join(f"{s:.1f}" for s in secs) + " | "
+                  + " | ".join(f"{p / 2**30:.2f}" for p in peaks) + " | " + ", ".join(f"{g:.1f}" for g in growth) + " |")
+        for mil in results:
+            if mil != base:
+                print(f"scaling {mil:g}M / {base:g}M: wall x{results[mil][0] / results[base][0]:.1f} "
+                      f"(linear: x{mil / base:g})")
+        for mil, lw, rw, same in ray_rows:
+            print(f"engine=ray at {mil:g}M events: {rw:.1f} s vs engine=local {lw:.1f} s = x{rw / lw:.2f} "
+                  f"(target <= 1.5); identical outputs: {same}")
 
         # Swing: sparse vs the literal formula on a slice of the dislikes
-        df = pd.read_parquet(work / "log_1.parquet")
+        synth(work / "swing_log.parquet", 1_000_000, 100_000, 10_000, args.days)
+        df = pd.read_parquet(work / "swing_log.parquet")
         neg = df[df.label == 0]
         hot = neg["item_id"].value_counts().index[:1500]
         sl = neg[neg["item_id"].isin(hot)].head(30000)

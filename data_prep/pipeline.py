@@ -29,6 +29,7 @@ from conrec_verl.core.swing import (
     top_k_neighbors,
 )
 from data_prep import samples as S
+from data_prep import distributed as D
 from data_prep.embeddings import build_item_embeddings
 from data_prep.errors import DataPrepError
 from data_prep.readers import read_input
@@ -139,10 +140,15 @@ def build(cfg: Mapping | Any, step_hook: Callable[[str, str], None] | None = Non
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not cfg.get("overwrite", False):
         raise DataPrepError(f"{out} already exists; pass overwrite=true to replace it")
+    engine = D.check_engine(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        summary = _build_into(cfg, tmp, step_hook)
+        if engine == "ray":
+            with D.ray_session(cfg.get("ray") or {}, bool(cfg.get("progress", True))) as n_parts:
+                summary = _build_into(cfg, tmp, step_hook, n_parts)
+        else:
+            summary = _build_into(cfg, tmp, step_hook)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / "old")
@@ -158,7 +164,9 @@ def build(cfg: Mapping | Any, step_hook: Callable[[str, str], None] | None = Non
     return out
 
 
-def _build_into(cfg: dict, tmp: Path, hook) -> dict:
+def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -> dict:
+    """The steps of :func:`build`; with ``ray_partitions`` (engine=ray, inside a Ray session) the
+    Swing and samples steps run partitioned on Ray Data (:mod:`data_prep.distributed`)."""
     seed = int(cfg.get("seed", 0))
     steps = _Steps(STEP_NAMES, bool(cfg.get("progress", True)), hook)
     scfg = cfg.get("samples", {}) or {}
@@ -217,7 +225,11 @@ def _build_into(cfg: dict, tmp: Path, hook) -> dict:
             mcd = choose_min_co_dislikers(R, float(sw.get("auto_item_coverage", 0.5)), cands)
         params = SwingParams(float(sw.get("alpha1", 5.0)), float(sw.get("alpha2", 1.0)), float(sw.get("theta", 0.5)),
                              int(mcd))
-        scores = swing_scores(sw_users, sw_items, params)
+        pair_scores = None
+        if ray_partitions:
+            def pair_scores(R, p):
+                return D.swing_pair_scores_ray(R, p, ray_partitions)
+        scores = swing_scores(sw_users, sw_items, params, pair_scores)
         top = top_k_neighbors(scores, int(sw.get("top_k", 20)), float(sw.get("min_score", 0.0)))
         gts_n = int(sw.get("gts_neighbors", 3))
         neighbors = {}
@@ -236,7 +248,10 @@ def _build_into(cfg: dict, tmp: Path, hook) -> dict:
 
     with steps("samples"):
         ctx = S.SampleContext(inter, plan, sid_of, neighbors, item_neg_count, sid_build, seed, scfg)
-        train_rows, test_rows, skip_counts = S.build_samples(ctx)
+        if ray_partitions:
+            train_rows, test_rows, skip_counts = D.build_samples_ray(ctx, ray_partitions)
+        else:
+            train_rows, test_rows, skip_counts = S.build_samples(ctx, progress=bool(cfg.get("progress", True)))
         rcfg = cfg.get("rl", {}) or {}
         if train_rows.empty:
             tr, va = train_rows, train_rows

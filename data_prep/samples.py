@@ -269,18 +269,32 @@ def _per_user_arrays(inter: pd.DataFrame, key: np.ndarray, item_codes: np.ndarra
         yield users[s], key[s:e], items[s:e], pol[s:e], days[s:e]
 
 
-def build_samples(ctx: SampleContext) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Training/validation samples (``split`` = train | val) and test samples, plus counts."""
+def item_lookup(ctx: SampleContext) -> _Lookup:
+    """The item tables every sample is made from (SIDs, Swing neighbours, dislike counts), indexed by
+    the codes of ``ctx.inter``'s items; built once and shared by every user partition."""
+    _, labels = pd.factorize(ctx.inter["item_id"])
+    return _lookup(ctx, np.asarray(labels, dtype=object))
+
+
+def build_samples(ctx: SampleContext, lookup: _Lookup | None = None,
+                  progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Training/validation samples (``split`` = train | val) and test samples, plus counts.
+
+    Users are independent: ``ctx.inter`` may hold any subset of users (a partition, with
+    ``ctx.plan.key`` aligned to it) and ``lookup`` the item tables of the whole log
+    (:func:`item_lookup`); the rows of a user do not depend on the other users."""
     p = ctx.plan
     cfg = ctx.cfg
     val_frac = float(cfg.get("val_user_fraction", 0.1))
     counts: dict = {"train": {}, "test": {}}
     train_rows, test_rows = [], []
     n_users = ctx.inter["user_id"].nunique()
-    codes, labels = pd.factorize(ctx.inter["item_id"])
-    lk = _lookup(ctx, np.asarray(labels, dtype=object))
+    lk = lookup if lookup is not None else item_lookup(ctx)
+    codes = pd.Index(lk.labels).get_indexer(ctx.inter["item_id"])
+    if len(codes) and codes.min() < 0:
+        raise ValueError("build_samples: the lookup lacks items of the interactions")
     for user, key, items, pol, days in tqdm(_per_user_arrays(ctx.inter, p.key, codes.astype(np.int64)), total=n_users,
-                                            desc="samples", leave=False):
+                                            desc="samples", leave=False, disable=not progress):
         is_val = is_val_user(ctx.seed, user, val_frac)
         e_cut = p.eval_cut[user]
         for cut in p.train_cuts.get(user, ()):

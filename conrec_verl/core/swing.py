@@ -110,36 +110,74 @@ def _row_overlaps(R: sp.csr_matrix, us: np.ndarray, vs: np.ndarray, chunk: int =
     return out
 
 
-def swing_pair_scores(R: sp.csr_matrix, params: SwingParams, block: int = 100_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The symmetric double sum ``S`` for every kept unordered pair: arrays ``(i, j, S)`` with ``i < j``.
+def kept_pairs(R: sp.csr_matrix, min_co_dislikers: int, items: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Item pairs ``(i, j)``, ``i < j``, with at least ``min_co_dislikers`` (and 2) co-dislikers,
+    sorted by ``(i, j)``. ``items`` restricts ``i`` to those item columns (an item partition: the
+    pairs of disjoint partitions are disjoint and together give all pairs)."""
+    thr = max(int(min_co_dislikers), 2)  # u != v needs two co-dislikers
+    if items is None:
+        C = co_dislike_counts(R).tocoo()
+        keep = C.data >= thr
+        I, J = C.row[keep].astype(np.int64), C.col[keep].astype(np.int64)
+    else:
+        items = np.asarray(items, dtype=np.int64)
+        C = (R[:, items].T @ R).tocoo()  # rows: the partition's items, columns: every item
+        I = items[C.row]
+        keep = (C.data >= thr) & (C.col > I)
+        I, J = I[keep], C.col[keep].astype(np.int64)
+    order = np.lexsort((J, I))
+    return I[order], J[order]
+
+
+def swing_pair_scores(R: sp.csr_matrix, params: SwingParams, block: int = 100_000,
+                      items: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The symmetric double sum ``S`` for every kept unordered pair: arrays ``(i, j, S)`` with ``i < j``,
+    sorted by ``(i, j)`` (only pairs whose ``i`` is in ``items`` when given).
 
     ``Swi(i, j) = S / sqrt(N_j)``, ``Swi(j, i) = S / sqrt(N_i)``. User overlaps ``|I(u) & I(v)|``
     are computed only for user pairs that co-dislike some kept item pair (never a full ``R R^T``).
+    Every pair's ``S`` is summed in ascending user order whatever else shares its block, so the
+    result is bit-identical for any ``block`` and any item partition (the Ray path relies on it).
     """
-    R = sp.csr_matrix(R, dtype=np.float64)
+    R = sp.csr_matrix(R, dtype=np.float64, copy=True)  # (a shared, read-only R from Ray's object store)
     R.data[:] = 1.0
-    C = co_dislike_counts(R).tocoo()
-    keep = C.data >= max(int(params.min_co_dislikers), 2)  # u != v needs two co-dislikers
-    I = C.row[keep].astype(np.int64)
-    J = C.col[keep].astype(np.int64)
-    del C
+    R.sort_indices()
+    I, J = kept_pairs(R, params.min_co_dislikers, items)
     if I.size == 0:
         return I, J, np.zeros(0)
     n_users = R.shape[0]
     w = np.power(np.asarray(R.sum(axis=1)).ravel() + params.alpha1, -params.theta)
     Rc = R.tocsc()
+    Rc.sort_indices()
     S = np.empty(I.size, dtype=np.float64)
     for start in range(0, I.size, block):
         stop = min(start + block, I.size)
         P = Rc[:, I[start:stop]].multiply(Rc[:, J[start:stop]]).tocsc()  # users x pairs: co-dislikers
+        P.sort_indices()
         Q = (P @ P.T).tocoo()  # the user pairs that co-occur in some pair of this block
         off = Q.row != Q.col
         us, vs = Q.row[off].astype(np.int64), Q.col[off].astype(np.int64)
         del Q
         overlap = _row_overlaps(R, us, vs)
         W = sp.csr_matrix((w[us] * w[vs] / (overlap + params.alpha2), (us, vs)), shape=(n_users, n_users))
-        S[start:stop] = np.asarray(P.multiply(W @ P).sum(axis=0)).ravel()
+        W.sort_indices()  # (W P)[u, p] sums over v in ascending order
+        WP = (W @ P).tocsc()
+        WP.sort_indices()
+        M = P.multiply(WP).tocsc()
+        M.eliminate_zeros()
+        S[start:stop] = _column_sums(M, stop - start)
     return I, J, S
+
+
+def _column_sums(M: sp.csc_matrix, n_cols: int) -> np.ndarray:
+    """Per-column sums of a CSC matrix, each a left-to-right sum in ascending row order."""
+    M.sort_indices()
+    out = np.zeros(n_cols, dtype=np.float64)
+    nnz = np.diff(M.indptr)
+    cols = np.flatnonzero(nnz)
+    if cols.size:
+        out[cols] = np.add.reduceat(M.data, M.indptr[:-1][cols])
+    return out
 
 
 def cap_dislikers(users: Sequence, items: Sequence, times: Sequence, max_per_item: int):
@@ -153,13 +191,16 @@ def cap_dislikers(users: Sequence, items: Sequence, times: Sequence, max_per_ite
     return df["u"].to_numpy(), df["i"].to_numpy()
 
 
-def swing_scores(users: Sequence, items: Sequence, params: SwingParams = SwingParams()) -> pd.DataFrame:
+def swing_scores(users: Sequence, items: Sequence, params: SwingParams = SwingParams(),
+                 pair_scores=None) -> pd.DataFrame:
     """Directed Swing scores ``Swi(item, neighbor) > 0`` from a dislike log (one row per event).
 
     Returns columns ``item_id``, ``neighbor_id`` (labels as given) and ``score`` (float64).
+    ``pair_scores(R, params)`` replaces :func:`swing_pair_scores` (data_prep's Ray engine passes its
+    item-partitioned version).
     """
     R, _, i_labels = dislike_matrix(users, items)
-    I, J, S = swing_pair_scores(R, params)
+    I, J, S = (pair_scores or swing_pair_scores)(R, params)
     n_dislikers = np.asarray(R.sum(axis=0)).ravel()
     pos = S > 0
     I, J, S = I[pos], J[pos], S[pos]

@@ -1,0 +1,183 @@
+"""``engine=ray``: the per-user and per-item work of data_prep on Ray Data.
+
+Selected by one option, ``engine=ray`` (``ray.address``: an existing cluster, e.g. ``auto``; unset
+starts a local one for the run). The config and the output folder are the same as with
+``engine=local``, byte for byte in every data file (tests/data_prep/test_ray_engine.py):
+
+- **samples** (histories, GTS/FPS windows, the per-user rows of every RL/eval/warm-up file) are
+  partitioned **by user**: each event carries a stable hash of its user into a partition column,
+  Ray Data groups the events by it (``groupby(...).map_groups``) and every group builds its users'
+  rows with the same :func:`data_prep.samples.build_samples` the local engine runs, against item
+  tables built once and shared through the object store. Users are independent, so the union of
+  the groups, put back in user order, is the local output.
+- **Swing** is partitioned **by item**: partition ``k`` scores the kept pairs ``(i, j)``, ``i < j``,
+  whose ``i`` falls in it (:func:`conrec_verl.core.swing.swing_pair_scores` with ``items=``), from
+  the dislike graph shared through the object store. Every pair's sum runs in the same order in
+  any partition, so the scores are bit-identical to the local ones.
+
+What still runs on the driver: reading the log, the split plan, item embeddings and the SID
+k-means (one pass over the items), the candidate sets and the parquet writes. The driver therefore
+still holds the log's columns; the Ray path spreads the steps whose cost grows with users x history
+and with co-dislike pairs over the cluster's CPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+from dataclasses import replace
+from typing import Iterator, Mapping
+
+import numpy as np
+import pandas as pd
+
+from data_prep.errors import DataPrepError
+
+ENGINES = ("local", "ray")
+_EVENT_COLUMNS = ["user_id", "item_id", "ts", "day", "polarity"]
+
+
+def check_engine(cfg: Mapping) -> str:
+    engine = str(cfg.get("engine", "local") or "local")
+    if engine not in ENGINES:
+        raise DataPrepError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "ray":
+        try:
+            import ray  # noqa: F401
+            import ray.data  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - ray is a dependency of verl
+            raise DataPrepError(f"engine=ray needs ray[data] installed ({exc})") from exc
+        n = (cfg.get("ray") or {}).get("partitions")
+        if n is not None and int(n) < 1:
+            raise DataPrepError(f"ray.partitions must be >= 1 (or null = auto), got {n}")
+    return engine
+
+
+@contextlib.contextmanager
+def ray_session(rcfg: Mapping, progress: bool) -> Iterator[int]:
+    """Connect to ``rcfg.address`` or start a local Ray for the run (shut down afterwards); yields
+    the number of partitions to use (``rcfg.partitions``, else 2 per cluster CPU)."""
+    import ray
+    from ray.data import DataContext
+
+    started = False
+    if not ray.is_initialized():
+        kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+        address = rcfg.get("address")
+        if address:
+            kwargs["address"] = str(address)
+        else:  # a fresh Ray for this run, never whatever cluster happens to run on the machine
+            kwargs["address"] = "local"
+            if rcfg.get("num_cpus"):
+                kwargs["num_cpus"] = int(rcfg["num_cpus"])
+        # the driver's modules (data_prep, conrec_verl) must import in the workers
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(
+            p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}}
+        try:
+            ray.init(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - one clear error, whatever Ray raised
+            raise DataPrepError(f"engine=ray: could not start or reach Ray (ray.address={address!r}): {exc}") from exc
+        started = True
+    ctx = DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start)
+    logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.WARNING)
+    ctx.enable_progress_bars = bool(progress)
+    ctx.print_on_execution_start = False
+    try:
+        n = rcfg.get("partitions")
+        yield int(n) if n else max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    finally:
+        ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+        if started:
+            ray.shutdown()
+
+
+def stable_partition(labels, n: int) -> np.ndarray:
+    """Partition ``0..n-1`` of each label from a fixed-key hash of its text (same on every run and
+    machine, unlike Python's ``hash``)."""
+    text = pd.Series(labels, dtype=object).astype(str).to_numpy(dtype=object)
+    return (pd.util.hash_array(text) % np.uint64(n)).astype(np.int64)
+
+
+def _payloads(ds) -> list:
+    return [pickle.loads(row["payload"]) for row in ds.iter_rows()]
+
+
+# -- Swing, partitioned by item ------------------------------------------------------------------
+
+def swing_pair_scores_ray(R, params, n_parts: int, block: int = 100_000):
+    """:func:`~conrec_verl.core.swing.swing_pair_scores` over item partitions on Ray Data."""
+    import ray
+    import ray.data
+
+    from conrec_verl.core.swing import swing_pair_scores
+
+    n_items = R.shape[1]
+    part_of_item = np.arange(n_items, dtype=np.int64) % n_parts
+    graph = ray.put((R, part_of_item))
+
+    def score(batch: dict) -> dict:
+        R_, parts = ray.get(graph)
+        out = []
+        for k in batch["part"]:
+            I, J, S = swing_pair_scores(R_, params, block, items=np.flatnonzero(parts == int(k)))
+            out.append(pickle.dumps((I, J, S), protocol=pickle.HIGHEST_PROTOCOL))
+        return {"payload": np.array(out, dtype=object)}
+
+    ds = ray.data.from_items([{"part": k} for k in range(n_parts)], override_num_blocks=n_parts)
+    res = _payloads(ds.map_batches(score, batch_size=1, batch_format="numpy"))
+    if not res:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    I = np.concatenate([r[0] for r in res])
+    J = np.concatenate([r[1] for r in res])
+    S = np.concatenate([r[2] for r in res])
+    order = np.lexsort((J, I))
+    return I[order], J[order], S[order]
+
+
+# -- samples, partitioned by user ----------------------------------------------------------------
+
+def build_samples_ray(ctx, n_parts: int):
+    """:func:`data_prep.samples.build_samples` with users grouped into ``n_parts`` partitions on Ray
+    Data; returns the same ``(train_rows, test_rows, counts)`` as the local call."""
+    import ray
+    import ray.data
+
+    from data_prep import samples as S
+
+    lookup = S.item_lookup(ctx)
+    frame = ctx.inter[_EVENT_COLUMNS].copy()
+    frame["_key"] = np.asarray(ctx.plan.key)
+    frame["_row"] = np.arange(len(frame), dtype=np.int64)
+    frame["_part"] = stable_partition(frame["user_id"].to_numpy(), n_parts)
+    shared = ray.put((replace(ctx.plan, key=np.zeros(0, np.int64)), lookup, ctx.sid_build, ctx.seed, dict(ctx.cfg)))
+
+    def build_part(df: pd.DataFrame) -> pd.DataFrame:
+        plan, lk, sid_build, seed, cfg = ray.get(shared)
+        df = df.sort_values("_row", kind="stable").reset_index(drop=True)
+        part_ctx = S.SampleContext(df[_EVENT_COLUMNS], replace(plan, key=df["_key"].to_numpy(np.int64)),
+                                   {}, {}, {}, sid_build, seed, cfg)
+        out = S.build_samples(part_ctx, lk, progress=False)
+        return pd.DataFrame({"_part": [int(df["_part"].iloc[0])],
+                             "payload": [pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)]})
+
+    ds = ray.data.from_pandas(frame).groupby("_part").map_groups(build_part, batch_format="pandas")
+    del frame
+    parts = _payloads(ds)
+    counts: dict = {"train": {}, "test": {}}
+    for _, _, c in parts:
+        for split, reasons in c.items():
+            for reason, n in reasons.items():
+                counts[split][reason] = counts[split].get(reason, 0) + n
+
+    def gather(frames: list) -> pd.DataFrame:
+        frames = [f for f in frames if len(f)]
+        if not frames:
+            return pd.DataFrame()
+        # the local engine walks users in sorted order, each user's rows in cutoff order
+        return pd.concat(frames, ignore_index=True).sort_values("user_id", kind="stable").reset_index(drop=True)
+
+    return gather([p[0] for p in parts]), gather([p[1] for p in parts]), counts

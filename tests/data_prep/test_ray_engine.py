@@ -1,0 +1,158 @@
+"""``engine=ray``: the same data folder as ``engine=local``, built on a local Ray cluster.
+
+The pure pieces the Ray path relies on (user-partitioned samples, item-partitioned Swing) are
+checked without Ray; the end-to-end tests start real Ray clusters (a two-node
+``ray.cluster_utils.Cluster`` reached through ``ray.address``, and the local Ray the engine starts
+itself) and compare every output file byte for byte.
+"""
+
+import filecmp
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conrec_verl.core.swing import SwingParams, dislike_matrix, swing_pair_scores
+from data_prep import DataPrepError, build
+from data_prep import samples as S
+from data_prep.distributed import stable_partition
+from dp_helpers import generic_cfg, ms, synth_log
+
+RAY_OPTS = ("progress=false",)
+
+
+def compare_folders(a: Path, b: Path) -> None:
+    """Every file of ``a`` and ``b`` byte-identical, the manifest up to the engine options and timings."""
+    files_a = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    assert files_a == files_b
+    for rel in files_a:
+        if rel == "manifest.json":
+            continue
+        assert filecmp.cmp(a / rel, b / rel, shallow=False), f"{rel} differs between the engines"
+
+    def manifest(folder):
+        m = json.loads((folder / "manifest.json").read_text())
+        m.pop("timings_s")
+        for key in ("engine", "ray", "out_dir"):
+            m["config"].pop(key, None)
+        return m
+
+    assert manifest(a) == manifest(b)
+
+
+def test_stable_partition_is_fixed_and_in_range():
+    labels = np.array([f"u{i}" for i in range(500)], dtype=object)
+    p = stable_partition(labels, 7)
+    assert p.min() >= 0 and p.max() < 7 and len(np.unique(p)) == 7
+    assert np.array_equal(p, stable_partition(labels[::-1], 7)[::-1])  # a function of the label only
+    assert np.array_equal(stable_partition(labels, 7), p)
+
+
+def test_swing_scores_bit_identical_over_item_partitions_and_blocks():
+    rng = np.random.default_rng(3)
+    users = rng.integers(0, 300, 6000)
+    items = rng.zipf(1.4, 6000) % 120
+    R, _, _ = dislike_matrix(users, items)
+    params = SwingParams(min_co_dislikers=2)
+    I0, J0, S0 = swing_pair_scores(R, params)
+    assert len(I0) > 100 and np.all(I0 < J0)
+    for block in (1, 17):
+        I, J, S = swing_pair_scores(R, params, block=block)
+        assert np.array_equal(I, I0) and np.array_equal(J, J0) and np.array_equal(S, S0)
+    parts = [swing_pair_scores(R, params, block=23, items=np.flatnonzero(np.arange(R.shape[1]) % 4 == k))
+             for k in range(4)]
+    I = np.concatenate([p[0] for p in parts])
+    J = np.concatenate([p[1] for p in parts])
+    Sv = np.concatenate([p[2] for p in parts])
+    order = np.lexsort((J, I))
+    assert np.array_equal(I[order], I0) and np.array_equal(J[order], J0)
+    assert np.array_equal(Sv[order], S0)  # bit for bit, not approximately
+
+
+def test_samples_of_user_partitions_union_to_the_whole(tmp_path):
+    """build_samples over disjoint user subsets (shared item tables) = build_samples over everybody."""
+    log = synth_log(seed=1, n_users=30)
+    inter = pd.DataFrame({"user_id": log.user_id.astype(str), "item_id": log.item_id.astype(str),
+                          "ts": log.timestamp.astype(np.int64),
+                          "day": pd.to_datetime(log.timestamp, unit="ms").dt.strftime("%Y%m%d").astype(np.int64),
+                          "polarity": np.where(log.label == 0, -1, 1).astype(np.int8)})
+    inter = inter.sort_values(["user_id", "ts"], kind="stable").reset_index(drop=True)
+    plan = S.plan_split(inter, {"eval_cutoff_day": 20240110, "num_train_cutoffs": 3})
+    items = sorted(inter.item_id.unique())
+    sid_of = {it: f"<a_{k % 4}><b_{k // 4 % 4}><c_{k // 16}>" for k, it in enumerate(items)}
+    neighbors = {items[0]: [items[1], items[2]], items[3]: [items[0]]}
+    counts = inter[inter.polarity < 0].groupby("item_id").size().to_dict()
+    ctx = S.SampleContext(inter, plan, sid_of, neighbors, counts, "b0", 0, {})
+    full_tr, full_te, full_counts = S.build_samples(ctx, progress=False)
+    assert len(full_tr) and len(full_te)
+    lookup = S.item_lookup(ctx)
+    part = stable_partition(inter.user_id.to_numpy(), 3)
+    trs, tes = [], []
+    for k in range(3):
+        m = part == k
+        sub = S.SampleContext(inter[m].reset_index(drop=True), replace(plan, key=plan.key[m]),
+                              {}, {}, {}, "b0", 0, {})
+        tr, te, _ = S.build_samples(sub, lookup, progress=False)
+        trs.append(tr)
+        tes.append(te)
+    for full, pieces in ((full_tr, trs), (full_te, tes)):
+        got = pd.concat([p for p in pieces if len(p)], ignore_index=True).sort_values("user_id", kind="stable")
+        pd.testing.assert_frame_equal(got.reset_index(drop=True), full.reset_index(drop=True))
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    yield cluster
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster.shutdown()
+
+
+def test_ray_engine_on_a_two_node_cluster_equals_local(tmp_path, two_node_cluster):
+    import ray
+
+    log = synth_log(seed=2, n_users=80, n_items=90)
+    log.to_csv(tmp_path / "log.csv", index=False)
+    extra = ("swing.min_co_dislikers=2", "swing.max_dislikers_per_item=6")
+    local = build(generic_cfg(tmp_path / "log.csv", tmp_path / "local", *extra))
+    remote = build(generic_cfg(tmp_path / "log.csv", tmp_path / "ray", *extra, "engine=ray",
+                               f"ray.address={two_node_cluster.address}", "ray.partitions=5", *RAY_OPTS))
+    assert not ray.is_initialized()  # the engine disconnects what it connected
+    assert len(pd.read_parquet(local / "swing.parquet")) > 0
+    assert len(pd.read_parquet(local / "rl" / "train.parquet")) > 0
+    compare_folders(local, remote)
+    assert json.loads((remote / "manifest.json").read_text())["config"]["engine"] == "ray"
+
+
+def test_ray_engine_per_user_split_with_its_own_local_ray(tmp_path):
+    pytest.importorskip("ray")
+    rows = []
+    for u in range(40):
+        for k in range(14):
+            rows.append((f"u{u}", f"i{(u * 3 + k) % 25}", ms(1 + k + u % 4), 0 if (k + u) % 3 == 0 else 1))
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "label"]).to_csv(tmp_path / "log.csv", index=False)
+    opts = ("split.mode=per_user", "sid.sizes=[4,8]", "split.train_fractions=[0.4,0.55]")
+    local = build(generic_cfg(tmp_path / "log.csv", tmp_path / "local", *opts))
+    remote = build(generic_cfg(tmp_path / "log.csv", tmp_path / "ray", *opts, "engine=ray", "ray.num_cpus=2",
+                               *RAY_OPTS))
+    compare_folders(local, remote)
+
+
+def test_bad_engine_options_fail_before_anything_is_written(tmp_path, synth_path):
+    with pytest.raises(DataPrepError, match="engine must be one of local, ray"):
+        build(generic_cfg(synth_path, tmp_path / "out", "engine=spark"))
+    with pytest.raises(DataPrepError, match="ray.partitions"):
+        build(generic_cfg(synth_path, tmp_path / "out", "engine=ray", "ray.partitions=0"))
+    assert sorted(os.listdir(tmp_path)) == ["log.csv"]
