@@ -17,7 +17,6 @@ equal). Nothing here is a test; figures go in BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import filecmp
 import json
 import os
 import platform
@@ -36,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from conrec_verl.core.swing import SwingParams, swing_bruteforce, swing_scores  # noqa: E402
 from data_prep import build, load_config  # noqa: E402
+from data_prep.distributed import compare_data_folders  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -105,23 +105,6 @@ def run_build(log: Path, out: Path, days: int, sizes: str, cutoffs: int,
     return wall, mon
 
 
-def same_outputs(a: Path, b: Path) -> bool:
-    """Every file of the two data folders byte-identical (the manifest: up to config and timings)."""
-    fa = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    if fa != sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()):
-        return False
-    for rel in fa:
-        if rel.name == "manifest.json":
-            ma, mb = (json.loads((d / rel).read_text()) for d in (a, b))
-            for m in (ma, mb):
-                m.pop("timings_s"), m.pop("config")
-            if ma != mb:
-                return False
-        elif not filecmp.cmp(a / rel, b / rel, shallow=False):
-            return False
-    return True
-
-
 def print_steps(title: str, wall: float, mon: StepMonitor) -> None:
     print(f"\n[{title}]")
     print(f"{'step':<12}{'wall s':>10}{'peak RSS GB':>14}")
@@ -168,7 +151,7 @@ def main(argv=None):
                 extra = ("engine=ray",) + ((f"ray.num_cpus={args.ray_cpus}",) if args.ray_cpus else ())
                 rwall, rmon = run_build(log, work / f"out_{mil:g}M_ray", args.days, args.sizes, args.train_cutoffs, extra)
                 print_steps(f"{mil:g}M events; engine=ray (driver RSS only)", rwall, rmon)
-                same = same_outputs(work / f"out_{mil:g}M", work / f"out_{mil:g}M_ray")
+                same = not compare_data_folders(work / f"out_{mil:g}M", work / f"out_{mil:g}M_ray")
                 ray_rows.append((mil, wall, rwall, same))
                 shutil.rmtree(work / f"out_{mil:g}M_ray", ignore_errors=True)
             shutil.rmtree(work / f"out_{mil:g}M", ignore_errors=True)

@@ -102,6 +102,30 @@ def stable_partition(labels, n: int) -> np.ndarray:
     return (pd.util.hash_array(text) % np.uint64(n)).astype(np.int64)
 
 
+def compare_data_folders(a, b) -> list[str]:
+    """The files that differ between two data folders (empty = the same build): every file byte for
+    byte, ``manifest.json`` up to its ``config`` (engine options, out_dir) and ``timings_s``."""
+    import filecmp
+    import json
+    from pathlib import Path
+
+    a, b = Path(a), Path(b)
+    files_a = {p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file()}
+    files_b = {p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file()}
+    diff = sorted(files_a ^ files_b)
+    for rel in sorted(files_a & files_b):
+        if rel == "manifest.json":
+            ma, mb = (json.loads((d / rel).read_text()) for d in (a, b))
+            for m in (ma, mb):
+                m.pop("timings_s", None)
+                m.pop("config", None)
+            if ma != mb:
+                diff.append(rel)
+        elif not filecmp.cmp(a / rel, b / rel, shallow=False):
+            diff.append(rel)
+    return diff
+
+
 def _payloads(ds) -> list:
     return [pickle.loads(row["payload"]) for row in ds.iter_rows()]
 

@@ -6,9 +6,9 @@ checked without Ray; the end-to-end tests start real Ray clusters (a two-node
 itself) and compare every output file byte for byte.
 """
 
-import filecmp
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,30 +19,25 @@ import pytest
 from conrec_verl.core.swing import SwingParams, dislike_matrix, swing_pair_scores
 from data_prep import DataPrepError, build
 from data_prep import samples as S
-from data_prep.distributed import stable_partition
+from data_prep.distributed import compare_data_folders, stable_partition
 from dp_helpers import generic_cfg, ms, synth_log
 
 RAY_OPTS = ("progress=false",)
 
 
 def compare_folders(a: Path, b: Path) -> None:
-    """Every file of ``a`` and ``b`` byte-identical, the manifest up to the engine options and timings."""
-    files_a = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
-    files_b = sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
-    assert files_a == files_b
-    for rel in files_a:
-        if rel == "manifest.json":
-            continue
-        assert filecmp.cmp(a / rel, b / rel, shallow=False), f"{rel} differs between the engines"
-
-    def manifest(folder):
-        m = json.loads((folder / "manifest.json").read_text())
-        m.pop("timings_s")
-        for key in ("engine", "ray", "out_dir"):
-            m["config"].pop(key, None)
-        return m
-
-    assert manifest(a) == manifest(b)
+    assert compare_data_folders(a, b) == []
+    # the comparison itself sees a one-byte change and a manifest change
+    shutil.copytree(b, b.parent / "changed")
+    target = b.parent / "changed" / "swing.parquet"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 1
+    target.write_bytes(bytes(data))
+    m = json.loads((b.parent / "changed" / "manifest.json").read_text())
+    m["counts"]["users"] += 1
+    (b.parent / "changed" / "manifest.json").write_text(json.dumps(m))
+    assert compare_data_folders(a, b.parent / "changed") == ["manifest.json", "swing.parquet"]
+    shutil.rmtree(b.parent / "changed")
 
 
 def test_stable_partition_is_fixed_and_in_range():
