@@ -19,6 +19,8 @@ Everything here is plain numpy/pandas; SIDs arrive as a lookup array.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import math
 from dataclasses import dataclass, field
@@ -182,10 +184,11 @@ def _lookup(ctx: SampleContext, labels: np.ndarray) -> _Lookup:
 
 
 def _first_occurrences(x: np.ndarray) -> np.ndarray:
+    """Distinct values in order of first occurrence (a dict keeps that order; per-row arrays are
+    short, where this is several times faster than ``np.unique(return_index=True)``)."""
     if len(x) < 2:
         return x
-    _, idx = np.unique(x, return_index=True)
-    return x[np.sort(idx)]
+    return np.fromiter(dict.fromkeys(x.tolist()), dtype=x.dtype)
 
 
 def _row(ctx: SampleContext, lk: _Lookup, user, cut: int, horizon: int, key, items, pol, days,
@@ -228,7 +231,10 @@ def _row(ctx: SampleContext, lk: _Lookup, user, cut: int, horizon: int, key, ite
                 seen.add(j)
                 swing.append(j)
     fut_pos = _first_occurrences(fut_items[fut_pol > 0])
-    fut_pos = fut_pos[lk.has_sid[fut_pos] & ~np.isin(fut_pos, fut_neg_all)]
+    if len(fut_pos):
+        neg_set = set(fut_neg_all.tolist())
+        fut_pos = fut_pos[lk.has_sid[fut_pos] & np.fromiter((v not in neg_set for v in fut_pos.tolist()), bool,
+                                                           len(fut_pos))]
     first_neg = fut_items[fut_neg_mask][0]
     target_day = -1
     if len(fut_neg):
@@ -247,7 +253,7 @@ def _row(ctx: SampleContext, lk: _Lookup, user, cut: int, horizon: int, key, ite
     window_end = min(cut + p.window, horizon)
     return {
         "user_id": str(user), "cut": int(cut), "split": split,
-        "cutoff_day": p.cutoff_day(cut),
+        "cutoff_day": _cutoff_day(p.mode, int(cut)),
         "window_days": int(round((window_end - cut) / (1 if p.mode == "global_day" else DAY_MS))),
         "hist_neg_recent": sids(rec_items[rec_pol < 0]), "hist_neg": sids(neg_hist_items),
         "hist_pos": sids(hist_items[hist_pol > 0]),
@@ -256,14 +262,24 @@ def _row(ctx: SampleContext, lk: _Lookup, user, cut: int, horizon: int, key, ite
     }
 
 
+@functools.lru_cache(maxsize=4096)
+def _cutoff_day(mode: str, cut: int) -> int:
+    """``SplitPlan.cutoff_day`` memoised: a row's cutoff is one of few values (global_day) and the
+    date arithmetic costs more than the rest of the row."""
+    return SplitPlan(mode, np.zeros(0), 0, 0, {}, {}).cutoff_day(cut)
+
+
 def _per_user_arrays(inter: pd.DataFrame, key: np.ndarray, item_codes: np.ndarray):
     users = inter["user_id"].to_numpy()
-    order = np.lexsort((inter["ts"].to_numpy(), key, users))
+    # sorted integer codes order users exactly as the ids sort, and lexsort on integers is fast
+    u_codes, _ = pd.factorize(users, sort=True)
+    order = np.lexsort((inter["ts"].to_numpy(), key, u_codes))
     users, key = users[order], key[order]
     items = item_codes[order]
     pol = inter["polarity"].to_numpy()[order]
     days = inter["day"].to_numpy()[order]
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    codes = u_codes[order]
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
     ends = np.r_[starts[1:], len(users)]
     for s, e in zip(starts, ends):
         yield users[s], key[s:e], items[s:e], pol[s:e], days[s:e]
@@ -293,6 +309,7 @@ def build_samples(ctx: SampleContext, lookup: _Lookup | None = None,
     codes = pd.Index(lk.labels).get_indexer(ctx.inter["item_id"])
     if len(codes) and codes.min() < 0:
         raise ValueError("build_samples: the lookup lacks items of the interactions")
+    test_horizon = np.iinfo(np.int64).max // 2
     for user, key, items, pol, days in tqdm(_per_user_arrays(ctx.inter, p.key, codes.astype(np.int64)), total=n_users,
                                             desc="samples", leave=False, disable=not progress):
         is_val = is_val_user(ctx.seed, user, val_frac)
@@ -303,7 +320,7 @@ def build_samples(ctx: SampleContext, lookup: _Lookup | None = None,
                 counts["train"][row] = counts["train"].get(row, 0) + 1
             else:
                 train_rows.append(row)
-        row = _row(ctx, lk, user, e_cut, np.iinfo(np.int64).max // 2, key, items, pol, days, "test")
+        row = _row(ctx, lk, user, e_cut, test_horizon, key, items, pol, days, "test")
         if isinstance(row, str):
             counts["test"][row] = counts["test"].get(row, 0) + 1
         else:
