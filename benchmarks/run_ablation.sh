@@ -92,7 +92,7 @@ for D in $DATASETS; do
   log "$D: progressive GRPO rewarded on the next dislike only"
   branch "$RUN" "$RUN-grpo_next_neg"
   pipeline --run-dir "$RUN-grpo_next_neg" --only grpo "${DARGS[@]}" \
-    "grpo.overrides=[reward.reward_kwargs.variant=neg_only,+reward.reward_kwargs.targets=next_neg]"
+    "grpo.overrides=[reward.reward_kwargs.variant=neg_only,reward.reward_kwargs.targets=next_neg]"
 
   log "$D: progressive GRPO with the future-negative reward (no positive penalty)"
   branch "$RUN" "$RUN-grpo_neg_only"
