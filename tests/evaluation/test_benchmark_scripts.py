@@ -67,3 +67,23 @@ def test_bench_quality_training_time_sums_the_phases_that_made_a_model(tmp_path)
     assert mod["training_time"](str(parent / "models" / "grpo")) == (314.0, ["data", "model", "sft_warmup", "grpo"])
     assert mod["training_time"](str(branch / "models" / "grpo"))[0] == 164.0
     assert mod["training_time"](str(tmp_path / "elsewhere" / "model")) is None
+
+
+def test_run_ablation_grpo_overrides_compose_with_the_recipe():
+    """Every `grpo.overrides=[...]` of run_ablation.sh composes with the cpu_tiny GRPO recipe (a '+'
+    on a key the recipe already defines fails only after SFT training, 30 minutes into the script)."""
+    import re
+
+    from hydra import compose, initialize_config_dir
+
+    text = (BENCH / "run_ablation.sh").read_text()
+    groups = re.findall(r'"grpo\.overrides=\[(.*?)\]"', text)
+    assert len(groups) == 2
+    seen = set()
+    with initialize_config_dir(config_dir=str(BENCH.parent / "recipes" / "conrec" / "config"), version_base=None):
+        for group in groups:
+            cfg = compose("conrec_cpu_tiny", overrides=[*group.split(","), "data_dir=/d",
+                                                        "actor_rollout_ref.model.path=/m"])
+            kw = cfg.reward.reward_kwargs
+            seen.add((kw.variant, kw.targets))
+    assert seen == {("neg_only", "next_neg"), ("neg_only", "gts")}
