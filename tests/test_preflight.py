@@ -50,6 +50,11 @@ def test_cpu_device_without_platform_and_platform_without_engine_override(monkey
 def test_missing_model_folder(cpu_env, tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         check_config(_cfg(**{"actor_rollout_ref.model.path": str(tmp_path / "nope")}))
+    # relative folders too (a run folder's models/...), while "org/name" stays a hub id
+    for rel in ("runs/x/models/sft_warmup", "./models", "~/no-such-model-folder"):
+        with pytest.raises(ConfigError, match="does not exist"):
+            check_config(_cfg(**{"actor_rollout_ref.model.path": rel}))
+    check_config(_cfg(**{"actor_rollout_ref.model.path": "Qwen/Qwen3-0.6B"}))
 
 
 def test_model_without_the_codebooks_sid_tokens(cpu_env, tmp_path, tiny_model_dir):

@@ -87,7 +87,10 @@ def check_config(config, platform: str | None = None) -> None:
     model_path = _get(config, "actor_rollout_ref.model.path")
     if model_path and not str(model_path).startswith(("hdfs://", "s3://")):
         local = Path(os.path.expanduser(str(model_path)))
-        looks_local = local.is_absolute() or str(model_path).startswith(".") or local.exists()
+        # a hub id is "name" or "org/name": anything else (absolute, ./, ~, two or more "/") is a folder
+        text = str(model_path)
+        looks_local = (local.is_absolute() or text.startswith((".", "~")) or text.rstrip("/").count("/") >= 2
+                       or local.exists())
         if looks_local and not local.exists():
             raise ConfigError(f"actor_rollout_ref.model.path={model_path} does not exist")
         book_path = _codebook_path(config)
