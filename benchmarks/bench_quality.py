@@ -85,12 +85,15 @@ def training_time(model_dir: str) -> tuple[float, list[str]] | None:
     return None
 
 
-def section(name: str, report: dict, missing: list[str], models: dict[str, str] | None = None) -> str:
+def section(name: str, report: dict, missing: list[str], models: dict[str, str] | None = None,
+            work: Path | None = None) -> str:
     body = markdown(report)
     body = re.sub(r"^## ", "#### ", body, flags=re.M)
     body = re.sub(r"^# .*\n", "", body, count=1)
     body = body.replace("Plots: `", f"Plots (in `{name}/eval/`): `")
     body = body.replace(str(ROOT) + os.sep, "")  # model_dir=runs/... rather than this machine's checkout path
+    if work is not None and not work.resolve().is_relative_to(ROOT):  # a work folder elsewhere: $WORK/...
+        body = body.replace(str(work.resolve()) + os.sep, "$WORK/")
     lines = [f"### {DATASETS[name]['title']}", "", body.strip(), ""]
     times = {row: training_time(path) for row, path in (models or {}).items()}
     if any(times.values()):
@@ -180,7 +183,7 @@ def main() -> None:
                           "alignment_max_rows": args.alignment_rows}, forget_reference=ref,
             title=DATASETS[name]["title"])
         missing = [r for r in ABLATION_ROWS if r not in rows]
-        parts.append(section(name, report, missing, rows))
+        parts.append(section(name, report, missing, rows, work))
         print(f"[{name}] done in {time.time() - t:.0f} s -> {work / name / 'eval' / 'report.md'}")
     budget = []
     if args.max_rows:
