@@ -26,6 +26,14 @@ def test_cpu_env_names_what_main_ppo_needs():
     assert env["VERL_PLATFORM"] == "cpu" and env["VERL_ENGINE_DEVICE"] == "cuda"
 
 
+def test_cpu_env_is_importable_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from conrec_verl.runtime.cpu_env import cpu_env; cpu_env(); assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
 def test_gloo_process_group_initialises_with_verls_backend_string(tmp_path):
     """verl builds "cpu:gloo,{device}:{backend}"; with the patch it must initialise on CPU."""
     import torch.distributed as dist
