@@ -24,6 +24,8 @@ def test_platform_reports_cpu_and_is_never_autodetected():
 def test_cpu_env_names_what_main_ppo_needs():
     env = cpu_env()
     assert env["VERL_PLATFORM"] == "cpu" and env["VERL_ENGINE_DEVICE"] == "cuda"
+    # bf16 autocast on CPU: oneDNN's per-shape caches are bounded (memory grows otherwise)
+    assert int(env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]) > 0 and int(env["LRU_CACHE_CAPACITY"]) > 0
 
 
 def test_cpu_env_is_importable_without_torch():
