@@ -72,7 +72,7 @@ def load_profile(name_or_path: str, overrides: Sequence[str] = ()):
 def _env(profile) -> dict[str, str]:
     env = dict(os.environ)
     if profile.device == "cpu":
-        from conrec_verl.runtime.cpu_platform import cpu_env
+        from conrec_verl.runtime.cpu_env import cpu_env  # torch-free: the launcher stays small
 
         env.update(cpu_env())
     env.setdefault("WANDB_MODE", "disabled")

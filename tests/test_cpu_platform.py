@@ -24,6 +24,16 @@ def test_platform_reports_cpu_and_is_never_autodetected():
 def test_cpu_env_names_what_main_ppo_needs():
     env = cpu_env()
     assert env["VERL_PLATFORM"] == "cpu" and env["VERL_ENGINE_DEVICE"] == "cuda"
+    # bf16 autocast on CPU: oneDNN's per-shape caches are bounded (memory grows otherwise)
+    assert int(env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]) > 0 and int(env["LRU_CACHE_CAPACITY"]) > 0
+
+
+def test_cpu_env_is_importable_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from conrec_verl.runtime.cpu_env import cpu_env; cpu_env(); assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_gloo_process_group_initialises_with_verls_backend_string(tmp_path):

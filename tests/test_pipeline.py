@@ -77,3 +77,21 @@ def test_profiles_compose_with_their_verl_configs(profile):
     assert grpo.data.custom_cls.name == "ConrecSidDataset" and grpo.data.shuffle is False
     assert "hf_model" in grpo.actor_rollout_ref.actor.checkpoint.save_contents
     assert grpo.trainer.device == ("cpu" if prof.device == "cpu" else "cuda")
+    if prof.device == "cpu":  # the CPU runtime starts no Ray dashboard and no idle workers
+        ray_init = grpo.ray_kwargs.ray_init
+        assert ray_init.include_dashboard is False
+        assert ray_init._system_config.prestart_worker_first_driver is False
+
+
+def test_the_launcher_imports_neither_torch_nor_verl():
+    """The pipeline process lives for the whole run beside the trainers: it must stay small."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from conrec_verl.pipeline import Pipeline, load_profile; "
+            "env = Pipeline('/tmp/x', load_profile('cpu_tiny')).env; "
+            "assert env['VERL_PLATFORM'] == 'cpu', env; "
+            "heavy = sorted(m for m in ('torch', 'verl', 'transformers', 'ray') if m in sys.modules); "
+            "assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -7,6 +7,8 @@ verl ships platforms for NVIDIA, Ascend and ROCm only. This one lets the stock t
 Besides ``VERL_PLATFORM=cpu`` a CPU run needs ``VERL_ENGINE_DEVICE=cuda`` (verl's FSDP engine
 is registered for cuda/npu only; the override only picks the engine class, tensors stay on the
 CPU) -- :func:`cpu_env` returns the full set of variables, and the recipes set them.
+(:func:`cpu_env` lives in the torch-free :mod:`conrec_verl.runtime.cpu_env`; launchers import it
+from there.)
 """
 
 from __future__ import annotations
@@ -20,18 +22,7 @@ import torch
 
 from verl.plugin.platform import PlatformBase, PlatformRegistry
 
-PLATFORM_NAME = "cpu"
-
-
-def cpu_env() -> dict[str, str]:
-    """Environment variables a CPU run of verl needs (set them before ``import verl``)."""
-    return {
-        "VERL_PLATFORM": PLATFORM_NAME,
-        "VERL_ENGINE_DEVICE": "cuda",
-        "TORCH_COMPILE_DISABLE": "1",
-        "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+from conrec_verl.runtime.cpu_env import PLATFORM_NAME, cpu_env  # noqa: F401 - re-exported
 
 
 def _make_device_module() -> types.ModuleType:

@@ -4,7 +4,9 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 data="$(cd "$1" && pwd)"; model="$(cd "$2" && pwd)"; shift 2
+# = conrec_verl.runtime.cpu_env.cpu_env(); the last two bound oneDNN's per-shape caches (memory)
 export VERL_PLATFORM=cpu VERL_ENGINE_DEVICE=cuda TORCH_COMPILE_DISABLE=1 WANDB_MODE=${WANDB_MODE:-disabled} \
-       TOKENIZERS_PARALLELISM=false
+       TOKENIZERS_PARALLELISM=false ONEDNN_PRIMITIVE_CACHE_CAPACITY=${ONEDNN_PRIMITIVE_CACHE_CAPACITY:-32} \
+       LRU_CACHE_CAPACITY=${LRU_CACHE_CAPACITY:-32}
 exec python -m verl.trainer.main_ppo --config-path "$here/config" --config-name conrec_cpu_tiny \
   data_dir="$data" actor_rollout_ref.model.path="$model" "$@"
