@@ -18,6 +18,7 @@
 # Every step is the resumable pipeline (pipeline.json records finished phases), so rerunning this
 # script after an interruption continues where it stopped. Extra pipeline overrides for every run:
 # PIPELINE_ARGS="sft.overrides=[...]"; extra bench_quality.py arguments: BENCH_ARGS="--sasrec-epochs 20".
+# EVAL=0 trains and stops before the evaluation.
 # TRAIN=0 skips all training and evaluates the model rows already trained under $WORK (the others
 # are listed as missing in the section).
 set -euo pipefail
@@ -26,6 +27,7 @@ PY=${PYTHON:-python}
 WORK=${WORK:-runs}
 DATASETS=${DATASETS:-"ml100k kuairand"}
 TRAIN=${TRAIN:-1}
+EVAL=${EVAL:-1}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -63,10 +65,12 @@ EOF
 }
 
 MODELS=()
+REFS=()
 for D in $DATASETS; do
   read -r -a DARGS <<< "$(data_args "$D")"
   if [ "$D" = ml100k ] && [ "$TRAIN" != 0 ]; then "$PY" -m data_prep.fetch_movielens --cache "$WORK/cache"; fi
   RUN=$WORK/$D
+  REFS+=(--forget-reference-model "$D=$RUN/models/sft_alignment")
   ROWS=("warm-up SFT=$RUN-warmup_only/models/sft_warmup"
         "+ alignment=$RUN/models/sft_warmup"
         "+ progressive GRPO=$RUN-grpo_next_neg/models/grpo"
@@ -102,8 +106,9 @@ for D in $DATASETS; do
   for row in "${ROWS[@]}"; do MODELS+=(--model "$D:$row"); done
 done
 
+if [ "$EVAL" = 0 ]; then log "EVAL=0: models trained, evaluation skipped"; exit 0; fi
 log "evaluation + BENCHMARKS.md"
 # bench_quality.py reuses $WORK/D/data (the folder the models were trained on) and writes $WORK/D/eval
-"$PY" benchmarks/bench_quality.py --work "$WORK" --datasets "$(echo $DATASETS | tr ' ' ,)" "${MODELS[@]}" \
+"$PY" benchmarks/bench_quality.py --work "$WORK" --datasets "$(echo $DATASETS | tr ' ' ,)" "${MODELS[@]}" "${REFS[@]}" \
   --command "$([ "$TRAIN" = 0 ] && echo "TRAIN=0 ")${BENCH_ARGS:+BENCH_ARGS=\"$BENCH_ARGS\" }bash benchmarks/run_ablation.sh" "${BENCH_EXTRA[@]}" --write BENCHMARKS.md
 log "done"

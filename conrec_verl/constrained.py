@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -101,11 +101,20 @@ class SidTrieLogitsProcessor(LogitsProcessor):
     generation prompt does). After a complete SID only ``end_token_id`` is allowed.
     """
 
-    def __init__(self, trie: SidTrie, token_map: SidTokenMap, prompt_length: int | None, end_token_id: int):
+    def __init__(self, trie: SidTrie, token_map: SidTokenMap, prompt_length: int | None, end_token_id: int,
+                 row_tries: Sequence[SidTrie] | None = None, beams_per_row: int = 1):
+        """``row_tries`` (optional): one trie per prompt of the batch, e.g. ``trie.without(excluded)``
+        as a per-row mask; input row ``r`` (beam search lays out ``beams_per_row`` rows per prompt)
+        is constrained by ``row_tries[r // beams_per_row]``. Without it every row uses ``trie``."""
         self.prompt_length = None if prompt_length is None else int(prompt_length)
         self._allowed = _AllowedCache(trie, token_map, end_token_id)
         self._map = token_map
         self._L = trie.num_levels
+        self._beams = max(1, int(beams_per_row))
+        self._row_allowed: list[_AllowedCache] | None = None
+        if row_tries is not None:
+            by_id: dict[int, _AllowedCache] = {id(trie): self._allowed}
+            self._row_allowed = [by_id.setdefault(id(t), _AllowedCache(t, token_map, end_token_id)) for t in row_tries]
 
     def _generated(self, row: list[int]) -> list[int]:
         if self.prompt_length is not None:
@@ -123,7 +132,8 @@ class SidTrieLogitsProcessor(LogitsProcessor):
         rows: list[int] = []
         cols: list[int] = []
         for row, ids in enumerate(tails):
-            allowed = self._allowed.allowed_ids(self._generated(ids))
+            cache = self._allowed if self._row_allowed is None else self._row_allowed[row // self._beams]
+            allowed = cache.allowed_ids(self._generated(ids))
             rows.extend([row] * len(allowed))
             cols.extend(allowed)
         mask = torch.full_like(scores, float("-inf"))
@@ -175,6 +185,7 @@ class BeamResult:
     scores: list[float]
     n_invalid: int = 0  # beams that did not spell an existing SID (dead beams of a narrow trie when constrained)
     n_beams: int = 0
+    exclusion_skipped: bool = False  # fewer than K items would remain: the row's exclusion was not applied
 
     @property
     def sid_strings(self) -> list[str]:
@@ -233,18 +244,27 @@ def constrained_beam_search(
     max_prompt_tokens: int | None = None,
     constrained: bool = True,
     progress: bool = False,
+    exclude: Sequence[Collection[Codes]] | None = None,
 ) -> list[BeamResult]:
     """Top-``k`` distinct SIDs per prompt by beam search (``num_beams >= k``, greedy, no sampling).
 
     ``prompts``: user texts or chat message lists (rendered with the tokenizer's chat template and
     a generation prompt). ``constrained=False`` runs the same beam search without the trie, to
     measure how often an unconstrained model emits invalid SIDs (these count in ``n_invalid``).
+    ``exclude`` (constrained only): per prompt, SIDs the search may not return -- a per-row mask on
+    the trie (:meth:`SidTrie.without`), so each row still gets ``k`` valid, non-excluded items; a row
+    whose exclusion would leave fewer than ``k`` items is searched unmasked (``exclusion_skipped``).
     """
     k = int(k)
     if k < 1:
         raise ConstrainedDecodingError(f"k must be >= 1, got {k}")
     if k > len(trie):
         raise ConstrainedDecodingError(f"k={k} is larger than the number of items with a SID ({len(trie)})")
+    if exclude is not None:
+        if not constrained:
+            raise ConstrainedDecodingError("exclude needs constrained decoding (it masks the SID trie)")
+        if len(exclude) != len(prompts):
+            raise ConstrainedDecodingError(f"exclude has {len(exclude)} entries for {len(prompts)} prompts")
     # beam search (never greedy: greedy returns no sequence scores), at least k beams
     num_beams = max(2, k, int(num_beams or k))
     token_map = SidTokenMap(tokenizer, trie.level_sizes())
@@ -265,8 +285,17 @@ def constrained_beam_search(
             enc = _encode(tokenizer, chunk, max_prompt_tokens, device)
             prompt_len = enc["input_ids"].shape[1]
             processors = LogitsProcessorList()
+            row_tries, skipped = [trie] * len(chunk), [False] * len(chunk)
+            if exclude is not None:
+                for i, ex in enumerate(exclude[start:start + batch_size]):
+                    drop = [s for s in ex if s in trie]
+                    if drop and len(trie) - len(set(drop)) >= k:
+                        row_tries[i] = trie.without(drop)
+                    elif drop:
+                        skipped[i] = True
             if constrained:
-                processors.append(SidTrieLogitsProcessor(trie, token_map, prompt_len, eos_id))
+                processors.append(SidTrieLogitsProcessor(trie, token_map, prompt_len, eos_id,
+                                                         row_tries if exclude is not None else None, num_beams))
             config = GenerationConfig(
                 do_sample=False, num_beams=num_beams, num_return_sequences=num_beams,
                 max_new_tokens=L if constrained else L + 2, min_new_tokens=0, early_stopping=True,
@@ -280,6 +309,7 @@ def constrained_beam_search(
             seqs = out.sequences[:, prompt_len:].tolist()
             scores = out.sequences_scores.tolist()
             for i in range(len(chunk)):
+                row_trie = row_tries[i]
                 sids, vals, seen, invalid = [], [], set(), 0
                 for j in range(i * num_beams, (i + 1) * num_beams):
                     score = float(scores[j])
@@ -289,7 +319,7 @@ def constrained_beam_search(
                     else:
                         found = extract_sids(tokenizer.decode(gen, skip_special_tokens=True), L)
                         codes = found[0] if len(found) == 1 else None
-                    if codes is None or codes not in trie or score == float("-inf"):
+                    if codes is None or codes not in row_trie or score == float("-inf"):
                         invalid += 1
                         continue
                     if codes in seen:
@@ -297,7 +327,7 @@ def constrained_beam_search(
                     seen.add(codes)
                     sids.append(codes)
                     vals.append(score)
-                results.append(BeamResult(sids[:k], vals[:k], invalid, num_beams))
+                results.append(BeamResult(sids[:k], vals[:k], invalid, num_beams, skipped[i]))
     finally:
         if was_training:
             model.train()
@@ -309,8 +339,10 @@ def score_sids(model, tokenizer, prompt, sids: Sequence[Codes], max_prompt_token
                token_map: SidTokenMap | None = None) -> list[float]:
     """Teacher-forced log-probability of each SID (its tokens only) after ``prompt``.
 
-    Used for Candidate Acc: rank the row's candidates by the model's own likelihood. Pass a
-    ``token_map`` built once when scoring many rows (building one reads the whole vocabulary).
+    Used for Candidate Acc and the alignment accuracy: rank SIDs by the model's own likelihood.
+    The prompt runs once; its KV cache is repeated for the candidates, which then cost
+    ``levels - 1`` tokens each. Pass a ``token_map`` built once when scoring many rows (building
+    one reads the whole vocabulary).
     """
     if not sids:
         return []
@@ -320,19 +352,23 @@ def score_sids(model, tokenizer, prompt, sids: Sequence[Codes], max_prompt_token
         token_map = SidTokenMap(tokenizer, sizes)
     device = next(model.parameters()).device
     enc = _encode(tokenizer, [prompt], max_prompt_tokens, device)
-    prompt_ids = enc["input_ids"][0]
     cand = torch.tensor([[token_map.token_id(level, c) for level, c in enumerate(s)] for s in sids],
                         dtype=torch.long, device=device)
     n = cand.shape[0]
-    input_ids = torch.cat([prompt_ids.unsqueeze(0).expand(n, -1), cand], dim=1)
     was_training = model.training
     model.eval()
     try:
-        logits = model(input_ids=input_ids).logits.float()
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=True)
+        first = torch.log_softmax(out.logits[0, -1, :].float(), dim=-1)[cand[:, 0]]
+        total = first
+        if L > 1:
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(n)
+            mask = torch.ones(n, enc["input_ids"].shape[1] + L - 1, dtype=enc["attention_mask"].dtype, device=device)
+            rest = model(input_ids=cand[:, :-1], attention_mask=mask, past_key_values=cache, use_cache=True).logits.float()
+            logp = torch.log_softmax(rest, dim=-1).gather(2, cand[:, 1:].unsqueeze(-1)).squeeze(-1)
+            total = total + logp.sum(dim=1)
     finally:
         if was_training:
             model.train()
-    P = prompt_ids.shape[0]
-    logp = torch.log_softmax(logits[:, P - 1:P - 1 + L, :], dim=-1)
-    picked = logp.gather(2, cand.unsqueeze(-1)).squeeze(-1)
-    return picked.sum(dim=1).tolist()
+    return total.tolist()

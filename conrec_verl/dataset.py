@@ -48,7 +48,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from verl.utils.dataset.rl_dataset import RLHFDataset
 
-from conrec_verl.core.prompts import render_history_prompt
+from conrec_verl.core.prompts import chat_prompt_length, render_history_prompt
 from conrec_verl.core.schedule import CONTEXTS, CurriculumOrder, StageSchedule
 from conrec_verl.core.sid import SID_TOKEN_RE, parse_sid
 
@@ -233,16 +233,7 @@ class ConrecSidDataset(RLHFDataset):
 
     # -- rendering --------------------------------------------------------------------------------
     def prompt_length(self, text: str) -> int:
-        messages = [{"role": "user", "content": text}]
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            kwargs = dict(self.apply_chat_template_kwargs or {})
-            for k in ("tokenize", "return_dict", "return_tensors", "add_generation_prompt"):
-                kwargs.pop(k, None)
-            rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
-        else:
-            rendered = text
-        return len(tok(rendered, add_special_tokens=False)["input_ids"])
+        return chat_prompt_length(self.tokenizer, text, self.apply_chat_template_kwargs)
 
     def _fits(self, text: str) -> bool:
         return self.prompt_length(text) <= self.max_prompt_length

@@ -259,12 +259,20 @@ class Pipeline:
     def phase_eval(self, phase: Phase, state: dict) -> dict:
         self.check_data_folder(state)
         rows = []
+        ev = self.profile.eval
         warm = state["done"].get("sft_warmup", {}).get("path")
         if warm:
             rows += ["--model", f"warm-up SFT={warm}"]
+            if ev.get("warmup_prompt"):
+                rows += ["--model-prompt", f"warm-up SFT={ev.warmup_prompt}"]
         grpo = state["done"].get("grpo", {}).get("path")
         if grpo:
             rows += ["--model", f"progressive GRPO={grpo}"]
+            if ev.get("grpo_prompt"):
+                rows += ["--model-prompt", f"progressive GRPO={ev.grpo_prompt}"]
+        align = state["done"].get("sft_alignment", {}).get("path")
+        if align:  # the forget rate's reference: the alignment-SFT model (paper Table 3)
+            rows += ["--forget-reference-model", str(align)]
         cmd = [sys.executable, "-m", "conrec_verl.evaluation", "--data", str(self.run / "data"),
                "--out", str(self.run / "eval"), "--k", str(self.profile.eval.k), *rows,
                *map(str, self.profile.eval.args)]

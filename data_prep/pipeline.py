@@ -33,7 +33,7 @@ from data_prep import distributed as D
 from data_prep.embeddings import build_item_embeddings
 from data_prep.errors import DataPrepError
 from data_prep.readers import read_input
-from data_prep.sft import alignment_records, translation_records, warmup_records
+from data_prep.sft import alignment_records, split_heldout, translation_records, warmup_records
 from data_prep.sids import build_sids
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -279,7 +279,9 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
         translation = translation_records(items, sid_of) if sft_cfg.get("translation", True) else []
         vfrac = float(scfg.get("val_user_fraction", 0.1))
         train_users = {u for u in train["user_id"].unique().tolist() if not S.is_val_user(seed, u, vfrac)}
-        alignment = alignment_records(train, train_users, sid_of, sft_cfg.get("alignment", {}) or {}, seed)
+        align_cfg = sft_cfg.get("alignment", {}) or {}
+        alignment = alignment_records(train, train_users, sid_of, align_cfg, seed)
+        alignment, alignment_heldout = split_heldout(alignment, float(align_cfg.get("heldout_fraction", 0.1)), seed)
         warmup = warmup_records(tr) if sft_cfg.get("warmup", True) and len(tr) else []
 
     with steps("write"):
@@ -292,6 +294,8 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
         if translation:
             counts["sft/translation"] = write_parquet(translation, SFT_SCHEMAS["translation"], tmp / "sft" / "translation.parquet")
         counts["sft/alignment"] = write_parquet(alignment, SFT_SCHEMAS["alignment"], tmp / "sft" / "alignment.parquet")
+        counts["sft/alignment_heldout"] = write_parquet(alignment_heldout, SFT_SCHEMAS["alignment"],
+                                                        tmp / "sft" / "alignment_heldout.parquet")
         counts["sft/warmup"] = write_parquet(warmup, SFT_SCHEMAS["warmup"], tmp / "sft" / "warmup.parquet")
         counts["rl/train"] = write_parquet(rl_train, RL_SCHEMA, tmp / "rl" / "train.parquet")
         for stage in sorted({r["extra_info"]["stage"] for r in rl_train}):

@@ -77,6 +77,26 @@ def alignment_records(train: pd.DataFrame, users: set, sid_of: dict, cfg: Mappin
     return out
 
 
+def split_heldout(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split SFT records into (trained, held out): a seeded ``fraction`` of the rows (at least one
+    when ``fraction > 0`` and there are two or more rows) is held out of SFT training, e.g. so the
+    forget rate of the alignment task is measured on questions the model never trained on.
+    ``extra_info.index`` is renumbered within each part."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"sft.alignment.heldout_fraction must be in [0, 1), got {fraction!r}")
+    n = len(records)
+    n_out = int(round(fraction * n))
+    if fraction > 0 and n >= 2:
+        n_out = max(1, n_out)
+    out_idx = set(np.random.default_rng([seed, 7]).permutation(n)[:n_out].tolist()) if n_out else set()
+    kept = [r for i, r in enumerate(records) if i not in out_idx]
+    held = [r for i, r in enumerate(records) if i in out_idx]
+    for part in (kept, held):
+        for j, r in enumerate(part):
+            r["extra_info"] = dict(r["extra_info"], index=j)
+    return kept, held
+
+
 def warmup_records(rows: pd.DataFrame) -> list[dict]:
     """History (stage-2 prompt: all negatives) -> the next future dislike that has a SID."""
     out = []

@@ -97,16 +97,18 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def compute_metrics(
+def metric_samples(
     predictions: Sequence[Sequence[Codes | None]],
     targets: Sequence[EvalTarget],
     ks: Sequence[int] = DEFAULT_KS,
     candidate_scores: Sequence[Sequence[float] | None] | None = None,
-) -> dict[str, float | int | None]:
-    """All metrics for one predictor over aligned ``predictions`` / ``targets`` rows.
+) -> tuple[dict[str, list[float]], dict[str, list[int]], dict[str, int]]:
+    """Per-row outcomes behind :func:`compute_metrics`.
 
-    ``predictions[i]`` is row i's ranked list; ``None`` marks an entry that was not a valid SID
-    (it still uses up a slot of the top K). A metric whose denominator is empty is ``None``.
+    Returns ``(samples, row_index, counts)``: ``samples[name]`` is the list of per-row values whose
+    mean is the metric (1/0 hits; CandAcc may be fractional on ties), ``row_index[name]`` the
+    evaluation rows they come from (the same rows for every predictor of one split, so two
+    predictors' samples are paired), and ``counts`` the slot counts of the invalid/duplicate rates.
     """
     if len(predictions) != len(targets):
         raise ValueError(f"{len(predictions)} prediction rows for {len(targets)} evaluation rows")
@@ -114,15 +116,16 @@ def compute_metrics(
     if not ks or ks[0] < 1:
         raise ValueError(f"K values must be >= 1, got {ks}")
     kmax = ks[-1]
-    out: dict[str, float | int | None] = {}
     buckets: dict[str, list[float]] = {}
+    rows_of: dict[str, list[int]] = {}
 
-    def add(name: str, value: float) -> None:
+    def add(name: str, value: float, row: int) -> None:
         buckets.setdefault(name, []).append(float(value))
+        rows_of.setdefault(name, []).append(row)
 
     n_slots = n_invalid = n_dup = 0
     warm = cold = 0
-    for preds, t in zip(predictions, targets):
+    for i, (preds, t) in enumerate(zip(predictions, targets)):
         top = list(preds[:kmax])
         n_slots += len(top)
         n_invalid += sum(p is None for p in top)
@@ -138,37 +141,57 @@ def compute_metrics(
             continue
         for k in ks:
             fhr = hit_at_k(top, t.future_neg, k)
-            add(f"FHR@{k}", fhr)
-            add(f"HR@{k}", t.next_neg is not None and hit_at_k(top, [t.next_neg], k))
-            add(f"P1HR@{k}", prefix_hit_at_k(top, t.future_neg, k, 1) if t.future_neg else False)
-            add(f"P2HR@{k}", prefix_hit_at_k(top, t.future_neg, k, 2) if t.future_neg else False)
+            add(f"FHR@{k}", fhr, i)
+            add(f"HR@{k}", t.next_neg is not None and hit_at_k(top, [t.next_neg], k), i)
+            add(f"P1HR@{k}", prefix_hit_at_k(top, t.future_neg, k, 1) if t.future_neg else False, i)
+            add(f"P2HR@{k}", prefix_hit_at_k(top, t.future_neg, k, 2) if t.future_neg else False, i)
             if t.future_neg:
-                add(f"FHR_warm@{k}", fhr)
+                add(f"FHR_warm@{k}", fhr, i)
             if t.long_tail_user:
-                add(f"LUF@{k}", fhr)
+                add(f"LUF@{k}", fhr, i)
             if t.long_tail_items:
-                add(f"LIF@{k}", hit_at_k(top, t.long_tail_items, k))
+                add(f"LIF@{k}", hit_at_k(top, t.long_tail_items, k), i)
     if candidate_scores is not None:
         if len(candidate_scores) != len(targets):
             raise ValueError(f"{len(candidate_scores)} candidate-score rows for {len(targets)} evaluation rows")
-        for scores, t in zip(candidate_scores, targets):
+        for i, (scores, t) in enumerate(zip(candidate_scores, targets)):
             if scores is None or t.candidates is None or t.candidate_target is None:
                 continue
             if len(scores) != len(t.candidates):
                 raise ValueError(f"{len(scores)} candidate scores for {len(t.candidates)} candidates")
-            add("CandAcc", candidate_accuracy(scores, t.candidate_target))
+            add("CandAcc", candidate_accuracy(scores, t.candidate_target), i)
+    counts = {"slots": n_slots, "invalid": n_invalid, "duplicate": n_dup, "warm": warm, "cold": cold}
+    return buckets, rows_of, counts
+
+
+def compute_metrics(
+    predictions: Sequence[Sequence[Codes | None]],
+    targets: Sequence[EvalTarget],
+    ks: Sequence[int] = DEFAULT_KS,
+    candidate_scores: Sequence[Sequence[float] | None] | None = None,
+) -> dict[str, float | int | None]:
+    """All metrics for one predictor over aligned ``predictions`` / ``targets`` rows.
+
+    ``predictions[i]`` is row i's ranked list; ``None`` marks an entry that was not a valid SID
+    (it still uses up a slot of the top K). A metric whose denominator is empty is ``None``.
+    The per-row values behind each mean come from :func:`metric_samples`.
+    """
+    buckets, _, c = metric_samples(predictions, targets, ks, candidate_scores)
+    ks = sorted({int(k) for k in ks})
+    out: dict[str, float | int | None] = {}
     for k in ks:
         for name in ("HR", "FHR", "LUF", "LIF", "P1HR", "P2HR", "FHR_warm"):
             key = f"{name}@{k}"
             out[key] = _mean(buckets.get(key, []))
     out["CandAcc"] = _mean(buckets.get("CandAcc", []))
-    out["invalid_rate"] = n_invalid / n_slots if n_slots else None
-    out["duplicate_rate"] = n_dup / n_slots if n_slots else None
+    out["invalid_rate"] = c["invalid"] / c["slots"] if c["slots"] else None
+    out["duplicate_rate"] = c["duplicate"] / c["slots"] if c["slots"] else None
     out["n_rows"] = len(targets)
     out["n_rows_scored"] = len(buckets.get(f"FHR@{ks[0]}", []))
     out["n_rows_long_tail_user"] = len(buckets.get(f"LUF@{ks[0]}", []))
     out["n_rows_long_tail_item"] = len(buckets.get(f"LIF@{ks[0]}", []))
     out["n_rows_candidates"] = len(buckets.get("CandAcc", []))
+    warm, cold = c["warm"], c["cold"]
     out["cold_share"] = cold / (warm + cold) if (warm + cold) else None
     # the best FHR any predictor could reach: scored rows that have a future dislike with a SID
     n_scored = len(buckets.get(f"FHR@{ks[0]}", []))

@@ -92,6 +92,27 @@ def render_history_prompt(
     return render(dropped(lo))
 
 
+def chat_prompt_length(tokenizer, text: str, template_kwargs: dict | None = None) -> int:
+    """Tokens of ``text`` as one user turn with the tokenizer's chat template and generation prompt
+    (plain text when the tokenizer has no template): the length verl's RL dataset checks against
+    ``data.max_prompt_length`` and the evaluation's token budget counts."""
+    if getattr(tokenizer, "chat_template", None):
+        kwargs = dict(template_kwargs or {})
+        for k in ("tokenize", "return_dict", "return_tensors", "add_generation_prompt"):
+            kwargs.pop(k, None)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False, **kwargs)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def budget_fits(tokenizer, max_tokens: int | None, template_kwargs: dict | None = None) -> Callable[[str], bool] | None:
+    """The ``fits`` test of :func:`render_history_prompt` for a token budget (None: no budget)."""
+    if max_tokens is None:
+        return None
+    limit = int(max_tokens)
+    return lambda text: chat_prompt_length(tokenizer, text, template_kwargs) <= limit
+
+
 def render_alignment_prompt(options: Sequence[str]) -> str:
     """4-way item-level alignment: ``options`` are SID strings (one disliked, three liked)."""
     parts = [f"{OPTION_LETTERS[i]}: {sid}" for i, sid in enumerate(options)]

@@ -88,6 +88,34 @@ class SidTrie:
             for code in reversed(self.allowed(prefix)):
                 stack.append(prefix + (code,))
 
+    def without(self, excluded: Iterable[Sequence[int]]) -> "SidTrie":
+        """A trie of the same SIDs less ``excluded`` (SIDs not in the trie are ignored).
+
+        Used as a per-row mask: a search in the result can never reach an excluded SID, and every
+        prefix left in it still leads to at least one SID (emptied prefixes are pruned up the
+        path), so constrained decoding keeps returning valid, non-excluded items. Costs a shallow
+        copy of the prefix table plus O(levels) per excluded SID.
+        """
+        gone = {tuple(int(c) for c in e) for e in excluded} & self._leaves
+        if not gone:
+            return self
+        if len(gone) == len(self._leaves):
+            raise SidTrieError("excluding every SID would leave an empty trie")
+        children = dict(self._children)
+        for codes in gone:
+            for depth in range(self.num_levels - 1, -1, -1):
+                parent = codes[:depth]
+                kept = tuple(c for c in children[parent] if c != codes[depth])
+                if kept:
+                    children[parent] = kept
+                    break
+                del children[parent]  # the prefix led only to excluded SIDs: prune it from its parent too
+        out = object.__new__(SidTrie)
+        out.num_levels = self.num_levels
+        out._children = children
+        out._leaves = self._leaves - gone
+        return out
+
     def level_sizes(self) -> tuple[int, ...]:
         """Largest code + 1 used at each level (the token vocabulary the trie needs)."""
         sizes = [0] * self.num_levels

@@ -4,8 +4,9 @@ predictions files on a data folder's evaluation split and write a report folder.
 Example::
 
     python -m conrec_verl.evaluation --data runs/ml100k/data --out runs/ml100k/eval \\
-        --model "warm-up SFT=runs/ml100k/sft_warmup/huggingface" \\
-        --model "+ alignment=runs/ml100k/sft_align/huggingface" --forget-reference "+ alignment"
+        --model "warm-up SFT=runs/ml100k/models/sft_warmup" --model-prompt "warm-up SFT=2,504" \\
+        --model "GRPO=runs/ml100k/models/grpo" --model-prompt "GRPO=3,384" \\
+        --forget-reference-model runs/ml100k/models/sft_alignment
 """
 
 from __future__ import annotations
@@ -14,8 +15,14 @@ import argparse
 import os
 import sys
 
-from conrec_verl.evaluation.data import EvalInputError
-from conrec_verl.evaluation.harness import DEFAULT_THRESHOLDS, run_evaluation
+from conrec_verl.evaluation.data import DEFAULT_EXCLUSION, EXCLUSION_RULES, EvalInputError
+from conrec_verl.evaluation.harness import (
+    DEFAULT_CONTEXT,
+    DEFAULT_PROMPT_TOKENS,
+    DEFAULT_THRESHOLDS,
+    ModelSpec,
+    run_evaluation,
+)
 from conrec_verl.evaluation.predictions import FORMAT_HELP
 
 
@@ -52,6 +59,35 @@ def _ints(text: str, flag: str) -> list[int]:
     return vals
 
 
+def _budget(text: str, flag: str) -> int | None:
+    if str(text).strip().lower() in ("none", "0"):
+        return None
+    try:
+        v = int(text)
+    except ValueError as exc:
+        raise EvalInputError(f"{flag} expects a number of tokens or 'none', got {text!r}") from exc
+    if v < 1:
+        raise EvalInputError(f"{flag} must be >= 1 (or 'none'), got {text!r}")
+    return v
+
+
+def model_specs(models: dict[str, str], prompts: dict[str, str], context: str, budget: int | None) -> dict[str, ModelSpec]:
+    """``--model NAME=DIR`` rows with ``--model-prompt NAME=CONTEXT[,BUDGET]`` overrides."""
+    unknown = sorted(set(prompts) - set(models))
+    if unknown:
+        raise EvalInputError(f"--model-prompt names rows that are not --model rows: {unknown}")
+    out = {}
+    for name, path in models.items():
+        ctx, b = context, budget
+        if name in prompts:
+            c, _, bb = prompts[name].partition(",")
+            ctx = c.strip() or context
+            if bb.strip():
+                b = _budget(bb.strip(), f"--model-prompt {name}")
+        out[name] = ModelSpec(path, ctx, b)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="conrec-eval", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -64,8 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="data folder written by data_prep (docs/data-format.md)")
     p.add_argument("--out", default=None, help="report folder to write")
     p.add_argument("--split", default="eval/test.parquet", help="evaluation split inside the data folder")
-    p.add_argument("--baselines", default="random,popularity,swing,sasrec",
-                   help="comma-separated baselines, or 'none' (default: %(default)s)")
+    from conrec_verl.baselines import DEFAULT_BASELINES
+
+    p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES),
+                   help="comma-separated baselines, or 'none' (default: all, %(default)s)")
+    p.add_argument("--exclusion", default=DEFAULT_EXCLUSION, choices=list(EXCLUSION_RULES),
+                   help="items no row may recommend: the user's items before the cutoff (interacted = liked or "
+                        "disliked), past dislikes only, or none; the same rule for every row (default: %(default)s)")
     p.add_argument("--predictions", action="append", metavar="NAME=FILE", help="a predictions JSONL row (repeatable)")
     p.add_argument("--model", action="append", metavar="NAME=DIR",
                    help="a Hugging Face model folder row, decoded by SID-constrained beam search (repeatable)")
@@ -73,27 +114,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", default="1,5,10,20", help="K values of the metric-by-K plot (default: %(default)s)")
     p.add_argument("--thresholds", default=",".join(map(str, DEFAULT_THRESHOLDS)),
                    help="deployment-filter cosine thresholds to sweep, or 'none' (default: %(default)s)")
-    p.add_argument("--max-rows", type=int, default=None, help="evaluate only the first N rows (smoke runs)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sasrec-epochs", type=int, default=40)
+    p.add_argument("--max-rows", type=int, default=None,
+                   help="score only the first N rows: a smoke run (the report says so and makes no goal claim; "
+                        "baselines still learn from the whole split)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the baselines and the bootstrap")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--sasrec-epochs", type=int, default=200, help="SASRec epoch cap (early stopping decides)")
+    p.add_argument("--sasrec-patience", type=int, default=5,
+                   help="SASRec early stopping: epochs without validation improvement (0 = train all epochs)")
     p.add_argument("--swing-recency-decay", type=float, default=1.0)
-    p.add_argument("--keep-history", action="store_true",
-                   help="let baselines recommend items already in the user's negative history")
-    p.add_argument("--prompt-stage", default="row", choices=["row", "1", "2", "3"],
-                   help="model prompts: the row's stored prompt, or re-rendered for progressive stage 1-3")
+    p.add_argument("--prompt-context", "--prompt-stage", dest="prompt_context", default=str(DEFAULT_CONTEXT),
+                   choices=["row", "1", "2", "3"],
+                   help="model prompts: progressive context 1-3 rendered within --max-prompt-tokens, or the "
+                        "split's stored prompt (default: %(default)s, the last GRPO stage's)")
+    p.add_argument("--model-prompt", action="append", metavar="NAME=CONTEXT[,BUDGET]",
+                   help="a model row's own context and token budget, e.g. 'warm-up SFT=2,504' (repeatable)")
+    p.add_argument("--all-contexts", action="store_true",
+                   help="also decode every model row in contexts 1, 2 and 3 (by-context table)")
     p.add_argument("--num-beams", type=int, default=None, help="beams (>= K; default K)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
-    p.add_argument("--max-prompt-tokens", type=int, default=None, help="left-truncate longer prompts")
+    p.add_argument("--max-prompt-tokens", default=str(DEFAULT_PROMPT_TOKENS),
+                   help="token budget of a model prompt (chat template included); the oldest history is dropped "
+                        "until it fits, as in training; 'none' = no budget (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--model-exclude-history", action="store_true",
-                   help="drop each row's past dislikes from model rows' top K (baselines do so unless --keep-history)")
     p.add_argument("--no-candidate-acc", action="store_true", help="skip scoring the candidates with model rows")
     p.add_argument("--measure-unconstrained", action="store_true",
                    help="also report the share of beams that are not a valid SID when the same beam search runs without the constraint")
     p.add_argument("--alignment", default=None,
-                   help="alignment task parquet for the forget rate (default: <data>/sft/alignment.parquet)")
+                   help="alignment questions for the forget rate (default: <data>/sft/alignment_heldout.parquet, "
+                        "the questions data_prep held out of SFT)")
+    p.add_argument("--forget-reference-model", default=None, metavar="DIR",
+                   help="the alignment-SFT model: its alignment accuracy is the forget rate's reference (paper Table 3)")
     p.add_argument("--forget-reference", default=None,
-                   help="model row whose alignment accuracy is 'after alignment SFT' for the forget rate")
+                   help="or: the model row whose alignment accuracy is the reference")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (SASRec, CPU decoding); 1 is fastest for tiny models on a busy machine")
     p.add_argument("--title", default=None)
@@ -120,24 +173,27 @@ def main(argv: list[str] | None = None) -> int:
                 float(x) for x in args.thresholds.split(",")]
         except ValueError as exc:
             raise EvalInputError(f"--thresholds expects comma-separated numbers, got {args.thresholds!r}") from exc
+        if args.k < 1:
+            raise EvalInputError(f"--k must be >= 1, got {args.k}")
+        if args.max_rows is not None and args.max_rows < 1:
+            raise EvalInputError(f"--max-rows must be >= 1, got {args.max_rows}")
         model_params = {"num_beams": args.num_beams, "batch_size": args.batch_size, "device": args.device,
-                        "prompt_stage": args.prompt_stage, "candidate_acc": not args.no_candidate_acc,
-                        "measure_unconstrained": args.measure_unconstrained,
-                        "max_prompt_tokens": args.max_prompt_tokens,
-                        "exclude_history": args.model_exclude_history}
+                        "candidate_acc": not args.no_candidate_acc,
+                        "measure_unconstrained": args.measure_unconstrained}
         if args.alignment:
             model_params["alignment_path"] = args.alignment
-        exclude = not args.keep_history
+        specs = model_specs(_pairs(args.model, "--model"), _pairs(args.model_prompt, "--model-prompt"),
+                            args.prompt_context, _budget(args.max_prompt_tokens, "--max-prompt-tokens"))
         report = run_evaluation(
             args.data, args.out, baselines=baselines,
-            predictions=_pairs(args.predictions, "--predictions"), models=_pairs(args.model, "--model"),
+            predictions=_pairs(args.predictions, "--predictions"), models=specs,
             k=args.k, ks=_ints(args.ks, "--ks"), thresholds=thresholds, seed=args.seed, max_rows=args.max_rows,
             baseline_params={
-                "random": {"exclude_history": exclude}, "popularity": {"exclude_history": exclude},
-                "swing": {"exclude_history": exclude, "recency_decay": args.swing_recency_decay},
-                "sasrec": {"exclude_history": exclude, "epochs": args.sasrec_epochs}},
-            model_params=model_params, forget_reference=args.forget_reference, title=args.title,
-            split=args.split,
+                "swing": {"recency_decay": args.swing_recency_decay},
+                "sasrec": {"epochs": args.sasrec_epochs, "patience": args.sasrec_patience}},
+            model_params=model_params, forget_reference=args.forget_reference,
+            forget_reference_model=args.forget_reference_model, title=args.title,
+            split=args.split, exclusion=args.exclusion, all_contexts=args.all_contexts, n_boot=args.bootstrap,
         )
     except ValueError as exc:
         if not isinstance(exc, user_errors()):

@@ -21,6 +21,21 @@ class EvalInputError(ValueError):
     """Bad evaluation input: the message names the file, column and row."""
 
 
+#: What every predictor must leave out of a row's top K (the same rule for baselines, model rows
+#: and predictions files): ``none``; ``dislikes`` = the row's past dislikes (``hist_neg``);
+#: ``interacted`` = every item the user liked or disliked before the cutoff (``hist_neg`` and
+#: ``hist_pos``). Neutral events (e.g. MovieLens rating 3) are dropped by data_prep, so they are
+#: not in the rows and not excluded.
+EXCLUSION_RULES = ("none", "dislikes", "interacted")
+DEFAULT_EXCLUSION = "interacted"
+
+
+def check_exclusion(rule: str) -> str:
+    if rule not in EXCLUSION_RULES:
+        raise EvalInputError(f"exclusion rule must be one of {list(EXCLUSION_RULES)}, got {rule!r}")
+    return rule
+
+
 def _sid(value, where: str) -> Codes:
     codes = parse_sid(value) if isinstance(value, str) else None
     if codes is None:
@@ -51,6 +66,16 @@ class EvalRow:
     def key(self) -> tuple[str, int]:
         return (self.user_id, self.cutoff_day)
 
+    def excluded(self, rule: str) -> set[Codes]:
+        """SIDs the row's top K must not contain under ``rule`` (:data:`EXCLUSION_RULES`)."""
+        if rule == "none":
+            return set()
+        if rule == "dislikes":
+            return set(self.hist_neg)
+        if rule == "interacted":
+            return set(self.hist_neg) | set(self.hist_pos)
+        raise EvalInputError(f"exclusion rule must be one of {list(EXCLUSION_RULES)}, got {rule!r}")
+
 
 @dataclass
 class EvalData:
@@ -64,6 +89,18 @@ class EvalData:
     sid_items: dict[Codes, str]          # SID -> item_id
     rows: list[EvalRow]
     manifest: dict = field(default_factory=dict)
+    #: every row of the split, also when ``rows`` is cut by ``max_rows``: what the baselines learn
+    #: from must not depend on how many rows are scored
+    all_rows: list[EvalRow] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.all_rows:
+            self.all_rows = list(self.rows)
+
+    @property
+    def reduced(self) -> bool:
+        """Whether only part of the split is scored (a smoke run: no quality claims)."""
+        return len(self.rows) < len(self.all_rows)
 
     @property
     def num_levels(self) -> int:
@@ -182,9 +219,9 @@ def load_eval_data(data_dir: str | os.PathLike, split: str = "eval/test.parquet"
     item_sids, sid_items = load_sid_map(data_dir / "sid_map.parquet", codebook)
     split_path = data_dir / split
     table = _read_table(split_path, ("reward_model", "extra_info"), "evaluation split not found")
+    if max_rows is not None and int(max_rows) < 1:
+        raise EvalInputError(f"max_rows must be >= 1, got {max_rows}")
     raws = table.to_pylist()
-    if max_rows is not None:
-        raws = raws[: int(max_rows)]
     rows = [_row(split_path, i, raw, sid_build) for i, raw in enumerate(raws)]
     seen: dict[tuple[str, int], int] = {}
     for i, r in enumerate(rows):
@@ -197,4 +234,5 @@ def load_eval_data(data_dir: str | os.PathLike, split: str = "eval/test.parquet"
                     raise EvalInputError(f"{split_path}: row {i}: column {name!r}: SID {s} is not in sid_map.parquet")
     if not rows:
         raise EvalInputError(f"{split_path}: no evaluation rows")
-    return EvalData(data_dir, split_path, sid_build, codebook, item_sids, sid_items, rows, manifest)
+    scored = rows[: int(max_rows)] if max_rows is not None else rows
+    return EvalData(data_dir, split_path, sid_build, codebook, item_sids, sid_items, scored, manifest, all_rows=rows)

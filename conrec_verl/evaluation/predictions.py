@@ -79,6 +79,7 @@ def read_predictions(path: str | os.PathLike, data: EvalData, k: int, name: str 
     if k > n_items:
         raise EvalInputError(f"K={k} is larger than the number of items with a SID ({n_items})")
     index = data.index()
+    unscored = {r.key for r in data.all_rows} - set(index)  # rows of the split left out by max_rows
     sids: list[list[Codes | None] | None] = [None] * len(data.rows)
     cand: list[list[float] | None] = [None] * len(data.rows)
     n_invalid = 0
@@ -88,6 +89,8 @@ def read_predictions(path: str | os.PathLike, data: EvalData, k: int, name: str 
             raise EvalInputError(f"{where}: field 'sid_build' = {obj['sid_build']!r}: these predictions are for another "
                                  f"SID build than {data.data_dir} ({data.sid_build!r})")
         key = (obj["user_id"], obj["cutoff_day"])
+        if key in unscored:
+            continue
         if key not in index:
             raise EvalInputError(f"{where}: user {key[0]} with cutoff {key[1]} is not a row of {data.split_path}")
         i = index[key]

@@ -79,5 +79,7 @@ def make_data_folder(root: Path, n_users: int = 12, n_items: int = 40, sizes=(4,
             opts = rnd.sample(items, 4)
             al.append({"messages": [{"role": "user", "content": render_alignment_prompt([sid[i] for i in opts])},
                                     {"role": "assistant", "content": sid[opts[rnd.randrange(4)]]}]})
-        pq.write_table(pa.Table.from_pylist(al), root / "sft" / "alignment.parquet")
+        pq.write_table(pa.Table.from_pylist(al[:3]), root / "sft" / "alignment.parquet")
+        # data_prep holds a share of the questions out of SFT: the forget rate is measured on them
+        pq.write_table(pa.Table.from_pylist(al[3:]), root / "sft" / "alignment_heldout.parquet")
     return root

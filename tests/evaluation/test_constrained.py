@@ -151,3 +151,19 @@ def test_suffix_mode_factory_for_rollout_hook(tiny, tmp_path):
                          pad_token_id=tok.pad_token_id)
     new = gen[0, len(ids):].tolist()
     assert tmap.decode(new[:3]) in sids and new[3] == tok.eos_token_id
+
+
+def test_exclusion_masks_the_trie_and_still_returns_k(tiny):
+    model, tok = tiny
+    rnd = random.Random(5)
+    sids = sorted(rnd.sample(list(itertools.product(range(4), repeat=3)), 12))
+    trie = SidTrie(sids)
+    keep = sids[2:5]
+    exclude = [set(sids) - set(keep), set(sids[:1]), set(sids) - set(sids[:2])]
+    res = constrained_beam_search(model, tok, PROMPTS, trie, k=3, num_beams=12, exclude=exclude)
+    assert sorted(res[0].sids) == keep and not res[0].exclusion_skipped  # exactly K remain: all of them
+    assert len(res[1].sids) == 3 and sids[0] not in res[1].sids
+    # only 2 items would remain for K = 3: that row is searched unmasked and flagged
+    assert res[2].exclusion_skipped and len(res[2].sids) == 3
+    with pytest.raises(ConstrainedDecodingError, match="entries for"):
+        constrained_beam_search(model, tok, PROMPTS, trie, k=3, exclude=exclude[:1])

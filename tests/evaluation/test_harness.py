@@ -119,9 +119,9 @@ def test_popularity_matches_hand_count(data):
 
 def test_history_excluded_and_random_deterministic(data):
     for cls in (PopularityBaseline, RandomBaseline):
-        recs = cls(seed=1).fit(data).recommend(10)
+        recs = cls(seed=1).fit(data).recommend(10)  # default rule: interacted
         for r, top in zip(data.rows, recs):
-            assert len(set(top)) == 10 and not set(top) & set(r.hist_neg)
+            assert len(set(top)) == 10 and not set(top) & (set(r.hist_neg) | set(r.hist_pos))
     assert RandomBaseline(seed=1).fit(data).recommend(10) == RandomBaseline(seed=1).fit(data).recommend(10)
     assert RandomBaseline(seed=1).fit(data).recommend(10) != RandomBaseline(seed=2).fit(data).recommend(10)
 
@@ -164,16 +164,17 @@ def test_cli_end_to_end(folder, tmp_path):
                                                for r in data.rows])
     model = save_tiny_model(tmp_path / "tiny", (4, 4, 4))
     out = tmp_path / "report"
-    rc = eval_main(["--data", str(folder), "--out", str(out), "--baselines", "random,popularity,swing,sasrec",
-                    "--sasrec-epochs", "2", "--predictions", f"oracle={pred}", "--model", f"tiny={model}",
-                    "--forget-reference", "tiny", "--measure-unconstrained", "--ks", "1,5,20"])
+    rc = eval_main(["--data", str(folder), "--out", str(out), "--sasrec-epochs", "2", "--predictions",
+                    f"oracle={pred}", "--model", f"tiny={model}", "--model-prompt", "tiny=2,96",
+                    "--forget-reference", "tiny", "--measure-unconstrained", "--ks", "1,5,20", "--all-contexts",
+                    "--exclusion", "none", "--bootstrap", "200"])
     assert rc == 0
     for f in ("report.md", "metrics.json", "metric_by_k.png", "rows.png", "filter_sweep.png",
               "predictions/random.jsonl", "predictions/tiny.jsonl"):
         assert (out / f).is_file(), f
     rep = json.loads((out / "metrics.json").read_text())
     rows = {r["name"]: r for r in rep["rows"]}
-    assert set(rows) == {"random", "popularity", "swing", "sasrec", "oracle", "tiny"}
+    assert set(rows) == {"random", "popularity", "recent_popularity", "swing", "codislike", "sasrec", "oracle", "tiny"}
     o = rows["oracle"]["metrics"]
     scored = [r for r in data.rows if r.target.has_future_dislike]
     assert o["FHR@20"] == pytest.approx(sum(bool(r.target.future_neg) for r in scored) / len(scored))
@@ -181,11 +182,30 @@ def test_cli_end_to_end(folder, tmp_path):
     t = rows["tiny"]
     assert t["metrics"]["invalid_rate"] == 0.0 and t["metrics"]["forget_rate"] == 0.0
     assert 0.0 <= t["info"]["alignment_acc"] <= 1.0
+    assert t["info"]["alignment_file"] == "alignment_heldout.parquet" and t["info"]["alignment_rows"] == 3
+    # the row's own context and budget are recorded, and every prompt fits the budget
+    assert t["info"]["prompt_context"] == 2 and t["info"]["prompt_budget"] == 96
+    assert t["info"]["prompt_tokens_max"] <= 96
+    assert set(t["info"]["by_context"]) == {"1", "2", "3"}
+    assert t["info"]["by_context"]["2"]["FHR@20"] == pytest.approx(t["metrics"]["FHR@20"])
+    # intervals around every headline metric, the paired test against the best FHR@20 baseline
+    assert rep["exclusion"] == "none" and not rep["reduced"]
+    best = rep["best_baseline"]["FHR@20"]
+    assert rows[best]["metrics"]["FHR@20"] == max(r["metrics"]["FHR@20"] for r in rows.values() if r["kind"] == "baseline")
+    for r in rows.values():
+        lo, hi = r["ci"]["FHR@20"]
+        assert lo <= r["metrics"]["FHR@20"] <= hi
+    assert rows["oracle"]["paired"]["against"] == best and rows["oracle"]["paired"]["only_baseline"] == 0
+    assert rows["oracle"]["paired"]["only_row"] >= 1 and rows["oracle"]["paired"]["diff"] > 0
+    phases = [p["phase"] for p in rep["timings"]]
+    assert "load data" in phases and "baseline sasrec" in phases and "tiny: beam search" in phases
     assert t["info"]["invalid_rate_unconstrained"] > 0.5
     # the model row's predictions file is itself valid input
     assert read_predictions(out / "predictions" / "tiny.jsonl", data, 20).n_invalid_strings == 0
     md = (out / "report.md").read_text()
     assert "| oracle | predictions |" in md and "FHR@20" in md
+    assert "Paired test against the best baseline" in md and "wall time per phase" in md
+    assert "by prompt context" in md and "Smoke run" not in md
 
 
 def test_cli_bad_input_one_error_no_output(folder, tmp_path, capsys):
@@ -281,18 +301,31 @@ def test_training_sequences_add_train_only_users_without_future(folder, tmp_path
         training_sequences(load_eval_data(d))
 
 
-def test_model_rows_can_exclude_history(folder, tmp_path):
+@pytest.mark.parametrize("rule", ["none", "dislikes", "interacted"])
+def test_model_rows_obey_the_exclusion_rule_and_return_k(folder, tmp_path, rule):
     from conrec_verl.evaluation.harness import model_predictions
     from conrec_verl.model_builder import save_tiny_model
 
     data = load_eval_data(folder)
     model = save_tiny_model(tmp_path / "tiny", (4, 4, 4))
-    excl, _, scores = model_predictions(data, model, 10, device="cpu", candidate_acc=False, alignment_path=None,
-                                        exclude_history=True)
-    for row, e, sc in zip(data.rows, excl.sids, scores):
-        assert len(e) == 10 and len(set(e)) == 10 and not set(e) & set(row.hist_neg)
+    # as many beams as items: the search is exact, so the masked ranking must be the free one less the excluded
+    beams = len(data.sid_items)
+    free, _, _ = model_predictions(data, model, 10, device="cpu", candidate_acc=False, exclusion="none",
+                                   num_beams=beams)
+    excl, info, scores = model_predictions(data, model, 10, device="cpu", candidate_acc=False, exclusion=rule,
+                                           num_beams=beams)
+    assert info["exclusion"] == rule and info.get("rows_exclusion_skipped", 0) == 0
+    changed = 0
+    for row, f, e, sc in zip(data.rows, free.sids, excl.sids, scores):
+        ex = row.excluded(rule)
+        assert len(e) == 10 and len(set(e)) == 10 and not set(e) & ex
         assert sc == sorted(sc, reverse=True)
         assert all(s in data.sid_items for s in e)
+        # the masked search is the unmasked ranking with the excluded items taken out
+        assert [s for s in f if s not in ex] == e[: len([s for s in f if s not in ex])]
+        changed += e != f
+    if rule != "none":
+        assert changed > 0  # the fixture's model does recommend items the rule removes
 
 
 def test_cli_errors_are_one_line(folder, tmp_path, capsys):

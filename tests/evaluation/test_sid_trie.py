@@ -73,3 +73,22 @@ def test_large_trie_is_fast_enough():
     sids = {(rnd.randrange(64), rnd.randrange(64), rnd.randrange(64)) for _ in range(20000)}
     trie = SidTrie(sids)
     assert len(trie) == len(sids)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sid_sets(), st.data())
+def test_without_equals_a_trie_rebuilt_from_the_rest(sids, data):
+    trie = SidTrie(sids)
+    ordered = sorted(sids)
+    drop = set(data.draw(st.lists(st.sampled_from(ordered), max_size=len(ordered) - 1, unique=True)))
+    drop |= {(9, 9, 9)}  # not in the trie: ignored
+    masked = trie.without(drop)
+    rebuilt = SidTrie(sids - drop)
+    assert len(masked) == len(rebuilt) and set(masked.iter_sids()) == set(rebuilt.iter_sids())
+    for s in ordered:
+        for depth in range(trie.num_levels + 1):
+            assert masked.allowed(s[:depth]) == rebuilt.allowed(s[:depth])
+            assert masked.is_prefix(s[:depth]) == rebuilt.is_prefix(s[:depth])
+    assert len(trie) == len(sids)  # the original is untouched
+    with pytest.raises(SidTrieError, match="empty trie"):
+        trie.without(sids)
