@@ -23,7 +23,10 @@ Curriculum design (verl 0.9.1 has no curriculum sampler). Training files: ``len(
 total_steps * data.train_batch_size`` and position ``i`` is trained at step
 ``i // train_batch_size + 1`` (verl's ``SequentialSampler`` with ``data.shuffle=false`` and
 ``drop_last``), so it renders the row that :class:`conrec_verl.core.schedule.CurriculumOrder`
-assigns to that position, for the context of that step's stage. Rows are shuffled within each
+assigns to that position, for the context of that step's stage. A stage draws only rows that
+its context can show with a non-empty negative section, and (``data.conrec.stage_rows:
+assigned``, the default) only the rows data_prep assigned to that context (``extra_info.stage``);
+``stage_rows: eligible`` lets every stage draw every eligible row. Rows are shuffled within each
 stage with ``data.seed``. Everything is a pure function of the position, so the stateful
 dataloader's restored position after a resume yields exactly the prompts of the resumed step's
 stage. Validation files (``data_files == data.val_files``), or ``data.conrec.mode: fixed``: one
@@ -49,7 +52,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from verl.utils.dataset.rl_dataset import RLHFDataset
 
 from conrec_verl.core.prompts import chat_prompt_length, render_history_prompt
-from conrec_verl.core.schedule import CONTEXTS, CurriculumOrder, StageSchedule
+from conrec_verl.core.schedule import CONTEXTS, CurriculumOrder, ScheduleError, StageSchedule, eligible_contexts
 from conrec_verl.core.sid import SID_TOKEN_RE, parse_sid
 
 logger = logging.getLogger(__name__)
@@ -94,7 +97,7 @@ class ConrecSidDataset(RLHFDataset):
         if not isinstance(conrec_cfg, dict):
             raise ConrecDataError(f"data.conrec must be a mapping, got {conrec_cfg!r}")
         self.conrec_cfg = conrec_cfg
-        known = {"schedule", "val_stage", "stage", "mode", "total_steps", "check_sid_tokens"}
+        known = {"schedule", "val_stage", "stage", "mode", "total_steps", "check_sid_tokens", "stage_rows"}
         unknown = sorted(set(conrec_cfg) - known)
         if unknown:
             raise ConrecDataError(f"data.conrec: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -226,10 +229,35 @@ class ConrecSidDataset(RLHFDataset):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConrecDataError(f"data.train_batch_size must be a positive integer, got {batch_size!r}")
         seed = self.config.get("seed")
-        self.order = CurriculumOrder(schedule, n_rows=len(self.dataframe), batch_size=batch_size,
-                                     seed=0 if seed is None else int(seed), total_steps=cfg.get("total_steps"))
-        logger.info("ConrecSidDataset: curriculum over %d steps x %d prompts, stage boundaries at steps %s",
-                    self.order.total_steps, batch_size, schedule.boundaries)
+        try:
+            self.order = CurriculumOrder(schedule, n_rows=len(self.dataframe), batch_size=batch_size,
+                                         seed=0 if seed is None else int(seed), total_steps=cfg.get("total_steps"),
+                                         rows_by_context=self._rows_by_context(cfg.get("stage_rows", "assigned")))
+        except ScheduleError as exc:
+            raise ConrecDataError(f"{', '.join(self._conrec_source_files)}: {exc}") from None
+        logger.info("ConrecSidDataset: curriculum over %d steps x %d prompts, stage boundaries at steps %s, "
+                    "rows per stage %s", self.order.total_steps, batch_size, schedule.boundaries,
+                    [self.order.stage_rows(st) for st in schedule.stages])
+
+    def _rows_by_context(self, how: str) -> dict[int, list[int]]:
+        """Which rows each context's stage may draw: only rows whose histories give that context a
+        non-empty negative section (:func:`conrec_verl.core.schedule.eligible_contexts`), and with
+        ``stage_rows: assigned`` (default) only the rows data_prep assigned to that context
+        (``extra_info.stage``, so stages train on disjoint rows); ``eligible``: every eligible row."""
+        if how not in ("assigned", "eligible"):
+            raise ConrecDataError(f"data.conrec.stage_rows must be 'assigned' or 'eligible', got {how!r}")
+        out: dict[int, list[int]] = {c: [] for c in CONTEXTS}
+        for i, row in enumerate(self.dataframe):
+            ok = eligible_contexts(len(row["hist_neg_recent"] or ()), len(row["hist_neg"] or ()))
+            if how == "assigned":
+                assigned = (row.get("extra_info") or {}).get("stage")
+                if assigned is None:
+                    raise ConrecDataError(f"{', '.join(self._conrec_source_files)}: row {i} has no extra_info.stage "
+                                          "(the context data_prep assigned); set data.conrec.stage_rows=eligible")
+                ok = tuple(c for c in ok if c == int(assigned))
+            for c in ok:
+                out[c].append(i)
+        return out
 
     # -- rendering --------------------------------------------------------------------------------
     def prompt_length(self, text: str) -> int:

@@ -33,7 +33,14 @@ from data_prep import distributed as D
 from data_prep.embeddings import build_item_embeddings
 from data_prep.errors import DataPrepError
 from data_prep.readers import read_input
-from data_prep.sft import alignment_records, split_heldout, translation_records, warmup_records
+from data_prep.sft import (
+    alignment_records,
+    every_dislike_records,
+    split_heldout,
+    translation_records,
+    warmup_config,
+    warmup_records,
+)
 from data_prep.sids import build_sids
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -52,7 +59,8 @@ SFT_SCHEMAS = {
     "alignment": pa.schema([("messages", MESSAGES), ("extra_info", pa.struct(
         [("task", pa.string()), ("user_id", pa.string()), ("answer_index", pa.int64()), ("index", pa.int64())]))]),
     "warmup": pa.schema([("messages", MESSAGES), ("extra_info", pa.struct(
-        [("task", pa.string()), ("user_id", pa.string()), ("cutoff_day", pa.int64()), ("index", pa.int64())]))]),
+        [("task", pa.string()), ("user_id", pa.string()), ("cutoff_day", pa.int64()), ("context", pa.int64()),
+         ("index", pa.int64())]))]),
 }
 
 
@@ -258,7 +266,9 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
         else:
             tr = train_rows[train_rows["split"] == "train"]
             va = train_rows[train_rows["split"] == "val"]
+        n_tr = len(tr)
         tr = S.assign_stages(tr, rcfg, seed)
+        n_no_neg = n_tr - (tr.drop_duplicates(["user_id", "cut"]).shape[0] if len(tr) else 0)
         rl_train = S.rl_records(tr, "train", sid_build)
         rl_val = S.rl_records(va.sort_values(["cut", "user_id"], kind="stable"), "val", sid_build,
                               int(rcfg.get("val_stage", 2))) if len(va) else []
@@ -272,6 +282,7 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
                 rec["candidates"] = c
                 rec["candidate_target"] = t
         sample_stats = _sample_stats(tr, va, test_sorted, skip_counts)
+        sample_stats["rl_rows_without_negative_history_dropped"] = int(n_no_neg)
         sample_stats["candidates"] = cand_stats
 
     with steps("sft"):
@@ -282,7 +293,13 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
         align_cfg = sft_cfg.get("alignment", {}) or {}
         alignment = alignment_records(train, train_users, sid_of, align_cfg, seed)
         alignment, alignment_heldout = split_heldout(alignment, float(align_cfg.get("heldout_fraction", 0.1)), seed)
-        warmup = warmup_records(tr) if sft_cfg.get("warmup", True) and len(tr) else []
+        wcfg = warmup_config(sft_cfg.get("warmup", True))
+        warmup = []
+        if wcfg.get("rows") == "cutoffs" and len(tr):
+            warmup = warmup_records(tr)
+        elif wcfg.get("rows") == "every_dislike":
+            warmup = every_dislike_records(train, plan.key[train_mask], plan.recent, train_users, sid_of, wcfg,
+                                           seed, book.num_levels)
 
     with steps("write"):
         book.save(tmp / "codebook.npz")
@@ -344,6 +361,9 @@ def _sample_stats(tr: pd.DataFrame, va: pd.DataFrame, te: pd.DataFrame, skips: d
                "fps_items": int(gt.map(lambda g: len(g["future_pos"])).sum()),
                "long_tail_user_rows": int(df["long_tail_user"].sum()),
                "rows_only_cold": int(gt.map(lambda g: len(g["future_neg"]) == 0).sum())}
+        if "window_days" in df.columns:
+            w = df["window_days"].to_numpy()
+            out["window_days"] = {"min": int(w.min()), "mean": round(float(w.mean()), 2), "max": int(w.max())}
         if "stage" in df.columns:
             out["stages"] = {str(k): int(v) for k, v in df["stage"].value_counts().sort_index().items()}
         return out

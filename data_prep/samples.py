@@ -4,12 +4,16 @@ Two split modes (``split.mode``):
 
 * ``global_day`` -- one calendar cutoff for everybody. Event key = day number. History = events on
   days ``<= cutoff`` (the cutoff is the *end* of the cutoff day); future window = days
-  ``cutoff+1 .. cutoff+window_days``. Training cutoffs are earlier days; their windows are
-  truncated at the evaluation cutoff so nothing of the test window is used for training.
+  ``cutoff+1 .. cutoff+window_days``. Training cutoffs are earlier days: with
+  ``split.train_windows: full`` (default) at most ``eval_cutoff - window_days``, so every training
+  row sees the same full window as evaluation and nothing of the test window; ``truncated`` allows
+  later cutoffs whose windows are cut at the evaluation cutoff (logs too short for full windows).
 * ``per_user`` -- each user's evaluation cutoff is the timestamp of the event at
   ``user_fraction`` of the user's events (ties at that timestamp stay in the history); the window
   is ``(cutoff, cutoff + window_days * 24h]``. Training cutoffs sit at ``train_fractions`` of
-  the user's events, windows truncated at the user's evaluation cutoff.
+  the user's events; with ``train_windows: full`` a training cutoff later than the user's
+  ``eval_cutoff - window_days`` moves back to the last event at or before it (users with no such
+  event have no training row), with ``truncated`` windows are cut at the evaluation cutoff.
 
 "Last N days" (``recent_days``) = the N calendar days ending with the cutoff day (global) or the
 ``N * 24h`` before the cutoff timestamp (per_user).
@@ -31,6 +35,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from conrec_verl.core.prompts import render_history_prompt
+from conrec_verl.core.schedule import eligible_contexts
 from data_prep.errors import DataPrepError
 
 DAY_MS = 86_400_000
@@ -82,6 +87,10 @@ def plan_split(inter: pd.DataFrame, cfg: Mapping) -> SplitPlan:
     recent_days = int(cfg.get("recent_days", 3))
     if window_days < 1 or recent_days < 1:
         raise DataPrepError("split.window_days and split.recent_days must be >= 1")
+    windows = cfg.get("train_windows", "full")
+    if windows not in ("full", "truncated"):
+        raise DataPrepError(f"split.train_windows must be 'full' or 'truncated', got {windows!r}")
+    full = windows == "full"
     users = inter["user_id"].to_numpy(dtype=object)
     if mode == "global_day":
         uniq = pd.unique(users)
@@ -98,18 +107,26 @@ def plan_split(inter: pd.DataFrame, cfg: Mapping) -> SplitPlan:
             raise DataPrepError(f"split.eval_cutoff_day={ec} must fall inside the log ({yyyymmdd(first)}.."
                                 f"{yyyymmdd(last)}) and leave at least one later day")
         tc = cfg.get("train_cutoff_days", "auto")
+        last_cut = t_e - window_days if full else t_e - 1
         if tc in (None, "auto"):
             n = int(cfg.get("num_train_cutoffs", 5))
             min_hist = int(cfg.get("min_history_days", 1))
-            cuts = [t for t in range(t_e - n, t_e) if t >= first + min_hist - 1]
+            cuts = [t for t in range(last_cut - n + 1, last_cut + 1) if t >= first + min_hist - 1]
+            if not cuts:
+                raise DataPrepError(
+                    f"no training cutoff fits: the log starts {yyyymmdd(first)}, and with split.train_windows=full a "
+                    f"training cutoff must be on or before {yyyymmdd(last_cut)} (eval cutoff {ec} - window_days "
+                    f"{window_days}); use a later split.eval_cutoff_day, a shorter split.window_days, or "
+                    "split.train_windows=truncated")
         else:
             cuts = sorted(int(day_number(int(d))[0]) for d in tc)
-            bad = [yyyymmdd(c) for c in cuts if c >= t_e or c < first]
+            bad = [yyyymmdd(c) for c in cuts if c > last_cut or c < first]
             if bad:
-                raise DataPrepError(f"split.train_cutoff_days {bad} must be before the evaluation cutoff {ec} "
-                                    "and inside the log")
+                raise DataPrepError(f"split.train_cutoff_days {bad} must be inside the log and on or before "
+                                    f"{yyyymmdd(last_cut)} (" + (f"eval cutoff {ec} - window_days {window_days}, "
+                                    "split.train_windows=full" if full else f"before the evaluation cutoff {ec}") + ")")
         info = {"mode": mode, "eval_cutoff_day": yyyymmdd(t_e), "train_cutoff_days": [yyyymmdd(c) for c in cuts],
-                "window_days": window_days, "recent_days": recent_days,
+                "window_days": window_days, "recent_days": recent_days, "train_windows": windows,
                 "log_days": [yyyymmdd(first), yyyymmdd(last)],
                 "eval_window_complete": bool(t_e + window_days <= last)}
         return SplitPlan(mode, key, window_days, recent_days, {u: t_e for u in uniq}, {u: list(cuts) for u in uniq},
@@ -125,12 +142,31 @@ def plan_split(inter: pd.DataFrame, cfg: Mapping) -> SplitPlan:
         starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
         ends = np.r_[starts[1:], len(users)]
         eval_cut, train_cuts = {}, {}
+        moved = dropped = 0
         for s, e in zip(starts, ends):
             n = e - s
-            eval_cut[users[s]] = int(key[s + max(1, math.ceil(frac * n)) - 1])
-            train_cuts[users[s]] = sorted({int(key[s + max(1, math.ceil(f * n)) - 1]) for f in fracs})
+            ec_u = int(key[s + max(1, math.ceil(frac * n)) - 1])
+            eval_cut[users[s]] = ec_u
+            cuts = {int(key[s + max(1, math.ceil(f * n)) - 1]) for f in fracs}
+            if full:
+                latest = ec_u - window_days * DAY_MS
+                fixed = set()
+                for c in cuts:
+                    if c <= latest:
+                        fixed.add(c)
+                        continue
+                    j = int(np.searchsorted(key[s:e], latest, side="right"))  # events at or before `latest`
+                    if j == 0:
+                        dropped += 1
+                    else:
+                        moved += 1
+                        fixed.add(int(key[s + j - 1]))
+                cuts = fixed
+            train_cuts[users[s]] = sorted(cuts)
         info = {"mode": mode, "user_fraction": frac, "train_fractions": fracs, "window_days": window_days,
-                "recent_days": recent_days}
+                "recent_days": recent_days, "train_windows": windows}
+        if full:
+            info.update(train_cutoffs_moved_back=moved, train_cutoffs_without_full_window=dropped)
         return SplitPlan(mode, key, window_days * DAY_MS, recent_days * DAY_MS, eval_cut, train_cuts, info)
     raise DataPrepError(f"split.mode must be global_day or per_user, got {mode!r}")
 
@@ -331,27 +367,35 @@ def build_samples(ctx: SampleContext, lookup: _Lookup | None = None,
 def assign_stages(rows: pd.DataFrame, cfg: Mapping, seed: int) -> pd.DataFrame:
     """Progressive-GRPO stage per training row.
 
-    ``partition`` (default): every row gets one stage at random (reproducible per user x cutoff);
-    stage 1 only for rows that have negatives in the last ``recent_days``. ``replicate``: every
-    row appears once per stage. Rows are ordered by stage, then cutoff, then user.
+    ``partition`` (default): every row gets one stage at random (reproducible per user x cutoff)
+    among the contexts it is eligible for (:func:`conrec_verl.core.schedule.eligible_contexts`:
+    context 1 needs negatives in the last ``recent_days``, every context needs a negative);
+    ``replicate``: every row appears once per eligible stage. Rows with no negative history fit no
+    stage and are dropped here. Rows are ordered by stage, then cutoff, then user. The dataset
+    adapter trains stage k on the rows assigned to k (``data.conrec.stage_rows: assigned``).
     """
     stages = [int(s) for s in cfg.get("stages", [1, 2, 3])]
     how = cfg.get("stage_assignment", "partition")
     if rows.empty:
         return rows.assign(stage=pd.Series(dtype=np.int64))
+    ok = [eligible_contexts(len(a), len(b)) for a, b in zip(rows["hist_neg_recent"], rows["hist_neg"])]
     if how == "replicate":
         parts = []
         for s in stages:
-            part = rows if s != 1 else rows[rows["hist_neg_recent"].map(len) > 0]
+            part = rows[[s in e for e in ok]]
             parts.append(part.assign(stage=s))
         out = pd.concat(parts, ignore_index=True)
     elif how == "partition":
         st = []
-        for r in rows.itertuples():
-            allowed = [s for s in stages if s != 1 or len(r.hist_neg_recent) > 0] or stages[-1:]
+        for r, e in zip(rows.itertuples(), ok):
+            allowed = [s for s in stages if s in e]
+            if not allowed:
+                st.append(-1)
+                continue
             u = _stable_uniform(seed, "stage", r.user_id, r.cut)
             st.append(allowed[min(int(u * len(allowed)), len(allowed) - 1)])
         out = rows.assign(stage=st)
+        out = out[out["stage"] > 0]
     else:
         raise DataPrepError(f"rl.stage_assignment must be partition or replicate, got {how!r}")
     return out.sort_values(["stage", "cut", "user_id"], kind="stable").reset_index(drop=True)

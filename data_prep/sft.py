@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -13,6 +13,8 @@ from conrec_verl.core.prompts import (
     render_sid_to_title_prompt,
     render_title_to_sid_prompt,
 )
+from conrec_verl.core.schedule import eligible_contexts
+from conrec_verl.core.sid import SID_TOKEN_RE
 
 
 def _msg(user: str, assistant: str) -> list[dict]:
@@ -97,8 +99,104 @@ def split_heldout(records: list[dict], fraction: float, seed: int) -> tuple[list
     return kept, held
 
 
+WARMUP_DEFAULTS = {"rows": "every_dislike", "contexts": [1, 2, 3], "max_history_items": 96}
+
+
+def warmup_config(raw) -> dict:
+    """``sft.warmup``: ``true`` (defaults), ``false`` (no warm-up set) or a mapping of
+    :data:`WARMUP_DEFAULTS` keys; unknown keys and values are errors naming the key."""
+    from data_prep.errors import DataPrepError
+
+    if raw is False or raw is None:
+        return {}
+    cfg = dict(WARMUP_DEFAULTS)
+    if raw is not True:
+        if not isinstance(raw, Mapping):
+            raise DataPrepError(f"sft.warmup must be true, false or a mapping, got {raw!r}")
+        unknown = sorted(set(raw) - set(WARMUP_DEFAULTS))
+        if unknown:
+            raise DataPrepError(f"sft.warmup: unknown key(s) {unknown}; known: {sorted(WARMUP_DEFAULTS)}")
+        cfg.update(raw)
+    if cfg["rows"] not in ("every_dislike", "cutoffs"):
+        raise DataPrepError(f"sft.warmup.rows must be every_dislike or cutoffs, got {cfg['rows']!r}")
+    ctx = [int(c) for c in cfg["contexts"]]
+    if not ctx or any(c not in (1, 2, 3) for c in ctx):
+        raise DataPrepError(f"sft.warmup.contexts must be a non-empty list of 1, 2, 3, got {cfg['contexts']!r}")
+    cfg["contexts"] = sorted(set(ctx))
+    cfg["max_history_items"] = int(cfg["max_history_items"] or 0)
+    return cfg
+
+
+def _pick_context(seed: int, user, key, allowed: Sequence[int]) -> int:
+    from data_prep.samples import _stable_uniform
+
+    u = _stable_uniform(seed, "warmup_context", str(user), int(key))
+    return allowed[min(int(u * len(allowed)), len(allowed) - 1)]
+
+
+def every_dislike_records(train: pd.DataFrame, key: np.ndarray, recent: int, users: set, sid_of: dict,
+                          cfg: Mapping, seed: int, num_levels: int) -> list[dict]:
+    """Warm-up SFT at the baselines' scale: one row per dislike (of an item with a SID) of every
+    training user before the user's evaluation cutoff, whose history before it holds a dislike.
+
+    History = the user's events strictly earlier (by timestamp) than the dislike (likes and dislikes
+    of items with a SID; ``recent`` = those with ``key > key_dislike - recent``, the split plan's
+    key: day number or ms), target = the dislike's SID: the
+    next-negative question asked at every position of the sequence, as SASRec learns it. Each row's
+    prompt context is drawn (seeded per user and event) among ``cfg["contexts"]`` that its history
+    can show with a non-empty negative section (:func:`eligible_contexts`), so warm-up SFT teaches
+    every context GRPO and evaluation ask in; at most ``max_history_items`` SIDs (oldest dropped).
+    ``train`` holds only events up to each user's evaluation cutoff (no test-window event)."""
+    contexts = list(cfg["contexts"])
+    fits = _sid_count_fits(int(cfg.get("max_history_items", 0) or 0), num_levels)
+    df = train.assign(_key=key)
+    df = df[df["user_id"].isin(users) & df["item_id"].isin(sid_of.keys())]
+    df = df.sort_values(["user_id", "ts"], kind="stable")
+    out: list[dict] = []
+    u_arr = df["user_id"].to_numpy(dtype=object)
+    if len(u_arr) == 0:
+        return out
+    items = df["item_id"].to_numpy(dtype=object)
+    pol = df["polarity"].to_numpy()
+    keys = df["_key"].to_numpy(dtype=np.int64)
+    times = df["ts"].to_numpy(dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, u_arr[1:] != u_arr[:-1]])
+    ends = np.r_[starts[1:], len(u_arr)]
+    for s, e in zip(starts, ends):
+        user = u_arr[s]
+        sids = [sid_of[i] for i in items[s:e]]
+        p, k, ts = pol[s:e], keys[s:e], times[s:e]
+        for j in np.flatnonzero(p < 0):
+            h = int(np.searchsorted(ts, ts[j], side="left"))  # strictly earlier events only
+            if h == 0:
+                continue
+            neg = [sids[t] for t in range(h) if p[t] < 0]
+            allowed = [c for c in contexts if c in eligible_contexts(1, len(neg))]
+            if not neg or not allowed:
+                continue
+            r0 = h - int(np.count_nonzero(k[:h] > k[j] - recent))  # keys rise with time: a suffix
+            recent_neg = [sids[t] for t in range(r0, h) if p[t] < 0]
+            allowed = [c for c in allowed if c in eligible_contexts(len(recent_neg), len(neg))]
+            if not allowed:
+                continue
+            ctx = _pick_context(seed, user, k[j] * 1000 + j, allowed)
+            pos = [sids[t] for t in range(h) if p[t] > 0] if ctx == 3 else []
+            prompt = render_history_prompt(ctx, recent_neg, neg, pos, fits=fits)
+            out.append({"messages": _msg(prompt, sids[j]),
+                        "extra_info": {"task": "warmup", "user_id": str(user), "cutoff_day": -1, "context": ctx,
+                                       "index": len(out)}})
+    return out
+
+
+def _sid_count_fits(max_items: int, num_levels: int):
+    if max_items <= 0:
+        return None
+    return lambda text: len(SID_TOKEN_RE.findall(text)) <= max_items * num_levels
+
+
 def warmup_records(rows: pd.DataFrame) -> list[dict]:
-    """History (stage-2 prompt: all negatives) -> the next future dislike that has a SID."""
+    """``sft.warmup.rows: cutoffs``: one row per RL training row, history (context 2: all
+    negatives) -> the next future dislike that has a SID."""
     out = []
     for r in rows.itertuples(index=False):
         target = r.gt["next_neg"] or (r.gt["future_neg"][0] if r.gt["future_neg"] else None)
@@ -106,5 +204,5 @@ def warmup_records(rows: pd.DataFrame) -> list[dict]:
             continue
         out.append({"messages": _msg(render_history_prompt(2, r.hist_neg_recent, r.hist_neg, r.hist_pos), target),
                     "extra_info": {"task": "warmup", "user_id": r.user_id, "cutoff_day": int(r.cutoff_day),
-                                   "index": len(out)}})
+                                   "context": 2, "index": len(out)}})
     return out

@@ -38,6 +38,18 @@ import numpy as np
 CONTEXTS = (1, 2, 3)
 
 
+def eligible_contexts(n_recent_neg: int, n_neg: int) -> tuple[int, ...]:
+    """The prompt contexts a row can be trained with: the one rule data_prep (stage assignment,
+    SFT rows) and the dataset adapter (which rows a curriculum stage draws) both use.
+
+    No prompt may show an empty negative context: context 1 (recent negatives) needs a dislike in
+    the last ``recent_days``, contexts 2 and 3 need at least one dislike in the history. A row with
+    no dislike at all fits no context."""
+    if n_neg <= 0:
+        return ()
+    return (1, 2, 3) if n_recent_neg > 0 else (2, 3)
+
+
 class ScheduleError(ValueError):
     """The stage schedule config is invalid."""
 
@@ -188,17 +200,30 @@ class CurriculumOrder:
     """Maps a sequential dataset position to (row, stage, step).
 
     Position ``i`` is trained at step ``i // batch_size + 1`` and therefore in the stage the
-    schedule gives for that step. Rows are visited in a per-stage permutation seeded by
-    ``(seed, stage, pass)``, where ``pass`` counts how often the stage has gone through all rows,
-    so the order is deterministic (resumable) and each stage sees every row before repeating.
+    schedule gives for that step. A stage draws only the rows listed for its context in
+    ``rows_by_context`` (default: every row for every context), visited in a per-stage permutation
+    seeded by ``(seed, stage, pass)``, where ``pass`` counts how often the stage has gone through
+    its rows, so the order is deterministic (resumable) and each stage sees every one of its rows
+    before repeating.
     """
 
     def __init__(self, schedule: StageSchedule, n_rows: int, batch_size: int, seed: int = 0,
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, rows_by_context: Mapping[int, Sequence[int]] | None = None):
         if n_rows < 1:
             raise ScheduleError("the curriculum needs at least one data row")
         if batch_size < 1:
             raise ScheduleError(f"batch size must be >= 1, got {batch_size}")
+        self.rows_by_context: dict[int, np.ndarray] | None = None
+        if rows_by_context is not None:
+            self.rows_by_context = {int(c): np.asarray(list(r), dtype=np.int64) for c, r in rows_by_context.items()}
+            for stage in schedule.stages:
+                rows = self.rows_by_context.get(stage.context)
+                if rows is None or rows.size == 0:
+                    raise ScheduleError(f"stage {stage.index} ({stage.name}, context {stage.context}) has no data "
+                                        f"row it may train on (rows per context: "
+                                        f"{ {c: int(r.size) for c, r in self.rows_by_context.items()} })")
+                if rows.min() < 0 or rows.max() >= n_rows:
+                    raise ScheduleError(f"rows of context {stage.context} must be in 0..{n_rows - 1}")
         self.schedule = schedule
         self.n_rows = int(n_rows)
         self.batch_size = int(batch_size)
@@ -220,15 +245,20 @@ class CurriculumOrder:
         stage = self.schedule.stage_at(step)
         first_position_of_stage = (stage.start_step - 1) * self.batch_size
         k = position - first_position_of_stage  # k-th item of this stage
-        n_pass, offset = divmod(k, self.n_rows)
-        return int(self._perm(stage.index, n_pass)[offset]), stage, step
+        rows = self.rows_by_context[stage.context] if self.rows_by_context is not None else None
+        n_pass, offset = divmod(k, self.n_rows if rows is None else len(rows))
+        return int(self._perm(stage.index, n_pass, rows)[offset]), stage, step
 
-    def _perm(self, stage_index: int, n_pass: int) -> np.ndarray:
+    def stage_rows(self, stage: Stage) -> int:
+        """How many distinct rows ``stage`` draws from."""
+        return self.n_rows if self.rows_by_context is None else int(len(self.rows_by_context[stage.context]))
+
+    def _perm(self, stage_index: int, n_pass: int, rows: np.ndarray | None = None) -> np.ndarray:
         key = (stage_index, n_pass)
         perm = self._perms.get(key)
         if perm is None:
             rng = np.random.default_rng([self.seed, stage_index, n_pass])
-            perm = rng.permutation(self.n_rows)
+            perm = rng.permutation(self.n_rows) if rows is None else rows[rng.permutation(len(rows))]
             if len(self._perms) > 64:
                 self._perms.clear()
             self._perms[key] = perm

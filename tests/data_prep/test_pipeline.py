@@ -250,15 +250,59 @@ def test_sft_sets_exclude_validation_users(built):
     for rel in ("sft/alignment.parquet", "sft/warmup.parquet"):
         users = set(read(out, rel)["extra_info"].map(lambda e: e["user_id"]))
         assert users and not users & val_users, rel
+
+
+def test_warmup_every_dislike_matches_a_brute_force_walk_of_the_log(built):
+    from conrec_verl.core import prompts
+
+    d, log, out = built
+    sm = read(out, "sid_map.parquet")
+    sid_of = dict(zip(sm.item_id, sm.sid))
+    val_users = set(read(out, "rl/val.parquet")["extra_info"].map(lambda e: e["user_id"]))
+    log = log.assign(day=pd.to_datetime(log.timestamp, unit="ms").dt.strftime("%Y%m%d").astype(int))
+    log = log[(log.day <= 20240110) & log.item_id.isin(sid_of) & ~log.user_id.isin(val_users)]
+    expected = []
+    for user, ev in log.groupby("user_id", sort=True):
+        ev = ev.sort_values("timestamp", kind="stable")
+        for _, e in ev[ev.label == 0].iterrows():
+            before = ev[ev.timestamp < e.timestamp]
+            negs = [sid_of[i] for i in before[before.label == 0].item_id]
+            if negs:
+                expected.append((user, sid_of[e.item_id], negs[-96:]))
+    warm = read(out, "sft/warmup.parquet")
+    got = []
+    for msgs, info in zip(warm["messages"], warm["extra_info"]):
+        text, answer = msgs[0]["content"], msgs[1]["content"]
+        ctx = info["context"]
+        assert (prompts.NEG_RECENT_HEADER in text) == (ctx == 1) and (prompts.POS_HEADER in text) == (ctx == 3)
+        neg_line = [line for line in text.split("\n") if line.startswith(prompts.NEG_RECENT_HEADER if ctx == 1
+                                                                            else prompts.NEG_ALL_HEADER)][0]
+        assert not neg_line.endswith(prompts.EMPTY)  # no prompt with an empty negative context
+        got.append((info["user_id"], answer, neg_line.split(":", 1)[1].split(), ctx))
+    assert sorted((u, a) for u, a, _ in expected) == sorted((u, a) for u, a, _, _ in got)
+    by_key = {}
+    for u, a, negs in expected:
+        by_key.setdefault((u, a), []).append(negs)
+    for u, a, shown, ctx in got:
+        if ctx != 1:  # the full negative history before the dislike (newest 96 at most)
+            assert shown in by_key[(u, a)]
+        else:         # recent negatives: a suffix of it
+            assert any(n[len(n) - len(shown):] == shown for n in by_key[(u, a)])
+    assert {c for *_, c in got} == {1, 2, 3}
+
+
+def test_warmup_rows_cutoffs_mode_answers_the_next_future_dislike(tmp_path, synth_path):
+    out = build(generic_cfg(synth_path, tmp_path / "o", "sft.warmup.rows=cutoffs"))
     warm = read(out, "sft/warmup.parquet")
     train = read(out, "rl/train.parquet")
-    # warm-up answers are the next (SID'd) future dislike of the matching training row
     assert len(warm) == len(train)
     nxt = train["reward_model"].map(lambda r: json.loads(r["ground_truth"]))
     expected = [g["next_neg"] or g["future_neg"][0] for g in nxt]
     key = lambda df: list(zip(df["extra_info"].map(lambda e: e["user_id"]), df["extra_info"].map(lambda e: e["cutoff_day"])))
     got = dict(zip(key(warm), warm["messages"].map(lambda m: m[1]["content"])))
     assert [got[k] for k in key(train)] == expected
+    with pytest.raises(DataPrepError, match=r"sft.warmup: unknown key\(s\) \['rowz'\]"):
+        build(generic_cfg(synth_path, tmp_path / "x", "+sft.warmup.rowz=1"))
 
 
 def test_rl_and_eval_files_load_in_verl_rlhf_dataset(built, tmp_path):
@@ -276,3 +320,43 @@ def test_rl_and_eval_files_load_in_verl_rlhf_dataset(built, tmp_path):
         assert item["raw_prompt"][0]["role"] == "user"
         assert "Predict one item" in item["raw_prompt"][0]["content"]
         assert json.loads(item["reward_model"]["ground_truth"])["sid_build"] == item["extra_info"]["sid_build"]
+
+
+def test_training_rows_get_the_full_window_and_never_reach_the_test_window(tmp_path):
+    log = synth_log(seed=3, n_users=30, n_days=24)
+    log.to_csv(tmp_path / "log.csv", index=False)
+    # global_day: eval cutoff 2024-01-18, window 7 -> training cutoffs on or before 2024-01-11
+    out = build(generic_cfg(tmp_path / "log.csv", tmp_path / "g", "split.eval_cutoff_day=20240118"))
+    m = json.load(open(out / "manifest.json"))
+    assert m["split"]["train_cutoff_days"] == [20240109, 20240110, 20240111] and m["split"]["train_windows"] == "full"
+    for name in ("rl/train.parquet", "rl/val.parquet"):
+        rows = read(out, name)
+        assert len(rows) and (rows["extra_info"].map(lambda e: e["window_days"]) == 7).all()
+    assert m["samples"]["train"]["window_days"] == {"min": 7, "mean": 7.0, "max": 7}
+    # the same log with truncated windows: cutoffs run up to the day before the eval cutoff
+    out_t = build(generic_cfg(tmp_path / "log.csv", tmp_path / "t", "split.eval_cutoff_day=20240118",
+                              "split.train_windows=truncated"))
+    mt = json.load(open(out_t / "manifest.json"))
+    assert mt["split"]["train_cutoff_days"] == [20240115, 20240116, 20240117]
+    assert mt["samples"]["train"]["window_days"]["min"] < 7
+    with pytest.raises(DataPrepError, match="no training cutoff fits"):
+        build(generic_cfg(tmp_path / "log.csv", tmp_path / "x", "split.eval_cutoff_day=20240106",
+                          "split.min_history_days=3"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_per_user_training_cutoffs_move_back_to_a_full_window(tmp_path):
+    rows = []
+    for u in range(10):
+        for k in range(20):  # one event a day for 20 days: eval cutoff at day 14, full windows end by day 7
+            rows.append((f"u{u}", f"i{(u + k) % 15}", ms(1 + k), 0 if k % 3 == 0 else 1))
+    log = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "label"])
+    log.to_csv(tmp_path / "log.csv", index=False)
+    out = build(generic_cfg(tmp_path / "log.csv", tmp_path / "out", "split.mode=per_user", "sid.sizes=[4,4]",
+                            "split.train_fractions=[0.3,0.55]", "samples.val_user_fraction=0"))
+    m = json.load(open(out / "manifest.json"))
+    train = read(out, "rl/train.parquet")
+    days = sorted({r["cutoff_day"] for r in train["extra_info"]})
+    # 0.3 -> day 6 (kept); 0.55 -> day 11 would overlap the eval window: moved back to day 7
+    assert days == [20240106, 20240107] and m["split"]["train_cutoffs_moved_back"] == 10
+    assert (train["extra_info"].map(lambda e: e["window_days"]) == 7).all()

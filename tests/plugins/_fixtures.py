@@ -48,7 +48,8 @@ def make_rl_rows(n: int, seed: int = 0, sizes=SIZES, hist_len=(2, 12)) -> list[d
     rows = []
     for i in range(n):
         neg = [random_sid(rng, sizes) for _ in range(int(rng.integers(*hist_len)))]
-        recent = neg[-int(rng.integers(0, len(neg) + 1)):] if neg else []
+        n_recent = int(rng.integers(0, len(neg) + 1)) if i % 3 else max(1, len(neg) // 2)
+        recent = neg[len(neg) - n_recent:] if neg and n_recent else []
         pos = [random_sid(rng, sizes) for _ in range(int(rng.integers(*hist_len)) * 3)]
         gt = ground_truth([random_sid(rng, sizes)], [], [random_sid(rng, sizes)])
         rows.append({
@@ -57,7 +58,9 @@ def make_rl_rows(n: int, seed: int = 0, sizes=SIZES, hist_len=(2, 12)) -> list[d
             "ability": "negative_recommendation",
             "reward_model": {"style": "rule", "ground_truth": gt},
             "extra_info": {"split": "train", "index": i, "user_id": f"u{i}", "cutoff_day": 20220501,
-                           "stage": 2, "long_tail_user": False,
+                           # as data_prep assigns: one context the row is eligible for
+                           "stage": [c for c in (1, 2, 3) if c != 1 or recent][i % (3 if recent else 2)] if neg else 2,
+                           "long_tail_user": False,
                            "sid_build": make_codebook().fingerprint},
             "hist_neg_recent": recent,
             "hist_neg": neg,

@@ -80,8 +80,33 @@ def test_curriculum_items_belong_to_the_stage_of_their_step(cfg_for, tokenizer):
             assert set(rm) == {"style", "ground_truth"}
             seen_rows[stage.context].add(extra["conrec_row"])
     assert step == schedule.total_steps
-    # stages 1 and 2 have 9 items over 7 rows: every row appears in each
-    assert seen_rows[1] == set(range(7)) and seen_rows[2] == set(range(7))
+    # each stage draws exactly the rows data_prep assigned to its context (9 or 6 items cover them)
+    rows = ds.dataframe
+    for c in (1, 2, 3):
+        assigned = {i for i, r in enumerate(rows) if r["extra_info"]["stage"] == c}
+        assert assigned and seen_rows[c] == assigned
+
+
+def test_no_stage_shows_an_empty_negative_context(cfg_for, tokenizer, tmp_path):
+    rows = make_rl_rows(9, seed=7)
+    rows[0]["hist_neg"], rows[0]["hist_neg_recent"] = [], []       # no dislike: fits no context
+    rows[1]["hist_neg_recent"] = []                                # no recent dislike: not context 1
+    path = write_parquet(rows, str(tmp_path / "mixed.parquet"))
+    ds = build(cfg_for("+data.conrec.stage_rows=eligible", train_files=path), tokenizer)
+    drawn = {1: set(), 2: set(), 3: set()}
+    for pos in range(len(ds)):
+        item = ds[pos]
+        text = item["raw_prompt"][0]["content"]
+        neg_line = next(line for line in text.split("\n") if "not interested" in line and line != prompts.INSTRUCTION)
+        assert not neg_line.endswith(prompts.EMPTY)
+        drawn[item["extra_info"]["stage"]].add(item["extra_info"]["conrec_row"])
+    assert 0 not in set().union(*drawn.values()) and 1 not in drawn[1]
+    with pytest.raises(ConrecDataError, match="has no extra_info.stage"):
+        bare = [dict(r, extra_info={k: v for k, v in r["extra_info"].items() if k != "stage"}) for r in rows]
+        build(cfg_for(train_files=write_parquet(bare, str(tmp_path / "bare.parquet"))), tokenizer)
+    only2 = [dict(r, extra_info=dict(r["extra_info"], stage=2)) for r in rows]
+    with pytest.raises(ConrecDataError, match=r"stage 1 .* has no data row"):
+        build(cfg_for(train_files=write_parquet(only2, str(tmp_path / "only2.parquet"))), tokenizer)
 
 
 def test_prompt_content_is_the_rows_history_for_the_stage(cfg_for, tokenizer, files):
@@ -149,7 +174,7 @@ def test_truncates_oldest_history_to_fit_and_keeps_instruction(cfg_for, tokenize
         assert 0 < len(kept_neg) < len(row["hist_neg"])
         assert kept_neg == row["hist_neg"][-len(kept_neg):]  # newest kept, oldest dropped
     with pytest.raises(ConrecDataError, match="max_prompt_length=10 is smaller"):
-        build(cfg_for("data.max_prompt_length=10", train_files=path), tokenizer)
+        build(cfg_for("data.max_prompt_length=10", "+data.conrec.stage_rows=eligible", train_files=path), tokenizer)
 
 
 def test_works_with_a_saved_and_reloaded_hf_tokenizer(cfg_for, tokenizer, tmp_path):
