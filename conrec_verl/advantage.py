@@ -18,11 +18,12 @@ advantages. For the stage of that step the estimator
 1. computes verl's GRPO group-normalised advantages (``compute_grpo_outcome_advantage``) with the
    stage's ``norm_adv_by_std`` (``algorithm.norm_adv_by_std_in_grpo`` is not used by this
    estimator) and the schedule's ``epsilon``;
-2. multiplies them by ``kl_ref / beta_stage``. The actor then minimises
-   ``c * L_pg + kl_ref * KL = c * (L_pg + beta_stage * KL)``; Adam is invariant to the constant
-   ``c`` (up to its epsilon and gradient clipping), so this is optimising with KL weight
-   ``beta_stage``. An entropy bonus (``actor.entropy_coeff``, 0 by default) is rescaled the same
-   way (effective coefficient ``entropy_coeff / c``).
+2. applies the stage's KL weight ``beta_stage``: with ``beta_via: kl_loss`` (default) the
+   ``conrec_sync`` trainer mode sets it as the actor's KL loss weight (:func:`stage_loss_fn`, sent
+   to the workers through verl's ``set_loss_fn`` when the stage changes) and the advantages stay
+   verl's GRPO ones; with ``beta_via: advantage_scale`` the advantages are multiplied by
+   ``kl_ref / beta_stage`` against the actor's fixed ``kl_ref`` (exact for one fresh-Adam step
+   only; see :mod:`conrec_verl.core.schedule`).
 
 It prints one line when the stage changes. verl 0.9.1 passes the estimator no metrics dict, so
 the per-step metric comes from a trainer mode registered here with verl's v1 trainer registry:
@@ -152,6 +153,20 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer  # noqa: E402
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync  # noqa: E402
 
 
+def stage_loss_fn(actor_config_node, beta: float):
+    """verl's own actor loss (``verl.workers.utils.losses.ppo_loss``) bound to the actor config with
+    ``kl_loss_coef = beta``: what the actor worker builds at start-up, with the stage's KL weight."""
+    from functools import partial
+
+    from omegaconf import OmegaConf
+
+    from verl.utils.config import omega_conf_to_dataclass
+    from verl.workers.utils.losses import ppo_loss
+
+    node = OmegaConf.merge(actor_config_node, {"kl_loss_coef": float(beta)})
+    return partial(ppo_loss, config=omega_conf_to_dataclass(node))
+
+
 def apply_poll_interval(replay_buffer, config):
     """Set the replay buffer's poll interval from ``trainer.v1.sync.poll_interval`` (seconds).
 
@@ -196,6 +211,26 @@ class ConrecSyncTrainer(PPOTrainerSync):
 
     def _build_replay_buffer(self):
         return apply_poll_interval(super()._build_replay_buffer(), self.config)
+
+    def _update_actor(self, batch, metrics):
+        self._apply_stage_beta()
+        return super()._update_actor(batch, metrics)
+
+    def _apply_stage_beta(self) -> None:
+        """``beta_via: kl_loss``: give the actor workers verl's ``ppo_loss`` with the current stage's
+        KL weight whenever it changes (first step after a start or a resume included)."""
+        algorithm = self.config.get("algorithm")
+        if algorithm is None or algorithm.get("adv_estimator") != NAME:
+            return
+        schedule = schedule_from_algorithm_config(algorithm)
+        if schedule.beta_via != "kl_loss":
+            return
+        beta = schedule.effective_beta(schedule.stage_at(int(self.global_steps)))
+        if getattr(self, "_conrec_beta", None) == beta:
+            return
+        self.actor_rollout_wg.set_loss_fn(stage_loss_fn(self.config.actor_rollout_ref.actor, beta))
+        self._conrec_beta = beta
+        print(f"[conrec] step {self.global_steps}: actor KL loss weight set to {beta:g}", flush=True)
 
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         out = super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)

@@ -22,7 +22,7 @@ from conrec_verl.core.scoring import RewardConfig, Scorer, ScoringConfigError
 from conrec_verl.core.sid import Codebook
 
 #: keys of ``reward_kwargs`` that locate the codebook rather than configure the reward
-LOCATION_KEYS = ("codebook_path", "data_dir")
+LOCATION_KEYS = ("codebook_path", "data_dir", "item_map")
 #: keyword arguments verl's naive manager may add to every call; not reward options
 VERL_CALL_KWARGS = ("reward_router_address", "reward_model_tokenizer")
 
@@ -44,22 +44,60 @@ def resolve_codebook_path(options: Mapping[str, Any], where: str = "reward_kwarg
     return os.path.abspath(os.path.expanduser(str(path)))
 
 
+def resolve_item_map(options: Mapping[str, Any], codebook_path: str, where: str = "reward_kwargs") -> str | None:
+    """The ``sid_map.parquet`` whose items are the only SIDs that score (``item_map``): ``auto``
+    (default) = the one beside the codebook when it exists; ``none`` = any in-range code tuple
+    scores; or a path, which must exist."""
+    value = options.get("item_map", "auto")
+    value = "auto" if value is None else str(value)
+    if value == "none":
+        return None
+    if value == "auto":
+        path = os.path.join(os.path.dirname(codebook_path), "sid_map.parquet")
+        return path if os.path.isfile(path) else None
+    path = os.path.abspath(os.path.expanduser(value))
+    if not os.path.isfile(path):
+        raise ScoringConfigError(f"{where}.item_map: {path} not found (a data folder's sid_map.parquet, 'auto' or 'none')")
+    return path
+
+
+def load_item_sids(path: str) -> frozenset:
+    """Every item SID of a ``sid_map.parquet`` (column ``sid``), as code tuples."""
+    import pyarrow.parquet as pq
+
+    from conrec_verl.core.sid import parse_sid
+
+    out = set()
+    for row, text in enumerate(pq.read_table(path, columns=["sid"]).column("sid").to_pylist()):
+        codes = parse_sid(text) if isinstance(text, str) else None
+        if codes is None:
+            raise ScoringConfigError(f"{path}: column 'sid', row {row}: {text!r} is not a SID string")
+        out.add(codes)
+    return frozenset(out)
+
+
 def get_scorer(options: Mapping[str, Any] | None, where: str = "reward_kwargs") -> Scorer:
-    """The process-wide :class:`Scorer` for these options (codebook loaded once)."""
+    """The process-wide :class:`Scorer` for these options (codebook and item map loaded once).
+
+    Outputs are scored only when they are items of the build (``item_map``, default: the
+    ``sid_map.parquet`` beside the codebook), because evaluation decodes only items."""
     options = dict(options or {})
     path = resolve_codebook_path(options, where)
     config = RewardConfig.from_mapping(options, ignore=LOCATION_KEYS)
-    try:
-        mtime = os.stat(path).st_mtime_ns
-    except OSError:
-        mtime = None  # Codebook.load raises the clear error
-    key = (path, mtime, config)
+    item_map = resolve_item_map(options, path, where)
+    stamps = []
+    for p in (path, item_map):
+        try:
+            stamps.append(os.stat(p).st_mtime_ns if p else None)
+        except OSError:
+            stamps.append(None)  # Codebook.load raises the clear error
+    key = (path, item_map, tuple(stamps), config)
     scorer = _CACHE.get(key)
     if scorer is None:
         with _LOCK:
             scorer = _CACHE.get(key)
             if scorer is None:
-                scorer = Scorer(Codebook.load(path), config)
+                scorer = Scorer(Codebook.load(path), config, items=load_item_sids(item_map) if item_map else None)
                 _CACHE[key] = scorer
     return scorer
 

@@ -100,3 +100,17 @@ def test_checkpoint_generation_config_cannot_change_rollouts(tiny_model_dir):
     hostile = HFGenerator(model.eval(), clean.tokenizer)
     reqs = [GenerationRequest(p, max_tokens=6, temperature=0) for p in _prompts(clean.tokenizer)]
     assert [r.token_ids for r in hostile.generate(reqs)] == [r.token_ids for r in clean.generate(reqs)]
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_arrival_order(gen):
+    tok = gen.tokenizer
+    prompts = _prompts(tok)
+    reqs = [GenerationRequest(p, max_tokens=4, temperature=1.5) for p in prompts for _ in range(4)]
+    first = gen.generate(reqs, seed=7)
+    shuffled = list(reversed(reqs))
+    again = gen.generate(shuffled, seed=7)
+    # the same batch in another order: each request gets the same sample as before (equal prompts share them)
+    key = lambda res, rq: sorted((tuple(q.prompt_ids), tuple(r.token_ids)) for q, r in zip(rq, res))
+    assert key(first, reqs) == key(again, shuffled)
+    other = gen.generate(reqs, seed=8)
+    assert key(other, reqs) != key(first, reqs)

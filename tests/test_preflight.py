@@ -70,3 +70,22 @@ def test_model_without_the_codebooks_sid_tokens(cpu_env, tmp_path, tiny_model_di
     Codebook([np.zeros((s, 4), np.float32) for s in same]).save(tmp_path / "ok.npz")
     OmegaConf.update(cfg, "reward.reward_kwargs.codebook_path", str(tmp_path / "ok.npz"))
     check_config(cfg)
+
+
+def test_progressive_grpo_needs_the_kl_loss_and_the_conrec_trainer():
+    from omegaconf import OmegaConf
+
+    from conrec_verl.runtime.preflight import ConfigError, check_progressive_grpo
+
+    def cfg(kl=True, mode="conrec_sync", via=None):
+        algo = {"adv_estimator": "progressive_grpo", "progressive_grpo": {} if via is None else {"beta_via": via}}
+        return OmegaConf.create({"algorithm": algo, "actor_rollout_ref": {"actor": {"use_kl_loss": kl}},
+                                 "trainer": {"v1": {"trainer_mode": mode}}})
+
+    check_progressive_grpo(cfg())
+    check_progressive_grpo(cfg(mode="sync", via="advantage_scale"))
+    with pytest.raises(ConfigError, match="use_kl_loss is false"):
+        check_progressive_grpo(cfg(kl=False))
+    with pytest.raises(ConfigError, match="trainer_mode=sync: set trainer.v1.trainer_mode=conrec_sync"):
+        check_progressive_grpo(cfg(mode="sync"))
+    check_progressive_grpo(OmegaConf.create({"algorithm": {"adv_estimator": "grpo"}}))  # other estimators: no check

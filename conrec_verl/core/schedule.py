@@ -20,11 +20,20 @@ Steps are verl's ``global_steps`` (the first training step is 1). Stage ``k`` co
 ``start_k .. end_k`` (inclusive, ``start_1 = 1``); steps after the last stage stay in the last
 stage, steps < 1 (e.g. validation before training) belong to the first.
 
-Per-stage beta (the paper re-sets the KL coefficient per stage; values are a [gap]): verl's actor
-applies one fixed coefficient ``kl_ref`` to its KL loss. Scaling the group-normalised advantages by
-``c = kl_ref / beta`` makes the actor minimise ``c * (L_pg + beta * KL)``; with Adam (invariant to a
-constant loss scale, up to epsilon and gradient clipping) that is the same update as optimising
-``L_pg + beta * KL``. See :meth:`StageSchedule.advantage_scale`.
+Per-stage beta (the paper re-sets the KL coefficient per stage; values are a [gap]), two ways
+(``beta_via``):
+
+* ``kl_loss`` (default): the stage's beta is the KL loss weight itself. The ``conrec_sync`` trainer
+  mode hands the actor workers verl's own ``ppo_loss`` with ``kl_loss_coef = beta_stage`` whenever
+  the stage changes (verl's public ``set_loss_fn`` worker method), so the actor minimises exactly
+  ``L_pg + beta_stage * KL`` and AdamW's moments carry over stage boundaries as in any run whose
+  loss changes. Needs ``trainer.v1.trainer_mode=conrec_sync`` and the actor's KL loss.
+* ``advantage_scale``: scale the group-normalised advantages by ``c = kl_ref / beta`` against the
+  actor's fixed ``kl_ref``: the actor minimises ``c * (L_pg + beta * KL)``. Exact for one step of a
+  fresh Adam, but Adam's second moment (memory ~1000 steps) carries the previous stage's gradient
+  scale across a boundary and gradient clipping is not scale-free, so across stages it acts largely
+  as a learning-rate change; kept for trainers other than ``conrec_sync``.
+See :meth:`StageSchedule.advantage_scale`.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 CONTEXTS = (1, 2, 3)
+BETA_VIA = ("kl_loss", "advantage_scale")
 
 
 def eligible_contexts(n_recent_neg: int, n_neg: int) -> tuple[int, ...]:
@@ -85,9 +95,12 @@ class StageSchedule:
     """Ordered stages over training steps."""
 
     def __init__(self, stages: Sequence[Stage], kl_ref: float = 0.0, epsilon: float = 1e-6,
-                 where: str = "algorithm.progressive_grpo"):
+                 where: str = "algorithm.progressive_grpo", beta_via: str = "kl_loss"):
         if not stages:
             raise ScheduleError(f"{where}.stages must list at least one stage")
+        if beta_via not in BETA_VIA:
+            raise ScheduleError(f"{where}.beta_via must be one of {BETA_VIA}, got {beta_via!r}")
+        self.beta_via = beta_via
         self.stages = tuple(stages)
         self.kl_ref = float(kl_ref)
         self.epsilon = float(epsilon)
@@ -99,7 +112,7 @@ class StageSchedule:
         cfg = _as_plain(config) if config is not None else {}
         if not isinstance(cfg, dict):
             raise ScheduleError(f"{where} must be a mapping, got {type(config).__name__}")
-        known = {"stages", "kl_ref", "norm_adv_by_std", "epsilon"}
+        known = {"stages", "kl_ref", "norm_adv_by_std", "epsilon", "beta_via"}
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise ScheduleError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -161,7 +174,10 @@ class StageSchedule:
                 f"{where}: stages set beta but kl_ref is 0; set kl_ref to the actor's KL weight "
                 "(e.g. kl_ref: ${{actor_rollout_ref.actor.kl_loss_coef}} with actor.use_kl_loss=true)"
             )
-        return cls(stages, kl_ref=kl_ref, epsilon=epsilon, where=where)
+        beta_via = cfg.get("beta_via", "kl_loss") or "kl_loss"
+        if beta_via not in BETA_VIA:
+            raise ScheduleError(f"{where}.beta_via must be one of {BETA_VIA}, got {beta_via!r}")
+        return cls(stages, kl_ref=kl_ref, epsilon=epsilon, where=where, beta_via=beta_via)
 
     # -- queries --------------------------------------------------------------------------------
     @property
@@ -182,8 +198,9 @@ class StageSchedule:
 
     def advantage_scale(self, stage: Stage) -> float:
         """Factor on the group-normalised advantages that turns the actor's fixed KL weight
-        ``kl_ref`` into the stage's ``beta`` (1 when the stage keeps ``kl_ref``)."""
-        if stage.beta is None or self.kl_ref == 0:
+        ``kl_ref`` into the stage's ``beta`` (``beta_via: advantage_scale``); 1 when the stage keeps
+        ``kl_ref`` or when beta is applied in the KL loss itself (``beta_via: kl_loss``)."""
+        if self.beta_via == "kl_loss" or stage.beta is None or self.kl_ref == 0:
             return 1.0
         return self.kl_ref / stage.beta
 

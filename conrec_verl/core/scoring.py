@@ -252,10 +252,15 @@ class ScoreResult:
     sim_fps: float = 0.0
     extra: dict = field(default_factory=dict)
 
+    #: the output spelled an in-range SID that is no item of the build (scored as invalid when
+    #: the scorer knows the items)
+    non_item: bool = False
+
     def as_extra_info(self) -> dict:
         """Flat scalars only (verl stacks them into numpy arrays): invalid rows report 0 similarities."""
         return {
             "valid_sid": float(self.valid),
+            "non_item_sid": float(self.non_item),
             "exact_hit": float(self.exact_hit),
             "prefix_depth": float(self.prefix_depth),
             "sim_gts": float(self.sim_gts),
@@ -270,7 +275,12 @@ class Scorer:
     ``n`` rollouts of one prompt share the same ground truth string.
     """
 
-    def __init__(self, codebook: Codebook, config: RewardConfig | None = None, cache_size: int = 4096):
+    def __init__(self, codebook: Codebook, config: RewardConfig | None = None, cache_size: int = 4096,
+                 items: "frozenset[Codes] | set[Codes] | None" = None):
+        """``items``: the SIDs of the build's items (``sid_map.parquet``). When given, an output that
+        spells an in-range SID which is no item gets the format penalty, as evaluation can never
+        produce it; ``None`` scores any in-range code tuple (the codebook alone)."""
+        self.items = frozenset(tuple(int(c) for c in s) for s in items) if items is not None else None
         self.codebook = codebook
         self.config = config or RewardConfig()
         self.num_levels = codebook.num_levels
@@ -446,7 +456,10 @@ class Scorer:
         """Score one output. Never raises on ``text``; raises :class:`GroundTruthError` on a bad
         ground truth (that is a data bug, not a model output)."""
         targets = self.targets(ground_truth)
-        return self.score_codes(self.parse_output(text), targets)
+        codes = self.parse_output(text)
+        if codes is not None and self.items is not None and codes not in self.items:
+            return ScoreResult(reward=self._penalty, valid=False, non_item=True)
+        return self.score_codes(codes, targets)
 
     def score_many(self, texts: Sequence[Any], ground_truths: Sequence[str | Mapping[str, Any]]) -> list[ScoreResult]:
         if len(texts) != len(ground_truths):

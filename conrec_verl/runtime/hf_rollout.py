@@ -133,12 +133,27 @@ class HFGenerator:
         model.generation_config = GenerationConfig(eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id)
 
     @torch.no_grad()
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Generate for requests that share sampling settings (see ``group_key``)."""
+    def generate(self, requests: list[GenerationRequest], seed: int | None = None) -> list[GenerationResult]:
+        """Generate for requests that share sampling settings (see ``group_key``).
+
+        ``seed``: sampling draws come from this seed, over the requests sorted by prompt, so the
+        same batch gives the same samples whatever order its requests arrived in."""
         from transformers import GenerationConfig
 
         if not requests:
             return []
+        if seed is not None:
+            order = sorted(range(len(requests)), key=lambda i: requests[i].prompt_ids)
+            out = self._generate([requests[i] for i in order], seed)
+            back: list = [None] * len(requests)
+            for pos, i in enumerate(order):
+                back[i] = out[pos]
+            return back
+        return self._generate(requests, None)
+
+    def _generate(self, requests: list[GenerationRequest], seed: int | None) -> list[GenerationResult]:
+        from transformers import GenerationConfig
+
         first = requests[0]
         assert all(r.group_key() == first.group_key() for r in requests), "mixed sampling settings in one batch"
         width = max(len(r.prompt_ids) for r in requests)
@@ -168,6 +183,8 @@ class HFGenerator:
             from transformers import LogitsProcessorList
 
             kwargs["logits_processor"] = LogitsProcessorList([self.logits_processor])
+        if seed is not None and not greedy:
+            torch.manual_seed(int(seed))
         out = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention.to(self.device),
@@ -285,6 +302,19 @@ class HFRolloutServer:
             extra_fields={"global_steps": self.global_steps},
         )
 
+    def _batch_seed(self, requests: list[GenerationRequest]) -> int | None:
+        """A sampling seed from ``rollout.seed``, the training step and the batch's prompts (order-free):
+        the same step with the same batch draws the same samples on a rerun. Batches are formed by
+        arrival time (``batch_wait_ms``), so a rerun reproduces exactly when its batches match."""
+        if self.config.seed is None:
+            return None
+        import zlib
+
+        digest = 0
+        for r in sorted(tuple(x.prompt_ids) for x in requests):
+            digest = zlib.crc32(repr(r).encode(), digest)
+        return (int(self.config.seed) * 1_000_003 + int(self.global_steps or 0) * 7919 + digest) % (2 ** 63)
+
     async def _drain(self):
         while self._queue:
             await asyncio.sleep(self.batch_wait_s)  # let concurrent requests join the batch
@@ -295,7 +325,8 @@ class HFRolloutServer:
             for items in groups.values():
                 async with self._lock:
                     try:
-                        results = await asyncio.to_thread(self.generator.generate, [r for r, _ in items])
+                        reqs = [r for r, _ in items]
+                        results = await asyncio.to_thread(self.generator.generate, reqs, self._batch_seed(reqs))
                     except Exception as exc:  # noqa: BLE001 - hand the error to every waiting request
                         for _, fut in items:
                             if not fut.done():

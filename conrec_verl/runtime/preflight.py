@@ -7,6 +7,8 @@ turn the common mistakes of this project's users into one clear error in the fir
 * the CPU runtime asked for (``VERL_PLATFORM=cpu`` or ``trainer.device=cpu``) without the other,
   or with a GPU-only rollout;
 * an unknown ``actor_rollout_ref.rollout.name``;
+* ``progressive_grpo`` without the actor's KL loss, or with ``beta_via: kl_loss`` outside the
+  ``conrec_sync`` trainer mode;
 * a model folder that does not exist, or whose tokenizer lacks the semantic-ID tokens of the
   codebook the run uses (``reward.reward_kwargs.codebook_path`` or ``data.conrec.data_dir``).
 
@@ -53,6 +55,24 @@ def _codebook_path(config) -> str | None:
     return None
 
 
+def check_progressive_grpo(config) -> None:
+    """``progressive_grpo`` sets a KL weight per stage: it needs the actor's KL loss, and with
+    ``beta_via: kl_loss`` (default) the ``conrec_sync`` trainer mode that applies it."""
+    if str(_get(config, "algorithm.adv_estimator", "") or "") != "progressive_grpo":
+        return
+    if not bool(_get(config, "actor_rollout_ref.actor.use_kl_loss", False)):
+        raise ConfigError(
+            "algorithm.adv_estimator=progressive_grpo sets the KL weight per stage, but "
+            "actor_rollout_ref.actor.use_kl_loss is false (no KL term to weight): set it to true")
+    via = str(_get(config, "algorithm.progressive_grpo.beta_via", "kl_loss") or "kl_loss")
+    mode = str(_get(config, "trainer.v1.trainer_mode", "") or "")
+    if via == "kl_loss" and mode != "conrec_sync":
+        raise ConfigError(
+            f"algorithm.progressive_grpo.beta_via=kl_loss applies each stage's beta through the conrec_sync "
+            f"trainer mode, but trainer.v1.trainer_mode={mode or 'unset'}: set trainer.v1.trainer_mode=conrec_sync "
+            "(or +algorithm.progressive_grpo.beta_via=advantage_scale)")
+
+
 def check_config(config, platform: str | None = None) -> None:
     """Raise :class:`ConfigError` for the first misconfiguration found."""
     platform = (platform if platform is not None else os.environ.get("VERL_PLATFORM", "")).strip().lower()
@@ -83,6 +103,8 @@ def check_config(config, platform: str | None = None) -> None:
         known = sorted({name for name, _mode in _ROLLOUT_REGISTRY})
         if rollout not in known:
             raise ConfigError(f"unknown actor_rollout_ref.rollout.name={rollout!r}; registered rollouts: {known}")
+
+    check_progressive_grpo(config)
 
     model_path = _get(config, "actor_rollout_ref.model.path")
     if model_path and not str(model_path).startswith(("hdfs://", "s3://")):

@@ -44,7 +44,7 @@ def batch(seed=0, groups=4, n=4, length=6):
 
 @pytest.fixture
 def config(compose):
-    def make(stages=STAGES, kl_ref=KL_REF, extra=()):
+    def make(stages=STAGES, kl_ref=KL_REF, extra=(), beta_via="advantage_scale"):
         overrides = [
             "algorithm.adv_estimator=progressive_grpo",
             "actor_rollout_ref.actor.use_kl_loss=true",
@@ -52,6 +52,7 @@ def config(compose):
             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
             "+algorithm.progressive_grpo.kl_ref=${actor_rollout_ref.actor.kl_loss_coef}",
             f"+algorithm.progressive_grpo.stages={stages}",
+            f"+algorithm.progressive_grpo.beta_via={beta_via}",
             *extra,
         ]
         return compose(overrides)
@@ -177,6 +178,117 @@ def test_per_stage_beta_changes_the_optimised_objective_at_the_boundary(config):
     assert not torch.allclose(plain_update, step4_update, rtol=1e-3, atol=1e-7)
 
 
+def test_kl_loss_mode_leaves_verl_grpo_advantages_alone(config):
+    cfg = config(beta_via="kl_loss")
+    data = batch(seed=3)
+    for step in (1, 4, 6):
+        norm = step < 6  # stage 3 has norm_adv_by_std: false
+        torch.testing.assert_close(progressive(cfg, data, step)[0], verl_grpo(data, norm=norm))
+
+
+def test_stage_loss_fn_is_verls_ppo_loss_with_the_stage_beta(config):
+    import inspect
+
+    from verl.workers.utils import losses
+
+    from conrec_verl.advantage import stage_loss_fn
+
+    cfg = config(beta_via="kl_loss")
+    fn = stage_loss_fn(cfg.actor_rollout_ref.actor, 0.25)
+    assert fn.func is losses.ppo_loss
+    worker_cfg = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)  # what the worker binds at start-up
+    assert fn.keywords["config"].kl_loss_coef == 0.25 and worker_cfg.kl_loss_coef == KL_REF
+    for name in ("use_kl_loss", "kl_loss_type", "loss_agg_mode", "entropy_coeff", "clip_ratio"):
+        assert getattr(fn.keywords["config"], name) == getattr(worker_cfg, name), name
+    # compatibility guard: verl 0.9.1's ppo_loss weights the KL term by config.kl_loss_coef
+    assert "kl_loss * config.kl_loss_coef" in inspect.getsource(losses.ppo_loss)
+
+
+def _train(actor_cfg_for_step, adv_for_step, steps, data, kl_weight_for_step=None, seed=0):
+    """AdamW on a free log-prob tensor for several steps; the loss of each step is verl's actor
+    objective (policy loss + kl_loss_coef * KL, ``actor_objective``) with the step's config."""
+    mask = data.batch["response_mask"]
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(mask.shape, generator=g) * 0.1 - 1.0
+    ref_log_prob = base + torch.randn(mask.shape, generator=g) * 0.3
+    theta = (base + 0.01).clone().requires_grad_(True)
+    opt = torch.optim.AdamW([theta], lr=1e-2, weight_decay=0.01)
+    for step in range(1, steps + 1):
+        actor_cfg = actor_cfg_for_step(step)
+        old = theta.detach().clone()
+        for _ in range(2):  # two mini-batch updates per step, as ppo_epochs would
+            pg, kl, total = actor_objective(actor_cfg, adv_for_step(step), theta, old, ref_log_prob, mask)
+            loss = total if kl_weight_for_step is None else pg + kl_weight_for_step(step) * kl
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([theta], 1.0)
+            opt.step()
+    return theta.detach()
+
+
+def test_true_per_stage_beta_across_stage_boundaries_equals_a_reference_run(config):
+    """Several steps through stages 1 -> 2 -> 3 with verl's loss pieces, AdamW and gradient clipping:
+    ``beta_via: kl_loss`` (the loss the conrec_sync trainer hands the workers at each boundary)
+    trains exactly like a reference run that optimises ``L_pg + beta_stage * KL``; the older
+    advantage scaling does not once AdamW's moments carry a stage's scale over a boundary."""
+    from conrec_verl.advantage import stage_loss_fn
+
+    data = batch(seed=5)
+    steps = 7
+    cfg_kl = config(beta_via="kl_loss")
+    schedule = StageSchedule.from_config(cfg_kl.algorithm.progressive_grpo)
+    actor_node = cfg_kl.actor_rollout_ref.actor
+    losses_by_beta = {}
+
+    def kl_loss_cfg(step):
+        beta = schedule.effective_beta(schedule.stage_at(step))
+        fn = losses_by_beta.setdefault(beta, stage_loss_fn(actor_node, beta))
+        return fn.keywords["config"]
+
+    ours = _train(kl_loss_cfg, lambda step: progressive(cfg_kl, data, step)[0], steps, data)
+    base_cfg = omega_conf_to_dataclass(actor_node)
+    reference = _train(lambda step: base_cfg, lambda step: verl_grpo(data, norm=step < 6), steps, data,
+                       kl_weight_for_step=lambda step: schedule.stage_at(step).beta)
+    torch.testing.assert_close(ours, reference)
+    cfg_scale = config(beta_via="advantage_scale")
+    scaled = _train(lambda step: base_cfg, lambda step: progressive(cfg_scale, data, step)[0], steps, data)
+    assert not torch.allclose(scaled, reference, rtol=1e-3, atol=1e-5)
+
+
+def test_conrec_sync_sets_the_stage_beta_on_the_workers_at_each_stage_change(config):
+    from conrec_verl.advantage import ConrecSyncTrainer
+
+    sent = []
+
+    class Workers:
+        def set_loss_fn(self, fn):
+            sent.append(fn.keywords["config"].kl_loss_coef)
+
+    def trainer():
+        t = object.__new__(ConrecSyncTrainer)
+        t.trainer_mode = "conrec_sync"
+        t.config = config(beta_via="kl_loss")
+        t.actor_rollout_wg = Workers()
+        return t
+
+    t = trainer()
+    for step in range(1, 8):
+        t.global_steps = step
+        t._apply_stage_beta()
+    assert sent == [0.5, 0.25, 2.0]  # once per stage, at steps 1, 4, 6
+    sent.clear()
+    resumed = trainer()  # a resume in the middle of stage 2 sets stage 2's beta before its first update
+    resumed.global_steps = 5
+    resumed._apply_stage_beta()
+    assert sent == [0.25]
+    sent.clear()
+    other = trainer()
+    other.config = config(beta_via="advantage_scale")
+    other.global_steps = 4
+    other._apply_stage_beta()
+    assert sent == []
+
+
 def test_bad_schedule_fails_loudly(config):
     cfg = config(stages="[{context: 7, steps: 1}]")
     with pytest.raises(ValueError, match=r"algorithm.progressive_grpo.stages\[0\].context"):
@@ -184,10 +296,13 @@ def test_bad_schedule_fails_loudly(config):
 
 
 def test_stage_metrics():
-    s = StageSchedule.from_config({"kl_ref": 1e-3, "stages": [{"steps": 2, "beta": 1e-3}, {"steps": 2, "beta": 5e-4}]})
+    spec = {"kl_ref": 1e-3, "stages": [{"steps": 2, "beta": 1e-3}, {"steps": 2, "beta": 5e-4}]}
+    s = StageSchedule.from_config(dict(spec, beta_via="advantage_scale"))
     assert stage_metrics(s, 2)["training/conrec_stage"] == 1.0
     m = stage_metrics(s, 3)
     assert m["training/conrec_stage"] == 2.0 and m["training/conrec_adv_scale"] == pytest.approx(2.0)
+    m = stage_metrics(StageSchedule.from_config(spec), 3)  # default: beta in the KL loss, advantages unscaled
+    assert m["training/conrec_beta"] == pytest.approx(5e-4) and m["training/conrec_adv_scale"] == 1.0
 
 
 def test_conrec_sync_trainer_logs_the_stage_every_step(config, monkeypatch):

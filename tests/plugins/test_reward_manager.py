@@ -209,3 +209,31 @@ def test_sid_tokens_registered_as_special_tokens_still_count(compose, codebook_p
     manager = load_reward_manager(config, tok)
     out = run(manager, one_row(tok, sid(1, 2, 3)))  # the response ends with <|im_end|>
     assert out["reward_extra_info"]["valid_sid"] == 1.0 and out["reward_extra_info"]["exact_hit"] == 1.0
+
+
+def test_a_sid_that_is_no_item_gets_the_format_penalty_through_both_swaps(compose, tokenizer, codebook, tmp_path):
+    """Evaluation decodes only items of the build: an in-range code tuple that is no item must not
+    earn reward in training (item_map=auto reads the sid_map.parquet beside the codebook)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    data.mkdir()
+    codebook.save(data / "codebook.npz")
+    items = [sid(1, 2, 3), sid(0, 4, 5), sid(3, 3, 3), sid(2, 1, 0)]
+    pq.write_table(pa.table({"item_id": [f"i{i}" for i in range(4)], "sid": items}), data / "sid_map.parquet")
+    non_item = sid(1, 2, 4)
+    penalty = RewardConfig().effective_format_penalty()
+    manager = load_reward_manager(compose(["reward.reward_manager.name=conrec",
+                                           f"+reward.reward_kwargs.data_dir={data}"]), tokenizer)
+    out = run(manager, one_row(tokenizer, non_item))
+    assert out["reward_score"] == penalty
+    assert out["reward_extra_info"]["valid_sid"] == 0.0 and out["reward_extra_info"]["non_item_sid"] == 1.0
+    item = run(manager, one_row(tokenizer, items[0]))
+    assert item["reward_score"] > penalty and item["reward_extra_info"]["non_item_sid"] == 0.0
+    # the plain function: same rule; item_map=none restores "any in-range SID scores"
+    kw = {"codebook_path": str(data / "codebook.npz")}
+    assert compute_score("conrec", non_item, json.loads(GT), {}, **kw)["score"] == penalty
+    assert compute_score("conrec", non_item, json.loads(GT), {}, **kw, item_map="none")["score"] > penalty
+    with pytest.raises(ScoringConfigError, match="item_map: .* not found"):
+        compute_score("conrec", non_item, json.loads(GT), {}, **kw, item_map=str(tmp_path / "nope.parquet"))

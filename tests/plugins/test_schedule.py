@@ -29,15 +29,22 @@ def test_stage_boundaries_and_lookup():
 
 
 def test_advantage_scale_and_effective_beta():
-    s = StageSchedule.from_config(CFG)
+    s = StageSchedule.from_config(dict(CFG, beta_via="advantage_scale"))
     assert s.advantage_scale(s.stage_at(1)) == pytest.approx(1.0)
     assert s.advantage_scale(s.stage_at(4)) == pytest.approx(2.0)
     assert s.advantage_scale(s.stage_at(7)) == 1.0 and s.effective_beta(s.stage_at(7)) == 1e-3
+    # the default applies beta in the KL loss: advantages are never scaled
+    k = StageSchedule.from_config(CFG)
+    assert k.beta_via == "kl_loss" and all(k.advantage_scale(k.stage_at(x)) == 1.0 for x in range(1, 9))
+    assert k.effective_beta(k.stage_at(4)) == s.effective_beta(s.stage_at(4))
+    with pytest.raises(ValueError, match="beta_via"):
+        StageSchedule.from_config(dict(CFG, beta_via="adam"))
 
 
 def test_reads_omegaconf_with_interpolation():
     root = OmegaConf.create({"actor": {"kl_loss_coef": 0.002},
-                             "algorithm": {"progressive_grpo": dict(CFG, kl_ref="${actor.kl_loss_coef}")}})
+                             "algorithm": {"progressive_grpo": dict(CFG, kl_ref="${actor.kl_loss_coef}",
+                                                                    beta_via="advantage_scale")}})
     s = StageSchedule.from_config(root.algorithm.progressive_grpo)
     assert s.kl_ref == 0.002 and s.advantage_scale(s.stage_at(5)) == pytest.approx(4.0)
 

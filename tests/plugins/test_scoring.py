@@ -185,7 +185,7 @@ def test_never_raises_and_reward_is_bounded(text, variant, mode):
     else:
         assert r.reward == cfg.effective_format_penalty()
     info = r.as_extra_info()
-    assert set(info) == {"valid_sid", "exact_hit", "prefix_depth", "sim_gts", "sim_fps"}
+    assert set(info) == {"valid_sid", "non_item_sid", "exact_hit", "prefix_depth", "sim_gts", "sim_fps"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in info.values())
 
 
