@@ -91,7 +91,7 @@ for D in $DATASETS; do
   [ -e "$RUN-warmup_only/data" ] || ln -s "$RUN/data" "$RUN-warmup_only/data"
   # the cpu_tiny profile's warm-up stage, alone
   pipeline --run-dir "$RUN-warmup_only" --only data,model,sft_warmup "${DARGS[@]}" \
-    "sft.stages=[{name: warmup, file: sft/warmup.parquet, overrides: [trainer.total_epochs=4]}]"
+    "sft.stages=[{name: warmup, file: sft/warmup.parquet, overrides: [trainer.total_epochs=2]}]"
 
   log "$D: progressive GRPO rewarded on the next dislike only"
   branch "$RUN" "$RUN-grpo_next_neg"

@@ -56,7 +56,7 @@ def write_smoke_dataset(out_dir: str | os.PathLike, sid_sizes: Sequence[int] = (
             future_pos = sorted({sids[i] for i in rng.choice(liked_pool, size=min(3, len(liked_pool)), replace=False)})
             truth = {"future_neg": future_neg, "swing": [], "future_pos": future_pos, "next_neg": future_neg[0],
                      "long_tail_items": [], "n_future_neg_cold": 0, "sid_build": codebook.fingerprint}
-            stage = 2
+            stage = (1, 2, 3)[k % 3] if split == "train" else 2  # every row is eligible for every context
             out.append({
                 "data_source": "conrec",
                 "prompt": [{"role": "user", "content": render_history_prompt(stage, hist_neg[-2:], hist_neg, hist_pos)}],

@@ -55,6 +55,12 @@ def step_metrics(log: str) -> dict[int, dict[str, str]]:
     return out
 
 
+def kl_coef(metrics: dict[str, str]) -> float:
+    keys = [k for k in metrics if k.endswith("kl_coef")]
+    assert keys, sorted(metrics)
+    return float(metrics[keys[0]])
+
+
 def prompts_of(path: str) -> list[str]:
     with open(path) as fh:
         return sorted(json.loads(line)["input"] for line in fh)
@@ -83,6 +89,9 @@ def test_main_ppo_trains_across_a_stage_boundary(run_a):
     assert "[conrec] progressive_grpo step 3: stage 2/2" in log
     # stage 2 renders the full negative history: longer prompts than stage 1
     assert float(steps[3]["prompt_length/mean"]) > float(steps[2]["prompt_length/mean"])
+    # the stage's beta is the KL weight verl's actor loss used (its own kl_coef metric), set once per stage
+    assert [kl_coef(steps[s]) for s in (1, 2, 3, 4)] == [0.001, 0.001, 0.0005, 0.0005]
+    assert log.count("actor KL loss weight set to") == 2
 
 
 def test_main_ppo_resumes_in_the_middle_of_a_stage(run_a):
@@ -94,5 +103,6 @@ def test_main_ppo_resumes_in_the_middle_of_a_stage(run_a):
     steps_b = step_metrics(log_b)
     assert sorted(steps_b) == [4]
     assert float(steps_b[4]["training/conrec_stage"]) == 2.0
+    assert kl_coef(steps_b[4]) == 0.0005  # the resumed run sets stage 2's beta before its first update
     assert prompts_of(f"{tmp_path}/roll_b/4.jsonl") == prompts_of(f"{tmp_path}/roll_a/4.jsonl")
     assert prompts_of(f"{tmp_path}/roll_a/4.jsonl") != prompts_of(f"{tmp_path}/roll_a/3.jsonl")
