@@ -154,8 +154,9 @@ def main() -> None:
                    help="a model row, e.g. 'ml100k:+ alignment=runs/ml/align/huggingface' (repeatable)")
     p.add_argument("--forget-reference-model", action="append", default=[], metavar="DATASET=DIR",
                    help="the alignment-SFT model of a dataset (the forget rate's reference, paper Table 3)")
-    p.add_argument("--sft-prompt", default="2,504", metavar="CONTEXT,TOKENS",
-                   help="context and token budget of the SFT-only rows (cpu_tiny warm-up SFT: %(default)s)")
+    p.add_argument("--sft-prompt", default="3,384", metavar="CONTEXT,TOKENS",
+                   help="context and token budget of the SFT-only rows (cpu_tiny warm-up SFT teaches contexts 1-3 "
+                        "within 96 history items: %(default)s)")
     p.add_argument("--grpo-prompt", default="3,384", metavar="CONTEXT,TOKENS",
                    help="context and token budget of the GRPO rows (cpu_tiny last stage: %(default)s)")
     p.add_argument("--all-contexts", action="store_true",
@@ -164,6 +165,8 @@ def main() -> None:
                    help="extra data_prep override for one dataset (repeatable)")
     p.add_argument("--sasrec-epochs", type=int, default=200, help="SASRec epoch cap (early stopping decides)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="model dtype (float32 on CUDA ranks as the CPU does)")
     p.add_argument("--max-rows", type=int, default=None,
                    help="score only the first N rows of each split: a smoke run that claims nothing")
     p.add_argument("--no-unconstrained", action="store_true",
@@ -199,7 +202,7 @@ def main() -> None:
         report = run_evaluation(
             data, work / name / "eval", models=specs, k=20, max_rows=args.max_rows,
             baseline_params={"sasrec": {"epochs": args.sasrec_epochs}},
-            model_params={"device": args.device, "measure_unconstrained": not args.no_unconstrained},
+            model_params={"device": args.device, "dtype": args.dtype, "measure_unconstrained": not args.no_unconstrained},
             forget_reference_model=refs.get(name) if refs.get(name) and Path(refs[name]).is_dir() else None,
             all_contexts=args.all_contexts, title=DATASETS[name]["title"])
         missing = [r for r in ABLATION_ROWS if r not in rows]

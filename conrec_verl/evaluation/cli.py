@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token budget of a model prompt (chat template included); the oldest history is dropped "
                         "until it fits, as in training; 'none' = no budget (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="model dtype (auto: bfloat16 on CUDA, float32 on CPU; float32 on CUDA ranks as the CPU does)")
     p.add_argument("--no-candidate-acc", action="store_true", help="skip scoring the candidates with model rows")
     p.add_argument("--measure-unconstrained", action="store_true",
                    help="also report the share of beams that are not a valid SID when the same beam search runs without the constraint")
@@ -178,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_rows is not None and args.max_rows < 1:
             raise EvalInputError(f"--max-rows must be >= 1, got {args.max_rows}")
         model_params = {"num_beams": args.num_beams, "batch_size": args.batch_size, "device": args.device,
+                        "dtype": args.dtype,
                         "candidate_acc": not args.no_candidate_acc,
                         "measure_unconstrained": args.measure_unconstrained}
         if args.alignment:

@@ -166,7 +166,9 @@ def render_prompts(data: EvalData, tokenizer, context: int | str, max_prompt_tok
     return prompts, lengths, info
 
 
-def load_model(model_dir: str | os.PathLike, device: str = "auto"):
+def load_model(model_dir: str | os.PathLike, device: str = "auto", dtype: str = "auto"):
+    """A model folder and its tokenizer; ``dtype`` auto = bfloat16 on CUDA, float32 on CPU
+    (``float32`` on CUDA gives the CPU's rankings, for numbers comparable across machines)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -175,7 +177,11 @@ def load_model(model_dir: str | os.PathLike, device: str = "auto"):
         raise EvalInputError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise EvalInputError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    dtype = getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     return model, tokenizer
@@ -224,7 +230,7 @@ def model_predictions(data: EvalData, model_dir, k: int, num_beams: int | None =
                       measure_unconstrained: bool = False, max_prompt_tokens: int | None = DEFAULT_PROMPT_TOKENS,
                       exclusion: str = DEFAULT_EXCLUSION, exclude_history: bool | None = None,
                       extra_contexts: Sequence[int] = (), timer: PhaseTimer | None = None, name: str | None = None,
-                      ) -> tuple[PredictionSet, dict, list[list[float]]]:
+                      dtype: str = "auto") -> tuple[PredictionSet, dict, list[list[float]]]:
     """Top-K by constrained beam search, candidate scores, alignment accuracy of one model folder.
 
     The prompts are rendered for ``prompt_stage`` (context 1-3, or ``"row"``) within
@@ -241,7 +247,7 @@ def model_predictions(data: EvalData, model_dir, k: int, num_beams: int | None =
     timer = timer or PhaseTimer()
     label = name or Path(model_dir).name
     with timer(f"{label}: load model"):
-        model, tokenizer = load_model(model_dir, device)
+        model, tokenizer = load_model(model_dir, device, dtype)
         trie = data.trie()
         token_map = SidTokenMap(tokenizer, data.codebook.sizes)
     with timer(f"{label}: render prompts"):
@@ -294,11 +300,11 @@ def model_predictions(data: EvalData, model_dir, k: int, num_beams: int | None =
 
 
 def reference_alignment_accuracy(data: EvalData, model_dir, alignment_path: Path, device: str = "auto",
-                                 alignment_max_rows: int | None = None) -> tuple[float | None, int]:
+                                 alignment_max_rows: int | None = None, dtype: str = "auto") -> tuple[float | None, int]:
     """The alignment-SFT model's accuracy on the held-out alignment questions (the forget rate's reference)."""
     from conrec_verl.constrained import SidTokenMap
 
-    model, tokenizer = load_model(model_dir, device)
+    model, tokenizer = load_model(model_dir, device, dtype)
     rows = alignment_rows(Path(alignment_path), data, alignment_max_rows)
     return alignment_accuracy(model, tokenizer, rows, SidTokenMap(tokenizer, data.codebook.sizes)), len(rows)
 
@@ -426,7 +432,8 @@ def run_evaluation(
                                      "needs held-out alignment questions (rebuild the data folder, or pass an alignment file)")
             with timer("forget reference: alignment accuracy"):
                 ref_acc, n_ref = reference_alignment_accuracy(data, forget_reference_model, align_path,
-                                                              mp.get("device", "auto"), mp.get("alignment_max_rows"))
+                                                              mp.get("device", "auto"), mp.get("alignment_max_rows"),
+                                                              mp.get("dtype", "auto"))
         for name in baselines:
             t0 = time.time()
             with timer(f"baseline {name}"):
