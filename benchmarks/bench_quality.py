@@ -84,7 +84,8 @@ def training_time(model_dir: str) -> tuple[float, list[str]] | None:
         total += float(info.get("seconds", 0.0))
         if not info.get("skipped"):
             phases.append(phase)
-        if info.get("path") and Path(info["path"]).resolve() == model:
+        # the last two parts (models/<x>): a run folder copied elsewhere (another machine) still matches
+        if info.get("path") and Path(info["path"]).parts[-2:] == model.parts[-2:]:
             return total, phases
     return None
 

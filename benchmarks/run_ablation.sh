@@ -28,6 +28,7 @@ WORK=${WORK:-runs}
 DATASETS=${DATASETS:-"ml100k kuairand"}
 TRAIN=${TRAIN:-1}
 EVAL=${EVAL:-1}
+WRITE=${WRITE:-BENCHMARKS.md}   # the markdown file whose quality section bench_quality.py rewrites
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -110,5 +111,5 @@ if [ "$EVAL" = 0 ]; then log "EVAL=0: models trained, evaluation skipped"; exit 
 log "evaluation + BENCHMARKS.md"
 # bench_quality.py reuses $WORK/D/data (the folder the models were trained on) and writes $WORK/D/eval
 "$PY" benchmarks/bench_quality.py --work "$WORK" --datasets "$(echo $DATASETS | tr ' ' ,)" "${MODELS[@]}" "${REFS[@]}" \
-  --command "$([ "$TRAIN" = 0 ] && echo "TRAIN=0 ")${BENCH_ARGS:+BENCH_ARGS=\"$BENCH_ARGS\" }bash benchmarks/run_ablation.sh" "${BENCH_EXTRA[@]}" --write BENCHMARKS.md
+  --command "$([ "$TRAIN" = 0 ] && echo "TRAIN=0 ")${BENCH_ARGS:+BENCH_ARGS=\"$BENCH_ARGS\" }bash benchmarks/run_ablation.sh" "${BENCH_EXTRA[@]}" --write "$WRITE"
 log "done"

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the baselines and the bootstrap")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--sasrec-epochs", type=int, default=200, help="SASRec epoch cap (early stopping decides)")
-    p.add_argument("--sasrec-patience", type=int, default=5,
+    p.add_argument("--sasrec-patience", type=int, default=20,
                    help="SASRec early stopping: epochs without validation improvement (0 = train all epochs)")
     p.add_argument("--swing-recency-decay", type=float, default=1.0)
     p.add_argument("--prompt-context", "--prompt-stage", dest="prompt_context", default=str(DEFAULT_CONTEXT),
