@@ -341,6 +341,38 @@ def deployment_sweep(data: EvalData, pset: PredictionSet, k: int, thresholds: Se
     return removal_sweep(sims, labels, thresholds)
 
 
+def output_similarity(data: EvalData, pset: PredictionSet, k: int) -> dict[str, float | None]:
+    """Mean over rows and top-``k`` entries of the cosine (codebook-reconstructed embeddings, as
+    the reward) between a prediction and the closest of the row's future dislikes / future likes:
+    what the reward's two terms measure. A positive penalty that works shows as a lower
+    ``sim_future_pos`` at a similar ``sim_future_neg``. Rows without future likes (dislikes) do not
+    count towards that mean."""
+    book = data.codebook
+    cache: dict = {}
+
+    def unit(codes):
+        u = cache.get(codes)
+        if u is None:
+            e = book.embed(codes).astype(np.float64)
+            n = float(np.linalg.norm(e))
+            u = cache[codes] = e / n if n > 0 else e
+        return u
+
+    out = {}
+    for name, attr in (("sim_future_neg", "neg"), ("sim_future_pos", "pos")):
+        vals = []
+        for row, preds in zip(data.rows, pset.sids):
+            targets = row.target.future_neg if attr == "neg" else row.future_pos
+            top = [p for p in preds[:k] if p is not None]
+            if not targets or not top:
+                continue
+            T = np.stack([unit(t) for t in targets])
+            P = np.stack([unit(p) for p in top])
+            vals.append(float((P @ T.T).max(axis=1).mean()))
+        out[f"{name}@{k}"] = float(np.mean(vals)) if vals else None
+    return out
+
+
 def machine_info() -> dict:
     import torch
 
@@ -526,6 +558,7 @@ def _slug(name: str) -> str:
 
 def _score(data, pset, kind, ks, k, thresholds, wall, info, samples: dict | None = None) -> RowResult:
     metrics = compute_metrics(pset.sids, data.targets, ks, pset.candidate_scores)
+    metrics.update(output_similarity(data, pset, k))
     if samples is not None:
         samples[pset.name] = metric_samples(pset.sids, data.targets, ks, pset.candidate_scores)
     sweep = deployment_sweep(data, pset, k, thresholds) if thresholds else []

@@ -44,7 +44,7 @@ def markdown(report: dict) -> str:
     k = report["k"]
     rows = report["rows"]
     ci_cols = [f"HR@{k}", f"FHR@{k}", f"LUF@{k}", f"LIF@{k}", "CandAcc"]
-    cols = [f"P1HR@{k}", f"P2HR@{k}", "invalid_rate", "forget_rate"]
+    cols = [f"P1HR@{k}", f"P2HR@{k}", f"sim_future_neg@{k}", f"sim_future_pos@{k}", "invalid_rate", "forget_rate"]
     m = report["machine"]
     reduced = report.get("reduced")
     lines = [f"# {report['title']}", ""]
@@ -79,7 +79,9 @@ def markdown(report: dict) -> str:
                      + " | ".join(_fmt(r["metrics"].get(c)) for c in cols) + f" | {r['wall_s']} |")
     lines += ["", "HR: next dislike; FHR: any dislike in the future window (main metric); LUF/LIF: FHR on "
               "long-tail users/items; P1HR/P2HR: a prediction shares the first 1/2 SID levels with a future "
-              "dislike; CandAcc: the real dislike ranked first of its candidates; invalid_rate: top-K entries "
+              "dislike; CandAcc: the real dislike ranked first of its candidates; sim_future_neg/pos: mean "
+              "cosine (codebook embeddings, as the reward) of a top-K entry to the closest future dislike / "
+              "future like of its row; invalid_rate: top-K entries "
               "that are not a SID of this build. Denominators count dislikes of items without a SID as misses "
               "(see `conrec_verl.core.metrics`).", ""]
     best = report.get("best_baseline") or {}

@@ -345,3 +345,21 @@ def test_cli_errors_are_one_line(folder, tmp_path, capsys):
                         "--out", str(tmp_path / "f.parquet")]) == 2
     err = capsys.readouterr().err
     assert "cannot read the candidates table" in err and err.count("\n") == 1
+
+
+def test_output_similarity_is_the_mean_closest_cosine(data):
+    from conrec_verl.evaluation.harness import output_similarity
+
+    def cos(a, b):
+        x, y = data.codebook.embed(a), data.codebook.embed(b)
+        return float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+
+    preds = oracle(data, 5)
+    got = output_similarity(data, PredictionSet("o", preds, [None] * len(preds)), 5)
+    for key, pick in (("sim_future_neg@5", lambda r: r.target.future_neg), ("sim_future_pos@5", lambda r: r.future_pos)):
+        per_row = [np.mean([max(cos(p, t) for t in pick(r)) for p in top]) for r, top in zip(data.rows, preds) if pick(r)]
+        assert got[key] == pytest.approx(np.mean(per_row))
+    # the oracle puts the future dislikes first: their similarity to a future dislike is 1
+    top1 = output_similarity(data, PredictionSet("o", [p[:1] for p in preds], [None] * len(preds)), 1)
+    rows = [r for r in data.rows if r.target.future_neg]
+    assert top1["sim_future_neg@1"] == pytest.approx(1.0) and rows
