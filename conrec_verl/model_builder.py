@@ -170,10 +170,53 @@ def extend_model_with_sid_tokens(model_path: str | os.PathLike, out_dir: str | o
 PEFT_PREFIX = "base_model.model."
 
 
+def sid_token_ids(tokenizer) -> list[int]:
+    """Ids of every SID token (``<a_0>``, ``<b_17>``, ...) in a tokenizer's vocabulary, sorted."""
+    from conrec_verl.core.sid import SID_TOKEN_RE
+
+    return sorted(i for t, i in tokenizer.get_vocab().items() if SID_TOKEN_RE.fullmatch(t))
+
+
+def init_sid_lora_adapter(model_dir: str | os.PathLike, out_dir: str | os.PathLike, r: int = 16,
+                          lora_alpha: float = 32, target_modules: str | list[str] = "all-linear") -> Path:
+    """A fresh LoRA adapter for ``model_dir`` whose SID token rows train too.
+
+    LoRA on the linear layers alone never changes the input embeddings or the ``lm_head`` rows of
+    the SID tokens, which :func:`extend_model_with_sid_tokens` added at a mean initialisation: the
+    model could not tell SIDs apart. PEFT's ``trainable_token_indices`` makes exactly those rows
+    trainable, in the input embeddings and in the ``lm_head`` (models with tied embeddings are
+    refused: verl's FSDP2 cannot load the aliased adapter). verl's SFT
+    trainer loads the adapter with ``model.lora_adapter_path=<out_dir>`` (``PeftModel.from_pretrained(...,
+    is_trainable=True)``); :func:`merge_lora_export` merges the trained rows back."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = sid_token_ids(tokenizer)
+    if not ids:
+        raise ValueError(f"{model_dir}: the tokenizer has no SID tokens (build it with conrec-model extend)")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if getattr(model.config, "tie_word_embeddings", False):
+        # PEFT then wraps the tied lm_head with the same token adapter, and verl 0.9.1's FSDP2 loader
+        # fails on the aliased parameter ("mixed torch.Tensor and DTensor")
+        raise ValueError(f"{model_dir}: the model ties its input embeddings and lm_head; a LoRA adapter with trainable "
+                         "SID rows cannot be loaded by verl's FSDP2 then. Fine-tune fully (model.lora_rank=0) or "
+                         "untie the embeddings first (Qwen3-8B and larger are untied)")
+    tokens = {"embed_tokens": ids, "lm_head": ids}
+    peft_model = get_peft_model(model, LoraConfig(r=int(r), lora_alpha=float(lora_alpha), target_modules=target_modules,
+                                                  trainable_token_indices=tokens, task_type="CAUSAL_LM"))
+    with atomic_dir(Path(out_dir)) as tmp:
+        peft_model.save_pretrained(str(tmp))
+    return Path(out_dir)
+
+
 def merge_lora_export(export_dir: str | os.PathLike, out_dir: str | os.PathLike, lora_alpha: float, r: int) -> Path:
     """Turn verl's LoRA SFT export (a PEFT-wrapped state dict: ``base_model.model.*``,
     ``*.base_layer.weight``, ``*.lora_A/B.default.weight``) into a plain HF model folder with the
-    adapters merged: ``W = W0 + (lora_alpha / r) * B @ A``.
+    adapters merged: ``W = W0 + (lora_alpha / r) * B @ A``; trained SID token rows
+    (``*.token_adapter.trainable_tokens_delta.default``, :func:`init_sid_lora_adapter`) replace
+    those rows of the embedding / ``lm_head``.
 
     ``AutoModelForCausalLM`` would otherwise load such an export with every weight *missing* and
     freshly initialised (a warning only) -- the next pipeline stage would start from noise.
@@ -190,9 +233,25 @@ def merge_lora_export(export_dir: str | os.PathLike, out_dir: str | os.PathLike,
         state.update(load_file(str(f)))
     scale = float(lora_alpha) / float(r)
     plain: dict[str, torch.Tensor] = {}
+    token_ids = None
     for key, tensor in state.items():
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        if ".lora_A." in name or ".lora_B." in name or ".lora_embedding_" in name:
+        if ".lora_A." in name or ".lora_B." in name or ".lora_embedding_" in name or ".trainable_tokens_delta." in name:
+            continue
+        if ".token_adapter.base_layer." in name:  # trainable SID token rows (init_sid_lora_adapter)
+            module, _, leaf = name.partition(".token_adapter.base_layer.")
+            delta = state.get(f"{PEFT_PREFIX}{module}.token_adapter.trainable_tokens_delta.default")
+            tensor = tensor.clone()
+            if delta is not None:
+                if token_ids is None:
+                    from transformers import AutoTokenizer
+
+                    token_ids = torch.tensor(sid_token_ids(AutoTokenizer.from_pretrained(export_dir)))
+                if len(token_ids) != delta.shape[0]:
+                    raise ValueError(f"{export_dir}: {delta.shape[0]} trained token rows for {module} but the "
+                                     f"tokenizer has {len(token_ids)} SID tokens")
+                tensor[token_ids] = delta.to(tensor.dtype)  # the trained rows replace the base rows
+            plain[f"{module}.{leaf}"] = tensor.contiguous()
             continue
         if ".base_layer." in name:
             module, _, leaf = name.partition(".base_layer.")
@@ -251,6 +310,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ext.add_argument("--model", required=True)
     ext.add_argument("--out", required=True)
     ext.add_argument("--sid-sizes", type=_sizes_arg, required=True)
+    lora = sub.add_parser("lora-init", help="a fresh LoRA adapter whose SID token rows train too "
+                                            "(verl SFT: model.lora_adapter_path=<out>)")
+    lora.add_argument("--model", required=True)
+    lora.add_argument("--out", required=True)
+    lora.add_argument("--rank", type=int, default=16)
+    lora.add_argument("--alpha", type=float, default=32)
+    lora.add_argument("--target-modules", default="all-linear")
     args = parser.parse_args(argv)
     if args.cmd == "tiny":
         texts: list[str] = []
@@ -264,6 +330,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.cmd == "extend":
         out = extend_model_with_sid_tokens(args.model, args.out, args.sid_sizes)
         print(f"{args.model} + SID tokens {args.sid_sizes} written to {out}")
+    elif args.cmd == "lora-init":
+        out = init_sid_lora_adapter(args.model, args.out, args.rank, args.alpha, args.target_modules)
+        print(f"LoRA adapter (rank {args.rank}, SID token rows trainable) for {args.model} written to {out}")
     else:
         parser.print_help()
         raise SystemExit(2)

@@ -214,11 +214,20 @@ class Pipeline:
             raise PipelineError(f"SFT stage {name}: {train} missing from the data folder")
         model = self._current_model(state)
         ckpt = self.run / "sft" / name
+        lora = []
+        sid_lora = self.profile.sft.get("sid_lora")
+        if sid_lora:  # a LoRA stage whose SID token rows (embeddings, lm_head) train too
+            from conrec_verl.model_builder import init_sid_lora_adapter
+
+            adapter = init_sid_lora_adapter(model, self.run / "sft" / f"{name}_adapter", r=int(sid_lora.rank),
+                                            lora_alpha=float(sid_lora.alpha))
+            lora = [f"model.lora_rank={int(sid_lora.rank)}", f"model.lora_alpha={float(sid_lora.alpha)}",
+                    f"model.lora_adapter_path={adapter}"]
         cmd = ["torchrun", "--standalone", "--nnodes=1", f"--nproc_per_node={self.profile.sft.nproc}",
                "-m", "verl.trainer.sft_trainer", "--config-path", str(RECIPE_DIR / "config"),
                "--config-name", str(self.profile.sft.config),
                f"model.path={model}", f"data.train_files={train}", f"trainer.default_local_dir={ckpt}",
-               f"trainer.experiment_name=sft_{name}",
+               f"trainer.experiment_name=sft_{name}", *lora,
                *map(str, self.profile.sft.overrides), *map(str, stage.get("overrides", []))]
         self._run(phase.name, cmd)
         export = self._export(ckpt, self.run / "models" / f"sft_{name}", sub="huggingface")

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +111,107 @@ def test_merge_lora_export_equals_the_peft_model(tiny_model_dir, tmp_path):
         plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits
     assert torch.allclose(got, expected, atol=1e-4)
     assert not torch.allclose(got, plain, atol=1e-3)  # the adapters really were merged in
+
+
+def untied_copy(tiny_model_dir, dest):
+    from transformers import AutoTokenizer
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    m.config.tie_word_embeddings = False
+    m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone())
+    m.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(dest)
+    return dest
+
+
+def test_sid_lora_adapter_trains_the_sid_rows_and_merges_back(tiny_model_dir, tmp_path):
+    """LoRA on linear layers never moves the new SID token rows; the adapter from
+    init_sid_lora_adapter does (input embeddings and lm_head), loaded the way verl's SFT trainer
+    loads ``model.lora_adapter_path``, and merge_lora_export puts the trained rows back."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from conrec_verl.model_builder import init_sid_lora_adapter, merge_lora_export, sid_token_ids
+
+    with pytest.raises(ValueError, match="ties its input embeddings"):
+        init_sid_lora_adapter(tiny_model_dir, tmp_path / "tied_adapter")
+    base_dir = untied_copy(tiny_model_dir, tmp_path / "untied")  # as Qwen3-8B: untied embeddings and lm_head
+    adapter = init_sid_lora_adapter(base_dir, tmp_path / "adapter", r=4, lora_alpha=8)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    ids = sid_token_ids(tok)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(adapter), is_trainable=True)
+    plain = AutoModelForCausalLM.from_pretrained(base_dir)
+    before_in = plain.get_input_embeddings().weight.detach().clone()
+    before_out = plain.lm_head.weight.detach().clone()
+    # one SFT step on an answer that is a SID
+    text = "Items the user marked not interested: <a_1><b_2><c_3>"
+    x = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss = torch.nn.functional.cross_entropy(model(x).logits[0, :-1], x[0, 1:])
+    loss.backward()
+    opt.step()
+    merged = model.merge_and_unload()
+    after_in, after_out = merged.get_input_embeddings().weight.detach(), merged.lm_head.weight.detach()
+    other = [i for i in range(after_in.shape[0]) if i not in set(ids)]
+    assert not torch.allclose(after_in[ids], before_in[ids])  # the SID rows moved
+    assert not torch.allclose(after_out[ids], before_out[ids])
+    assert torch.equal(after_in[other], before_in[other])  # nothing else of the embedding did
+    # a verl-style export (the PEFT-wrapped state dict) merges into the same model
+    model2 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(adapter), is_trainable=True)
+    opt2 = torch.optim.AdamW([p for p in model2.parameters() if p.requires_grad], lr=1e-2)
+    torch.nn.functional.cross_entropy(model2(x).logits[0, :-1], x[0, 1:]).backward()
+    opt2.step()
+    export = tmp_path / "export"
+    export.mkdir()
+    save_file({k: v.detach().contiguous().clone() for k, v in model2.state_dict().items()}, str(export / "model.safetensors"))
+    for f in base_dir.iterdir():
+        if f.suffix != ".safetensors":
+            (export / f.name).write_bytes(f.read_bytes())
+    ours = AutoModelForCausalLM.from_pretrained(merge_lora_export(export, tmp_path / "merged", lora_alpha=8, r=4))
+    with torch.no_grad():
+        assert torch.allclose(ours(x).logits, merged(x).logits, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_verl_lora_sft_step_moves_the_sid_rows(tiny_model_dir, tmp_path):
+    """One step of verl's own SFT trainer (torchrun, CPU) from a conrec-model lora-init adapter:
+    the merged export's SID rows of the input embeddings and lm_head changed, no other row did."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from conrec_verl.core.prompts import render_history_prompt
+    from conrec_verl.model_builder import main, merge_lora_export, sid_token_ids
+    from conrec_verl.runtime.cpu_env import cpu_env
+
+    base = untied_copy(tiny_model_dir, tmp_path / "untied")
+    main(["lora-init", "--model", str(base), "--out", str(tmp_path / "adapter"), "--rank", "4", "--alpha", "8"])
+    rows = [{"messages": [{"role": "user", "content": render_history_prompt(2, [], ["<a_1><b_2><c_3>"], [])},
+                          {"role": "assistant", "content": f"<a_{i % 4}><b_{(i + 1) % 4}><c_{(i + 2) % 4}>"}]}
+            for i in range(32)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "sft.parquet")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=1",
+           "-m", "verl.trainer.sft_trainer", "--config-path", str(root / "recipes/conrec/config"),
+           "--config-name", "sft_cpu_tiny", f"model.path={base}", f"data.train_files={tmp_path / 'sft.parquet'}",
+           f"trainer.default_local_dir={tmp_path / 'ck'}", "trainer.total_training_steps=1", "model.lora_rank=4",
+           "model.lora_alpha=8", f"model.lora_adapter_path={tmp_path / 'adapter'}"]
+    proc = subprocess.run(cmd, env=dict(os.environ, **cpu_env()), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    export = tmp_path / "ck" / "global_step_1" / "huggingface"
+    meta = json.loads((export.parent / "lora_train_meta.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(merge_lora_export(export, tmp_path / "merged", meta["lora_alpha"],
+                                                                    meta["r"]), dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    ids = sid_token_ids(AutoTokenizer.from_pretrained(base))
+    other = [i for i in range(plain.lm_head.weight.shape[0]) if i not in set(ids)]
+    for get in (lambda m: m.get_input_embeddings().weight, lambda m: m.lm_head.weight):
+        a, b = get(plain).detach(), get(merged).detach()
+        assert not torch.allclose(a[ids], b[ids])
+        assert torch.equal(a[other], b[other])
