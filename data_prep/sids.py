@@ -11,6 +11,13 @@ codeword). When the prefix is full it moves to the nearest non-full prefix (dist
 item and the prefix reconstruction; a widening beam search when there are more than 2^17
 prefixes), then to that prefix's nearest free last-level codeword. Earlier levels therefore never
 change unless a prefix is full, and the repaired SID stays close to the item.
+
+``sid.collisions: extra_level`` instead keeps every item's quantised SID and appends one
+disambiguation level (as generative retrieval models do): the item closest to the SID's
+reconstruction gets code 0, the next 1, ... (ties: item id). That level's codewords are zero
+vectors, so an item's reconstructed embedding -- what the reward and the deployment filter compare
+-- is exactly its quantised one, and no item is moved to a code that describes another item. The
+level is as large as the largest collision group (reported as ``dedup_level_size``).
 """
 
 from __future__ import annotations
@@ -33,18 +40,19 @@ class SidResult:
     report: dict
 
 
-def check_sizes(sizes: Sequence[int], n_fit: int, n_total: int) -> None:
+def check_sizes(sizes: Sequence[int], n_fit: int, n_total: int, one_to_one: bool = True) -> None:
     sizes = [int(s) for s in sizes]
     if not sizes or any(s < 1 for s in sizes):
         raise DataPrepError(f"sid.sizes must be a non-empty list of positive integers, got {sizes}")
-    if len(sizes) > 8:
-        raise DataPrepError(f"sid.sizes has {len(sizes)} levels; at most 8 are supported")
+    if len(sizes) > 8 - (0 if one_to_one else 1):
+        raise DataPrepError(f"sid.sizes has {len(sizes)} levels; at most {8 - (0 if one_to_one else 1)} are supported"
+                            + ("" if one_to_one else " with sid.collisions=extra_level (it adds one)"))
     too_big = [s for s in sizes if s > n_fit]
     if too_big:
         raise DataPrepError(
             f"codebook too large for the number of items: sid.sizes={sizes} but only {n_fit} items are available "
             f"to fit it (every level needs at most {n_fit} codewords); lower sid.sizes")
-    if math.prod(sizes) < n_total:
+    if one_to_one and math.prod(sizes) < n_total:
         raise DataPrepError(
             f"codebook too small: sid.sizes={sizes} gives {math.prod(sizes)} SIDs for {n_total} items, so SIDs "
             "cannot be one-to-one; raise sid.sizes")
@@ -340,7 +348,11 @@ def collision_stats(codes: np.ndarray, sizes: Sequence[int]) -> dict:
 def build_sids(vectors: np.ndarray, fit_mask: np.ndarray, item_ids: np.ndarray, cfg: Mapping, seed: int) -> SidResult:
     """Fit the codebook on ``vectors[fit_mask]`` and give every row a one-to-one SID."""
     sizes = [int(s) for s in cfg.get("sizes", [32, 32, 32])]
-    check_sizes(sizes, int(fit_mask.sum()), len(vectors))
+    how = cfg.get("collisions", "repair") or "repair"
+    if how not in ("repair", "extra_level"):
+        raise DataPrepError(f"sid.collisions must be repair or extra_level, got {how!r}")
+    # the repair needs a free SID per item; the extra level makes every SID unique whatever the sizes
+    check_sizes(sizes, int(fit_mask.sum()), len(vectors), one_to_one=how == "repair")
     method = cfg.get("method", "rkmeans")
     extra: dict = {}
     if method == "rkmeans":
@@ -352,14 +364,47 @@ def build_sids(vectors: np.ndarray, fit_mask: np.ndarray, item_ids: np.ndarray, 
     else:
         raise DataPrepError(f"sid.method must be rkmeans or rqvae, got {method!r}")
     before = quantize(space, codewords)
-    after, moved = resolve_collisions(space, before, codewords, item_ids)
-    book = Codebook(codewords, meta={"method": method, "space": "embedding" if method == "rkmeans" else "rqvae_latent",
-                                     "seed": int(seed), "sizes": sizes})
     rel = lambda c: float((((space - _recon(c, codewords, len(sizes))) ** 2).sum(1)).mean()
                           / max(float((space ** 2).sum(1).mean()), 1e-12))
-    report = {"method": method, "sizes": sizes, "items": int(len(vectors)), "fit_items": int(fit_mask.sum()),
-              "before": collision_stats(before, sizes), "after": collision_stats(after, sizes),
-              "repair": moved, "levels": level_stats(after, sizes),
+    rel_before = rel(before)
+    if how == "repair":
+        after, moved = resolve_collisions(space, before, codewords, item_ids)
+        out_sizes, rel_after, before_full = sizes, rel(after), before
+    elif how == "extra_level":
+        after, moved = disambiguation_level(space, before, codewords, item_ids)
+        dedup = int(after[:, -1].max()) + 1
+        codewords = list(codewords) + [np.zeros((dedup, codewords[0].shape[1]), dtype=np.float32)]
+        out_sizes = sizes + [dedup]
+        rel_after = rel_before  # the extra level adds zero vectors: reconstructions are unchanged
+        before_full = np.hstack([before, np.zeros((len(before), 1), dtype=before.dtype)])
+    else:
+        raise DataPrepError(f"sid.collisions must be repair or extra_level, got {how!r}")
+    book = Codebook(codewords, meta={"method": method, "space": "embedding" if method == "rkmeans" else "rqvae_latent",
+                                     "seed": int(seed), "sizes": out_sizes, "collisions": how})
+    report = {"method": method, "sizes": out_sizes, "collisions": how, "items": int(len(vectors)),
+              "fit_items": int(fit_mask.sum()),
+              "before": collision_stats(before, sizes), "after": collision_stats(after, out_sizes),
+              "repair": moved, "levels": level_stats(after, out_sizes),
               "levels_before_repair": level_stats(before, sizes),
-              "relative_reconstruction_error": {"before": rel(before), "after": rel(after)}, **extra}
-    return SidResult(book, after, before, report)
+              "relative_reconstruction_error": {"before": rel_before, "after": rel_after}, **extra}
+    return SidResult(book, after, before_full, report)
+
+
+def disambiguation_level(x: np.ndarray, codes: np.ndarray, codewords: Sequence[np.ndarray],
+                         order_ids: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """``codes`` plus one column: each item's rank inside its collision group, by distance to the
+    SID's reconstruction (ties: ``order_ids``). Every SID stays as quantised; the result is one-to-one."""
+    sizes = [len(c) for c in codewords]
+    n = len(codes)
+    keys = _keys(codes, sizes)
+    dist = ((x - _recon(codes, codewords, len(sizes))) ** 2).sum(1)
+    tie = np.arange(n) if order_ids is None else np.argsort(np.argsort(order_ids.astype(str), kind="stable"))
+    order = np.lexsort((tie, dist, keys))
+    sk = keys[order]
+    starts = np.r_[True, sk[1:] != sk[:-1]]
+    group_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    rank = np.empty(n, dtype=codes.dtype)
+    rank[order] = np.arange(n) - group_start
+    stats = {"items": int(n), "colliding_items_before": int(np.isin(keys, sk[~starts]).sum()),
+             "moved": 0, "moved_to_other_prefix": 0, "dedup_level_size": int(rank.max()) + 1 if n else 0}
+    return np.hstack([codes, rank[:, None]]), stats

@@ -360,3 +360,28 @@ def test_per_user_training_cutoffs_move_back_to_a_full_window(tmp_path):
     # 0.3 -> day 6 (kept); 0.55 -> day 11 would overlap the eval window: moved back to day 7
     assert days == [20240106, 20240107] and m["split"]["train_cutoffs_moved_back"] == 10
     assert (train["extra_info"].map(lambda e: e["window_days"]) == 7).all()
+
+
+def test_extra_level_keeps_every_quantised_sid_and_its_embedding(tmp_path, synth_path):
+    out_r = build(generic_cfg(synth_path, tmp_path / "r", "sid.sizes=[4,4,4]"))
+    out_x = build(generic_cfg(synth_path, tmp_path / "x", "sid.sizes=[4,4,4]", "sid.collisions=extra_level"))
+    rep_r = json.load(open(out_r / "sid_report.json"))
+    rep_x = json.load(open(out_x / "sid_report.json"))
+    book_r, book_x = Codebook.load(out_r / "codebook.npz"), Codebook.load(out_x / "codebook.npz")
+    sm_r, sm_x = read(out_r, "sid_map.parquet"), read(out_x, "sid_map.parquet")
+    # 64 SIDs for 56 items: quantisation collides, the repair moves items; the extra level never does
+    assert rep_r["repair"]["moved"] > 0 and rep_x["repair"]["moved"] == 0
+    assert book_x.num_levels == 4 and book_x.sizes[:3] == (4, 4, 4)
+    assert book_x.sizes[3] == rep_x["repair"]["dedup_level_size"] == max(
+        sm_x.groupby(["code_0", "code_1", "code_2"]).size())
+    assert sm_x["sid"].is_unique and rep_x["after"]["collision_rate"] == 0.0
+    assert np.allclose(book_x.codewords[3], 0.0)
+    # same codewords for the first three levels; every item keeps its quantised (pre-repair) SID
+    for lv in range(3):
+        assert np.allclose(book_x.codewords[lv], book_r.codewords[lv])
+    assert rep_x["relative_reconstruction_error"]["after"] == rep_x["relative_reconstruction_error"]["before"]
+    assert rep_r["relative_reconstruction_error"]["after"] > rep_r["relative_reconstruction_error"]["before"]
+    codes = sm_x[[f"code_{lv}" for lv in range(4)]].to_numpy()
+    assert np.allclose(book_x.embed_many(codes), book_r.embed_many(codes[:, :3]))
+    with pytest.raises(DataPrepError, match="sid.collisions"):
+        build(generic_cfg(synth_path, tmp_path / "bad", "sid.collisions=merge"))
