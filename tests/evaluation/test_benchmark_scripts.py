@@ -87,3 +87,20 @@ def test_run_ablation_grpo_overrides_compose_with_the_recipe():
             kw = cfg.reward.reward_kwargs
             seen.add((kw.variant, kw.targets))
     assert seen == {("neg_only", "next_neg"), ("neg_only", "gts")}
+
+
+def test_grpo_stage_similarity_means_per_stage(tmp_path, monkeypatch, capsys):
+    mod = runpy.run_path(str(BENCH / "grpo_stage_similarity.py"))
+    lines = []
+    for step, stage, gts, fps in [(1, 1, 0.2, 0.6), (2, 1, 0.4, 0.4), (3, 2, 0.9, 0.1)]:
+        lines.append(f"(TaskRunner) step:{step} - training/conrec_stage:{stage} - reward_extra/sim_gts/mean:{gts} - "
+                     f"reward_extra/sim_fps/mean:np.float64({fps}) - training/global_step:{step}")
+    lines.append("step:9 - actor/loss:1.0")  # a line without the stage metric is not a training step of ours
+    means = mod["stage_means"]("\n".join(lines))
+    assert means[1]["steps"] == 2 and means[1]["sim_gts"] == pytest.approx(0.3) and means[1]["sim_fps"] == pytest.approx(0.5)
+    assert means[2]["sim_gts"] == pytest.approx(0.9) and "exact_hit" not in means[2]
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    (run / "logs" / "grpo.log").write_text("\n".join(lines))
+    assert mod["main"]([f"x={run}"]) == 0
+    assert "| x | 2 | 1 | 0.900 | 0.100 |" in capsys.readouterr().out
