@@ -133,6 +133,18 @@ def section(name: str, report: dict, missing: list[str], models: dict[str, str] 
     return "\n".join(lines)
 
 
+def prompt_for(values: list[str], dataset: str, default: str = "3,384") -> str:
+    """The ``CONTEXT,TOKENS`` for ``dataset`` from ``[DATASET:]CONTEXT,TOKENS`` values (last wins)."""
+    out = default
+    for v in values:
+        ds, sep, rest = v.partition(":")
+        if not sep:
+            out = v
+        elif ds == dataset:
+            out = rest
+    return out
+
+
 def write_section(path: Path, text: str) -> None:
     block = f"{BEGIN}\n{text.rstrip()}\n{END}\n"
     old = path.read_text() if path.is_file() else "# Benchmarks\n\n"
@@ -155,11 +167,11 @@ def main() -> None:
                    help="a model row, e.g. 'ml100k:+ alignment=runs/ml/align/huggingface' (repeatable)")
     p.add_argument("--forget-reference-model", action="append", default=[], metavar="DATASET=DIR",
                    help="the alignment-SFT model of a dataset (the forget rate's reference, paper Table 3)")
-    p.add_argument("--sft-prompt", default="3,384", metavar="CONTEXT,TOKENS",
-                   help="context and token budget of the SFT-only rows (cpu_tiny warm-up SFT teaches contexts 1-3 "
-                        "within 96 history items: %(default)s)")
-    p.add_argument("--grpo-prompt", default="3,384", metavar="CONTEXT,TOKENS",
-                   help="context and token budget of the GRPO rows (cpu_tiny last stage: %(default)s)")
+    p.add_argument("--sft-prompt", action="append", default=[], metavar="[DATASET:]CONTEXT,TOKENS",
+                   help="context and token budget of the SFT-only rows (default 3,384: cpu_tiny warm-up SFT teaches "
+                        "contexts 1-3 within 96 history items); DATASET: for one log only (repeatable)")
+    p.add_argument("--grpo-prompt", action="append", default=[], metavar="[DATASET:]CONTEXT,TOKENS",
+                   help="context and token budget of the GRPO rows (default 3,384: cpu_tiny's last stage)")
     p.add_argument("--all-contexts", action="store_true",
                    help="also decode every model row in contexts 1, 2 and 3 (the by-context table)")
     p.add_argument("--prep-override", action="append", default=[], metavar="DATASET:KEY=VALUE",
@@ -197,8 +209,9 @@ def main() -> None:
         data = prepare(name, work, extra)
         rows = models[name]
         specs = {}
+        prompts_used = {"sft": prompt_for(args.sft_prompt, name), "grpo": prompt_for(args.grpo_prompt, name)}
         for row, path in rows.items():
-            ctx, _, budget = (args.sft_prompt if row in SFT_ROWS else args.grpo_prompt).partition(",")
+            ctx, _, budget = prompts_used["sft" if row in SFT_ROWS else "grpo"].partition(",")
             specs[row] = ModelSpec(path, ctx, int(budget) if budget else None)
         report = run_evaluation(
             data, work / name / "eval", models=specs, k=20, max_rows=args.max_rows,
@@ -207,7 +220,10 @@ def main() -> None:
             forget_reference_model=refs.get(name) if refs.get(name) and Path(refs[name]).is_dir() else None,
             all_contexts=args.all_contexts, title=DATASETS[name]["title"])
         missing = [r for r in ABLATION_ROWS if r not in rows]
-        parts.append(section(name, report, missing, rows, work))
+        part = section(name, report, missing, rows, work)
+        part = part.replace("\n\n", f"\n\nModel prompts (context,tokens): SFT-only rows {prompts_used['sft']}, "
+                            f"GRPO rows {prompts_used['grpo']}.\n\n", 1)
+        parts.append(part)
         print(f"[{name}] done in {time.time() - t:.0f} s -> {work / name / 'eval' / 'report.md'}")
     budget = []
     if args.max_rows:
@@ -220,8 +236,7 @@ def main() -> None:
               f"{platform.platform()} ({os.cpu_count()} CPUs); evaluation wall time {time.time() - t0:.0f} s. K = 20. Numbers are whatever they are; "
               "see each dataset's notes on cold-start items.\n")
     header += (f"Every row: the full evaluation split unless said below, exclusion rule `interacted`, bootstrap 95% "
-               f"intervals, exact McNemar test of per-row FHR@20 against the best baseline. Model prompts: SFT-only "
-               f"rows context,tokens = {args.sft_prompt}; GRPO rows {args.grpo_prompt}.\n")
+               f"intervals, exact McNemar test of per-row FHR@20 against the best baseline.\n")
     if budget:
         header += "\nReduced: " + "; ".join(budget) + ".\n"
     text = header + "\n" + "\n".join(parts)

@@ -36,6 +36,9 @@ def test_bench_quality_section_writer(tmp_path):
     mod["write_section"](target, "new table")
     text = target.read_text()
     assert "new table" in text and "old" not in text and "## Speed\nkept" in text and "intro" in text
+    assert mod["prompt_for"]([], "ml100k") == "3,384"
+    assert mod["prompt_for"](["kuairand:2,504"], "kuairand") == "2,504"
+    assert mod["prompt_for"](["kuairand:2,504"], "ml100k") == "3,384"
     fresh = tmp_path / "NEW.md"
     mod["write_section"](fresh, "first")
     assert "<!-- quality:begin -->\nfirst\n<!-- quality:end -->" in fresh.read_text()
