@@ -147,7 +147,9 @@ def markdown(report: dict) -> str:
                            else "misses")
                 lines.append(f"- {r['name']}: {fkey} = {_fmt(r['metrics'][fkey])}, {_fmt(ratio, 2)}x the best baseline"
                              + (f", McNemar p = {_p(t['p_value'])}" if t else "")
-                             + f" ({verdict} the {GOAL_RATIO}x goal with a significant paired test)")
+                             + (f" (meets the {GOAL_RATIO}x goal: >= {GOAL_RATIO}x and a significant paired improvement)"
+                                if verdict == "meets" else
+                                f" (misses the {GOAL_RATIO}x goal, which needs >= {GOAL_RATIO}x and a significant paired improvement)"))
     forget = report.get("forget")
     if forget:
         lines += ["", "## Forget rate", "",
