@@ -138,8 +138,6 @@ class HFGenerator:
 
         ``seed``: sampling draws come from this seed, over the requests sorted by prompt, so the
         same batch gives the same samples whatever order its requests arrived in."""
-        from transformers import GenerationConfig
-
         if not requests:
             return []
         if seed is not None:
