@@ -10,7 +10,7 @@ For each dataset it
 2. runs the evaluation harness on its whole ``eval/test.parquet``: every baseline (random,
    popularity, recency-weighted popularity, Swing item-CF, co-dislike item-CF, early-stopped SASRec)
    plus every model row given with ``--model`` (the Table 2 ablation: warm-up SFT, + alignment,
-   + progressive GRPO, + future negative reward, + positive penalty), each decoded by
+   + progressive GRPO, + future negative reward, + positive penalty, + cross-stage cleaning), each decoded by
    SID-constrained beam search with the prompt context and token budget it was trained with
    (SFT-only rows: ``--sft-prompt``; GRPO rows: ``--grpo-prompt``), the same exclusion rule for
    every row, bootstrap intervals and McNemar tests against the best baseline;
@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 from conrec_verl.evaluation.harness import ModelSpec, run_evaluation  # noqa: E402
 from conrec_verl.evaluation.report import GOAL_RATIO, markdown  # noqa: E402
 
-ABLATION_ROWS = ["warm-up SFT", "+ alignment", "+ progressive GRPO", "+ future negative reward", "+ positive penalty"]
+ABLATION_ROWS = ["warm-up SFT", "+ alignment", "+ progressive GRPO", "+ future negative reward", "+ positive penalty",
+                 "+ cross-stage cleaning"]
 SFT_ROWS = ABLATION_ROWS[:2]  # trained by SFT only: asked in the warm-up SFT's context
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 DATASETS = {

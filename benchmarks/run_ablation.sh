@@ -9,12 +9,16 @@
 # sample), all run folders under $WORK (never committed):
 #   $WORK/D                 the default pipeline up to GRPO: translation (when the log has item
 #                           text) + alignment + warm-up SFT, then progressive GRPO with the collab
-#                           reward.  models/sft_warmup = "+ alignment", models/grpo = "+ positive penalty"
+#                           reward, without cross-stage cleaning (grpo.cleaning.enabled=false).
+#                           models/sft_warmup = "+ alignment", models/grpo = "+ positive penalty"
 #   $WORK/D-warmup_only     warm-up SFT straight from the base model          -> "warm-up SFT"
 #   $WORK/D-grpo_next_neg   GRPO from "+ alignment", reward neg_only against the single next
 #                           dislike (reward.reward_kwargs.targets=next_neg)   -> "+ progressive GRPO"
 #   $WORK/D-grpo_neg_only   GRPO from "+ alignment", reward neg_only against GTS = future
 #                           dislikes + Swing neighbours                        -> "+ future negative reward"
+#   $WORK/D-grpo_cleaning   the profile's GRPO as it ships: collab reward + cross-stage cleaning
+#                                                                              -> "+ cross-stage cleaning"
+# (the paper's Table 2 rows are trained without cleaning, one change per row; the last row adds it)
 # Every step is the resumable pipeline (pipeline.json records finished phases), so rerunning this
 # script after an interruption continues where it stopped. Extra pipeline overrides for every run:
 # PIPELINE_ARGS="sft.overrides=[...]"; extra bench_quality.py arguments: BENCH_ARGS="--sasrec-epochs 20".
@@ -76,7 +80,8 @@ for D in $DATASETS; do
         "+ alignment=$RUN/models/sft_warmup"
         "+ progressive GRPO=$RUN-grpo_next_neg/models/grpo"
         "+ future negative reward=$RUN-grpo_neg_only/models/grpo"
-        "+ positive penalty=$RUN/models/grpo")
+        "+ positive penalty=$RUN/models/grpo"
+        "+ cross-stage cleaning=$RUN-grpo_cleaning/models/grpo")
   if [ "$TRAIN" = 0 ]; then
     for row in "${ROWS[@]}"; do
       if [ -f "${row#*=}/config.json" ]; then MODELS+=(--model "$D:$row"); else log "$D: no ${row%%=*} model yet"; fi
@@ -85,7 +90,8 @@ for D in $DATASETS; do
   fi
 
   log "$D: default pipeline (SFT stages + progressive GRPO, collab reward)"
-  pipeline --run-dir "$RUN" --only data,model,sft_translation,sft_alignment,sft_warmup,grpo "${DARGS[@]}"
+  pipeline --run-dir "$RUN" --only data,model,sft_translation,sft_alignment,sft_warmup,grpo "${DARGS[@]}" \
+    grpo.cleaning.enabled=false
 
   log "$D: warm-up SFT only (no translation/alignment stage)"
   mkdir -p "$RUN-warmup_only"
@@ -97,12 +103,17 @@ for D in $DATASETS; do
   log "$D: progressive GRPO rewarded on the next dislike only"
   branch "$RUN" "$RUN-grpo_next_neg"
   pipeline --run-dir "$RUN-grpo_next_neg" --only grpo "${DARGS[@]}" \
-    "grpo.overrides=[reward.reward_kwargs.variant=neg_only,reward.reward_kwargs.targets=next_neg]"
+    "grpo.overrides=[reward.reward_kwargs.variant=neg_only,reward.reward_kwargs.targets=next_neg]" \
+    grpo.cleaning.enabled=false
 
   log "$D: progressive GRPO with the future-negative reward (no positive penalty)"
   branch "$RUN" "$RUN-grpo_neg_only"
   pipeline --run-dir "$RUN-grpo_neg_only" --only grpo "${DARGS[@]}" \
-    "grpo.overrides=[reward.reward_kwargs.variant=neg_only]"
+    "grpo.overrides=[reward.reward_kwargs.variant=neg_only]" grpo.cleaning.enabled=false
+
+  log "$D: progressive GRPO as the profile ships it (collab reward + cross-stage cleaning)"
+  branch "$RUN" "$RUN-grpo_cleaning"
+  pipeline --run-dir "$RUN-grpo_cleaning" --only grpo "${DARGS[@]}"
 
   for row in "${ROWS[@]}"; do MODELS+=(--model "$D:$row"); done
 done

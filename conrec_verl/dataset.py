@@ -26,7 +26,9 @@ total_steps * data.train_batch_size`` and position ``i`` is trained at step
 assigns to that position, for the context of that step's stage. A stage draws only rows that
 its context can show with a non-empty negative section, and (``data.conrec.stage_rows:
 assigned``, the default) only the rows data_prep assigned to that context (``extra_info.stage``);
-``stage_rows: eligible`` lets every stage draw every eligible row. Rows are shuffled within each
+``stage_rows: eligible`` lets every stage draw every eligible row. ``data.conrec.row_weights``: a
+folder of cross-stage cleaning decisions (:mod:`conrec_verl.core.cleaning`; the pipeline writes
+them) that re-weight the rows of the stages they name. Rows are shuffled within each
 stage with ``data.seed``. Everything is a pure function of the position, so the stateful
 dataloader's restored position after a resume yields exactly the prompts of the resumed step's
 stage. Validation files (``data_files == data.val_files``), or ``data.conrec.mode: fixed``: one
@@ -52,7 +54,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from verl.utils.dataset.rl_dataset import RLHFDataset
 
 from conrec_verl.core.prompts import chat_prompt_length, render_history_prompt
-from conrec_verl.core.schedule import CONTEXTS, CurriculumOrder, ScheduleError, StageSchedule, eligible_contexts
+from conrec_verl.core.cleaning import CleaningError, load_row_weights
+from conrec_verl.core.schedule import CONTEXTS, CurriculumOrder, ScheduleError, StageSchedule, rows_by_context
 from conrec_verl.core.sid import SID_TOKEN_RE, parse_sid
 
 logger = logging.getLogger(__name__)
@@ -97,7 +100,8 @@ class ConrecSidDataset(RLHFDataset):
         if not isinstance(conrec_cfg, dict):
             raise ConrecDataError(f"data.conrec must be a mapping, got {conrec_cfg!r}")
         self.conrec_cfg = conrec_cfg
-        known = {"schedule", "val_stage", "stage", "mode", "total_steps", "check_sid_tokens", "stage_rows"}
+        known = {"schedule", "val_stage", "stage", "mode", "total_steps", "check_sid_tokens", "stage_rows",
+                 "row_weights"}
         unknown = sorted(set(conrec_cfg) - known)
         if unknown:
             raise ConrecDataError(f"data.conrec: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -230,34 +234,28 @@ class ConrecSidDataset(RLHFDataset):
             raise ConrecDataError(f"data.train_batch_size must be a positive integer, got {batch_size!r}")
         seed = self.config.get("seed")
         try:
+            row_weights = load_row_weights(cfg.get("row_weights"))
             self.order = CurriculumOrder(schedule, n_rows=len(self.dataframe), batch_size=batch_size,
                                          seed=0 if seed is None else int(seed), total_steps=cfg.get("total_steps"),
-                                         rows_by_context=self._rows_by_context(cfg.get("stage_rows", "assigned")))
-        except ScheduleError as exc:
+                                         rows_by_context=self._rows_by_context(cfg.get("stage_rows", "assigned")),
+                                         row_weights=row_weights)
+        except (ScheduleError, CleaningError) as exc:
             raise ConrecDataError(f"{', '.join(self._conrec_source_files)}: {exc}") from None
         logger.info("ConrecSidDataset: curriculum over %d steps x %d prompts, stage boundaries at steps %s, "
                     "rows per stage %s", self.order.total_steps, batch_size, schedule.boundaries,
                     [self.order.stage_rows(st) for st in schedule.stages])
+        if row_weights:
+            print(f"[conrec] cross-stage cleaning: row weights for stage(s) {sorted(row_weights)} from "
+                  f"{cfg.get('row_weights')} ({ {k: len(v) for k, v in sorted(row_weights.items())} } rows re-weighted)",
+                  flush=True)
 
     def _rows_by_context(self, how: str) -> dict[int, list[int]]:
-        """Which rows each context's stage may draw: only rows whose histories give that context a
-        non-empty negative section (:func:`conrec_verl.core.schedule.eligible_contexts`), and with
-        ``stage_rows: assigned`` (default) only the rows data_prep assigned to that context
-        (``extra_info.stage``, so stages train on disjoint rows); ``eligible``: every eligible row."""
-        if how not in ("assigned", "eligible"):
-            raise ConrecDataError(f"data.conrec.stage_rows must be 'assigned' or 'eligible', got {how!r}")
-        out: dict[int, list[int]] = {c: [] for c in CONTEXTS}
-        for i, row in enumerate(self.dataframe):
-            ok = eligible_contexts(len(row["hist_neg_recent"] or ()), len(row["hist_neg"] or ()))
-            if how == "assigned":
-                assigned = (row.get("extra_info") or {}).get("stage")
-                if assigned is None:
-                    raise ConrecDataError(f"{', '.join(self._conrec_source_files)}: row {i} has no extra_info.stage "
-                                          "(the context data_prep assigned); set data.conrec.stage_rows=eligible")
-                ok = tuple(c for c in ok if c == int(assigned))
-            for c in ok:
-                out[c].append(i)
-        return out
+        """Which rows each context's stage may draw (:func:`conrec_verl.core.schedule.rows_by_context`,
+        the rule cross-stage cleaning screens by too)."""
+        rows = self.dataframe
+        assigned = [(r.get("extra_info") or {}).get("stage") for r in rows] if how == "assigned" else None
+        return rows_by_context([len(r["hist_neg_recent"] or ()) for r in rows], [len(r["hist_neg"] or ()) for r in rows],
+                               assigned, how=how, where=", ".join(self._conrec_source_files))
 
     # -- rendering --------------------------------------------------------------------------------
     def prompt_length(self, text: str) -> int:

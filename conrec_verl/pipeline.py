@@ -14,6 +14,8 @@ under one run folder::
     RUN/models/base          the starting model (tiny, or a user model extended with SID tokens)
     RUN/sft/<stage>/         verl SFT checkpoints; RUN/models/sft_<stage> its Hugging Face export
     RUN/grpo/                main_ppo checkpoints; RUN/models/grpo its Hugging Face export
+    RUN/grpo_cleaning/       cross-stage cleaning decisions (grpo.cleaning.enabled), one per stage;
+                             RUN/models/grpo_stage<k> the model that screened stage k+1
     RUN/eval/                report.md, metrics.json, plots
 
 Killing the command and running it again continues after the last finished phase; inside SFT
@@ -119,6 +121,7 @@ class Pipeline:
         data_path = self.profile.data.get("input_path")
         if data_path and not Path(os.path.expanduser(str(data_path))).exists():
             raise PipelineError(f"data.input_path={data_path} does not exist")
+        self._cleaning_rule()  # a bad grpo.cleaning block fails here, before any work
 
     def check_data_folder(self, state: dict) -> str:
         """The data folder is one SID build: manifest, codebook and RL rows agree."""
@@ -261,9 +264,117 @@ class Pipeline:
                "--config-name", str(self.profile.grpo.config), f"data_dir={data}",
                f"actor_rollout_ref.model.path={model}", f"trainer.default_local_dir={ckpt}",
                *map(str, self.profile.grpo.overrides)]
-        self._run(phase.name, cmd)
+        info: dict = {}
+        if self._cleaning_rule() is None:
+            self._run(phase.name, cmd)
+        else:
+            info["cleaning"] = self._grpo_with_cleaning(phase, cmd, model, data, ckpt)
         export = self._export(ckpt, self.run / "models" / "grpo", sub="actor/huggingface")
-        return {"path": str(export)}
+        return {"path": str(export), **info}
+
+    # -- cross-stage cleaning ------------------------------------------------------------------
+    def _cleaning_rule(self):
+        """The profile's ``grpo.cleaning`` rule, or None when cleaning is off."""
+        from conrec_verl.core.cleaning import CleaningError, CleaningRule
+
+        block = self.profile.grpo.get("cleaning")
+        block = OmegaConf.to_container(block, resolve=True) if block is not None else {}
+        if not block or not block.get("enabled", False):
+            return None
+        try:
+            return CleaningRule.from_mapping(block)
+        except CleaningError as exc:
+            raise PipelineError(f"grpo.{exc}") from None
+
+    def compose_grpo_config(self, model: Path, data: Path, extra: Sequence[str] = ()):
+        """The GRPO phase's verl config as main_ppo will see it (the profile's overrides applied)."""
+        import logging
+        import warnings
+
+        from hydra import compose, initialize_config_dir
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            with warnings.catch_warnings(), initialize_config_dir(config_dir=str(RECIPE_DIR / "config"),
+                                                                  version_base=None):
+                warnings.simplefilter("ignore")  # importing verl for its config package warns about engines
+                logging.disable(logging.WARNING)
+                return compose(config_name=str(self.profile.grpo.config),
+                               overrides=[f"data_dir={data}", f"actor_rollout_ref.model.path={model}",
+                                          *map(str, self.profile.grpo.overrides), *extra])
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise PipelineError(f"grpo: the verl config {self.profile.grpo.config} with grpo.overrides does not "
+                                f"compose: {exc}") from None
+        finally:
+            logging.disable(logging.NOTSET)
+
+    def _grpo_with_cleaning(self, phase: Phase, cmd: list[str], model: Path, data: Path, ckpt: Path) -> dict:
+        """Progressive GRPO one stage per main_ppo run (verl's ``resume_mode=auto`` carries the model,
+        the optimizer and the data position across), screening each next stage's rows with the model
+        at the end of the previous one (:mod:`conrec_verl.cleaning`) before it trains."""
+        from conrec_verl.core.cleaning import decision_path
+        from conrec_verl.core.schedule import ScheduleError, StageSchedule
+
+        rule = self._cleaning_rule()
+        folder = self.run / "grpo_cleaning"
+        weights = [f"++data.conrec.row_weights={folder}"]
+        cfg = self.compose_grpo_config(model, data, weights)
+        if cfg.algorithm.get("adv_estimator") != "progressive_grpo":
+            raise PipelineError("grpo.cleaning needs algorithm.adv_estimator=progressive_grpo (its stages)")
+        try:
+            schedule = StageSchedule.from_config(cfg.algorithm.progressive_grpo, where="algorithm.progressive_grpo")
+        except ScheduleError as exc:
+            raise PipelineError(str(exc)) from None
+        if not cfg.trainer.save_freq or cfg.trainer.save_freq <= 0 or cfg.trainer.resume_mode != "auto":
+            raise PipelineError("grpo.cleaning runs one main_ppo per stage and resumes each from the last "
+                                "checkpoint: it needs trainer.save_freq > 0 and trainer.resume_mode=auto")
+        cfg_files = cfg.data.train_files
+        train_files = [cfg_files] if isinstance(cfg_files, str) else list(cfg_files)
+        if len(train_files) != 1:
+            raise PipelineError(f"grpo.cleaning screens one training file, data.train_files is {train_files}")
+        last = schedule.total_steps
+        if cfg.trainer.get("total_training_steps"):
+            last = min(last, int(cfg.trainer.total_training_steps))
+        decisions = {}
+        for stage in schedule.stages:
+            if stage.start_step > last:
+                break
+            end = min(stage.end_step, last)
+            if self._checkpoint_step(ckpt) >= end:
+                continue
+            if stage.index > 1 and not decision_path(folder, stage.index).is_file():
+                if self._checkpoint_step(ckpt) != stage.start_step - 1:
+                    raise PipelineError(f"{ckpt}: the newest checkpoint is step {self._checkpoint_step(ckpt)}, "
+                                        f"not the end of stage {stage.index - 1} (step {stage.start_step - 1}); "
+                                        "cannot screen the next stage with that stage's model")
+                prev = self._export(ckpt, self.run / "models" / f"grpo_stage{stage.index - 1}", sub="actor/huggingface")
+                self.echo(f"    cleaning: the stage {stage.index - 1} model screens stage {stage.index}'s rows "
+                          f"(context {stage.context})")
+                screen = [sys.executable, "-m", "conrec_verl.cleaning", "--model", str(prev), "--data", str(data),
+                          "--rl-file", str(train_files[0]), "--stage", str(stage.index),
+                          "--context", str(stage.context), "--out", str(folder),
+                          "--stage-rows", str(cfg.data.conrec.get("stage_rows") or "assigned"),
+                          "--max-prompt-tokens", str(cfg.data.max_prompt_length),
+                          "--action", rule.action, "--repeat", str(rule.repeat), "--top-n", str(rule.top_n),
+                          "--device", "cuda" if self.profile.device == "cuda" else "cpu"]
+                screen += ["--threshold", str(rule.threshold)] if rule.threshold is not None else \
+                    ["--share", str(rule.share)]
+                self._run(phase.name, screen)
+            self.echo(f"    stage {stage.index}/{len(schedule.stages)} ({stage.name}): steps {stage.start_step}-{end}")
+            self._run(phase.name, [*cmd, *weights, f"trainer.total_training_steps={end}"])
+        for stage in schedule.stages:
+            path = decision_path(folder, stage.index)
+            if path.is_file():
+                d = json.loads(path.read_text())
+                decisions[str(stage.index)] = {k: d.get(k) for k in ("screened", "rows_with_future_likes", "flagged",
+                                                                      "sim_fps_mean")}
+        return decisions
+
+    @staticmethod
+    def _checkpoint_step(ckpt: Path) -> int:
+        tracker = ckpt / "latest_checkpointed_iteration.txt"
+        return int(tracker.read_text().strip()) if tracker.is_file() else 0
 
     def phase_eval(self, phase: Phase, state: dict) -> dict:
         self.check_data_folder(state)

@@ -27,6 +27,15 @@ def test_whole_pipeline_runs_and_reports_both_models(finished_run, capsys):
     assert (finished_run / "models" / "grpo" / "config.json").is_file()
     grpo_log = (finished_run / "logs" / "grpo.log").read_text()
     assert "training/conrec_stage:3" in grpo_log  # the curriculum reached its last stage
+    # cross-stage cleaning (on in the profile): one main_ppo per stage, each resumed from the last
+    # stage's checkpoint, stages 2 and 3 screened by the model at the end of the stage before
+    assert grpo_log.count("Resuming from") == 2
+    for stage in (2, 3):
+        decision = json.loads((finished_run / "grpo_cleaning" / f"stage_{stage}.json").read_text())
+        assert decision["screened"] > 0 and decision["flagged"] > 0
+        assert decision["model"].endswith(f"grpo_stage{stage - 1}")
+        assert state["done"]["grpo"]["cleaning"][str(stage)]["flagged"] == decision["flagged"]
+    assert "cross-stage cleaning: row weights for stage(s) [2, 3]" in grpo_log
     summary = state["done"]["eval"]["summary"]
     assert {"warm-up SFT", "progressive GRPO"} <= set(summary)
     report = (finished_run / "eval" / "report.md").read_text()
@@ -81,6 +90,7 @@ def test_profiles_compose_with_their_verl_configs(profile):
         ray_init = grpo.ray_kwargs.ray_init
         assert ray_init.include_dashboard is False
         assert ray_init._system_config.prestart_worker_first_driver is False
+        assert grpo.data.dataloader_num_workers == 0  # no loader processes killed at exit
 
 
 def test_the_launcher_imports_neither_torch_nor_verl():

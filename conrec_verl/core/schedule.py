@@ -60,6 +60,34 @@ def eligible_contexts(n_recent_neg: int, n_neg: int) -> tuple[int, ...]:
     return (1, 2, 3) if n_recent_neg > 0 else (2, 3)
 
 
+STAGE_ROWS = ("assigned", "eligible")
+
+
+def rows_by_context(n_recent_neg: Sequence[int], n_neg: Sequence[int], assigned: Sequence[int | None] | None,
+                    how: str = "assigned", where: str = "rows") -> dict[int, list[int]]:
+    """Which rows each context's stage may draw (the dataset adapter and cross-stage cleaning both
+    ask this): rows whose histories give the context a non-empty negative section
+    (:func:`eligible_contexts`) and, with ``how="assigned"``, only the rows data_prep assigned to
+    that context (``assigned[i]``, so stages train on disjoint rows); ``"eligible"``: every
+    eligible row."""
+    if how not in STAGE_ROWS:
+        raise ScheduleError(f"stage_rows must be one of {STAGE_ROWS}, got {how!r}")
+    if len(n_recent_neg) != len(n_neg):
+        raise ScheduleError(f"{where}: {len(n_recent_neg)} recent-negative counts for {len(n_neg)} rows")
+    out: dict[int, list[int]] = {c: [] for c in CONTEXTS}
+    for i, (recent, neg) in enumerate(zip(n_recent_neg, n_neg)):
+        ok = eligible_contexts(int(recent), int(neg))
+        if how == "assigned":
+            stage = None if assigned is None else assigned[i]
+            if stage is None:
+                raise ScheduleError(f"{where}: row {i} has no extra_info.stage (the context data_prep assigned); "
+                                    "set data.conrec.stage_rows=eligible")
+            ok = tuple(c for c in ok if c == int(stage))
+        for c in ok:
+            out[c].append(i)
+    return out
+
+
 class ScheduleError(ValueError):
     """The stage schedule config is invalid."""
 
@@ -222,10 +250,16 @@ class CurriculumOrder:
     seeded by ``(seed, stage, pass)``, where ``pass`` counts how often the stage has gone through
     its rows, so the order is deterministic (resumable) and each stage sees every one of its rows
     before repeating.
+
+    ``row_weights`` (cross-stage cleaning, :mod:`conrec_verl.core.cleaning`): per stage index, how
+    many times a row of that stage's pool enters it (absent rows: once; 0 drops a row), so rows
+    the previous stage's model answered with an item close to the user's future likes can be
+    drawn more often. A stage without weights draws exactly as without this argument.
     """
 
     def __init__(self, schedule: StageSchedule, n_rows: int, batch_size: int, seed: int = 0,
-                 total_steps: int | None = None, rows_by_context: Mapping[int, Sequence[int]] | None = None):
+                 total_steps: int | None = None, rows_by_context: Mapping[int, Sequence[int]] | None = None,
+                 row_weights: Mapping[int, Mapping[int, int]] | None = None):
         if n_rows < 1:
             raise ScheduleError("the curriculum needs at least one data row")
         if batch_size < 1:
@@ -247,6 +281,28 @@ class CurriculumOrder:
         self.seed = int(seed)
         self.total_steps = int(total_steps) if total_steps else schedule.total_steps
         self._perms: dict[tuple[int, int], np.ndarray] = {}
+        self._pools: dict[int, np.ndarray] = {}
+        for stage_index, weights in (row_weights or {}).items():
+            stage = next((st for st in schedule.stages if st.index == int(stage_index)), None)
+            if stage is None:
+                raise ScheduleError(f"row weights for stage {stage_index}, but the schedule has stages "
+                                    f"1..{len(schedule.stages)}")
+            base = self._base_rows(stage)
+            allowed = set(base.tolist())
+            for row, w in weights.items():
+                if int(row) not in allowed:
+                    raise ScheduleError(f"stage {stage.index}: weighted row {row} is not one the stage draws")
+                if int(w) != w or w < 0:
+                    raise ScheduleError(f"stage {stage.index}: row {row} weight must be an integer >= 0, got {w!r}")
+            pool = np.repeat(base, [int(weights.get(int(r), 1)) for r in base])
+            if pool.size == 0:
+                raise ScheduleError(f"stage {stage.index} ({stage.name}): the row weights leave no row to train on")
+            self._pools[stage.index] = pool
+
+    def _base_rows(self, stage: Stage) -> np.ndarray:
+        if self.rows_by_context is None:
+            return np.arange(self.n_rows, dtype=np.int64)
+        return self.rows_by_context[stage.context]
 
     def __len__(self) -> int:
         return self.total_steps * self.batch_size
@@ -262,12 +318,16 @@ class CurriculumOrder:
         stage = self.schedule.stage_at(step)
         first_position_of_stage = (stage.start_step - 1) * self.batch_size
         k = position - first_position_of_stage  # k-th item of this stage
-        rows = self.rows_by_context[stage.context] if self.rows_by_context is not None else None
+        rows = self._pools.get(stage.index)
+        if rows is None and self.rows_by_context is not None:
+            rows = self.rows_by_context[stage.context]
         n_pass, offset = divmod(k, self.n_rows if rows is None else len(rows))
         return int(self._perm(stage.index, n_pass, rows)[offset]), stage, step
 
     def stage_rows(self, stage: Stage) -> int:
         """How many distinct rows ``stage`` draws from."""
+        if stage.index in self._pools:
+            return int(np.unique(self._pools[stage.index]).size)
         return self.n_rows if self.rows_by_context is None else int(len(self.rows_by_context[stage.context]))
 
     def _perm(self, stage_index: int, n_pass: int, rows: np.ndarray | None = None) -> np.ndarray:

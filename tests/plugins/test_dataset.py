@@ -263,3 +263,27 @@ def test_same_items_with_dataloader_worker_processes(cfg_for, tokenizer):
         return [[e["conrec_row"] for e in b["extra_info"]] for b in loader]
 
     assert rows(2) == rows(0)
+
+
+def test_cleaning_decisions_reweight_their_stage_through_verls_dataloader(cfg_for, tokenizer, tmp_path):
+    """``data.conrec.row_weights``: a stage with a decision draws its flagged rows ``repeat`` times
+    (and never its dropped rows); the other stages draw exactly as without it."""
+    from conrec_verl.core.cleaning import CleaningRule, write_decision
+
+    plain = build(cfg_for("data.train_batch_size=2"), tokenizer)
+    pool2 = [i for i, r in enumerate(plain.dataframe) if r["extra_info"]["stage"] == 2]
+    assert len(pool2) >= 2
+    write_decision(tmp_path, 2, 2, rows=pool2, sim_fps=[1.0] + [0.0] * (len(pool2) - 1), has_fps=[True] * len(pool2),
+                   rule=CleaningRule(threshold=0.9, repeat=4))
+    write_decision(tmp_path, 3, 3, rows=[0], sim_fps=[0.0], has_fps=[True], rule=CleaningRule(threshold=0.9))
+    ds = build(cfg_for("data.train_batch_size=2", f"+data.conrec.row_weights={tmp_path}"), tokenizer)
+    schedule = StageSchedule.from_config(ds.conrec_cfg["schedule"])
+    stage2 = schedule.stages[1]
+    drawn = [ds[p]["extra_info"]["conrec_row"] for p in range((stage2.start_step - 1) * 2, stage2.end_step * 2)]
+    assert drawn.count(pool2[0]) >= min(4, len(drawn) - (len(pool2) - 1))  # 4 of the 5-plus pool slots
+    for p in range(len(ds)):
+        if not (stage2.start_step - 1) * 2 <= p < stage2.end_step * 2:
+            assert ds[p]["extra_info"]["conrec_row"] == plain[p]["extra_info"]["conrec_row"]
+    with pytest.raises(ConrecDataError, match="not one the stage draws"):
+        write_decision(tmp_path, 1, 1, rows=[pool2[0]], sim_fps=[1.0], has_fps=[True], rule=CleaningRule(threshold=0.9))
+        build(cfg_for("data.train_batch_size=2", f"+data.conrec.row_weights={tmp_path}"), tokenizer)
