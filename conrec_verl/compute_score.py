@@ -7,7 +7,9 @@ For an existing verl setup that keeps verl's ``naive`` reward manager::
     +reward.custom_reward_function.reward_kwargs.codebook_path=<data_dir>/codebook.npz
     +reward.custom_reward_function.reward_kwargs.variant=collab      # optional, see RewardConfig
 
-verl merges ``reward_kwargs`` into every call. The scoring is
+verl merges ``reward_kwargs`` into every call. Rows whose ``data_source`` is not one of
+``reward_kwargs.data_sources`` (default ``["conrec"]``) go to verl's ``default_compute_score``, so
+CoNRec data can be mixed with other tasks. The scoring is
 :class:`conrec_verl.core.scoring.Scorer`, the same object the ``conrec`` reward manager uses; the
 codebook is loaded once per process (cached by path, modification time and options).
 """
@@ -25,6 +27,26 @@ from conrec_verl.core.sid import Codebook
 LOCATION_KEYS = ("codebook_path", "data_dir", "item_map")
 #: keyword arguments verl's naive manager may add to every call; not reward options
 VERL_CALL_KWARGS = ("reward_router_address", "reward_model_tokenizer")
+#: ``data_source`` values that get the CoNRec reward (``reward_kwargs.data_sources``); what
+#: data_prep and the smoke data write. Rows of other sources are scored by verl's default scorer.
+DEFAULT_DATA_SOURCES = ("conrec",)
+
+
+def split_data_sources(options: Mapping[str, Any], where: str = "reward_kwargs") -> tuple[dict, tuple[str, ...]]:
+    """``(reward options without data_sources, the data sources the CoNRec reward scores)``."""
+    options = dict(options or {})
+    sources = options.pop("data_sources", None)
+    if sources is None:
+        return options, DEFAULT_DATA_SOURCES
+    if isinstance(sources, str):
+        sources = [sources]
+    try:
+        sources = tuple(str(s) for s in sources)
+    except TypeError:
+        raise ScoringConfigError(f"{where}.data_sources must be a list of data_source names, got {sources!r}") from None
+    if not sources:
+        raise ScoringConfigError(f"{where}.data_sources is empty: no row would get the CoNRec reward")
+    return options, sources
 
 _CACHE: dict[tuple, Scorer] = {}
 _FAST: dict[tuple, Scorer] = {}  # raw reward_kwargs -> scorer (skips validation on every call)
@@ -108,13 +130,21 @@ def compute_score(data_source: Any, solution_str: Any, ground_truth: Any, extra_
     manager logs every key. Never raises on ``solution_str``."""
     for name in VERL_CALL_KWARGS:
         kwargs.pop(name, None)
+    sources = kwargs.get("data_sources")
+    if data_source not in (DEFAULT_DATA_SOURCES if sources is None else
+                           ([sources] if isinstance(sources, str) else sources)):
+        # another task's row in mixed data: verl's own scorer for its data_source
+        from verl.utils.reward_score import default_compute_score
+
+        return default_compute_score(data_source, solution_str, ground_truth, extra_info)
     try:
         fast_key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()))
         scorer = _FAST.get(fast_key)
     except TypeError:  # unhashable option value: take the validated path
         fast_key, scorer = None, None
     if scorer is None:
-        scorer = get_scorer(kwargs, where="reward.custom_reward_function.reward_kwargs")
+        where = "reward.custom_reward_function.reward_kwargs"
+        scorer = get_scorer(split_data_sources(kwargs, where)[0], where=where)
         if fast_key is not None:
             _FAST[fast_key] = scorer
     result = scorer.score(solution_str, ground_truth)

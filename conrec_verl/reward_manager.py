@@ -18,7 +18,14 @@ Per trajectory it decodes the response, takes the SID that counts (see
 on the last response token. ``reward_extra_info`` (logged by verl): ``valid_sid``, ``exact_hit``
 (also as ``acc``), ``prefix_depth``, ``sim_gts``, ``sim_fps`` and ``stage`` (the prompt context 1..3 the row
 was rendered for: ``extra_info.stage`` written by the dataset adapter, else the context of the
-schedule's stage at ``global_steps``; 0 if unknown).
+schedule's stage at ``global_steps``; 0 if unknown) and ``conrec_row`` (1).
+
+Mixed data: only rows whose ``data_source`` is one of ``reward_kwargs.data_sources`` (default
+``["conrec"]``, what data_prep writes) get the CoNRec reward. Any other row is scored as verl's
+``naive`` manager would score it: by the configured ``reward.custom_reward_function`` or verl's
+``default_compute_score`` for its ``data_source``; its extra info carries the same keys (CoNRec's
+zeroed, ``acc`` from that scorer, ``conrec_row`` 0), because verl stacks every row's keys. Scoring
+runs in the event loop's executor, like verl's managers, so rollouts are not blocked.
 """
 
 from __future__ import annotations
@@ -32,9 +39,9 @@ from verl import DataProto
 from verl.experimental.reward_loop.reward_manager import register
 from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 
-from conrec_verl.compute_score import get_scorer
+from conrec_verl.compute_score import DEFAULT_DATA_SOURCES, get_scorer, split_data_sources
 from conrec_verl.core.schedule import StageSchedule
-from conrec_verl.core.scoring import Scorer
+from conrec_verl.core.scoring import ScoreResult, Scorer
 from conrec_verl.core.sid import SID_TOKEN_RE
 
 logger = logging.getLogger(__name__)
@@ -71,7 +78,9 @@ class ConrecRewardManager(RewardManagerBase):
     def __init__(self, config: DictConfig, tokenizer: Any, compute_score: Any = None,
                  reward_router_address: str | None = None, reward_model_tokenizer: Any = None, **kwargs: Any):
         super().__init__(config, tokenizer, compute_score)
-        self.scorer: Scorer = get_scorer(reward_options(config), where="reward.reward_kwargs")
+        options, self.data_sources = split_data_sources(reward_options(config), where="reward.reward_kwargs")
+        self.scorer: Scorer = get_scorer(options, where="reward.reward_kwargs")
+        self.other_score = compute_score  # verl's custom_reward_function, else default_compute_score
         self.schedule = _schedule_of(config)
         self.reward_router_address = reward_router_address
         self.reward_model_tokenizer = reward_model_tokenizer
@@ -93,7 +102,8 @@ class ConrecRewardManager(RewardManagerBase):
         """Load the codebook once per process (``get_scorer`` caches it for every instance)."""
         if cls._class_initialized:
             return
-        get_scorer(reward_options(config), where="reward.reward_kwargs")
+        get_scorer(split_data_sources(reward_options(config), where="reward.reward_kwargs")[0],
+                   where="reward.reward_kwargs")
         cls._class_initialized = True
 
     def _stage(self, item) -> float:
@@ -116,13 +126,43 @@ class ConrecRewardManager(RewardManagerBase):
         info = result.as_extra_info()
         info["acc"] = info["exact_hit"]
         info["stage"] = float(stage)
+        info["conrec_row"] = 1.0
         return {"reward_score": float(result.reward), "reward_extra_info": info}
+
+    def score_other(self, data_source: Any, text: str, ground_truth: Any, extra_info: Any) -> dict:
+        """A row of another task: verl's naive-manager scoring, CoNRec's extra-info keys zeroed."""
+        import inspect
+
+        from verl.utils.reward_score import default_compute_score
+
+        fn = self.other_score or default_compute_score
+        if inspect.iscoroutinefunction(fn):
+            raise TypeError("conrec reward manager: an async custom_reward_function is not supported for "
+                            "rows of other data sources; use verl's naive manager for that task")
+        result = fn(data_source=data_source, solution_str=text, ground_truth=ground_truth,
+                    extra_info=extra_info if isinstance(extra_info, dict) else {})
+        score = float(result["score"] if isinstance(result, dict) else result)
+        acc = result.get("acc", score) if isinstance(result, dict) else score
+        info = dict(_ZERO_INFO)
+        info.update(acc=float(acc), stage=0.0, conrec_row=0.0)
+        return {"reward_score": score, "reward_extra_info": info}
 
     async def run_single(self, data: DataProto) -> dict:
         item = data[-1:][0]  # multi-sequence outputs: score the last sequence, like verl's naive manager
         response_ids = item.batch["responses"]
         response_length = response_ids.shape[-1]
         valid_length = int(item.batch["attention_mask"][-response_length:].sum())
-        text = self.decode(response_ids[:valid_length])
         ground_truth = item.non_tensor_batch["reward_model"]["ground_truth"]
-        return self.score_text(text, ground_truth, self._stage(item))
+        data_source = item.non_tensor_batch.get("data_source", DEFAULT_DATA_SOURCES[0])
+        if data_source not in self.data_sources:
+            text = self.tokenizer.decode(response_ids[:valid_length], skip_special_tokens=True)
+            extra = item.non_tensor_batch.get("extra_info", {})
+            return await self.loop.run_in_executor(
+                None, lambda: self.score_other(data_source, text, ground_truth, extra))
+        text = self.decode(response_ids[:valid_length])
+        stage = self._stage(item)
+        return await self.loop.run_in_executor(None, lambda: self.score_text(text, ground_truth, stage))
+
+
+#: the extra-info keys of a CoNRec row, zeroed (rows of other data sources carry them too)
+_ZERO_INFO = {key: 0.0 for key in ScoreResult(reward=0.0, valid=False).as_extra_info()}

@@ -42,6 +42,7 @@ The format penalty defaults to ``lower_bound(variant) - 0.5`` (``-2.0`` for ``co
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections import OrderedDict
@@ -54,7 +55,9 @@ from conrec_verl.core.sid import LEVEL_LETTERS, Codebook, Codes, format_sid, par
 
 VARIANTS = ("collab", "neg_only", "neg_truncated", "double_truncated", "hierarchical")
 PARSE_MODES = ("first", "strict")
+logger = logging.getLogger(__name__)
 TARGET_SETS = ("gts", "next_neg")
+EMPTY_TARGETS = ("error", "zero")
 
 
 def prefix_depth(a: Sequence[int], b: Sequence[int]) -> int:
@@ -106,6 +109,10 @@ class RewardConfig:
     check_sid_build: bool = True
     #: positive target set: ``gts`` (future_neg ∪ swing) or ``next_neg`` (the single next dislike)
     targets: str = "gts"
+    #: a ground truth with no usable target SID (``{}``, empty lists, only out-of-range SIDs):
+    #: ``error`` (a :class:`GroundTruthError`: every output would score the same, no signal) or
+    #: ``zero`` (score it with similarity 0, counted in ``Scorer.n_empty_targets``, warned once)
+    empty_targets: str = "error"
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -114,6 +121,8 @@ class RewardConfig:
             raise ScoringConfigError(f"parse_mode {self.parse_mode!r} unknown; choose one of {PARSE_MODES}")
         if self.targets not in TARGET_SETS:
             raise ScoringConfigError(f"targets {self.targets!r} unknown; choose one of {TARGET_SETS}")
+        if self.empty_targets not in EMPTY_TARGETS:
+            raise ScoringConfigError(f"empty_targets {self.empty_targets!r} unknown; choose one of {EMPTY_TARGETS}")
         for name in ("gamma", "sim_threshold"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -290,6 +299,8 @@ class Scorer:
             self.config.effective_hier_weights(self.num_levels) if self.config.variant == "hierarchical" else None
         )
         self._cache_size = int(cache_size)
+        #: ground truths without a usable target scored under ``empty_targets: zero``
+        self.n_empty_targets = 0
         self._gt_cache: OrderedDict = OrderedDict()
         self._emb_cache: OrderedDict = OrderedDict()
         self._codewords = codebook.codewords
@@ -394,8 +405,19 @@ class Scorer:
                     out[codes] = None
             return tuple(out)
 
-        gts = codes_of(("next_neg",) if self.config.targets == "next_neg" else ("future_neg", "swing"))
+        keys = ("next_neg",) if self.config.targets == "next_neg" else ("future_neg", "swing")
+        gts = codes_of(keys)
         fps = codes_of(("future_pos",))
+        if not gts:
+            if self.config.empty_targets == "error":
+                raise GroundTruthError(
+                    f"ground truth has no usable target SID under {'/'.join(keys)} ({n_invalid} unusable SID "
+                    f"string(s)): every output would score alike; got {str(ground_truth)[:120]!r} (reward option "
+                    "empty_targets: zero scores such rows with similarity 0 instead)")
+            self.n_empty_targets += 1
+            if self.n_empty_targets == 1:
+                logger.warning("conrec reward: a ground truth with no usable target SID under %s scores with "
+                               "similarity 0 (empty_targets: zero); further ones are only counted", "/".join(keys))
         dim = self.codebook.dim
 
         def unit(codes: tuple[Codes, ...]) -> np.ndarray:

@@ -10,11 +10,19 @@ turn the common mistakes of this project's users into one clear error in the fir
 * ``progressive_grpo`` without the actor's KL loss, or with ``beta_via: kl_loss`` outside the
   ``conrec_sync`` trainer mode;
 * a model folder that does not exist, or whose tokenizer lacks the semantic-ID tokens of the
-  codebook the run uses (``reward.reward_kwargs.codebook_path`` or ``data.conrec.data_dir``).
+  codebook the run uses (``reward.reward_kwargs.codebook_path`` or ``data.conrec.data_dir``);
+* the CoNRec reward selected (``reward.reward_manager.name=conrec`` or
+  ``reward.custom_reward_function.path=pkg://conrec_verl.compute_score``) with reward options it
+  does not know, a codebook it cannot load, or training rows without a usable CoNRec ground truth
+  (the first ``CONREC_PREFLIGHT_ROWS`` rows of every ``data.train_files``, default 256): one
+  message naming the file, the row and the missing field, instead of an error after Ray started
+  and the first batch was rolled out.
 
 verl calls ``verl.utils.device.auto_set_device(config)`` first thing in ``main_ppo.main``; the
-plugin wraps that function (:func:`install`) so the checks run there. They are pure functions of
-the config (:func:`check_config`) and are unit-tested without Ray.
+plugin wraps that function (:func:`install`) so the checks run there, on the configuration as the
+user wrote it (before verl's ``auto_set_device`` rewrites ``trainer.device`` for the detected
+accelerator). They are pure functions of the config (:func:`check_config`), unit-tested without
+Ray and through a real ``main_ppo`` start (``tests/test_preflight.py``).
 """
 
 from __future__ import annotations
@@ -46,7 +54,14 @@ def _get(config, dotted: str, default=None):
 
 
 def _codebook_path(config) -> str | None:
-    path = _get(config, "reward.reward_kwargs.codebook_path")
+    try:
+        found = conrec_reward_options(config)
+    except ConfigError:
+        found = None
+    options = found[1] if found else {}
+    path = options.get("codebook_path") or _get(config, "reward.reward_kwargs.codebook_path")
+    if not path and options.get("data_dir"):
+        return str(Path(str(options["data_dir"])) / "codebook.npz")
     if path:
         return str(path)
     data_dir = _get(config, "data.conrec.data_dir")
@@ -71,6 +86,98 @@ def check_progressive_grpo(config) -> None:
             f"algorithm.progressive_grpo.beta_via=kl_loss applies each stage's beta through the conrec_sync "
             f"trainer mode, but trainer.v1.trainer_mode={mode or 'unset'}: set trainer.v1.trainer_mode=conrec_sync "
             "(or +algorithm.progressive_grpo.beta_via=advantage_scale)")
+
+
+COMPUTE_SCORE_MODULE = "conrec_verl.compute_score"
+
+
+def conrec_reward_options(config) -> tuple[str, dict] | None:
+    """``(config key, options)`` of the CoNRec reward when the run uses it (as the ``conrec`` reward
+    manager or as ``compute_score`` under verl's manager), else None."""
+    from omegaconf import DictConfig, OmegaConf
+
+    def plain(node):
+        return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+
+    if str(_get(config, "reward.reward_manager.name", "") or "") == "conrec":
+        return "reward.reward_kwargs", plain(_get(config, "reward.reward_kwargs"))
+    path = str(_get(config, "reward.custom_reward_function.path", "") or "")
+    module_path = path[len("pkg://"):] if path.startswith("pkg://") else None
+    if module_path == COMPUTE_SCORE_MODULE or path.replace(os.sep, "/").endswith("conrec_verl/compute_score.py"):
+        name = str(_get(config, "reward.custom_reward_function.name", "") or "")
+        if name != "compute_score":
+            raise ConfigError(f"reward.custom_reward_function.name={name!r}: {COMPUTE_SCORE_MODULE} defines "
+                              "compute_score; set reward.custom_reward_function.name=compute_score")
+        return "reward.custom_reward_function.reward_kwargs", plain(
+            _get(config, "reward.custom_reward_function.reward_kwargs"))
+    return None
+
+
+def _train_files(config) -> list[str]:
+    files = _get(config, "data.train_files")
+    if files is None:
+        return []
+    return [str(files)] if isinstance(files, str) else [str(f) for f in files]
+
+
+def check_reward_data(config, max_rows: int | None = None) -> None:
+    """The CoNRec reward can score this run: its options are valid, its codebook loads, and the first
+    ``max_rows`` rows of every training file carry a ground truth it can use (a JSON object whose
+    targets hold at least one SID of the codebook, of the build the codebook was made for, unless the
+    reward option ``empty_targets: zero`` allows rows without one)."""
+    found = conrec_reward_options(config)
+    if found is None:
+        return
+    where, options = found
+    from conrec_verl.compute_score import VERL_CALL_KWARGS, get_scorer, split_data_sources
+    from conrec_verl.core.scoring import GroundTruthError, ScoringConfigError
+
+    for key in VERL_CALL_KWARGS:
+        options.pop(key, None)
+    try:
+        options, sources = split_data_sources(options, where=where)
+        scorer = get_scorer(options, where=where)
+    except (ScoringConfigError, OSError, ValueError) as exc:
+        raise ConfigError(f"the CoNRec reward ({where}): {exc}") from None
+    limit = int(max_rows if max_rows is not None else os.environ.get("CONREC_PREFLIGHT_ROWS", "256"))
+    for path in _train_files(config):
+        if not path.endswith(".parquet") or not os.path.isfile(path):
+            continue  # verl reports missing files itself; other formats are not read here
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as exc:  # noqa: BLE001 - name the file
+            raise ConfigError(f"{path}: cannot read parquet ({exc})") from None
+        if "reward_model" not in pf.schema_arrow.names:
+            raise ConfigError(f"{path}: no column 'reward_model', but the CoNRec reward ({where}) reads "
+                              "reward_model.ground_truth of every row (docs/data-format.md; python -m data_prep "
+                              "writes it)")
+        seen = 0
+        has_source = "data_source" in pf.schema_arrow.names
+        columns = ["reward_model", "data_source"] if has_source else ["reward_model"]
+        for batch in pf.iter_batches(batch_size=min(limit, 1024), columns=columns):
+            data_sources = batch.column("data_source").to_pylist() if has_source else [None] * batch.num_rows
+            for rm, source in zip(batch.column("reward_model").to_pylist(), data_sources):
+                if source is not None and source not in sources:
+                    seen += 1  # another task's row: verl's own scorer takes it
+                    if seen >= limit:
+                        break
+                    continue
+                gt = rm.get("ground_truth") if isinstance(rm, dict) else None
+                field = "reward_model.ground_truth"
+                try:
+                    if gt is None:
+                        raise GroundTruthError("missing")
+                    scorer.targets(gt)  # no usable target is an error unless empty_targets: zero
+                except GroundTruthError as exc:
+                    raise ConfigError(f"{path}: row {seen}: column '{field}': {exc}; the CoNRec reward ({where}) "
+                                      "needs the ground truth data_prep writes (docs/data-format.md)") from None
+                seen += 1
+                if seen >= limit:
+                    break
+            if seen >= limit:
+                break
 
 
 def check_config(config, platform: str | None = None) -> None:
@@ -119,6 +226,8 @@ def check_config(config, platform: str | None = None) -> None:
         if local.exists() and book_path:
             check_model_has_sid_tokens(local, book_path)
 
+    check_reward_data(config)
+
 
 def check_model_has_sid_tokens(model_path, codebook_path) -> None:
     from transformers import AutoTokenizer
@@ -144,9 +253,11 @@ def install() -> None:
 
     @functools.wraps(original)
     def auto_set_device(config) -> None:
-        original(config)
+        # check the configuration as written: verl's auto_set_device replaces trainer.device by the
+        # detected accelerator (a CPU run without VERL_PLATFORM would become "cuda" and die later)
         if os.environ.get("CONREC_SKIP_PREFLIGHT", "") != "1":
             check_config(config)
+        original(config)
 
     auto_set_device._conrec_preflight = True
     device_utils.auto_set_device = auto_set_device

@@ -26,7 +26,7 @@ from ._fixtures import ground_truth, sid
 GT = ground_truth([sid(1, 2, 3), sid(0, 4, 5)], [sid(3, 3, 3)], [sid(2, 1, 0)])
 
 
-def one_row(tokenizer, response_text, gt=GT, extra_info=None, prompt_text="predict", pad_to=24):
+def one_row(tokenizer, response_text, gt=GT, extra_info=None, prompt_text="predict", pad_to=24, data_source="conrec"):
     """A one-row DataProto shaped like the reward loop's input (left-padded prompt, right-padded response)."""
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     resp_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"] if response_text else []
@@ -44,7 +44,7 @@ def one_row(tokenizer, response_text, gt=GT, extra_info=None, prompt_text="predi
     return DataProto.from_dict(
         tensors={"prompts": prompts, "responses": responses, "attention_mask": attn},
         non_tensors={
-            "data_source": np.array(["conrec"], dtype=object),
+            "data_source": np.array([data_source], dtype=object),
             "reward_model": np.array([{"style": "rule", "ground_truth": gt}], dtype=object),
             "extra_info": np.array([extra_info if extra_info is not None else {"index": 0}], dtype=object),
         },
@@ -237,3 +237,35 @@ def test_a_sid_that_is_no_item_gets_the_format_penalty_through_both_swaps(compos
     assert compute_score("conrec", non_item, json.loads(GT), {}, **kw, item_map="none")["score"] > penalty
     with pytest.raises(ScoringConfigError, match="item_map: .* not found"):
         compute_score("conrec", non_item, json.loads(GT), {}, **kw, item_map=str(tmp_path / "nope.parquet"))
+
+
+def test_rows_of_other_tasks_get_verls_scorer_and_the_same_keys(compose, tokenizer, codebook_path, manager_for):
+    """Mixed data: a gsm8k row beside CoNRec rows is scored by verl's default GSM8K rule through
+    both swaps (manager and function), with the extra-info keys of a CoNRec row (verl stacks them)."""
+    from verl.utils.reward_score import default_compute_score
+
+    gsm8k_gt = "72"
+    right, wrong = "so the answer is #### 72", "#### 71"
+    manager = manager_for()
+    ours = run(manager, one_row(tokenizer, sid(1, 2, 3)))
+    for text in (right, wrong):
+        out = run(manager, one_row(tokenizer, text, gt=gsm8k_gt, data_source="openai/gsm8k"))
+        expected = float(default_compute_score("openai/gsm8k", text, gsm8k_gt))
+        assert out["reward_score"] == expected
+        assert set(out["reward_extra_info"]) == set(ours["reward_extra_info"])
+        assert out["reward_extra_info"]["conrec_row"] == 0.0 and out["reward_extra_info"]["acc"] == expected
+    assert ours["reward_extra_info"]["conrec_row"] == 1.0
+    assert run(manager, one_row(tokenizer, right, gt=gsm8k_gt, data_source="openai/gsm8k"))["reward_score"] == 1.0
+    # a manager told that gsm8k rows are CoNRec rows scores them with the CoNRec reward (and refuses their GT)
+    from conrec_verl.core.scoring import GroundTruthError
+
+    claimed = manager_for(data_sources="[openai/gsm8k]")
+    with pytest.raises(GroundTruthError):
+        run(claimed, one_row(tokenizer, right, gt=gsm8k_gt, data_source="openai/gsm8k"))
+    # the function swap under verl's naive manager routes the same way
+    config = compose(["reward.custom_reward_function.path=pkg://conrec_verl.compute_score",
+                      "reward.custom_reward_function.name=compute_score",
+                      f"+reward.custom_reward_function.reward_kwargs.codebook_path={codebook_path}"])
+    naive = load_reward_manager(config, tokenizer)
+    assert run(naive, one_row(tokenizer, right, gt=gsm8k_gt, data_source="openai/gsm8k"))["reward_score"] == 1.0
+    assert run(naive, one_row(tokenizer, sid(1, 2, 3)))["reward_extra_info"]["exact_hit"] == 1.0

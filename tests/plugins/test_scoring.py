@@ -130,8 +130,17 @@ def test_ground_truth_as_dict_or_json_and_empty_sets():
     as_dict = ground_truth([sid(*c) for c in GTS], [sid(*c) for c in SWING], [sid(*c) for c in FPS], as_json=False)
     scorer = Scorer(BOOK)
     assert scorer.score(sid(2, 1, 1), GT).reward == pytest.approx(scorer.score(sid(2, 1, 1), as_dict).reward)
-    empty = scorer.score(sid(2, 1, 1), ground_truth([], [], []))
+    # no usable target: every output would score alike -- an error by default ...
+    for no_target in (ground_truth([], [], []), "{}", '{"answer": "72"}', ground_truth(["<a_99><b_0><c_0>"], [], [])):
+        with pytest.raises(GroundTruthError, match="no usable target SID under future_neg/swing"):
+            scorer.score(sid(2, 1, 1), no_target)
+    # ... or similarity 0, counted, where the user asks for it
+    lenient = Scorer(BOOK, RewardConfig.from_mapping({"empty_targets": "zero"}))
+    empty = lenient.score(sid(2, 1, 1), ground_truth([], [], []))
     assert empty.valid and empty.reward == 0.0 and empty.sim_gts == 0.0 and empty.sim_fps == 0.0
+    assert lenient.n_empty_targets == 1
+    with pytest.raises(ScoringConfigError, match="empty_targets 'skip' unknown"):
+        RewardConfig(empty_targets="skip")
     # a malformed SID inside the ground truth is skipped and counted, not fatal
     t = scorer.targets(ground_truth(["<a_1><b_2>", sid(1, 2, 3)], [], ["<a_99><b_0><c_0>"]))
     assert t.gts == ((1, 2, 3),) and t.fps == () and t.n_invalid == 2
@@ -209,7 +218,9 @@ def test_next_neg_targets_score_against_the_single_next_dislike_only(variant, ou
 
 def test_next_neg_targets_with_no_next_dislike_is_an_empty_set():
     gt = ground_truth([sid(1, 2, 3)], [], [], next_neg=None)
-    r = Scorer(BOOK, RewardConfig(variant="neg_only", targets="next_neg")).score(sid(1, 2, 3), gt)
+    with pytest.raises(GroundTruthError, match="under next_neg"):
+        Scorer(BOOK, RewardConfig(variant="neg_only", targets="next_neg")).score(sid(1, 2, 3), gt)
+    r = Scorer(BOOK, RewardConfig(variant="neg_only", targets="next_neg", empty_targets="zero")).score(sid(1, 2, 3), gt)
     assert r.valid and r.reward == 0.0 and not r.exact_hit
 
 
