@@ -77,6 +77,10 @@ def _env(profile) -> dict[str, str]:
         from conrec_verl.runtime.cpu_env import cpu_env  # torch-free: the launcher stays small
 
         env.update(cpu_env())
+    else:  # one node: the unauthenticated sockets on loopback (docs/security.md)
+        from conrec_verl.runtime.cpu_env import loopback_env
+
+        env.update(loopback_env())
     env.setdefault("WANDB_MODE", "disabled")
     env["PYTHONUNBUFFERED"] = "1"
     # the repo root first, so recipes and data_prep resolve from this checkout
@@ -226,8 +230,9 @@ class Pipeline:
                                             lora_alpha=float(sid_lora.alpha))
             lora = [f"model.lora_rank={int(sid_lora.rank)}", f"model.lora_alpha={float(sid_lora.alpha)}",
                     f"model.lora_adapter_path={adapter}"]
-        cmd = ["torchrun", "--standalone", "--nnodes=1", f"--nproc_per_node={self.profile.sft.nproc}",
-               "-m", "verl.trainer.sft_trainer", "--config-path", str(RECIPE_DIR / "config"),
+        from conrec_verl.runtime.cpu_env import torchrun_cmd  # torchrun, its stores on 127.0.0.1
+
+        cmd = [*torchrun_cmd(self.profile.sft.nproc), "-m", "verl.trainer.sft_trainer", "--config-path", str(RECIPE_DIR / "config"),
                "--config-name", str(self.profile.sft.config),
                f"model.path={model}", f"data.train_files={train}", f"trainer.default_local_dir={ckpt}",
                f"trainer.experiment_name=sft_{name}", *lora,

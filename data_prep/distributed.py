@@ -62,6 +62,8 @@ def ray_session(rcfg: Mapping, progress: bool) -> Iterator[int]:
     import ray
     from ray.data import DataContext
 
+    from conrec_verl.runtime.loopback import ray_on_loopback
+
     started = False
     if not ray.is_initialized():
         kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
@@ -76,8 +78,11 @@ def ray_session(rcfg: Mapping, progress: bool) -> Iterator[int]:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(
             p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}}
+        # a local Ray listens on 127.0.0.1 only (docs/security.md); a cluster's address is left alone
+        on_loopback = contextlib.nullcontext() if address else ray_on_loopback()
         try:
-            ray.init(**kwargs)
+            with on_loopback:
+                ray.init(**kwargs)
         except Exception as exc:  # noqa: BLE001 - one clear error, whatever Ray raised
             raise DataPrepError(f"engine=ray: could not start or reach Ray (ray.address={address!r}): {exc}") from exc
         started = True

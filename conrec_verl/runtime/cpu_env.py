@@ -8,6 +8,7 @@ importing torch and verl themselves (~0.45 GB that the launcher would hold for t
 from __future__ import annotations
 
 import os
+import sys
 
 PLATFORM_NAME = "cpu"
 
@@ -25,10 +26,12 @@ ONEDNN_CACHE_CAPACITY = 32
 def cpu_env() -> dict[str, str]:
     """Environment variables a CPU run of verl needs (set them before ``import verl``).
 
-    The last two bound oneDNN's per-shape caches (see :data:`ONEDNN_CACHE_CAPACITY`); a value
-    already in the environment wins.
+    ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``/``LRU_CACHE_CAPACITY`` bound oneDNN's per-shape caches (see
+    :data:`ONEDNN_CACHE_CAPACITY`); a value already in the environment wins. A CPU run is a
+    single-node run, so it also gets :func:`loopback_env`.
     """
     return {
+        **loopback_env(),
         "VERL_PLATFORM": PLATFORM_NAME,
         "VERL_ENGINE_DEVICE": "cuda",
         "TORCH_COMPILE_DISABLE": "1",
@@ -38,3 +41,35 @@ def cpu_env() -> dict[str, str]:
                                                           str(ONEDNN_CACHE_CAPACITY)),
         "LRU_CACHE_CAPACITY": os.environ.get("LRU_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY)),
     }
+
+
+def loopback_env() -> dict[str, str]:
+    """Environment of a single-node run whose unauthenticated sockets listen on loopback only.
+
+    - ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: a local ``ray.init`` takes 127.0.0.1 as its node IP
+      (as Ray does on macOS), so verl's transfer queue (ZMQ, unauthenticated, binds the node IP)
+      and Ray's agents and metrics exporters listen on loopback; Ray's token authentication stays
+      on. Never use it with ``ray.address``/``RAY_ADDRESS`` (a driver must be reachable from the
+      cluster): then, or when the variable is already set, it is left out.
+    - ``GLOO_SOCKET_IFNAME``: gloo's pair sockets listen on the loopback interface rather than
+      the address the host name resolves to.
+
+    torch's TCPStore servers need more than a variable (see :mod:`conrec_verl.runtime.loopback`);
+    ``docs/security.md`` has the measured list of sockets.
+    """
+    env: dict[str, str] = {}
+    if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in os.environ:
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
+    elif not os.environ.get("RAY_ADDRESS"):
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME",
+                                               "lo0" if sys.platform == "darwin" else "lo")
+    return env
+
+
+def torchrun_cmd(nproc_per_node: int) -> list[str]:
+    """The launcher of a single-node SFT stage, in place of ``torchrun --standalone --nnodes=1
+    --nproc_per_node=N``: torchrun with its rendezvous and agent stores on 127.0.0.1
+    (:mod:`conrec_verl.runtime.torchrun`). Append ``-m verl.trainer.sft_trainer ...``."""
+    return [sys.executable, "-m", "conrec_verl.runtime.torchrun", "--standalone", "--nnodes=1",
+            "--local-addr=127.0.0.1", f"--nproc_per_node={int(nproc_per_node)}"]

@@ -207,9 +207,14 @@ def _install_unpinned_cpu_offload() -> None:
 
 
 def install_cpu_patches() -> None:
-    """The two process-local adjustments a CPU run needs (idempotent)."""
+    """The process-local adjustments a CPU run needs (idempotent). The last one is for security,
+    not for the CPU: verl's FSDP workers host their process group's TCPStore on Ray's node IP,
+    127.0.0.1 in a single-node run (``cpu_env()``), and torch would listen on every interface."""
+    from conrec_verl.runtime.loopback import install_loopback_tcpstore
+
     _install_backend_normaliser()
     _install_unpinned_cpu_offload()
+    install_loopback_tcpstore()
 
 
 if os.environ.get("VERL_PLATFORM", "").strip().lower() == PLATFORM_NAME:

@@ -7,6 +7,7 @@ turn the common mistakes of this project's users into one clear error in the fir
 * the CPU runtime asked for (``VERL_PLATFORM=cpu`` or ``trainer.device=cpu``) without the other,
   or with a GPU-only rollout;
 * an unknown ``actor_rollout_ref.rollout.name``;
+* a Ray cluster address (``ray_kwargs.ray_init.address``) with the single-node loopback setting;
 * ``progressive_grpo`` without the actor's KL loss, or with ``beta_via: kl_loss`` outside the
   ``conrec_sync`` trainer mode;
 * a model folder that does not exist, or whose tokenizer lacks the semantic-ID tokens of the
@@ -204,6 +205,7 @@ def check_config(config, platform: str | None = None) -> None:
                 f"actor_rollout_ref.rollout.name={rollout} needs a GPU, but VERL_PLATFORM=cpu selects the CPU "
                 "runtime: use actor_rollout_ref.rollout.name=hf (or unset VERL_PLATFORM on a GPU machine)"
             )
+    check_ray_address(config)
     if rollout:
         from verl.workers.rollout.base import _ROLLOUT_REGISTRY
 
@@ -227,6 +229,20 @@ def check_config(config, platform: str | None = None) -> None:
             check_model_has_sid_tokens(local, book_path)
 
     check_reward_data(config)
+
+
+def check_ray_address(config) -> None:
+    """A Ray cluster address with the single-node loopback setting of ``cpu_env()``
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``): the driver would take 127.0.0.1 as its node IP and
+    announce it to a cluster whose other nodes cannot reach it (docs/security.md, "Multi-node")."""
+    address = str(_get(config, "ray_kwargs.ray_init.address", "") or "")
+    if address and address != "local" and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
+        raise ConfigError(
+            f"ray_kwargs.ray_init.address={address} reaches a Ray cluster, but RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "
+            "(the single-node loopback setting of cpu_env()) makes this driver listen on 127.0.0.1 only: pass the "
+            "address as RAY_ADDRESS instead (cpu_env() then leaves the setting out), or set "
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1; see docs/security.md"
+        )
 
 
 def check_model_has_sid_tokens(model_path, codebook_path) -> None:
