@@ -83,12 +83,20 @@ def build_tokenizer(sid_sizes: Sequence[int], extra_texts: Iterable[str] = (), v
     return fast
 
 
-def build_tiny_model(tokenizer, num_layers: int = 2, hidden_size: int = 64, num_heads: int = 4,
-                     intermediate_size: int = 128, seed: int = 0):
-    """A randomly initialised Qwen3 causal LM sized for CPU tests."""
+def build_tiny_model(tokenizer, num_layers: int = 2, hidden_size: int = 64, num_heads: int | None = None,
+                     intermediate_size: int | None = None, seed: int = 0):
+    """A randomly initialised Qwen3 causal LM sized for CPU tests and small from-scratch runs.
+
+    Defaults scale with ``hidden_size``: ``num_heads = max(4, hidden_size // 64)`` (head dim 64 once
+    the model is wide enough) and ``intermediate_size = 2 * hidden_size`` (the 2 x 64 test model:
+    4 heads, 128)."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen3Config
 
+    num_heads = int(num_heads) if num_heads else max(4, hidden_size // 64)
+    intermediate_size = int(intermediate_size) if intermediate_size else 2 * hidden_size
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden size {hidden_size} is not a multiple of the {num_heads} attention heads")
     torch.manual_seed(seed)
     config = Qwen3Config(
         vocab_size=len(tokenizer),
