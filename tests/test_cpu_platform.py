@@ -50,3 +50,29 @@ def test_gloo_process_group_initialises_with_verls_backend_string(tmp_path):
         assert t.tolist() == [1.0, 1.0, 1.0]
     finally:
         dist.destroy_process_group()
+
+
+def test_the_shell_form_of_cpu_env_is_cpu_env(tmp_path):
+    """``eval "$(python -m conrec_verl.runtime.cpu_env)"`` (the recipes' scripts) sets exactly
+    cpu_env(), values with spaces and quotes included."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in cpu_env()}
+    env["WANDB_MODE"] = "it's \"odd\" $HOME"  # cpu_env keeps a user's value: quoting must hold
+    script = (f'eval "$({sys.executable} -m conrec_verl.runtime.cpu_env)" && '
+              f'{sys.executable} -c "import json, os; print(json.dumps(dict(os.environ)))"')
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    import json
+
+    got = json.loads(out)
+    expected = subprocess.run([sys.executable, "-c", "import json; from conrec_verl.runtime.cpu_env import cpu_env; "
+                               "print(json.dumps(cpu_env()))"], env=env, capture_output=True, text=True,
+                              check=True).stdout
+    for key, value in json.loads(expected).items():
+        assert got.get(key) == value, key
+    assert got["WANDB_MODE"] == env["WANDB_MODE"]
+    for script_path in ("recipes/conrec/run_smoke_cpu.sh", "recipes/conrec/run_conrec_cpu.sh"):
+        text = open(os.path.join(os.path.dirname(__file__), "..", script_path)).read()
+        assert 'eval "$(python -m conrec_verl.runtime.cpu_env)"' in text and "VERL_PLATFORM=" not in text

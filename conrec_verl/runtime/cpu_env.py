@@ -3,6 +3,10 @@
 :mod:`conrec_verl.runtime.cpu_platform` re-exports :func:`cpu_env`; this module exists so that
 launchers (``conrec_verl.pipeline``) can build the environment of their subprocesses without
 importing torch and verl themselves (~0.45 GB that the launcher would hold for the whole run).
+
+It is the one list of the variables a CPU run needs: ``python -m conrec_verl.runtime.cpu_env``
+prints them as ``export`` lines (``eval "$(python -m conrec_verl.runtime.cpu_env)"`` in a shell;
+the recipes' scripts do this).
 """
 
 from __future__ import annotations
@@ -73,3 +77,15 @@ def torchrun_cmd(nproc_per_node: int) -> list[str]:
     (:mod:`conrec_verl.runtime.torchrun`). Append ``-m verl.trainer.sft_trainer ...``."""
     return [sys.executable, "-m", "conrec_verl.runtime.torchrun", "--standalone", "--nnodes=1",
             "--local-addr=127.0.0.1", f"--nproc_per_node={int(nproc_per_node)}"]
+
+
+def exports(env: dict[str, str] | None = None) -> str:
+    """``export K=V`` lines (shell-quoted) of :func:`cpu_env`."""
+    import shlex
+
+    env = cpu_env() if env is None else env
+    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
+
+
+if __name__ == "__main__":
+    print(exports())
