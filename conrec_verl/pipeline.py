@@ -49,6 +49,64 @@ class PipelineError(RuntimeError):
     """A phase failed or the inputs are inconsistent; the message says what to fix."""
 
 
+STOP_GRACE_S = 30.0
+
+
+def stop_child(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM a child still running, SIGKILL it after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM reached the pipeline (handled like Ctrl-C: children stopped, state kept)."""
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise _Terminated(f"signal {signum}")
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``RUN/.lock``): one pipeline per folder. The OS releases
+    it when the holder exits, however it exits, so a lock is never stale; the file names the
+    holder (pid, host, start time) for the message a second pipeline gets."""
+
+    def __init__(self, run: Path):
+        self.path = run / ".lock"
+        self._fh = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+        import socket
+
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise PipelineError(f"{self.path.parent} is in use by another pipeline ({holder}); wait for it or use "
+                                "another --run-dir") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fh is not None:
+            self._fh.close()  # releases the lock
+            self._fh = None
+
+
 @dataclass
 class Phase:
     name: str
@@ -106,16 +164,24 @@ class Pipeline:
         atomic_write_text(self.state_path, json.dumps(state, indent=2))
 
     def _run(self, phase: str, cmd: list[str], cwd: Path | None = None) -> None:
+        """Run one phase command, its output appended to ``logs/<phase>.log``. The pipeline owns the
+        child: if the pipeline is interrupted (Ctrl-C, ``kill``), the child gets SIGTERM (torchrun
+        and main_ppo stop their workers on it), then SIGKILL after ``STOP_GRACE_S``."""
         log = self.run / "logs" / f"{phase}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as fh:
             fh.write(f"\n$ {' '.join(cmd)}\n")
             fh.flush()
-            proc = subprocess.run(cmd, cwd=str(cwd or REPO_ROOT), env=self.env, stdout=fh, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL)
-        if proc.returncode != 0:
+            proc = subprocess.Popen(cmd, cwd=str(cwd or REPO_ROOT), env=self.env, stdout=fh, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+            try:
+                returncode = proc.wait()
+            except BaseException:
+                stop_child(proc)
+                raise
+        if returncode != 0:
             tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
-            raise PipelineError(f"phase {phase} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+            raise PipelineError(f"phase {phase} failed (exit {returncode}); last lines of {log}:\n{tail}")
 
     # -- checks before any training ----------------------------------------------------------
     def check_inputs(self) -> None:
@@ -152,11 +218,36 @@ class Pipeline:
         out += [Phase("grpo", "progressive GRPO"), Phase("eval", "evaluation")]
         return out
 
+    def select(self, only: Sequence[str], state: dict) -> list[Phase]:
+        """The phases to run: all, or those named in ``only`` (each must be a phase of this profile,
+        and the data and model phases must be done or selected before any later phase)."""
+        phases = self.phases()
+        names = [p.name for p in phases]
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise PipelineError(f"--only: unknown phase(s) {unknown}; this profile's phases: {', '.join(names)}")
+        chosen = [p for p in phases if not only or p.name in only]
+        for need in ("data", "model"):
+            later = [p.name for p in chosen if names.index(p.name) > names.index(need)]
+            if later and need not in state["done"] and need not in [p.name for p in chosen]:
+                raise PipelineError(f"phase {later[0]} needs the {need} phase first: it has not run in {self.run}; "
+                                    f"add it to --only (e.g. --only {need},{','.join(later)}) or run without --only")
+        return chosen
+
     def run_all(self, only: Sequence[str] = ()) -> Path:
+        if self.run.exists() and not self.run.is_dir():
+            raise PipelineError(f"--run-dir {self.run} is a file, not a folder")
         self.run.mkdir(parents=True, exist_ok=True)
         self.check_inputs()
+        with RunLock(self.run):
+            return self._run_locked(only)
+
+    def _run_locked(self, only: Sequence[str]) -> Path:
         state = self._load_state()
-        phases = [p for p in self.phases() if not only or p.name in only]
+        phases = self.select(only, state)
+        todo = [p for p in phases if p.name not in state["done"]]
+        if todo:
+            self.check_configs(todo, state)
         start_all = time.time()
         for i, phase in enumerate(phases, 1):
             prefix = f"[conrec-pipeline] ({i}/{len(phases)}) {phase.title}"
@@ -171,6 +262,53 @@ class Pipeline:
             self.echo(f"{prefix}: done in {time.time() - t0:.0f} s")
         self.echo(f"[conrec-pipeline] all phases done in {time.time() - start_all:.0f} s; run folder: {self.run}")
         return self.run
+
+    # -- the verl configs of the training phases -----------------------------------------------
+    def _sft_overrides(self, stage, model, train, ckpt) -> list[str]:
+        return [f"model.path={model}", f"data.train_files={train}", f"trainer.default_local_dir={ckpt}",
+                f"trainer.experiment_name=sft_{stage.name}", *map(str, self.profile.sft.overrides),
+                *map(str, stage.get("overrides", []))]
+
+    def _grpo_overrides(self, model, data, ckpt) -> list[str]:
+        return [f"data_dir={data}", f"actor_rollout_ref.model.path={model}", f"trainer.default_local_dir={ckpt}",
+                *map(str, self.profile.grpo.overrides)]
+
+    def compose_configs(self, requests: dict[str, tuple[str, list[str]]]) -> dict[str, dict]:
+        """``{name: resolved config}`` of verl configs composed with their overrides, in a child
+        process (:mod:`conrec_verl.runtime.compose`; the launcher stays free of torch and verl); a
+        config that does not compose is a :class:`PipelineError` naming it and Hydra's message."""
+        req = {name: {"config_dir": str(RECIPE_DIR / "config"), "config_name": str(cfg), "overrides": list(ov)}
+               for name, (cfg, ov) in requests.items()}
+        proc = subprocess.run([sys.executable, "-m", "conrec_verl.runtime.compose"], input=json.dumps(req),
+                              capture_output=True, text=True, env=self.env, cwd=str(REPO_ROOT))
+        try:
+            out = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            raise PipelineError(f"could not compose the verl configs (exit {proc.returncode}): "
+                                f"{proc.stderr.strip()[-2000:]}") from None
+        bad = {name: r["error"] for name, r in out.items() if not r.get("ok")}
+        if bad:
+            name, error = next(iter(bad.items()))
+            raise PipelineError(f"phase {name}: its verl config {requests[name][0]} with the profile's overrides does "
+                                f"not compose, nothing was run: {error}")
+        return {name: r["config"] for name, r in out.items()}
+
+    def check_configs(self, phases: Sequence[Phase], state: dict) -> None:
+        """Compose every training phase's verl config before the first phase runs, so a bad
+        override stops the pipeline in seconds, not after data prep and every SFT stage."""
+        requests: dict[str, tuple[str, list[str]]] = {}
+        placeholder_model, data = self.run / "models" / "base", self.run / "data"
+        for phase in phases:
+            if phase.name.startswith("sft_"):
+                stage = next(s for s in self.profile.sft.stages if s.name == phase.name[len("sft_"):])
+                requests[phase.name] = (str(self.profile.sft.config), self._sft_overrides(
+                    stage, placeholder_model, data / str(stage.file), self.run / "sft" / stage.name))
+            elif phase.name == "grpo":
+                extra = [f"++data.conrec.row_weights={self.run / 'grpo_cleaning'}"] if self._cleaning_rule() else []
+                requests["grpo"] = (str(self.profile.grpo.config),
+                                    self._grpo_overrides(placeholder_model, data, self.run / "grpo") + extra)
+        if requests:
+            self.compose_configs(requests)
 
     def phase_data(self, phase: Phase, state: dict) -> dict:
         data = self.run / "data"
@@ -232,11 +370,9 @@ class Pipeline:
                     f"model.lora_adapter_path={adapter}"]
         from conrec_verl.runtime.cpu_env import torchrun_cmd  # torchrun, its stores on 127.0.0.1
 
-        cmd = [*torchrun_cmd(self.profile.sft.nproc), "-m", "verl.trainer.sft_trainer", "--config-path", str(RECIPE_DIR / "config"),
-               "--config-name", str(self.profile.sft.config),
-               f"model.path={model}", f"data.train_files={train}", f"trainer.default_local_dir={ckpt}",
-               f"trainer.experiment_name=sft_{name}", *lora,
-               *map(str, self.profile.sft.overrides), *map(str, stage.get("overrides", []))]
+        cmd = [*torchrun_cmd(self.profile.sft.nproc), "-m", "verl.trainer.sft_trainer",
+               "--config-path", str(RECIPE_DIR / "config"), "--config-name", str(self.profile.sft.config),
+               *lora, *self._sft_overrides(stage, model, train, ckpt)]
         self._run(phase.name, cmd)
         export = self._export(ckpt, self.run / "models" / f"sft_{name}", sub="huggingface")
         return {"path": str(export)}
@@ -266,9 +402,7 @@ class Pipeline:
         data = self.run / "data"
         ckpt = self.run / "grpo"
         cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(RECIPE_DIR / "config"),
-               "--config-name", str(self.profile.grpo.config), f"data_dir={data}",
-               f"actor_rollout_ref.model.path={model}", f"trainer.default_local_dir={ckpt}",
-               *map(str, self.profile.grpo.overrides)]
+               "--config-name", str(self.profile.grpo.config), *self._grpo_overrides(model, data, ckpt)]
         info: dict = {}
         if self._cleaning_rule() is None:
             self._run(phase.name, cmd)
@@ -291,29 +425,6 @@ class Pipeline:
         except CleaningError as exc:
             raise PipelineError(f"grpo.{exc}") from None
 
-    def compose_grpo_config(self, model: Path, data: Path, extra: Sequence[str] = ()):
-        """The GRPO phase's verl config as main_ppo will see it (the profile's overrides applied)."""
-        import logging
-        import warnings
-
-        from hydra import compose, initialize_config_dir
-        from hydra.errors import HydraException
-        from omegaconf.errors import OmegaConfBaseException
-
-        try:
-            with warnings.catch_warnings(), initialize_config_dir(config_dir=str(RECIPE_DIR / "config"),
-                                                                  version_base=None):
-                warnings.simplefilter("ignore")  # importing verl for its config package warns about engines
-                logging.disable(logging.WARNING)
-                return compose(config_name=str(self.profile.grpo.config),
-                               overrides=[f"data_dir={data}", f"actor_rollout_ref.model.path={model}",
-                                          *map(str, self.profile.grpo.overrides), *extra])
-        except (HydraException, OmegaConfBaseException) as exc:
-            raise PipelineError(f"grpo: the verl config {self.profile.grpo.config} with grpo.overrides does not "
-                                f"compose: {exc}") from None
-        finally:
-            logging.disable(logging.NOTSET)
-
     def _grpo_with_cleaning(self, phase: Phase, cmd: list[str], model: Path, data: Path, ckpt: Path) -> dict:
         """Progressive GRPO one stage per main_ppo run (verl's ``resume_mode=auto`` carries the model,
         the optimizer and the data position across), screening each next stage's rows with the model
@@ -324,7 +435,8 @@ class Pipeline:
         rule = self._cleaning_rule()
         folder = self.run / "grpo_cleaning"
         weights = [f"++data.conrec.row_weights={folder}"]
-        cfg = self.compose_grpo_config(model, data, weights)
+        cfg = OmegaConf.create(self.compose_configs(
+            {"grpo": (str(self.profile.grpo.config), self._grpo_overrides(model, data, ckpt) + weights)})["grpo"])
         if cfg.algorithm.get("adv_estimator") != "progressive_grpo":
             raise PipelineError("grpo.cleaning needs algorithm.adv_estimator=progressive_grpo (its stages)")
         try:
@@ -429,6 +541,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated phases to run (default: all)")
     parser.add_argument("overrides", nargs="*", help="profile overrides, e.g. grpo.overrides=[trainer.total_training_steps=6]")
     args = parser.parse_args(argv)
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)  # kill = Ctrl-C: children stopped
     try:
         profile = load_profile(args.profile, args.overrides)
         pipe = Pipeline(Path(args.run_dir), profile)
@@ -444,6 +559,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"conrec-pipeline: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        why = "terminated" if isinstance(exc, _Terminated) else "interrupted"
+        print(f"conrec-pipeline: {why}; the running phase's processes were stopped. Run the same command again "
+              "to continue after the last finished phase.", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

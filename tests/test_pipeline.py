@@ -105,3 +105,86 @@ def test_the_launcher_imports_neither_torch_nor_verl():
             "assert not heavy, heavy")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# -- nothing silently wrong: names, prerequisites, one pipeline per folder, early config errors ----
+
+def test_only_names_real_phases_and_their_prerequisites(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["--run-dir", str(run), "--profile", "ci_tiny", "--only", "grpoo"]) == 2
+    err = capsys.readouterr().err
+    assert "--only: unknown phase(s) ['grpoo']" in err and "grpo, eval" in err
+    assert main(["--run-dir", str(run), "--profile", "ci_tiny", "--only", "grpo"]) == 2
+    assert "phase grpo needs the data phase first" in capsys.readouterr().err
+    assert not (run / "data").exists() and not (run / "grpo").exists()
+
+
+def test_a_run_folder_that_is_a_file_is_refused(tmp_path, capsys):
+    path = tmp_path / "file"
+    path.write_text("x")
+    assert main(["--run-dir", str(path), "--profile", "ci_tiny"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_two_pipelines_cannot_share_a_run_folder(tmp_path, capsys):
+    from conrec_verl.pipeline import RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with RunLock(run):
+        assert main(["--run-dir", str(run), "--profile", "ci_tiny"]) == 2
+        err = capsys.readouterr().err
+        assert "is in use by another pipeline (pid" in err and "another --run-dir" in err
+        assert not (run / "data").exists()
+    with RunLock(run):  # released when its holder is done (the OS releases it when a holder dies)
+        pass
+
+
+def test_a_bad_training_override_stops_the_pipeline_before_any_phase(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["--run-dir", str(run), "--profile", "ci_tiny", "grpo.overrides=[trainer.no_such_key=1]"]) == 2
+    err = capsys.readouterr().err
+    assert "phase grpo: its verl config conrec_cpu_tiny with the profile's overrides does not compose" in err
+    assert "no_such_key" in err and len(err.splitlines()) <= 3
+    assert not (run / "data").exists()
+    assert main(["--run-dir", str(run), "--profile", "ci_tiny",
+                 "sft.overrides=[optim.no_such_key=1]"]) == 2
+    err = capsys.readouterr().err
+    assert "phase sft_translation: its verl config sft_cpu_tiny" in err and "no_such_key" in err
+    assert not (run / "data").exists()
+
+
+def test_killing_the_pipeline_stops_the_running_phase(tmp_path):
+    """SIGTERM to the pipeline reaches the phase's process (torchrun and main_ppo stop their
+    workers on it), so nothing trains on after the pipeline is gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+    script = (
+        "import signal, sys\n"
+        "from pathlib import Path\n"
+        "from conrec_verl.pipeline import Pipeline, load_profile, _raise_terminated\n"
+        "signal.signal(signal.SIGTERM, _raise_terminated)\n"
+        f"pipe = Pipeline(Path({str(tmp_path / 'run')!r}), load_profile('ci_tiny'))\n"
+        "try:\n"
+        f"    pipe._run('phase', [sys.executable, '-c', {child!r}])\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while not pid_file.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    child_pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    try:
+        os.kill(child_pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive, "the phase's process outlived the pipeline"

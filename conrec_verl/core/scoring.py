@@ -90,6 +90,19 @@ class ScoringConfigError(ValueError):
     """A reward/scoring option has an invalid value."""
 
 
+def _number(name: str, value: Any) -> float:
+    """``value`` as a finite float, or a :class:`ScoringConfigError` naming the option."""
+    if isinstance(value, bool):
+        raise ScoringConfigError(f"{name} must be a finite number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ScoringConfigError(f"{name} must be a finite number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise ScoringConfigError(f"{name} must be a finite number, got {value!r}")
+    return out
+
+
 @dataclass(frozen=True)
 class RewardConfig:
     """Options of the CoNRec reward; the keys of ``reward.reward_kwargs`` (minus ``codebook_path``)."""
@@ -132,7 +145,7 @@ class RewardConfig:
         if self.format_penalty is not None and not math.isfinite(float(self.format_penalty)):
             raise ScoringConfigError(f"format_penalty must be finite, got {self.format_penalty!r}")
         if self.hier_weights is not None:
-            object.__setattr__(self, "hier_weights", tuple(float(w) for w in self.hier_weights))
+            object.__setattr__(self, "hier_weights", tuple(_number("hier_weights", w) for w in self.hier_weights))
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None, ignore: Sequence[str] = ()) -> "RewardConfig":
@@ -144,10 +157,16 @@ class RewardConfig:
             raise ScoringConfigError(f"unknown reward option(s) {unknown}; known: {sorted(known | set(ignore))}")
         kwargs = {k: v for k, v in options.items() if k in known}
         if kwargs.get("hier_weights") is not None:
-            kwargs["hier_weights"] = tuple(kwargs["hier_weights"])
-        for key in ("gamma", "sim_threshold"):
+            weights = kwargs["hier_weights"]
+            if isinstance(weights, (str, bytes)) or not hasattr(weights, "__iter__"):
+                raise ScoringConfigError(f"hier_weights must be a list of numbers (one per SID level), got {weights!r}")
+            kwargs["hier_weights"] = tuple(_number("hier_weights", w) for w in weights)
+        for key in ("gamma", "sim_threshold", "format_penalty"):
             if key in kwargs and kwargs[key] is not None:
-                kwargs[key] = float(kwargs[key])
+                kwargs[key] = _number(key, kwargs[key])
+        for key in ("check_sid_build",):
+            if key in kwargs and not isinstance(kwargs[key], bool):
+                raise ScoringConfigError(f"{key} must be true or false, got {kwargs[key]!r}")
         return cls(**kwargs)
 
     def lower_bound(self) -> float:

@@ -203,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug, not bad input: keep the traceback
         print(f"conrec-eval: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. a read-only --out folder, or --out under a file: one line, not a traceback
+        print(f"conrec-eval: error: cannot write or read {exc.filename or args.out}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
     k = report["k"]
     for r in report["rows"]:
         fhr = r["metrics"].get(f"FHR@{k}")

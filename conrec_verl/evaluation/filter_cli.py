@@ -42,6 +42,9 @@ def _read_table(path: Path) -> pd.DataFrame:
                              "expected parquet, or csv by extension") from exc
 
 
+OUT_SUFFIXES = (".parquet", ".csv")
+
+
 def _write_table(df: pd.DataFrame, path: Path) -> None:
     with atomic_path(path) as tmp:
         if path.suffix == ".csv":
@@ -124,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not -1.0 <= args.threshold <= 1.0:
             raise EvalInputError(f"--threshold {args.threshold} is a cosine similarity and must be in [-1, 1]")
+        if args.top is not None and args.top < 1:
+            raise EvalInputError(f"--top must be >= 1 (the first N predictions per user), got {args.top}")
+        if Path(args.out).suffix not in OUT_SUFFIXES:
+            raise EvalInputError(f"--out {args.out}: the table is written as parquet or csv by extension; "
+                                 f"name it *.parquet or *.csv")
         cand_path = Path(args.candidates)
         df = filter_candidates(args.data, args.predictions, _read_table(cand_path), args.threshold, args.top,
                                str(cand_path))
@@ -134,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(exc, user_errors()):
             raise
         print(f"conrec-filter: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an unwritable --out: one line, not a traceback
+        print(f"conrec-filter: error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     print(f"{int(df['removed'].sum())} of {len(df)} candidates removed -> {args.out}")
     return 0

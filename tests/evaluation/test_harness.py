@@ -252,6 +252,33 @@ def test_filter_cli_matches_brute_force(folder, tmp_path):
     assert not (tmp_path / "x.parquet").exists()
 
 
+@pytest.mark.parametrize("extra, match", [(["--top", "-1"], "--top must be >= 1"),
+                                          (["--out", "kept.txt"], "name it \\*.parquet or \\*.csv")])
+def test_filter_cli_refuses_nonsense_options(folder, tmp_path, capsys, extra, match):
+    import re
+
+    data = load_eval_data(folder)
+    pfile = write_predictions(tmp_path / "p.jsonl", data, [data.catalogue[:2] for _ in data.rows])
+    pd.DataFrame({"user_id": ["0"], "item_id": ["i1"]}).to_parquet(tmp_path / "c.parquet")
+    args = ["--data", str(folder), "--predictions", str(pfile), "--candidates", str(tmp_path / "c.parquet"),
+            "--out", str(tmp_path / "kept.parquet")]
+    if extra[0] == "--out":
+        args[-1] = str(tmp_path / extra[1])
+        extra = []
+    assert filter_main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and err.count("\n") == 1
+    assert not list(tmp_path.glob("kept*"))
+
+
+def test_unwritable_output_is_one_error_line(folder, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert eval_main(["--data", str(folder), "--out", str(blocker / "eval"), "--baselines", "popularity"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("conrec-eval: error: cannot write or read") and err.count("\n") == 1
+
+
 def test_cli_run_folder_defaults(folder, tmp_path):
     import shutil
 

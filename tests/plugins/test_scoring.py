@@ -228,3 +228,22 @@ def test_unknown_target_set_is_refused_and_targets_is_a_reward_kwarg():
     with pytest.raises(ScoringConfigError, match="targets 'future' unknown"):
         RewardConfig(targets="future")
     assert RewardConfig.from_mapping({"targets": "next_neg", "variant": "neg_only"}).targets == "next_neg"
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"gamma": "abc"}, "gamma must be a finite number, got 'abc'"),
+    ({"gamma": float("nan")}, "gamma must be a finite number"),
+    ({"sim_threshold": None, "gamma": True}, "gamma must be a finite number, got True"),
+    ({"hier_weights": [float("nan"), 1, 1], "variant": "hierarchical"}, "hier_weights must be a finite number"),
+    ({"hier_weights": "1,1,1", "variant": "hierarchical"}, "hier_weights must be a list of numbers"),
+    ({"format_penalty": "low"}, "format_penalty must be a finite number"),
+    ({"check_sid_build": "no"}, "check_sid_build must be true or false"),
+])
+def test_reward_options_are_checked_for_type_and_finiteness(options, match):
+    with pytest.raises(ScoringConfigError, match=match):
+        RewardConfig.from_mapping(options)
+
+
+def test_nan_hier_weights_are_refused_when_built_directly():
+    with pytest.raises(ScoringConfigError, match="hier_weights must be a finite number"):
+        RewardConfig(variant="hierarchical", hier_weights=(float("nan"), 1.0, 1.0))
