@@ -64,6 +64,47 @@ SFT_SCHEMAS = {
 }
 
 
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
+
+
+def known_config_keys() -> dict:
+    """The key tree of every shipped data_prep config (``config/*.yaml``, ``base.yaml`` first):
+    what a key may be called anywhere in a data_prep config."""
+    from omegaconf import OmegaConf
+
+    def merge(into: dict, tree: Mapping) -> None:
+        for key, value in tree.items():
+            if isinstance(value, Mapping):
+                node = into.get(key)
+                if not isinstance(node, dict):
+                    node = into[key] = {}
+                merge(node, value)
+            else:
+                into.setdefault(key, None)
+
+    known: dict = {}
+    for path in sorted(CONFIG_DIR.glob("*.yaml"), key=lambda p: p.name != "base.yaml"):
+        tree = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        merge(known, {k: v for k, v in tree.items() if k not in ("defaults", "hydra")})
+    return known
+
+
+def check_config_keys(cfg: Mapping, known: Mapping | None = None, where: str = "") -> None:
+    """Refuse a key no data_prep config knows (a typo, also one added with Hydra's ``+``), naming
+    it and the closest known key: an unknown key would otherwise be silently ignored."""
+    import difflib
+
+    known = known_config_keys() if known is None else known
+    for key, value in cfg.items():
+        dotted = f"{where}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
+            hint = f"; did you mean {where}{close[0]}?" if close else f"; known keys here: {sorted(map(str, known))}"
+            raise DataPrepError(f"unknown config key {dotted}{hint} (data_prep/config/base.yaml lists every key)")
+        if isinstance(value, Mapping) and isinstance(known[key], Mapping):
+            check_config_keys(value, known[key], f"{dotted}.")
+
+
 def _plain(cfg) -> dict:
     try:
         from omegaconf import DictConfig, OmegaConf
@@ -142,6 +183,7 @@ def build(cfg: Mapping | Any, step_hook: Callable[[str, str], None] | None = Non
     groups of ``data_prep/config/base.yaml``) and return its path. Bad input raises one
     :class:`DataPrepError`; nothing is left behind on failure."""
     cfg = _plain(cfg)
+    check_config_keys(cfg)
     out_dir = cfg.get("out_dir")
     if not out_dir or out_dir == "???":
         raise DataPrepError("out_dir is required (e.g. out_dir=data/kuairand)")

@@ -301,7 +301,7 @@ def test_warmup_rows_cutoffs_mode_answers_the_next_future_dislike(tmp_path, synt
     key = lambda df: list(zip(df["extra_info"].map(lambda e: e["user_id"]), df["extra_info"].map(lambda e: e["cutoff_day"])))
     got = dict(zip(key(warm), warm["messages"].map(lambda m: m[1]["content"])))
     assert [got[k] for k in key(train)] == expected
-    with pytest.raises(DataPrepError, match=r"sft.warmup: unknown key\(s\) \['rowz'\]"):
+    with pytest.raises(DataPrepError, match=r"unknown config key sft.warmup.rowz; did you mean sft.warmup.rows"):
         build(generic_cfg(synth_path, tmp_path / "x", "+sft.warmup.rowz=1"))
 
 
@@ -385,3 +385,17 @@ def test_extra_level_keeps_every_quantised_sid_and_its_embedding(tmp_path, synth
     assert np.allclose(book_x.embed_many(codes), book_r.embed_many(codes[:, :3]))
     with pytest.raises(DataPrepError, match="sid.collisions"):
         build(generic_cfg(synth_path, tmp_path / "bad", "sid.collisions=merge"))
+
+
+@pytest.mark.parametrize("override, match", [
+    ("+swing.min_co_dislikerz=3", r"unknown config key swing.min_co_dislikerz; did you mean swing.min_co_dislikers"),
+    ("+foo=1", r"unknown config key foo; known keys here: \['embedding'"),
+    ("+input.columns.usr=u", r"unknown config key input.columns.usr; did you mean input.columns.user"),
+])
+def test_unknown_config_keys_are_errors_even_with_plus(synth_path, tmp_path, override, match):
+    """Hydra accepts any key added with '+': data_prep refuses keys no shipped config has, before
+    reading anything, so a typo is never silently ignored."""
+    out = tmp_path / "x"
+    with pytest.raises(DataPrepError, match=match):
+        build(generic_cfg(synth_path, out, override))
+    assert not out.exists() and not list(tmp_path.glob(".x*"))
