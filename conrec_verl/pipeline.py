@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import yaml
 from omegaconf import OmegaConf
 
 from conrec_verl.io_utils import atomic_dir, atomic_write_text
@@ -114,6 +115,11 @@ class Phase:
 
 
 def load_profile(name_or_path: str, overrides: Sequence[str] = ()):
+    """A pipeline profile (a name in ``recipes/conrec/pipeline/`` or a yaml path) with ``key=value``
+    overrides. An override of a key the profile does not have, or one that is not valid YAML, is
+    one :class:`PipelineError` (a typo would otherwise be ignored)."""
+    from omegaconf.errors import OmegaConfBaseException
+
     path = Path(name_or_path)
     if not path.suffix:
         path = PROFILE_DIR / f"{name_or_path}.yaml"
@@ -125,8 +131,52 @@ def load_profile(name_or_path: str, overrides: Sequence[str] = ()):
         base = load_profile(str(cfg.defaults_from))
         cfg = OmegaConf.merge(base, {k: v for k, v in cfg.items() if k != "defaults_from"})
     if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        for item in overrides:
+            try:
+                patch = OmegaConf.from_dotlist([str(item)])
+            except (OmegaConfBaseException, ValueError, yaml.YAMLError) as exc:
+                raise PipelineError(f"profile override {item!r} is not key=value with a valid YAML value "
+                                    f"(quote nested lists, e.g. 'grpo.overrides=[a=1,b=2]'): "
+                                    f"{str(exc).splitlines()[0]}") from None
+            OmegaConf.set_struct(cfg, True)
+            try:
+                cfg = OmegaConf.merge(cfg, patch)
+            except OmegaConfBaseException as exc:
+                raise PipelineError(f"profile override {item!r}: {str(exc).splitlines()[0]} (the profile's keys: "
+                                    f"conrec-pipeline --help)") from None
+            finally:
+                OmegaConf.set_struct(cfg, False)
     return cfg
+
+
+def profile_keys(profile=None) -> list[str]:
+    """The dotted keys of a profile (for ``--help``)."""
+    profile = load_profile("cpu_tiny") if profile is None else profile
+    out = []
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if OmegaConf.is_dict(value):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out.append(f"{prefix}{key}")
+
+    walk(profile, "")
+    return out
+
+
+PATH_KEYS = ("model.base", "data.input_path")
+
+
+def resolve_paths(profile):
+    """The profile with its path keys absolute (relative to the caller's folder, where the user
+    typed them; the phases run in the run folder)."""
+    profile = OmegaConf.create(OmegaConf.to_container(profile, resolve=False))
+    for key in PATH_KEYS:
+        value = OmegaConf.select(profile, key)
+        if value and not os.path.isabs(os.path.expanduser(str(value))):
+            OmegaConf.update(profile, key, os.path.abspath(os.path.expanduser(str(value))))
+    return profile
 
 
 def _env(profile) -> dict[str, str]:
@@ -149,7 +199,7 @@ def _env(profile) -> dict[str, str]:
 class Pipeline:
     def __init__(self, run_dir: Path, profile, echo=print):
         self.run = Path(run_dir).resolve()
-        self.profile = profile
+        self.profile = resolve_paths(profile)
         self.echo = echo
         self.state_path = self.run / "pipeline.json"
         self.env = _env(profile)
@@ -172,7 +222,7 @@ class Pipeline:
         with open(log, "a") as fh:
             fh.write(f"\n$ {' '.join(cmd)}\n")
             fh.flush()
-            proc = subprocess.Popen(cmd, cwd=str(cwd or REPO_ROOT), env=self.env, stdout=fh, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(cmd, cwd=str(cwd or self.run), env=self.env, stdout=fh, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
             try:
                 returncode = proc.wait()
@@ -234,13 +284,52 @@ class Pipeline:
                                     f"add it to --only (e.g. --only {need},{','.join(later)}) or run without --only")
         return chosen
 
-    def run_all(self, only: Sequence[str] = ()) -> Path:
+    def run_all(self, only: Sequence[str] = (), start_from: Path | None = None,
+                reuse: Sequence[str] | None = None) -> Path:
         if self.run.exists() and not self.run.is_dir():
             raise PipelineError(f"--run-dir {self.run} is a file, not a folder")
         self.run.mkdir(parents=True, exist_ok=True)
         self.check_inputs()
         with RunLock(self.run):
+            if start_from is not None:
+                self.start_from(Path(start_from), reuse)
             return self._run_locked(only)
+
+    def start_from(self, source: Path, reuse: Sequence[str] | None = None) -> list[str]:
+        """Begin this run folder with another run folder's finished phases (``--from``): its data
+        folder (linked, not copied) and the phases in ``reuse`` (default: every finished phase before
+        GRPO), whose models this run then starts from -- e.g. new GRPO settings on the same SFT."""
+        source = Path(source).resolve()
+        src_state_path = source / "pipeline.json"
+        if not src_state_path.is_file():
+            raise PipelineError(f"--from {source}: not a run folder (no pipeline.json)")
+        src = json.loads(src_state_path.read_text())
+        names = [p.name for p in self.phases()]
+        if reuse is None:
+            reuse = [n for n in names[: names.index("grpo")] if n in src["done"]]
+        unknown = [n for n in reuse if n not in names]
+        if unknown:
+            raise PipelineError(f"--reuse: unknown phase(s) {unknown}; this profile's phases: {', '.join(names)}")
+        missing = [n for n in reuse if n not in src["done"]]
+        if missing:
+            raise PipelineError(f"--reuse: phase(s) {missing} have not finished in {source}")
+        if "data" not in reuse:
+            raise PipelineError("--reuse must include the data phase: reused models were trained on that SID build")
+        state = self._load_state()
+        if state["done"] and any(state["done"].get(n) != dict(src["done"][n], reused_from=str(source))
+                                 for n in reuse if n in state["done"]):
+            raise PipelineError(f"{self.run} already has finished phases of its own; --from starts a new run folder")
+        link = self.run / "data"
+        if not link.exists():
+            link.symlink_to(source / "data", target_is_directory=True)
+        elif link.resolve() != (source / "data").resolve():
+            raise PipelineError(f"{link} exists and is not {source / 'data'}")
+        for n in reuse:
+            state["done"][n] = dict(src["done"][n], reused_from=str(source))
+        state["sid_build"] = src.get("sid_build")
+        self._save_state(state)
+        self.echo(f"[conrec-pipeline] starting from {source}: reusing {', '.join(reuse)}")
+        return list(reuse)
 
     def _run_locked(self, only: Sequence[str]) -> Path:
         state = self._load_state()
@@ -539,7 +628,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile", default="cpu_tiny",
                         help="a profile in recipes/conrec/pipeline/ or a yaml path (default: %(default)s)")
     parser.add_argument("--only", default="", help="comma-separated phases to run (default: all)")
-    parser.add_argument("overrides", nargs="*", help="profile overrides, e.g. grpo.overrides=[trainer.total_training_steps=6]")
+    parser.add_argument("--from", dest="start_from", default=None, metavar="RUN",
+                        help="start this run folder from another run folder's finished phases (its data folder is "
+                             "linked; --reuse picks the phases, default every finished phase before GRPO): e.g. new "
+                             "GRPO settings on the same SFT models")
+    parser.add_argument("--reuse", default=None, help="with --from: comma-separated phases to reuse")
+    parser.add_argument("overrides", nargs="*", help="profile overrides key=value, e.g. "
+                        "grpo.overrides=[trainer.total_training_steps=6]; the keys are listed below")
+    parser.epilog = (parser.epilog or "") + "\nProfile keys (cpu_tiny; a key=value override must name one):\n  " + \
+        "\n  ".join(profile_keys())
     args = parser.parse_args(argv)
     import signal
 
@@ -547,7 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         profile = load_profile(args.profile, args.overrides)
         pipe = Pipeline(Path(args.run_dir), profile)
-        pipe.run_all(only=[p for p in args.only.split(",") if p])
+        pipe.run_all(only=[p for p in args.only.split(",") if p], start_from=args.start_from,
+                     reuse=[p for p in args.reuse.split(",") if p] if args.reuse else None)
         state = pipe._load_state()
         summary = state["done"].get("eval", {}).get("summary")
         if summary:

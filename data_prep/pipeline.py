@@ -422,7 +422,11 @@ def format_summary(m: dict, out: Path) -> str:
              f"  log: {c['users']} users, {c['items']} items, {c['events']} events "
              f"({m['input_stats'].get('likes')} likes, {m['input_stats'].get('dislikes')} dislikes, "
              f"{m['input_stats'].get('neutral_dropped', 0)} neutral dropped)",
-             f"  split: {m['split']['mode']}; warm items {m['split']['warm_items']}, cold items {m['split']['cold_items']}",
+             f"  split: {m['split']['mode']}; warm items {m['split']['warm_items']}, cold items {m['split']['cold_items']}"
+             + (f"; log days {m['split']['log_days'][0]}..{m['split']['log_days'][1]}, evaluation cutoff "
+                f"{m['split']['eval_cutoff_day']} ({m['split'].get('eval_cutoff_from', 'config')}), training cutoffs "
+                f"{m['split']['train_cutoff_days'][0]}..{m['split']['train_cutoff_days'][-1]}"
+                if m['split'].get('log_days') and m['split'].get('train_cutoff_days') else ""),
              f"  SIDs: {sid['method']} {sid['sizes']}, build {m['sid_build']}; {c['items_with_sid']} items; collisions "
              f"{sid['before']['collision_rate']:.3f} -> {sid['after']['collision_rate']:.3f}; utilisation "
              + ", ".join(f"L{l['level']} {l['utilisation']:.2f} (H {l['entropy_normalised']:.2f})" for l in sid["levels"]),

@@ -323,7 +323,7 @@ def finish_interactions(df: pd.DataFrame) -> pd.DataFrame:
 # -- item metadata --------------------------------------------------------------------------------
 
 def items_from_frame(df: pd.DataFrame, file: str, columns: Mapping[str, Any], known_items: set | None,
-                     unknown_ids: str = "error") -> tuple[pd.DataFrame, dict]:
+                     unknown_ids: str = "drop") -> tuple[pd.DataFrame, dict]:
     """Validate an item table: ``columns`` maps ``item`` and optionally ``title``, ``description``,
     ``category`` (strings) and ``numeric`` (a list of numeric columns)."""
     df.columns = [str(c) for c in df.columns]
@@ -351,6 +351,8 @@ def items_from_frame(df: pd.DataFrame, file: str, columns: Mapping[str, Any], kn
                                 file=file, column=col, row=r)
         out[f"num_{col}"] = num.to_numpy(dtype=np.float64)
     stats = {"item_rows": int(len(out)), "unknown_item_rows_dropped": 0}
+    if unknown_ids not in ("drop", "error"):
+        raise DataPrepError(f"input.items.unknown_ids must be 'drop' or 'error', got {unknown_ids!r}")
     if known_items is not None:
         unknown = ~out["item_id"].isin(known_items).to_numpy()
         if unknown.any():
@@ -442,7 +444,7 @@ def read_input(cfg: Mapping) -> ReadResult:
             ipath = _check_file(icfg["path"], "input.items.path")
             raw = read_table(ipath, sep=icfg.get("sep"), encoding=icfg.get("encoding") or "utf-8")
             items, istats = items_from_frame(raw, ipath, icfg.get("columns") or {}, set(inter["item_id"].unique()),
-                                             icfg.get("unknown_ids", "error"))
+                                             icfg.get("unknown_ids", "drop"))
             stats.update(istats)
             files.append(ipath)
     else:

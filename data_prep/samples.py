@@ -98,7 +98,12 @@ def plan_split(inter: pd.DataFrame, cfg: Mapping) -> SplitPlan:
         first, last = int(key.min()), int(key.max())
         ec = cfg.get("eval_cutoff_day")
         if ec is None or ec == "???":
-            raise DataPrepError("split.eval_cutoff_day (YYYYMMDD) is required for split.mode=global_day")
+            raise DataPrepError(f"split.eval_cutoff_day (YYYYMMDD, or auto) is required for split.mode=global_day; "
+                                f"the log covers {yyyymmdd(first)}..{yyyymmdd(last)}, and auto would take "
+                                f"{yyyymmdd(max(first, last - window_days))} (the last window_days={window_days} held "
+                                "out for evaluation)")
+        if ec == "auto":  # the last window_days of the log are the evaluation window
+            ec = yyyymmdd(max(first, last - window_days))
         try:
             t_e = int(day_number(int(ec))[0])
         except (ValueError, TypeError) as exc:
@@ -125,7 +130,9 @@ def plan_split(inter: pd.DataFrame, cfg: Mapping) -> SplitPlan:
                 raise DataPrepError(f"split.train_cutoff_days {bad} must be inside the log and on or before "
                                     f"{yyyymmdd(last_cut)} (" + (f"eval cutoff {ec} - window_days {window_days}, "
                                     "split.train_windows=full" if full else f"before the evaluation cutoff {ec}") + ")")
-        info = {"mode": mode, "eval_cutoff_day": yyyymmdd(t_e), "train_cutoff_days": [yyyymmdd(c) for c in cuts],
+        info = {"mode": mode, "eval_cutoff_day": yyyymmdd(t_e), "eval_cutoff_from": "auto" if
+                cfg.get("eval_cutoff_day") == "auto" else "config",
+                "train_cutoff_days": [yyyymmdd(c) for c in cuts],
                 "window_days": window_days, "recent_days": recent_days, "train_windows": windows,
                 "log_days": [yyyymmdd(first), yyyymmdd(last)],
                 "eval_window_complete": bool(t_e + window_days <= last)}

@@ -188,3 +188,52 @@ def test_killing_the_pipeline_stops_the_running_phase(tmp_path):
     except ProcessLookupError:
         alive = False
     assert not alive, "the phase's process outlived the pipeline"
+
+
+def test_profile_overrides_must_name_a_key_and_be_valid_yaml():
+    with pytest.raises(PipelineError, match=r"profile override 'grpo.overidez=\[\]'.*conrec-pipeline --help"):
+        load_profile("ci_tiny", ["grpo.overidez=[]"])
+    with pytest.raises(PipelineError, match="not key=value with a valid YAML value"):
+        load_profile("ci_tiny", ["data.overrides=[a=[1,2]"])
+    assert load_profile("ci_tiny", ["grpo.cleaning.share=0.5"]).grpo.cleaning.share == 0.5
+
+
+def test_relative_paths_resolve_against_the_callers_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "log.csv").write_text("user_id,item_id\n")
+    pipe = Pipeline(tmp_path / "run", load_profile("ci_tiny", ["data.input_path=logs/log.csv"]))
+    assert pipe.profile.data.input_path == str(tmp_path / "logs" / "log.csv")
+    pipe.check_inputs()  # exists, seen from where the user typed it
+
+
+def test_a_run_folder_can_start_from_another_runs_finished_phases(tmp_path, capsys):
+    """--from: the data folder is linked, the reused phases are recorded as done (with where they
+    came from), and only the rest runs; nothing of the source changes."""
+    src = tmp_path / "src"
+    (src / "data").mkdir(parents=True)
+    (src / "models" / "sft_warmup").mkdir(parents=True)
+    done = {"data": {"seconds": 1, "sid_build": "abc"}, "model": {"seconds": 1, "path": str(src / "models" / "base")},
+            "sft_warmup": {"seconds": 9, "path": str(src / "models" / "sft_warmup")},
+            "grpo": {"seconds": 5, "path": str(src / "models" / "grpo")}}
+    (src / "pipeline.json").write_text(json.dumps({"done": done, "sid_build": "abc"}))
+    before = (src / "pipeline.json").read_text()
+    new = Pipeline(tmp_path / "new", load_profile("ci_tiny"))
+    new.run.mkdir()
+    assert new.start_from(src) == ["data", "model", "sft_warmup"]  # every finished phase before GRPO
+    state = new._load_state()
+    assert set(state["done"]) == {"data", "model", "sft_warmup"} and state["sid_build"] == "abc"
+    assert state["done"]["sft_warmup"]["reused_from"] == str(src)
+    assert (new.run / "data").resolve() == (src / "data").resolve()
+    assert new._current_model(state) == src / "models" / "sft_warmup"
+    assert [p.name for p in new.select(["grpo"], state)] == ["grpo"]  # its prerequisites are done
+    assert (src / "pipeline.json").read_text() == before
+    with pytest.raises(PipelineError, match=r"phase\(s\) \['sft_alignment'\] have not finished"):
+        Pipeline(tmp_path / "other", load_profile("ci_tiny")).start_from(src, ["data", "sft_alignment"])
+    with pytest.raises(PipelineError, match="must include the data phase"):
+        Pipeline(tmp_path / "other", load_profile("ci_tiny")).start_from(src, ["model"])
+    own = Pipeline(tmp_path / "own", load_profile("ci_tiny"))
+    own.run.mkdir()
+    own._save_state({"done": {"data": {"seconds": 2}}})
+    with pytest.raises(PipelineError, match="already has finished phases of its own"):
+        own.start_from(src)

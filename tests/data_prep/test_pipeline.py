@@ -399,3 +399,18 @@ def test_unknown_config_keys_are_errors_even_with_plus(synth_path, tmp_path, ove
     with pytest.raises(DataPrepError, match=match):
         build(generic_cfg(synth_path, out, override))
     assert not out.exists() and not list(tmp_path.glob(".x*"))
+
+
+def test_eval_cutoff_auto_holds_out_the_last_window_and_the_summary_reports_the_days(synth_path, tmp_path, capsys):
+    import json
+
+    out = build(generic_cfg(synth_path, tmp_path / "auto", "split.eval_cutoff_day=auto", "print_summary=true"))
+    split = json.loads((out / "manifest.json").read_text())["split"]
+    first, last = split["log_days"]
+    last_day = pd.Timestamp(str(last))
+    assert split["eval_cutoff_from"] == "auto"
+    assert pd.Timestamp(str(split["eval_cutoff_day"])) == last_day - pd.Timedelta(days=split["window_days"])
+    summary = capsys.readouterr().out
+    assert f"log days {first}..{last}, evaluation cutoff {split['eval_cutoff_day']} (auto)" in summary
+    with pytest.raises(DataPrepError, match=rf"the log covers {first}..{last}, and auto would take"):
+        build(generic_cfg(synth_path, tmp_path / "none", "split.eval_cutoff_day=null"))
