@@ -44,14 +44,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from conrec_verl.core.sid import LEVEL_LETTERS, Codebook, Codes, format_sid, parse_sid, scan_sid_spans
+from conrec_verl.core.sid import Codebook, Codes, canonical_sid_re, format_sid, parse_sid, scan_sid_spans
 
 VARIANTS = ("collab", "neg_only", "neg_truncated", "double_truncated", "hierarchical")
 PARSE_MODES = ("first", "strict")
@@ -322,10 +321,9 @@ class Scorer:
         self.n_empty_targets = 0
         self._gt_cache: OrderedDict = OrderedDict()
         self._emb_cache: OrderedDict = OrderedDict()
-        self._codewords = codebook.codewords
         # fast path for canonical SID text (the usual model output and every data-file SID)
-        self._exact_re = re.compile("".join(f"<{LEVEL_LETTERS[lv]}_(0|[1-9][0-9]{{0,6}})>"
-                                            for lv in range(self.num_levels)))
+        self._exact_re = canonical_sid_re(self.num_levels)
+        self._valid = codebook.is_valid
 
     # -- parsing --------------------------------------------------------------------------------
     def parse_output(self, text: Any) -> Codes | None:
@@ -349,38 +347,15 @@ class Scorer:
         except Exception:  # noqa: BLE001 - the reward must never raise on model text
             return None
 
-    def _valid(self, codes: Codes) -> bool:
-        if len(codes) != self.num_levels:
-            return False
-        for c, size in zip(codes, self._sizes):
-            if c < 0 or c >= size:
-                return False
-        return True
-
     # -- embeddings -----------------------------------------------------------------------------
     def unit_embedding(self, codes: Codes) -> np.ndarray:
         """Unit-normalised reconstructed embedding of valid ``codes`` (zero vector if the sum is 0)."""
         cached = self._emb_cache.get(codes)
         if cached is not None:
             return cached
-        cw = self._codewords
-        emb = cw[0][codes[0]].copy()
-        for level in range(1, self.num_levels):
-            emb += cw[level][codes[level]]
-        norm = math.sqrt(float(emb @ emb))
-        unit = emb / norm if norm > 0 else emb * 0.0
+        unit = self.codebook.unit_embed(codes)
         self._remember(self._emb_cache, codes, unit)
         return unit
-
-    def _format(self, codes: Codes) -> str:
-        return "".join([f"<{letter}_{c}>" for letter, c in zip(LEVEL_LETTERS, codes)])
-
-    def _sid_codes(self, s: Any) -> Codes | None:
-        if not isinstance(s, str):
-            return None
-        m = self._exact_re.fullmatch(s)
-        codes = tuple(int(g) for g in m.groups()) if m is not None else parse_sid(s)
-        return codes if codes is not None and self._valid(codes) else None
 
     def _remember(self, cache: OrderedDict, key, value) -> None:
         cache[key] = value
@@ -442,11 +417,7 @@ class Scorer:
         def unit(codes: tuple[Codes, ...]) -> np.ndarray:
             if not codes:
                 return np.zeros((0, dim), dtype=np.float32)
-            arr = np.asarray(codes, dtype=np.int64)
-            emb = self._codewords[0][arr[:, 0]].copy()
-            for level in range(1, self.num_levels):
-                emb += self._codewords[level][arr[:, level]]
-            return _unit_rows(emb)
+            return _unit_rows(self.codebook.embed_many(np.asarray(codes, dtype=np.int64)))
 
         gts_unit, fps_unit = unit(gts), unit(fps)
         prefixes = tuple(frozenset(c[:d] for c in gts) for d in range(1, self.num_levels + 1))
@@ -473,7 +444,7 @@ class Scorer:
         hit = depth == self.num_levels
         reward = self._reward(s_g, s_f, depth)
         return ScoreResult(
-            reward=reward, valid=True, sid=self._format(codes), exact_hit=hit, prefix_depth=depth,
+            reward=reward, valid=True, sid=format_sid(codes), exact_hit=hit, prefix_depth=depth,
             sim_gts=s_g, sim_fps=s_f,
         )
 

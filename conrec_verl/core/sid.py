@@ -13,6 +13,7 @@ Nothing here imports verl or torch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -42,6 +43,14 @@ def sid_token(level: int, code: int) -> str:
 def format_sid(codes: Sequence[int]) -> str:
     """``(12, 200, 7) -> "<a_12><b_200><c_7>"``."""
     return "".join(sid_token(level, int(c)) for level, c in enumerate(codes))
+
+
+@functools.lru_cache(maxsize=16)
+def canonical_sid_re(num_levels: int) -> "re.Pattern[str]":
+    """A compiled pattern that matches exactly one canonical SID of ``num_levels`` levels
+    (``<a_12><b_0><c_7>``: no leading zeros, no spaces) and captures its codes: the fast path of
+    parsing model outputs and data-file SIDs."""
+    return re.compile("".join(f"<{LEVEL_LETTERS[lv]}_(0|[1-9][0-9]{{0,6}})>" for lv in range(int(num_levels))))
 
 
 def all_sid_tokens(sizes: Sequence[int]) -> list[str]:
@@ -136,6 +145,7 @@ class Codebook:
         self.codewords = arrays
         self.meta = dict(meta or {})
         self._fingerprint: str | None = None
+        self._sizes = tuple(int(a.shape[0]) for a in arrays)
 
     @property
     def num_levels(self) -> int:
@@ -143,7 +153,7 @@ class Codebook:
 
     @property
     def sizes(self) -> tuple[int, ...]:
-        return tuple(int(a.shape[0]) for a in self.codewords)
+        return self._sizes
 
     @property
     def dim(self) -> int:
@@ -164,9 +174,20 @@ class Codebook:
         return all_sid_tokens(self.sizes)
 
     def is_valid(self, codes: Sequence[int]) -> bool:
-        return len(codes) == self.num_levels and all(
-            0 <= int(c) < size for c, size in zip(codes, self.sizes)
-        )
+        """Whether ``codes`` is one in-range code per level (the scorer's hot path: keep it plain)."""
+        sizes = self._sizes
+        if len(codes) != len(sizes):
+            return False
+        for c, size in zip(codes, sizes):
+            if not 0 <= c < size:
+                return False
+        return True
+
+    def unit_embed(self, codes: Sequence[int]) -> np.ndarray:
+        """:meth:`embed` divided by its norm (a zero vector stays zero): what cosines compare."""
+        emb = self.embed(codes)
+        norm = float(np.sqrt(emb @ emb))
+        return emb / norm if norm > 0 else emb * 0.0
 
     def embed(self, codes: Sequence[int]) -> np.ndarray:
         """Reconstructed embedding of one SID: the sum of its codewords."""
