@@ -84,7 +84,7 @@ def test_stops_at_eos_and_includes_it(gen):
 
 def test_mixed_settings_are_rejected(gen):
     p = _prompts(gen.tokenizer)[0]
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match="mixed sampling settings"):
         gen.generate([GenerationRequest(p, 2, temperature=0), GenerationRequest(p, 2, temperature=1)])
 
 

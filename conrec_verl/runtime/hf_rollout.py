@@ -153,7 +153,8 @@ class HFGenerator:
         from transformers import GenerationConfig
 
         first = requests[0]
-        assert all(r.group_key() == first.group_key() for r in requests), "mixed sampling settings in one batch"
+        if any(r.group_key() != first.group_key() for r in requests):  # not an assert: kept under python -O
+            raise ValueError("mixed sampling settings in one batch")
         width = max(len(r.prompt_ids) for r in requests)
         input_ids = torch.full((len(requests), width), self.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(requests), width), dtype=torch.long)

@@ -68,11 +68,16 @@ def test_from_strings_and_errors():
         SidTrie([])
 
 
-def test_large_trie_is_fast_enough():
+def test_large_trie_holds_every_sid_and_only_those():
+    """A realistic size (20k items of a 64^3 codebook): every SID is a leaf, its prefixes allow
+    exactly the children that exist. (Speed is measured in benchmarks/bench_constrained_decoding.py.)"""
     rnd = random.Random(0)
     sids = {(rnd.randrange(64), rnd.randrange(64), rnd.randrange(64)) for _ in range(20000)}
     trie = SidTrie(sids)
-    assert len(trie) == len(sids)
+    assert len(trie) == len(sids) and set(trie.iter_sids()) == sids
+    for s in list(sids)[:200]:
+        assert list(trie.allowed(s[:2])) == sorted(c for a, b, c in sids if (a, b) == s[:2])
+        assert not trie.allowed(s)
 
 
 @settings(max_examples=200, deadline=None)
