@@ -354,9 +354,29 @@ class Pipeline:
 
     # -- the verl configs of the training phases -----------------------------------------------
     def _sft_overrides(self, stage, model, train, ckpt) -> list[str]:
+        val = []
+        if stage.get("select_by_val"):  # validation loss after every epoch; a checkpoint per epoch
+            val = [f"data.val_files={self.run / 'data' / str(stage.select_by_val)}",
+                   "trainer.test_freq=after_each_epoch", "trainer.save_freq=after_each_epoch"]
         return [f"model.path={model}", f"data.train_files={train}", f"trainer.default_local_dir={ckpt}",
-                f"trainer.experiment_name=sft_{stage.name}", *map(str, self.profile.sft.overrides),
+                f"trainer.experiment_name=sft_{stage.name}", *val, *map(str, self.profile.sft.overrides),
                 *map(str, stage.get("overrides", []))]
+
+    @staticmethod
+    def val_losses(log: Path) -> dict[int, float]:
+        """``{step: val/loss}`` from an SFT stage's log (verl's console logger; the last value of a
+        step wins when a resumed run logged it again)."""
+        import re
+
+        out: dict[int, float] = {}
+        if not log.is_file():
+            return out
+        pattern = re.compile(r"step:(\d+) - .*?val/loss:([-+0-9.eE]+|nan)")
+        for line in log.read_text(errors="replace").splitlines():
+            m = pattern.search(line)
+            if m:
+                out[int(m.group(1))] = float(m.group(2))
+        return out
 
     def _grpo_overrides(self, model, data, ckpt) -> list[str]:
         return [f"data_dir={data}", f"actor_rollout_ref.model.path={model}", f"trainer.default_local_dir={ckpt}",
@@ -462,16 +482,30 @@ class Pipeline:
         cmd = [*torchrun_cmd(self.profile.sft.nproc), "-m", "verl.trainer.sft_trainer",
                "--config-path", str(RECIPE_DIR / "config"), "--config-name", str(self.profile.sft.config),
                *lora, *self._sft_overrides(stage, model, train, ckpt)]
+        if stage.get("select_by_val") and not (self.run / "data" / str(stage.select_by_val)).is_file():
+            raise PipelineError(f"SFT stage {name}: select_by_val file {stage.select_by_val} is not in the data folder "
+                                "(data_prep writes sft/warmup_val.parquet when samples.val_user_fraction > 0)")
         self._run(phase.name, cmd)
-        export = self._export(ckpt, self.run / "models" / f"sft_{name}", sub="huggingface")
-        return {"path": str(export)}
+        info: dict = {}
+        step = None
+        if stage.get("select_by_val"):
+            losses = {s: v for s, v in self.val_losses(self.run / "logs" / f"{phase.name}.log").items()
+                      if (ckpt / f"global_step_{s}" / "huggingface" / "config.json").is_file()}
+            if not losses:
+                raise PipelineError(f"SFT stage {name}: select_by_val found no validation loss with a checkpoint in "
+                                    f"{self.run / 'logs' / (phase.name + '.log')}")
+            step = min(losses, key=lambda s: (losses[s], s))
+            info = {"val_loss": {str(s): round(v, 5) for s, v in sorted(losses.items())}, "chosen_step": step}
+            self.echo(f"    validation loss by step {info['val_loss']}: exporting step {step}")
+        export = self._export(ckpt, self.run / "models" / f"sft_{name}", sub="huggingface", step=step)
+        return {"path": str(export), **info}
 
-    def _export(self, ckpt: Path, dest: Path, sub: str) -> Path:
-        """Copy the Hugging Face export of the newest checkpoint under ``ckpt`` to ``dest``."""
+    def _export(self, ckpt: Path, dest: Path, sub: str, step: int | None = None) -> Path:
+        """Copy the Hugging Face export of the newest checkpoint under ``ckpt`` (or of ``step``) to ``dest``."""
         tracker = ckpt / "latest_checkpointed_iteration.txt"
         if not tracker.is_file():
             raise PipelineError(f"{ckpt}: no checkpoint was written (is save_freq / hf_model export configured?)")
-        step = tracker.read_text().strip()
+        step = tracker.read_text().strip() if step is None else int(step)
         src = ckpt / f"global_step_{step}" / sub
         if not (src / "config.json").is_file():
             raise PipelineError(f"{src}: no Hugging Face export (checkpoint.save_contents must include hf_model)")

@@ -336,12 +336,17 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
         alignment = alignment_records(train, train_users, sid_of, align_cfg, seed)
         alignment, alignment_heldout = split_heldout(alignment, float(align_cfg.get("heldout_fraction", 0.1)), seed)
         wcfg = warmup_config(sft_cfg.get("warmup", True))
-        warmup = []
+        warmup, warmup_val = [], []
         if wcfg.get("rows") == "cutoffs" and len(tr):
             warmup = warmup_records(tr)
+            warmup_val = warmup_records(va) if len(va) and va is not tr else []
         elif wcfg.get("rows") == "every_dislike":
             warmup = every_dislike_records(train, plan.key[train_mask], plan.recent, train_users, sid_of, wcfg,
                                            seed, book.num_levels)
+            # the same questions for the validation users (never in SFT): what picks SFT epochs
+            val_users = {u for u in train["user_id"].unique().tolist() if S.is_val_user(seed, u, vfrac)}
+            warmup_val = every_dislike_records(train, plan.key[train_mask], plan.recent, val_users, sid_of, wcfg,
+                                               seed, book.num_levels) if val_users else []
 
     with steps("write"):
         book.save(tmp / "codebook.npz")
@@ -356,6 +361,8 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
         counts["sft/alignment_heldout"] = write_parquet(alignment_heldout, SFT_SCHEMAS["alignment"],
                                                         tmp / "sft" / "alignment_heldout.parquet")
         counts["sft/warmup"] = write_parquet(warmup, SFT_SCHEMAS["warmup"], tmp / "sft" / "warmup.parquet")
+        if warmup_val:
+            counts["sft/warmup_val"] = write_parquet(warmup_val, SFT_SCHEMAS["warmup"], tmp / "sft" / "warmup_val.parquet")
         counts["rl/train"] = write_parquet(rl_train, RL_SCHEMA, tmp / "rl" / "train.parquet")
         for stage in sorted({r["extra_info"]["stage"] for r in rl_train}):
             sub = [r for r in rl_train if r["extra_info"]["stage"] == stage]

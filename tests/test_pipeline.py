@@ -36,6 +36,9 @@ def test_whole_pipeline_runs_and_reports_both_models(finished_run, capsys):
         assert decision["model"].endswith(f"grpo_stage{stage - 1}")
         assert state["done"]["grpo"]["cleaning"][str(stage)]["flagged"] == decision["flagged"]
     assert "cross-stage cleaning: row weights for stage(s) [2, 3]" in grpo_log
+    # warm-up SFT validated on the validation users' questions; the exported step is the best one
+    warm = state["done"]["sft_warmup"]
+    assert warm["val_loss"] and str(warm["chosen_step"]) == min(warm["val_loss"], key=warm["val_loss"].get)
     summary = state["done"]["eval"]["summary"]
     assert {"warm-up SFT", "progressive GRPO"} <= set(summary)
     report = (finished_run / "eval" / "report.md").read_text()
@@ -69,7 +72,7 @@ def test_wrong_paths_fail_before_any_work(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("profile", ["cpu_tiny", "ci_tiny", "gpu_qwen3"])
+@pytest.mark.parametrize("profile", ["cpu_tiny", "ci_tiny", "cpu_small", "gpu_qwen3"])
 def test_profiles_compose_with_their_verl_configs(profile):
     """Every profile names SFT and GRPO configs that hydra composes on verl's own configs."""
     from hydra import compose, initialize_config_dir
@@ -237,3 +240,11 @@ def test_a_run_folder_can_start_from_another_runs_finished_phases(tmp_path, caps
     own._save_state({"done": {"data": {"seconds": 2}}})
     with pytest.raises(PipelineError, match="already has finished phases of its own"):
         own.start_from(src)
+
+
+def test_val_losses_are_read_from_verls_console_log(tmp_path):
+    log = tmp_path / "sft_warmup.log"
+    log.write_text("step:1 - train/loss:2.0\nstep:274 - val/loss:1.52 - train/loss:1.4\n"
+                   "step:548 - val/loss:1.49\nstep:548 - val/loss:1.48\n")  # a resumed run logged 548 again
+    assert Pipeline.val_losses(log) == {274: 1.52, 548: 1.48}
+    assert Pipeline.val_losses(tmp_path / "missing.log") == {}
