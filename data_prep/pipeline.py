@@ -428,7 +428,9 @@ def format_summary(m: dict, out: Path) -> str:
     lines = [f"data_prep: wrote {out}",
              f"  log: {c['users']} users, {c['items']} items, {c['events']} events "
              f"({m['input_stats'].get('likes')} likes, {m['input_stats'].get('dislikes')} dislikes, "
-             f"{m['input_stats'].get('neutral_dropped', 0)} neutral dropped)",
+             f"{m['input_stats'].get('neutral_dropped', 0)} neutral dropped, "
+             f"{m['input_stats'].get('duplicate_events', 0)} duplicate events "
+             f"{'dropped' if m['input_stats'].get('duplicates') == 'drop' else 'kept'})",
              f"  split: {m['split']['mode']}; warm items {m['split']['warm_items']}, cold items {m['split']['cold_items']}"
              + (f"; log days {m['split']['log_days'][0]}..{m['split']['log_days'][1]}, evaluation cutoff "
                 f"{m['split']['eval_cutoff_day']} ({m['split'].get('eval_cutoff_from', 'config')}), training cutoffs "

@@ -18,7 +18,9 @@ first bad row (1-based, header excluded).
 from __future__ import annotations
 
 import difflib
+import gzip
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -56,8 +58,12 @@ def _check_file(path, key: str = "input.path") -> str:
     return p
 
 
-def read_table(path, sep: str | None = None, encoding: str = "utf-8", names: Sequence[str] | None = None) -> pd.DataFrame:
-    """CSV/TSV (optionally .gz), ``::``-separated ``.dat`` or parquet into a DataFrame."""
+def read_table(path, sep: str | None = None, encoding: str = "utf-8", names: Sequence[str] | None = None,
+               text_columns: Sequence[str] = ()) -> pd.DataFrame:
+    """CSV/TSV (optionally .gz), ``::``-separated ``.dat`` or parquet into a DataFrame.
+
+    ``text_columns`` (ids) are read as text from CSV/TSV, so ``03381812`` stays distinct from
+    ``3381812`` (a number-typed read would merge them)."""
     p = _check_file(path)
     lower = p.lower()
     try:
@@ -71,6 +77,8 @@ def read_table(path, sep: str | None = None, encoding: str = "utf-8", names: Seq
             sep = "\t" if base.endswith((".tsv", ".tab", ".data")) else ("::" if base.endswith(".dat") else ",")
         kwargs = dict(sep=sep, encoding=encoding, header=None if names is not None else "infer",
                       names=list(names) if names is not None else None)
+        if text_columns:
+            kwargs["dtype"] = {c: str for c in text_columns}
         if len(sep) > 1:
             kwargs["engine"] = "python"
         else:
@@ -78,8 +86,30 @@ def read_table(path, sep: str | None = None, encoding: str = "utf-8", names: Seq
         return pd.read_csv(p, **kwargs)
     except DataPrepError:
         raise
-    except (UnicodeDecodeError, pd.errors.ParserError, OSError, ValueError) as exc:
+    except UnicodeDecodeError as exc:
+        row, detail = _first_undecodable_row(p, encoding, header=names is None)
+        raise DataPrepError(f"not valid {encoding} text ({detail or exc.reason}); set the file's encoding, "
+                            "e.g. input.encoding=latin-1", file=p, row=row) from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataPrepError(f"the compressed file is truncated or corrupt ({type(exc).__name__}: {exc}); "
+                            "download or copy it again", file=p) from None
+    except (pd.errors.ParserError, OSError, ValueError) as exc:
         raise DataPrepError(f"cannot parse as a table ({type(exc).__name__}: {exc})", file=p) from exc
+
+
+def _first_undecodable_row(path: str, encoding: str, header: bool = True) -> tuple[int | None, str]:
+    """The first data row (1-based, header excluded) that does not decode, and why."""
+    try:
+        opener = gzip.open if path.lower().endswith(".gz") else open
+        with opener(path, "rb") as fh:
+            for i, line in enumerate(fh):
+                try:
+                    line.decode(encoding)
+                except UnicodeDecodeError as exc:
+                    return (i if header else i + 1) or None, f"{exc.reason}: {line[max(0, exc.start - 10):exc.end + 10]!r}"
+    except (OSError, EOFError, zlib.error, LookupError):
+        pass
+    return None, ""
 
 
 def _require_columns(df: pd.DataFrame, file: str, wanted: Mapping[str, str | None]) -> None:
@@ -108,7 +138,38 @@ def _first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(np.asarray(mask))[0]) + 1
 
 
+def _check_scalar(series: pd.Series, file: str, column: str) -> None:
+    """One value per cell: a nested parquet column (struct, list, map) is refused, not stringified."""
+    if series.dtype != object:
+        return
+    nested = series.map(lambda v: isinstance(v, (dict, list, tuple, set, np.ndarray))).to_numpy(dtype=bool)
+    if nested.any():
+        r = _first_bad(nested)
+        raise DataPrepError(f"expected one value per cell, got a nested value {_show(series.iloc[r - 1])!s:.80}; "
+                            "flatten the column (e.g. select the id field) before data_prep", file=file, column=column,
+                            row=r)
+
+
+#: the timestamps a log may plausibly hold (epoch ms): 1990-01-01 .. 2100-01-01
+PLAUSIBLE_MS = (631_152_000_000, 4_102_444_800_000)
+
+
+def _check_plausible(ms: np.ndarray, raw: np.ndarray, file: str, column: str, unit: str, declared: str) -> None:
+    bad = (ms < PLAUSIBLE_MS[0]) | (ms >= PLAUSIBLE_MS[1])
+    if not bad.any():
+        return
+    r = _first_bad(bad)
+    when = pd.Timestamp(int(ms[r - 1]), unit="ms") if -9e15 < ms[r - 1] < 9e15 else "out of range"
+    low = ms < PLAUSIBLE_MS[0]
+    mixed = " (the log mixes units: some values look like seconds, others like milliseconds)" \
+        if declared == "auto" and low.any() and (~low).any() and unit == "ms" else ""
+    raise DataPrepError(f"timestamp {_show(raw[r - 1])} read as {'seconds' if unit == 's' else 'milliseconds'} is "
+                        f"{when}, outside 1990..2100{mixed}; set input.timestamp_unit to the log's unit (s or ms; "
+                        "convert microseconds first)", file=file, column=column, row=r)
+
+
 def _ids(series: pd.Series, file: str, column: str) -> np.ndarray:
+    _check_scalar(series, file, column)
     null = series.isna().to_numpy()
     if null.any():
         raise DataPrepError("missing id value", file=file, column=column, row=_first_bad(null))
@@ -137,6 +198,7 @@ def parse_timestamps(series: pd.Series, file: str, column: str, unit: str = "aut
         raise DataPrepError("timestamp column is boolean", file=file, column=column, row=1)
     if pd.api.types.is_numeric_dtype(series):
         values = series.to_numpy(dtype=np.float64)
+        declared = unit
         if unit == "auto":
             unit = "ms" if np.nanmax(np.abs(values)) > 1e11 else "s"
         if unit not in ("s", "ms"):
@@ -144,7 +206,10 @@ def parse_timestamps(series: pd.Series, file: str, column: str, unit: str = "aut
         neg = values < 0
         if neg.any():
             raise DataPrepError(f"negative timestamp {values[neg][0]}", file=file, column=column, row=_first_bad(neg))
-        return np.round(values * (1000.0 if unit == "s" else 1.0)).astype(np.int64)
+        ms = np.round(values * (1000.0 if unit == "s" else 1.0))
+        _check_plausible(ms, series.to_numpy(), file, column, unit, declared)
+        return ms.astype(np.int64)
+    _check_scalar(series, file, column)
     text = series.astype(str)
     numeric = pd.to_numeric(text, errors="coerce")
     if numeric.notna().all():
@@ -271,9 +336,12 @@ def _weights(series: pd.Series | None, n: int, file: str, column: str | None) ->
 # -- the interaction table -----------------------------------------------------------------------
 
 def interactions_from_frame(df: pd.DataFrame, file: str, columns: Mapping[str, str | None], polarity: Mapping,
-                            timestamp_unit: str = "auto", timezone: str = "UTC") -> tuple[pd.DataFrame, dict]:
+                            timestamp_unit: str = "auto", timezone: str = "UTC",
+                            duplicates: str = "keep") -> tuple[pd.DataFrame, dict]:
     """Validate a raw frame and map it to the interaction table. ``columns`` maps the roles
-    ``user``, ``item``, ``timestamp`` and optionally ``day``, ``label``, ``rating``, ``weight``."""
+    ``user``, ``item``, ``timestamp`` and optionally ``day``, ``label``, ``rating``, ``weight``.
+    Identical events (user, item, timestamp, polarity) are counted (``duplicate_events``) and kept
+    or dropped (``duplicates``)."""
     mode = polarity.get("mode", "label")
     roles = {"user": columns.get("user"), "item": columns.get("item"), "timestamp": columns.get("timestamp"),
              "day": columns.get("day"), "weight": columns.get("weight")}
@@ -285,6 +353,9 @@ def interactions_from_frame(df: pd.DataFrame, file: str, columns: Mapping[str, s
     _require_columns(df, file, roles)
     if len(df) == 0:
         raise DataPrepError("the interaction log is empty", file=file)
+    for role in ("label", "rating", "weight", "day"):
+        if roles.get(role):
+            _check_scalar(df[roles[role]], file, roles[role])
     users = _ids(df[roles["user"]], file, roles["user"])
     items = _ids(df[roles["item"]], file, roles["item"])
     ts = parse_timestamps(df[roles["timestamp"]], file, roles["timestamp"], timestamp_unit)
@@ -302,7 +373,13 @@ def interactions_from_frame(df: pd.DataFrame, file: str, columns: Mapping[str, s
     out = pd.DataFrame({"user_id": users, "item_id": items, "ts": ts, "day": day, "polarity": pol, "weight": weight})
     n_neutral = int((pol == 0).sum())
     out = out[out["polarity"] != 0]
-    stats = {"raw_rows": int(len(df)), "neutral_dropped": n_neutral}
+    if duplicates not in ("keep", "drop"):
+        raise DataPrepError(f"input.duplicates must be 'keep' or 'drop', got {duplicates!r}")
+    dup = out.duplicated(subset=["user_id", "item_id", "ts", "polarity"]).to_numpy()
+    if duplicates == "drop":
+        out = out[~dup]
+    stats = {"raw_rows": int(len(df)), "neutral_dropped": n_neutral, "duplicate_events": int(dup.sum()),
+             "duplicates": duplicates}
     if not (out["polarity"] < 0).any():
         raise DataPrepError("the log has no negative (dislike) events; CoNRec needs explicit negative feedback "
                             "(check input.polarity)", file=file,
@@ -369,9 +446,11 @@ def items_from_frame(df: pd.DataFrame, file: str, columns: Mapping[str, Any], kn
 # -- format readers -------------------------------------------------------------------------------
 
 def _generic(cfg: Mapping, path: str) -> tuple[pd.DataFrame, dict]:
-    df = read_table(path, sep=cfg.get("sep"), encoding=cfg.get("encoding") or "utf-8")
+    cols = cfg.get("columns") or {}
+    ids = [c for c in (cols.get("user"), cols.get("item")) if c]
+    df = read_table(path, sep=cfg.get("sep"), encoding=cfg.get("encoding") or "utf-8", text_columns=ids)
     return interactions_from_frame(df, path, cfg["columns"], cfg["polarity"], cfg.get("timestamp_unit", "auto"),
-                                   cfg.get("timezone", "UTC"))
+                                   cfg.get("timezone", "UTC"), cfg.get("duplicates", "keep"))
 
 
 def _movielens_paths(cfg: Mapping) -> tuple[str, str | None, str]:
@@ -442,7 +521,9 @@ def read_input(cfg: Mapping) -> ReadResult:
         icfg = cfg.get("items") or {}
         if icfg.get("path"):
             ipath = _check_file(icfg["path"], "input.items.path")
-            raw = read_table(ipath, sep=icfg.get("sep"), encoding=icfg.get("encoding") or "utf-8")
+            item_col = (icfg.get("columns") or {}).get("item")
+            raw = read_table(ipath, sep=icfg.get("sep"), encoding=icfg.get("encoding") or "utf-8",
+                             text_columns=[item_col] if item_col else ())
             items, istats = items_from_frame(raw, ipath, icfg.get("columns") or {}, set(inter["item_id"].unique()),
                                              icfg.get("unknown_ids", "drop"))
             stats.update(istats)

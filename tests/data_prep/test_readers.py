@@ -95,18 +95,18 @@ def test_movielens_100k_and_1m_formats(tmp_path):
 @pytest.mark.parametrize(
     "frame, kw, expect",
     [
-        (dict(user_id=["a"], item=["x"], timestamp=[1], label=[0]), {}, ["log.csv", "'item_id'", "item"]),
-        (dict(user_id=["a", "b"], item_id=["x", "y"], timestamp=[1, "yesterday-ish"], label=[0, 1]), {},
+        (dict(user_id=["a"], item=["x"], timestamp=[1700000001], label=[0]), {}, ["log.csv", "'item_id'", "item"]),
+        (dict(user_id=["a", "b"], item_id=["x", "y"], timestamp=[1700000001, "yesterday-ish"], label=[0, 1]), {},
          ["log.csv", "'timestamp'", "row 2", "yesterday-ish"]),
-        (dict(user_id=["a", "b", "c"], item_id=["x", "y", "z"], timestamp=[1, 2, 3], label=[0, 1, 7]), {},
+        (dict(user_id=["a", "b", "c"], item_id=["x", "y", "z"], timestamp=[1700000001, 1700000002, 1700000003], label=[0, 1, 7]), {},
          ["'label'", "row 3", "7"]),
-        (dict(user_id=["a", None], item_id=["x", "y"], timestamp=[1, 2], label=[0, 1]), {}, ["'user_id'", "row 2"]),
-        (dict(user_id=["a", "b"], item_id=["x", "y"], timestamp=[1, 2], label=[1, 1]), {}, ["no negative"]),
-        (dict(user_id=["a", "b"], item_id=["x", "y"], timestamp=[1, 2], rating=[1, "five"]),
+        (dict(user_id=["a", None], item_id=["x", "y"], timestamp=[1700000001, 1700000002], label=[0, 1]), {}, ["'user_id'", "row 2"]),
+        (dict(user_id=["a", "b"], item_id=["x", "y"], timestamp=[1700000001, 1700000002], label=[1, 1]), {}, ["no negative"]),
+        (dict(user_id=["a", "b"], item_id=["x", "y"], timestamp=[1700000001, 1700000002], rating=[1, "five"]),
          {"polarity": {"mode": "rating", "dislike_max": 2, "like_min": 4},
           "columns": {"user": "user_id", "item": "item_id", "timestamp": "timestamp", "rating": "rating"}},
          ["'rating'", "row 2", "five"]),
-        (dict(user_id=["a", "b"], item_id=["x", "y"], timestamp=[1, 2], label=[0, 1], w=[1, -2]),
+        (dict(user_id=["a", "b"], item_id=["x", "y"], timestamp=[1700000001, 1700000002], label=[0, 1], w=[1, -2]),
          {"columns": {"user": "user_id", "item": "item_id", "timestamp": "timestamp", "label": "label", "weight": "w"}},
          ["'w'", "row 2"]),
     ],
@@ -122,7 +122,7 @@ def test_bad_input_names_file_column_row(tmp_path, frame, kw, expect):
 
 def test_metadata_unknown_item_and_duplicates(tmp_path):
     p = tmp_path / "log.csv"
-    pd.DataFrame(dict(user_id=["a", "b"], item_id=["x", "y"], timestamp=[1, 2], label=[0, 1])).to_csv(p, index=False)
+    pd.DataFrame(dict(user_id=["a", "b"], item_id=["x", "y"], timestamp=[1700000001, 1700000002], label=[0, 1])).to_csv(p, index=False)
     meta = tmp_path / "items.csv"
     pd.DataFrame({"item_id": ["x", "y", "ghost"], "name": ["X", "Y", "G"]}).to_csv(meta, index=False)
     items = {"path": str(meta), "unknown_ids": "error", "columns": {"item": "item_id", "title": "name"}}
@@ -153,8 +153,75 @@ def test_days_in_half_hour_timezone(tmp_path):
 
 def test_bad_day_column_names_row(tmp_path):
     p = tmp_path / "log.csv"
-    pd.DataFrame(dict(user_id=["a", "b", "c"], item_id=["x", "y", "z"], timestamp=[1, 2, 3], label=[0, 1, 0],
+    pd.DataFrame(dict(user_id=["a", "b", "c"], item_id=["x", "y", "z"], timestamp=[1700000001, 1700000002, 1700000003], label=[0, 1, 0],
                       date=[20240101, 20240101, 20241341])).to_csv(p, index=False)
     cols = {"user": "user_id", "item": "item_id", "timestamp": "timestamp", "label": "label", "day": "date"}
     with pytest.raises(DataPrepError, match=r"column 'date', row 3: day must be YYYYMMDD, got 20241341"):
         read_input(generic_input(p, columns=cols))
+
+
+# -- nothing silently wrong: units, nested cells, ids, duplicates, encodings, truncated files -----
+
+def _log(tmp_path, name="log.csv", **cols):
+    base = dict(user_id=["a", "b", "c"], item_id=["x", "y", "z"], timestamp=[1700000001, 1700000002, 1700000003],
+                label=[0, 1, 0])
+    base.update(cols)
+    p = tmp_path / name
+    df = pd.DataFrame(base)
+    df.to_parquet(p) if name.endswith(".parquet") else df.to_csv(p, index=False)
+    return p
+
+
+@pytest.mark.parametrize("stamps, unit, match", [
+    ([1700000001, 1700000002000, 1700000003], "auto", r"row 1: timestamp 1700000001 read as milliseconds is "
+                                                      r"1970-01-20.*mixes units"),
+    ([1700000001000, 1700000002000, 1700000003000], "s", r"row 1: .*read as seconds is out of range|row 1: .*read as "
+                                                          r"seconds is 5[0-9]{4}"),
+    ([1700000001000000, 1700000002000000, 1700000003000000], "auto", r"row 1: .*read as milliseconds.*microseconds"),
+])
+def test_implausible_or_mixed_timestamp_units_are_errors(tmp_path, stamps, unit, match):
+    p = _log(tmp_path, timestamp=stamps)
+    with pytest.raises(DataPrepError, match=match):
+        read_input(generic_input(p, timestamp_unit=unit))
+
+
+def test_nested_cells_are_refused_not_stringified(tmp_path):
+    p = _log(tmp_path, "log.parquet", item_id=[{"id": "1", "src": "a"}, {"id": "2", "src": "a"}, {"id": "3", "src": "b"}])
+    with pytest.raises(DataPrepError, match=r"log.parquet, column 'item_id', row 1: expected one value per cell"):
+        read_input(generic_input(p))
+
+
+def test_ids_with_leading_zeros_stay_distinct(tmp_path):
+    p = tmp_path / "log.csv"
+    p.write_text("user_id,item_id,timestamp,label\nu1,03381812,1700000001,0\nu1,3381812,1700000002,1\n"
+                 "u2,007,1700000003,0\n")
+    df = read_input(generic_input(p)).interactions
+    assert set(df["item_id"]) == {"03381812", "3381812", "007"}
+
+
+def test_duplicate_events_are_counted_and_dropped_on_request(tmp_path):
+    p = _log(tmp_path, user_id=["a", "a", "c"], item_id=["x", "x", "z"], timestamp=[1700000001, 1700000001, 1700000003],
+             label=[0, 0, 1])
+    kept = read_input(generic_input(p))
+    assert kept.stats["duplicate_events"] == 1 and len(kept.interactions) == 3
+    dropped = read_input(generic_input(p, duplicates="drop"))
+    assert dropped.stats["duplicate_events"] == 1 and len(dropped.interactions) == 2
+    with pytest.raises(DataPrepError, match="input.duplicates must be 'keep' or 'drop'"):
+        read_input(generic_input(p, duplicates="dedupe"))
+
+
+def test_wrong_encoding_names_the_row_and_the_option(tmp_path):
+    p = tmp_path / "log.csv"
+    p.write_bytes("user_id,item_id,timestamp,label\nu1,x,1700000001,0\nu2,caf\u00e9,1700000002,1\n".encode("latin-1"))
+    with pytest.raises(DataPrepError, match=r"log.csv, row 2: not valid utf-8 text.*input.encoding=latin-1"):
+        read_input(generic_input(p))
+    assert set(read_input(generic_input(p, encoding="latin-1")).interactions["item_id"]) == {"x", "caf\u00e9"}
+
+
+def test_a_truncated_gzip_is_one_clear_error(tmp_path):
+    full = gzip.compress(("user_id,item_id,timestamp,label\n" + "".join(
+        f"u{i},i{i},{1700000000 + i},{i % 2}\n" for i in range(5000))).encode())
+    p = tmp_path / "log.csv.gz"
+    p.write_bytes(full[: len(full) // 2])
+    with pytest.raises(DataPrepError, match=r"log.csv.gz: the compressed file is truncated or corrupt"):
+        read_input(generic_input(p))
