@@ -46,7 +46,7 @@ for size in $SIZES; do
   L=${size%x*}; H=${size#*x}
   RUN=$OUT/$size
   log "$size: base model"
-  "$PY" -m conrec_verl.model_builder tiny --data-dir "$DATA" --out "$RUN/base" --layers "$L" --hidden "$H" --seed 0
+  "$PY" -m conrec_verl.model_builder tiny --data-dir "$DATA" --out "$RUN/base" --layers "$L" --hidden "$H" --seed 0 --overwrite
   log "$size: warm-up SFT, $EPOCHS epochs ($STEPS_PER_EPOCH steps each), a checkpoint every $EVERY"
   t0=$(date +%s)
   "$PY" -m conrec_verl.runtime.torchrun --standalone --nnodes=1 --local-addr=127.0.0.1 --nproc_per_node=1 -m verl.trainer.sft_trainer \

@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from conrec_verl.core.prompts import vocabulary_corpus
-from conrec_verl.core.sid import Codebook, all_sid_tokens
+from conrec_verl.core.sid import Codebook, CodebookError, all_sid_tokens
 from conrec_verl.io_utils import atomic_dir
 
 CHAT_TEMPLATE = (
@@ -163,9 +164,16 @@ def extend_model_with_sid_tokens(model_path: str | os.PathLike, out_dir: str | o
     from tokenizers import AddedToken
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not Path(model_path).exists():
-        raise FileNotFoundError(f"model folder not found: {model_path}")
+    if not Path(model_path).is_dir():
+        raise ModelBuildError(f"model folder not found: {model_path}")
+    if not (Path(model_path) / "config.json").is_file():
+        raise ModelBuildError(f"{model_path} is not a Hugging Face model folder (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    present = sid_sizes_in(tokenizer)
+    if present and any(len(present) > len(sid_sizes) or present[i] > int(sid_sizes[i]) for i in range(len(present))):
+        raise ModelBuildError(f"{model_path} already has SID tokens for sizes {list(present)}, more than the requested "
+                              f"{list(sid_sizes)}: its conrec_sid.json would contradict its tokenizer; extend the "
+                              "original model or pass the codebook's sizes")
     missing = missing_sid_tokens(tokenizer, sid_sizes)
     tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in missing])
     model = AutoModelForCausalLM.from_pretrained(model_path)
@@ -173,6 +181,28 @@ def extend_model_with_sid_tokens(model_path: str | os.PathLike, out_dir: str | o
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
 
     return _save(model, tokenizer, out_dir, sid_sizes)
+
+
+class ModelBuildError(ValueError):
+    """A model folder or option conrec-model cannot use; the message says what to change."""
+
+
+def sid_sizes_in(tokenizer) -> tuple[int, ...]:
+    """Per level, 1 + the largest SID code the tokenizer has a token for (``()`` for none)."""
+    from conrec_verl.core.sid import LEVEL_LETTERS, SID_TOKEN_RE
+
+    top: dict[int, int] = {}
+    for token in tokenizer.get_vocab():
+        m = SID_TOKEN_RE.fullmatch(token)
+        if m:
+            level = LEVEL_LETTERS.index(m.group(1))
+            top[level] = max(top.get(level, 0), int(m.group(2)) + 1)
+    return tuple(top.get(level, 0) for level in range(max(top) + 1)) if top else ()
+
+
+def _refuse_existing(out, overwrite: bool) -> None:
+    if Path(out).exists() and not overwrite:
+        raise ModelBuildError(f"{out} exists; pass --overwrite to replace it")
 
 
 PEFT_PREFIX = "base_model.model."
@@ -314,10 +344,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     tiny.add_argument("--layers", type=int, default=2)
     tiny.add_argument("--hidden", type=int, default=64)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     ext = sub.add_parser("extend", help="add SID tokens to an existing HF model folder")
     ext.add_argument("--model", required=True)
     ext.add_argument("--out", required=True)
     ext.add_argument("--sid-sizes", type=_sizes_arg, required=True)
+    ext.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     lora = sub.add_parser("lora-init", help="a fresh LoRA adapter whose SID token rows train too "
                                             "(verl SFT: model.lora_adapter_path=<out>)")
     lora.add_argument("--model", required=True)
@@ -326,6 +358,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     lora.add_argument("--alpha", type=float, default=32)
     lora.add_argument("--target-modules", default="all-linear")
     args = parser.parse_args(argv)
+    try:
+        _run_cli(parser, args)
+    except (ModelBuildError, MissingSidTokensError, CodebookError, OSError) as exc:
+        print(f"conrec-model: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run_cli(parser, args) -> None:
+    if args.cmd in ("tiny", "extend"):
+        _refuse_existing(args.out, args.overwrite)
     if args.cmd == "tiny":
         texts: list[str] = []
         sizes = args.sid_sizes

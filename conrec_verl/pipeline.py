@@ -439,11 +439,11 @@ class Pipeline:
 
             sizes = ",".join(map(str, Codebook.load(self.run / "data" / "codebook.npz").sizes))
             cmd = [sys.executable, "-m", "conrec_verl.model_builder", "extend", "--model", str(m.base),
-                   "--sid-sizes", sizes, "--out", str(out)]
+                   "--sid-sizes", sizes, "--out", str(out), "--overwrite"]
         else:
             cmd = [sys.executable, "-m", "conrec_verl.model_builder", "tiny", "--data-dir", str(self.run / "data"),
                    "--out", str(out), "--layers", str(m.tiny.layers), "--hidden", str(m.tiny.hidden),
-                   "--seed", str(m.tiny.seed)]
+                   "--seed", str(m.tiny.seed), "--overwrite"]  # a rerun replaces a half-built base
         self._run(phase.name, cmd)
         return {"path": str(out)}
 

@@ -12,7 +12,12 @@ from data_prep.errors import DataPrepError
 
 @hydra.main(config_path="config", config_name="kuairand", version_base=None)
 def main(cfg: DictConfig) -> None:
+    import signal
+
     from data_prep.pipeline import build
+
+    # kill (SIGTERM) unwinds like Ctrl-C: the temporary build folder is removed, out_dir untouched
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     try:
         build(cfg)

@@ -105,6 +105,33 @@ def check_config_keys(cfg: Mapping, known: Mapping | None = None, where: str = "
             check_config_keys(value, known[key], f"{dotted}.")
 
 
+OWNER_FILE = ".data_prep.pid"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_builds(out: Path) -> None:
+    """Remove temporary build folders of ``out`` left by a data_prep that was killed (its pid, in
+    the folder, no longer runs); a build still running is left alone."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        owner = tmp / OWNER_FILE
+        try:
+            pid = int(owner.read_text().strip())
+        except (OSError, ValueError):
+            continue  # not ours, or not started yet: leave it
+        if not _pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+            print(f"data_prep: removed {tmp.name}, left by a killed build (pid {pid})", file=sys.stderr)
+
+
 def _plain(cfg) -> dict:
     try:
         from omegaconf import DictConfig, OmegaConf
@@ -192,13 +219,19 @@ def build(cfg: Mapping | Any, step_hook: Callable[[str, str], None] | None = Non
         raise DataPrepError(f"{out} already exists; pass overwrite=true to replace it")
     engine = D.check_engine(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    (tmp / OWNER_FILE).write_text(str(os.getpid()))
     try:
         if engine == "ray":
             with D.ray_session(cfg.get("ray") or {}, bool(cfg.get("progress", True))) as n_parts:
                 summary = _build_into(cfg, tmp, step_hook, n_parts)
         else:
             summary = _build_into(cfg, tmp, step_hook)
+        (tmp / OWNER_FILE).unlink()
+        if out.exists() and not cfg.get("overwrite", False):  # appeared while we built (another run)
+            raise DataPrepError(f"{out} was created by someone else while this build ran; nothing replaced "
+                                "(pass overwrite=true to replace it)")
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / "old")

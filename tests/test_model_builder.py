@@ -83,6 +83,38 @@ def test_cli_builds_tiny_model(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_cli_errors_are_one_line_and_never_replace_a_model(tiny_model_dir, tmp_path, capsys):
+    """A missing folder, a folder that is no model, an existing --out and sizes that contradict the
+    model's SID tokens are each one error line (exit 2); nothing is written."""
+    not_a_model = tmp_path / "notes"
+    not_a_model.mkdir()
+    (not_a_model / "readme.txt").write_text("x")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    cases = [
+        (["extend", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o1"), "--sid-sizes", "4,4"],
+         "model folder not found"),
+        (["extend", "--model", str(not_a_model), "--out", str(tmp_path / "o2"), "--sid-sizes", "4,4"],
+         "is not a Hugging Face model folder (no config.json)"),
+        (["extend", "--model", str(tiny_model_dir), "--out", str(existing), "--sid-sizes", "16,16,16"],
+         "exists; pass --overwrite"),
+        (["tiny", "--out", str(existing), "--sid-sizes", "4,4"], "exists; pass --overwrite"),
+        (["extend", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o3"), "--sid-sizes", "8,8"],
+         "already has SID tokens for sizes [16, 16, 16]"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("conrec-model: error:") and message in err and err.count("\n") == 1, err
+    assert (existing / "keep.txt").read_text() == "mine" and not (existing / "config.json").exists()
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+    main(["tiny", "--out", str(existing), "--sid-sizes", "4,4", "--overwrite"])
+    assert (existing / "config.json").is_file()
+
+
 def test_merge_lora_export_equals_the_peft_model(tiny_model_dir, tmp_path):
     """verl's LoRA SFT export is a PEFT-wrapped state dict; merged, it must compute what PEFT computes."""
     from peft import LoraConfig, get_peft_model

@@ -414,3 +414,37 @@ def test_eval_cutoff_auto_holds_out_the_last_window_and_the_summary_reports_the_
     assert f"log days {first}..{last}, evaluation cutoff {split['eval_cutoff_day']} (auto)" in summary
     with pytest.raises(DataPrepError, match=rf"the log covers {first}..{last}, and auto would take"):
         build(generic_cfg(synth_path, tmp_path / "none", "split.eval_cutoff_day=null"))
+
+
+def test_a_killed_build_leaves_nothing_behind_and_its_leftovers_are_swept(synth_path, tmp_path):
+    """SIGTERM removes the temporary folder; a folder left by a SIGKILLed build (its pid dead) is
+    removed by the next build, one of a build still running is not."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from data_prep.pipeline import OWNER_FILE
+
+    out = tmp_path / "d"
+    cmd = [sys.executable, "-m", "data_prep", "--config-name", "generic", f"input.path={synth_path}", f"out_dir={out}",
+           "split.eval_cutoff_day=20240110", "sid.sizes=[4,4,8]", "embedding.dim=8", "progress=false",
+           "split.num_train_cutoffs=3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".d.tmp-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert not list(tmp_path.glob(".d.tmp-*")) and (proc.returncode != 0) == (not out.exists())
+    stale = tmp_path / ".d.tmp-stale"
+    stale.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (stale / OWNER_FILE).write_text(str(dead.pid))
+    running = tmp_path / ".d.tmp-running"
+    running.mkdir()
+    (running / OWNER_FILE).write_text(str(os.getpid()))
+    build(generic_cfg(synth_path, out, "overwrite=true"))
+    assert not stale.exists() and running.exists() and not (out / OWNER_FILE).exists()
