@@ -132,6 +132,21 @@ def load_profile(name_or_path: str, overrides: Sequence[str] = ()):
         cfg = OmegaConf.merge(base, {k: v for k, v in cfg.items() if k != "defaults_from"})
     if overrides:
         for item in overrides:
+            item = str(item)
+            eq = item.find("=")
+            if eq > 0 and item[eq - 1] == "+":  # key+=[...]: append to the profile's list
+                key = item[: eq - 1]
+                current = OmegaConf.select(cfg, key)
+                if not OmegaConf.is_list(current):
+                    raise PipelineError(f"profile override {item!r}: '+=' appends to a list, and {key} is "
+                                        f"{'not a key of the profile' if current is None else 'not a list'}")
+                try:
+                    extra = yaml.safe_load(item[eq + 1:])
+                except yaml.YAMLError as exc:
+                    raise PipelineError(f"profile override {item!r}: not a valid YAML list ({exc})") from None
+                extra = extra if isinstance(extra, list) else [extra]
+                OmegaConf.update(cfg, key, [*OmegaConf.to_container(current), *extra], merge=False)
+                continue
             try:
                 patch = OmegaConf.from_dotlist([str(item)])
             except (OmegaConfBaseException, ValueError, yaml.YAMLError) as exc:
@@ -163,6 +178,16 @@ def profile_keys(profile=None) -> list[str]:
 
     walk(profile, "")
     return out
+
+
+def _diff_keys(a, b, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain containers."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 PATH_KEYS = ("model.base", "data.input_path")
@@ -197,9 +222,10 @@ def _env(profile) -> dict[str, str]:
 
 
 class Pipeline:
-    def __init__(self, run_dir: Path, profile, echo=print):
+    def __init__(self, run_dir: Path, profile, echo=print, allow_profile_change: bool = False):
         self.run = Path(run_dir).resolve()
         self.profile = resolve_paths(profile)
+        self.allow_profile_change = allow_profile_change
         self.echo = echo
         self.state_path = self.run / "pipeline.json"
         self.env = _env(profile)
@@ -209,6 +235,26 @@ class Pipeline:
         if self.state_path.is_file():
             return json.loads(self.state_path.read_text())
         return {"done": {}, "profile": OmegaConf.to_container(self.profile, resolve=True)}
+
+    def check_profile(self, state: dict) -> None:
+        """A run folder keeps the profile it was started with (``pipeline.json``): a resumed run with
+        other settings would mix two configurations in one folder. ``allow_profile_change`` records
+        the new profile (the old ones stay in ``profile_history``)."""
+        current = json.loads(json.dumps(OmegaConf.to_container(self.profile, resolve=True)))
+        recorded = state.get("profile")
+        if recorded is None or not state["done"]:
+            state["profile"] = current
+            return
+        if json.dumps(recorded, sort_keys=True) == json.dumps(current, sort_keys=True):
+            return
+        changed = sorted(_diff_keys(recorded, current))
+        if not self.allow_profile_change:
+            raise PipelineError(f"{self.run} was run with another profile (changed: {', '.join(changed[:8])}); use a "
+                                "new --run-dir (or --from this one), or pass --allow-profile-change to continue "
+                                "here with the new settings")
+        state.setdefault("profile_history", []).append(recorded)
+        state["profile"] = current
+        self.echo(f"[conrec-pipeline] profile changed ({', '.join(changed[:8])}); recorded in pipeline.json")
 
     def _save_state(self, state: dict) -> None:
         atomic_write_text(self.state_path, json.dumps(state, indent=2))
@@ -333,6 +379,7 @@ class Pipeline:
 
     def _run_locked(self, only: Sequence[str]) -> Path:
         state = self._load_state()
+        self.check_profile(state)
         phases = self.select(only, state)
         todo = [p for p in phases if p.name not in state["done"]]
         if todo:
@@ -667,8 +714,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "linked; --reuse picks the phases, default every finished phase before GRPO): e.g. new "
                              "GRPO settings on the same SFT models")
     parser.add_argument("--reuse", default=None, help="with --from: comma-separated phases to reuse")
+    parser.add_argument("--allow-profile-change", action="store_true",
+                        help="continue a run folder with other profile settings than it was started with")
     parser.add_argument("overrides", nargs="*", help="profile overrides key=value, e.g. "
-                        "grpo.overrides=[trainer.total_training_steps=6]; the keys are listed below")
+                        "grpo.overrides=[trainer.total_training_steps=6] (replaces the list) or "
+                        "grpo.overrides+=[trainer.save_freq=4] (appends to it); the keys are listed below")
     parser.epilog = (parser.epilog or "") + "\nProfile keys (cpu_tiny; a key=value override must name one):\n  " + \
         "\n  ".join(profile_keys())
     args = parser.parse_args(argv)
@@ -677,7 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_terminated)  # kill = Ctrl-C: children stopped
     try:
         profile = load_profile(args.profile, args.overrides)
-        pipe = Pipeline(Path(args.run_dir), profile)
+        pipe = Pipeline(Path(args.run_dir), profile, allow_profile_change=args.allow_profile_change)
         pipe.run_all(only=[p for p in args.only.split(",") if p], start_from=args.start_from,
                      reuse=[p for p in args.reuse.split(",") if p] if args.reuse else None)
         state = pipe._load_state()

@@ -46,7 +46,11 @@ def _svd(matrix, dim: int, seed: int) -> tuple[np.ndarray, object]:
 
     k = int(min(dim, min(matrix.shape) - 1))
     if k < 1:
-        raise DataPrepError(f"too few users/items ({matrix.shape}) for an embedding")
+        raise DataPrepError(
+            f"the events before the evaluation cutoff hold {matrix.shape[0]} item(s) and {matrix.shape[1]} user(s): "
+            "collaborative item embeddings (embedding.method=collab, an SVD of the user x item matrix) need at least "
+            "2 of each; check the log (input.path) and the split (split.eval_cutoff_day), or give item embeddings "
+            "with embedding.method=content/hf/file")
     svd = TruncatedSVD(n_components=k, algorithm="randomized", n_iter=5, random_state=seed)
     return svd.fit_transform(matrix), svd
 

@@ -248,3 +248,31 @@ def test_val_losses_are_read_from_verls_console_log(tmp_path):
                    "step:548 - val/loss:1.49\nstep:548 - val/loss:1.48\n")  # a resumed run logged 548 again
     assert Pipeline.val_losses(log) == {274: 1.52, 548: 1.48}
     assert Pipeline.val_losses(tmp_path / "missing.log") == {}
+
+
+def test_list_overrides_can_append_instead_of_replacing():
+    base = load_profile("ci_tiny")
+    appended = load_profile("ci_tiny", ["grpo.overrides+=[trainer.save_freq=4]"])
+    assert list(appended.grpo.overrides) == [*base.grpo.overrides, "trainer.save_freq=4"]
+    replaced = load_profile("ci_tiny", ["grpo.overrides=[trainer.save_freq=4]"])
+    assert list(replaced.grpo.overrides) == ["trainer.save_freq=4"]
+    with pytest.raises(PipelineError, match="'\\+=' appends to a list, and eval.k is not a list"):
+        load_profile("ci_tiny", ["eval.k+=[1]"])
+
+
+def test_a_run_folder_keeps_the_profile_it_was_started_with(tmp_path, capsys):
+    run = tmp_path / "run"
+    first = Pipeline(run, load_profile("ci_tiny"))
+    run.mkdir()
+    state = first._load_state()
+    state["done"]["data"] = {"seconds": 1}
+    first.check_profile(state)
+    first._save_state(state)
+    assert main(["--run-dir", str(run), "--profile", "ci_tiny", "--only", "data", "eval.k=10"]) == 2
+    err = capsys.readouterr().err
+    assert "was run with another profile (changed: eval.k)" in err and "--allow-profile-change" in err
+    assert json.loads((run / "pipeline.json").read_text())["profile"]["eval"]["k"] == 20  # unchanged
+    changed = Pipeline(run, load_profile("ci_tiny", ["eval.k=10"]), allow_profile_change=True)
+    state = changed._load_state()
+    changed.check_profile(state)
+    assert state["profile"]["eval"]["k"] == 10 and state["profile_history"][0]["eval"]["k"] == 20

@@ -448,3 +448,13 @@ def test_a_killed_build_leaves_nothing_behind_and_its_leftovers_are_swept(synth_
     (running / OWNER_FILE).write_text(str(os.getpid()))
     build(generic_cfg(synth_path, out, "overwrite=true"))
     assert not stale.exists() and running.exists() and not (out / OWNER_FILE).exists()
+
+
+def test_a_single_user_log_is_one_error_that_says_why(tmp_path):
+    log = tmp_path / "one_user.csv"
+    pd.DataFrame({"user_id": ["u1"] * 60, "item_id": [f"i{k % 25}" for k in range(60)],
+                  "timestamp": [1700000000 + 86400 * (k // 2) for k in range(60)],
+                  "label": [k % 2 for k in range(60)]}).to_csv(log, index=False)
+    with pytest.raises(DataPrepError, match=r"hold 25 item\(s\) and 1 user\(s\).*need at least 2 of each.*input.path"):
+        build(generic_cfg(log, tmp_path / "out", "split.eval_cutoff_day=auto"))
+    assert not (tmp_path / "out").exists()
