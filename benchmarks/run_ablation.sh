@@ -51,23 +51,9 @@ data_args() {
 
 pipeline() { "$PY" -m conrec_verl.pipeline --profile cpu_tiny "$@" "${EXTRA[@]}"; }
 
-# A run folder that shares D's data folder and finished SFT phases, without its GRPO/eval, so that
+# A run folder started from D's finished data and SFT phases (conrec-pipeline --from), so that
 # `--only grpo` trains another GRPO from the same "+ alignment" model.
-branch() {
-  local src=$1 dst=$2
-  mkdir -p "$dst"
-  [ -e "$dst/data" ] || ln -s "$src/data" "$dst/data"
-  [ -f "$dst/pipeline.json" ] || "$PY" - "$src/pipeline.json" "$dst/pipeline.json" <<'EOF'
-import json, os, sys, tempfile
-state = json.load(open(sys.argv[1]))
-for phase in ("grpo", "eval"):
-    state["done"].pop(phase, None)
-fd, tmp = tempfile.mkstemp(dir=os.path.dirname(sys.argv[2]))
-with os.fdopen(fd, "w") as fh:
-    json.dump(state, fh, indent=2)
-os.replace(tmp, sys.argv[2])
-EOF
-}
+branch() { pipeline --run-dir "$2" --from "$1" --only data "${DARGS[@]}" "${@:3}"; }
 
 MODELS=()
 REFS=()
@@ -98,18 +84,18 @@ for D in $DATASETS; do
   [ -e "$RUN-warmup_only/data" ] || ln -s "$RUN/data" "$RUN-warmup_only/data"
   # the cpu_tiny profile's warm-up stage, alone
   pipeline --run-dir "$RUN-warmup_only" --only data,model,sft_warmup "${DARGS[@]}" \
-    "sft.stages=[{name: warmup, file: sft/warmup.parquet, overrides: [trainer.total_epochs=2]}]"
+    "sft.stages=[{name: warmup, file: sft/warmup.parquet, select_by_val: sft/warmup_val.parquet, overrides: [trainer.total_epochs=2]}]"
 
   log "$D: progressive GRPO rewarded on the next dislike only"
-  branch "$RUN" "$RUN-grpo_next_neg"
-  pipeline --run-dir "$RUN-grpo_next_neg" --only grpo "${DARGS[@]}" \
-    "grpo.overrides=[reward.reward_kwargs.variant=neg_only,reward.reward_kwargs.targets=next_neg]" \
-    grpo.cleaning.enabled=false
+  NEXT=("grpo.overrides=[reward.reward_kwargs.variant=neg_only,reward.reward_kwargs.targets=next_neg]"
+        grpo.cleaning.enabled=false)
+  branch "$RUN" "$RUN-grpo_next_neg" "${NEXT[@]}"
+  pipeline --run-dir "$RUN-grpo_next_neg" --only grpo "${DARGS[@]}" "${NEXT[@]}"
 
   log "$D: progressive GRPO with the future-negative reward (no positive penalty)"
-  branch "$RUN" "$RUN-grpo_neg_only"
-  pipeline --run-dir "$RUN-grpo_neg_only" --only grpo "${DARGS[@]}" \
-    "grpo.overrides=[reward.reward_kwargs.variant=neg_only]" grpo.cleaning.enabled=false
+  NEG=("grpo.overrides=[reward.reward_kwargs.variant=neg_only]" grpo.cleaning.enabled=false)
+  branch "$RUN" "$RUN-grpo_neg_only" "${NEG[@]}"
+  pipeline --run-dir "$RUN-grpo_neg_only" --only grpo "${DARGS[@]}" "${NEG[@]}"
 
   log "$D: progressive GRPO as the profile ships it (collab reward + cross-stage cleaning)"
   branch "$RUN" "$RUN-grpo_cleaning"

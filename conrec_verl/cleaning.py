@@ -118,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing decision for this stage")
     args = parser.parse_args(argv)
     from conrec_verl.core.scoring import GroundTruthError
+    from conrec_verl.core.sid import CodebookError
     from conrec_verl.evaluation.data import EvalInputError
 
     try:
@@ -130,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         d = screen_stage(args.model, args.data, args.stage, args.context, args.out, rule, rl_file=args.rl_file,
                          stage_rows=args.stage_rows, max_prompt_tokens=args.max_prompt_tokens,
                          batch_size=args.batch_size, device=args.device)
-    except (CleaningError, GroundTruthError, EvalInputError, OSError) as exc:
+    except (CleaningError, GroundTruthError, EvalInputError, CodebookError, OSError) as exc:
         print(f"conrec-clean: error: {exc}", file=sys.stderr)
         return 2
     print(f"stage {d['stage']} (context {d['context']}): screened {d['screened']} rows, {d['rows_with_future_likes']} "

@@ -105,7 +105,7 @@ def build_tiny_model(tokenizer, num_layers: int = 2, hidden_size: int = 64, num_
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
-        num_key_value_heads=max(1, num_heads // 2),
+        num_key_value_heads=num_heads // 2 if num_heads % 2 == 0 else num_heads,  # must divide num_heads
         head_dim=hidden_size // num_heads,
         max_position_embeddings=4096,
         tie_word_embeddings=True,

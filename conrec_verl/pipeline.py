@@ -57,12 +57,18 @@ def stop_child(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
     """SIGTERM a child still running, SIGKILL it after ``grace`` seconds."""
     if proc.poll() is not None:
         return
-    proc.terminate()
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second kill must not cut this short
     try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Terminated(KeyboardInterrupt):
@@ -351,6 +357,9 @@ class Pipeline:
             raise PipelineError(f"--from {source}: not a run folder (no pipeline.json)")
         src = json.loads(src_state_path.read_text())
         names = [p.name for p in self.phases()]
+        recorded = self._load_state().get("from") or {}
+        if reuse is None and recorded.get("run") == str(source):
+            reuse = list(recorded.get("phases") or [])  # a rerun reuses what the first run chose
         if reuse is None:
             reuse = [n for n in names[: names.index("grpo")] if n in src["done"]]
         unknown = [n for n in reuse if n not in names]
@@ -373,6 +382,7 @@ class Pipeline:
         for n in reuse:
             state["done"][n] = dict(src["done"][n], reused_from=str(source))
         state["sid_build"] = src.get("sid_build")
+        state["from"] = {"run": str(source), "phases": list(reuse)}
         self._save_state(state)
         self.echo(f"[conrec-pipeline] starting from {source}: reusing {', '.join(reuse)}")
         return list(reuse)
@@ -464,7 +474,21 @@ class Pipeline:
                 requests["grpo"] = (str(self.profile.grpo.config),
                                     self._grpo_overrides(placeholder_model, data, self.run / "grpo") + extra)
         if requests:
-            self.compose_configs(requests)
+            composed = self.compose_configs(requests)
+            for phase in phases:
+                if not phase.name.startswith("sft_"):
+                    continue
+                stage = next(s for s in self.profile.sft.stages if s.name == phase.name[len("sft_"):])
+                if not stage.get("select_by_val"):
+                    continue
+                loggers = composed[phase.name].get("trainer", {}).get("logger") or []
+                if "console" not in (loggers if isinstance(loggers, list) else [loggers]):
+                    raise PipelineError(f"SFT stage {stage.name}: select_by_val reads the validation loss from the "
+                                        "console log; keep 'console' in trainer.logger")
+                val = self.run / "data" / str(stage.select_by_val)
+                if "data" in state["done"] and not val.is_file():
+                    raise PipelineError(f"SFT stage {stage.name}: select_by_val file {stage.select_by_val} is not in "
+                                        f"{self.run / 'data'}")
 
     def phase_data(self, phase: Phase, state: dict) -> dict:
         data = self.run / "data"
@@ -495,8 +519,9 @@ class Pipeline:
         return {"path": str(out)}
 
     def _current_model(self, state: dict) -> Path:
-        """The newest model: the last finished SFT stage's export, else the base model."""
-        model = self.run / "models" / "base"
+        """The newest model: the last finished SFT stage's export, else the base model (this run's,
+        or the one a --from run reused)."""
+        model = Path((state["done"].get("model") or {}).get("path") or self.run / "models" / "base")
         for stage in self.profile.sft.stages:
             done = state["done"].get(f"sft_{stage.name}")
             if done and done.get("path"):
@@ -599,6 +624,8 @@ class Pipeline:
         """Progressive GRPO one stage per main_ppo run (verl's ``resume_mode=auto`` carries the model,
         the optimizer and the data position across), screening each next stage's rows with the model
         at the end of the previous one (:mod:`conrec_verl.cleaning`) before it trains."""
+        from dataclasses import asdict
+
         from conrec_verl.core.cleaning import decision_path
         from conrec_verl.core.schedule import ScheduleError, StageSchedule
 
@@ -620,6 +647,17 @@ class Pipeline:
         train_files = [cfg_files] if isinstance(cfg_files, str) else list(cfg_files)
         if len(train_files) != 1:
             raise PipelineError(f"grpo.cleaning screens one training file, data.train_files is {train_files}")
+        if int(cfg.data.get("train_max_samples") or -1) > 0:
+            raise PipelineError("grpo.cleaning screens every row of data.train_files; data.train_max_samples would "
+                                "draw a subset the decisions do not index: drop one of them")
+        for stage in schedule.stages:  # decisions of an earlier run must follow the same rule
+            path = decision_path(folder, stage.index)
+            if path.is_file():
+                old_rule = json.loads(path.read_text()).get("rule")
+                if old_rule != asdict(rule):
+                    raise PipelineError(f"{path} was screened with cleaning rule {old_rule}, the profile now says "
+                                        f"{asdict(rule)}: delete {folder} and {ckpt} to retrain with the new rule, or "
+                                        "use a new --run-dir")
         last = schedule.total_steps
         if cfg.trainer.get("total_training_steps"):
             last = min(last, int(cfg.trainer.total_training_steps))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 
 logger = logging.getLogger("conrec_verl")
 
@@ -59,3 +60,10 @@ def register_all() -> None:
 
 
 register_all()
+
+# single-node runs (cpu_env()/loopback_env() set this): torch's TCPStore masters on loopback only, on
+# any device (the CPU platform installs the same patch; docs/security.md)
+if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
+    from conrec_verl.runtime.loopback import install_loopback_tcpstore
+
+    install_loopback_tcpstore()

@@ -247,3 +247,17 @@ def test_verl_lora_sft_step_moves_the_sid_rows(tiny_model_dir, tmp_path):
         a, b = get(plain).detach(), get(merged).detach()
         assert not torch.allclose(a[ids], b[ids])
         assert torch.equal(a[other], b[other])
+
+
+@pytest.mark.parametrize("hidden", [64, 256, 320])
+def test_tiny_models_of_any_width_run_a_forward_pass(hidden):
+    """Heads scale with the width (hidden 320: 5 heads); the key/value heads must divide them."""
+    import torch
+
+    from conrec_verl.model_builder import build_tiny_model, build_tokenizer
+
+    tok = build_tokenizer((4, 4), [])
+    model = build_tiny_model(tok, num_layers=1, hidden_size=hidden)
+    assert model.config.num_attention_heads % model.config.num_key_value_heads == 0
+    out = model(torch.tensor([[1, 2, 3]]))
+    assert out.logits.shape[-1] == model.config.vocab_size

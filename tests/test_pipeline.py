@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conrec_verl.pipeline import Pipeline, PipelineError, load_profile, main
+from conrec_verl.pipeline import Phase, Pipeline, PipelineError, load_profile, main
 
 
 
@@ -235,6 +235,12 @@ def test_a_run_folder_can_start_from_another_runs_finished_phases(tmp_path, caps
         Pipeline(tmp_path / "other", load_profile("ci_tiny")).start_from(src, ["data", "sft_alignment"])
     with pytest.raises(PipelineError, match="must include the data phase"):
         Pipeline(tmp_path / "other", load_profile("ci_tiny")).start_from(src, ["model"])
+    only_base = Pipeline(tmp_path / "base_only", load_profile("ci_tiny"))
+    only_base.run.mkdir()
+    only_base.start_from(src, ["data", "model"])
+    assert only_base._current_model(only_base._load_state()) == src / "models" / "base"  # the reused base model
+    only_base.start_from(src)  # a rerun reuses what the first run chose, not every phase finished since
+    assert set(only_base._load_state()["done"]) == {"data", "model"}
     own = Pipeline(tmp_path / "own", load_profile("ci_tiny"))
     own.run.mkdir()
     own._save_state({"done": {"data": {"seconds": 2}}})
@@ -276,3 +282,14 @@ def test_a_run_folder_keeps_the_profile_it_was_started_with(tmp_path, capsys):
     state = changed._load_state()
     changed.check_profile(state)
     assert state["profile"]["eval"]["k"] == 10 and state["profile_history"][0]["eval"]["k"] == 20
+
+
+def test_cleaning_decisions_of_another_rule_are_refused(tmp_path):
+    from conrec_verl.core.cleaning import CleaningRule, write_decision
+
+    pipe = Pipeline(tmp_path / "run", load_profile("ci_tiny"))
+    (pipe.run / "data").mkdir(parents=True)
+    write_decision(pipe.run / "grpo_cleaning", 2, 2, [0, 1], [0.9, 0.1], [True, True], CleaningRule(share=0.5))
+    with pytest.raises(PipelineError, match=r"was screened with cleaning rule .*'share': 0.5.*delete"):
+        pipe._grpo_with_cleaning(Phase("grpo", "GRPO"), ["true"], pipe.run / "models" / "base", pipe.run / "data",
+                                 pipe.run / "grpo")

@@ -144,6 +144,12 @@ def test_reward_swap_checks_rows_options_and_function_name(cpu_env, tmp_path, sm
     check_reward_data(cfg(_rows_parquet(tmp_path / "mixed.parquet", ["72"], data_source="openai/gsm8k")))
     with pytest.raises(ConfigError, match="mixed.parquet: row 0"):
         check_reward_data(cfg(str(tmp_path / "mixed.parquet"), data_sources=["openai/gsm8k", "conrec"]))
+    import pyarrow.parquet as pq
+
+    no_source = tmp_path / "no_source.parquet"
+    pq.write_table(pq.read_table(gsm8k).drop(["data_source"]), no_source)
+    with pytest.raises(ConfigError, match=r"no data_source column, so every row counts as 'conrec'.*\['mydata'\]"):
+        check_reward_data(cfg(str(no_source), data_sources=["mydata"]))
     with pytest.raises(ConfigError, match=rf"\({where}\): unknown reward option\(s\) \['gama'\]"):
         check_reward_data(cfg(gsm8k, gama=0.5))
     with pytest.raises(ConfigError, match="codebook"):

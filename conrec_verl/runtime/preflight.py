@@ -130,7 +130,7 @@ def check_reward_data(config, max_rows: int | None = None) -> None:
     if found is None:
         return
     where, options = found
-    from conrec_verl.compute_score import VERL_CALL_KWARGS, get_scorer, split_data_sources
+    from conrec_verl.compute_score import DEFAULT_DATA_SOURCES, VERL_CALL_KWARGS, get_scorer, split_data_sources
     from conrec_verl.core.scoring import GroundTruthError, ScoringConfigError
 
     for key in VERL_CALL_KWARGS:
@@ -154,17 +154,18 @@ def check_reward_data(config, max_rows: int | None = None) -> None:
             raise ConfigError(f"{path}: no column 'reward_model', but the CoNRec reward ({where}) reads "
                               "reward_model.ground_truth of every row (docs/data-format.md; python -m data_prep "
                               "writes it)")
-        seen = 0
+        seen = ours = 0
         has_source = "data_source" in pf.schema_arrow.names
         columns = ["reward_model", "data_source"] if has_source else ["reward_model"]
         for batch in pf.iter_batches(batch_size=min(limit, 1024), columns=columns):
             data_sources = batch.column("data_source").to_pylist() if has_source else [None] * batch.num_rows
             for rm, source in zip(batch.column("reward_model").to_pylist(), data_sources):
-                if source is not None and source not in sources:
+                if (source or DEFAULT_DATA_SOURCES[0]) not in sources:  # the reward manager's default too
                     seen += 1  # another task's row: verl's own scorer takes it
                     if seen >= limit:
                         break
                     continue
+                ours += 1
                 gt = rm.get("ground_truth") if isinstance(rm, dict) else None
                 field = "reward_model.ground_truth"
                 try:
@@ -179,6 +180,10 @@ def check_reward_data(config, max_rows: int | None = None) -> None:
                     break
             if seen >= limit:
                 break
+        if seen and not ours and not has_source:
+            raise ConfigError(f"{path}: no data_source column, so every row counts as {DEFAULT_DATA_SOURCES[0]!r}, "
+                              f"which is not in {where}.data_sources={list(sources)}: the CoNRec reward would score "
+                              "none of them (add the column or list the source)")
 
 
 def check_config(config, platform: str | None = None) -> None:
