@@ -24,6 +24,10 @@ def main(cfg: DictConfig) -> None:
     except DataPrepError as exc:
         print(f"data_prep: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:  # e.g. a read-only or full output folder: one line, not a traceback
+        print(f"data_prep: error: cannot write or read {exc.filename or cfg.get('out_dir')}: {exc.strerror or exc}",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -458,3 +458,16 @@ def test_a_single_user_log_is_one_error_that_says_why(tmp_path):
     with pytest.raises(DataPrepError, match=r"hold 25 item\(s\) and 1 user\(s\).*need at least 2 of each.*input.path"):
         build(generic_cfg(log, tmp_path / "out", "split.eval_cutoff_day=auto"))
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_output_is_one_error_line(synth_path, tmp_path):
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "data_prep", "--config-name", "generic", f"input.path={synth_path}",
+                           f"out_dir={blocker / 'data'}", "split.eval_cutoff_day=20240110", "progress=false"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("data_prep: error: cannot write or read") and proc.stderr.count("\n") == 1, proc.stderr
