@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from conrec_verl.core.swing import SwingParams, swing_bruteforce, swing_scores  # noqa: E402
-from data_prep import build, load_config  # noqa: E402
-from data_prep.distributed import compare_data_folders  # noqa: E402
+from conrec_verl.data_prep import build, load_config  # noqa: E402
+from conrec_verl.data_prep.distributed import compare_data_folders  # noqa: E402
 
 
 def rss_bytes() -> int:

@@ -56,14 +56,14 @@ def prepare(name: str, work: Path, extra: list[str]) -> Path:
     if (data / "eval" / "test.parquet").is_file():
         print(f"[{name}] reusing {data}")
         return data
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ)
     overrides = list(DATASETS[name]["overrides"]) + extra
     if name == "ml100k":
         cache = work / "cache"
-        subprocess.run([sys.executable, "-m", "data_prep.fetch_movielens", "--cache", str(cache)], check=True, env=env)
+        subprocess.run([sys.executable, "-m", "conrec_verl.data_prep.fetch_movielens", "--cache", str(cache)], check=True, env=env)
         overrides.append(f"input.path={cache / 'ml-100k'}")
     hydra_dir = tempfile.mkdtemp(prefix="hydra_")
-    subprocess.run([sys.executable, "-m", "data_prep", "--config-name", DATASETS[name]["config"], f"out_dir={data}",
+    subprocess.run([sys.executable, "-m", "conrec_verl.data_prep", "--config-name", DATASETS[name]["config"], f"out_dir={data}",
                     "progress=false", f"hydra.run.dir={hydra_dir}", "hydra.output_subdir=null", *overrides],
                    check=True, env=env)
     return data

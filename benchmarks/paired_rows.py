@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from conrec_verl.core.stats import mcnemar
-from conrec_verl.evaluation.data import load_eval_data
+from conrec_verl.core.eval_data import load_eval_data
 from conrec_verl.evaluation.predictions import read_predictions
 
 

@@ -35,7 +35,6 @@ EVAL=${EVAL:-1}
 WRITE=${WRITE:-BENCHMARKS.md}   # the markdown file whose quality section bench_quality.py rewrites
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 read -r -a EXTRA <<< "${PIPELINE_ARGS:-}"
 read -r -a BENCH_EXTRA <<< "${BENCH_ARGS:-}"
 
@@ -59,7 +58,7 @@ MODELS=()
 REFS=()
 for D in $DATASETS; do
   read -r -a DARGS <<< "$(data_args "$D")"
-  if [ "$D" = ml100k ] && [ "$TRAIN" != 0 ]; then "$PY" -m data_prep.fetch_movielens --cache "$WORK/cache"; fi
+  if [ "$D" = ml100k ] && [ "$TRAIN" != 0 ]; then "$PY" -m conrec_verl.data_prep.fetch_movielens --cache "$WORK/cache"; fi
   RUN=$WORK/$D
   REFS+=(--forget-reference-model "$D=$RUN/models/sft_alignment")
   ROWS=("warm-up SFT=$RUN-warmup_only/models/sft_warmup"

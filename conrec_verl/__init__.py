@@ -9,4 +9,16 @@ The package is split in two layers:
   ``verl.plugins`` entry point).
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# In a checkout, data_prep/ and recipes/ sit beside this folder and are installed as
+# conrec_verl.data_prep / conrec_verl.recipes (pyproject.toml, package-dir). When this package is
+# imported from the checkout itself (the repository root first on sys.path, e.g. `python -m ...` run
+# there), let those two subpackages resolve to the checkout's folders as well, whatever the install.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if (not _os.path.isdir(_os.path.join(__path__[0], "data_prep"))
+        and _os.path.isfile(_os.path.join(_root, "data_prep", "__init__.py"))
+        and _os.path.isfile(_os.path.join(_root, "recipes", "__init__.py"))):
+    __path__.append(_root)

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from conrec_verl.core.cleaning import CleaningError, CleaningRule, decision_path, write_decision
+from conrec_verl.core.contract import REQUIRED_COLUMNS, missing_rl_columns
 from conrec_verl.core.schedule import CONTEXTS, STAGE_ROWS, ScheduleError, rows_by_context
 
 
@@ -32,11 +33,11 @@ def read_rl_rows(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise CleaningError(f"{path}: RL file not found")
-    cols = ["hist_neg_recent", "hist_neg", "hist_pos", "reward_model", "extra_info"]
     schema = pq.read_schema(path)
-    missing = [c for c in cols[:4] if c not in schema.names]
+    missing = missing_rl_columns(schema.names)
     if missing:
         raise CleaningError(f"{path}: missing column(s) {missing} (see docs/data-format.md)")
+    cols = [*REQUIRED_COLUMNS, "extra_info"]
     rows = pq.read_table(path, columns=[c for c in cols if c in schema.names]).to_pylist()
     for i, r in enumerate(rows):
         rm = r.get("reward_model")
@@ -56,7 +57,7 @@ def screen_stage(model_dir: str | os.PathLike, data_dir: str | os.PathLike, stag
     from conrec_verl.core.scoring import Scorer
     from conrec_verl.core.sid import Codebook
     from conrec_verl.core.sid_trie import SidTrie
-    from conrec_verl.evaluation.data import load_sid_map
+    from conrec_verl.core.eval_data import load_sid_map
     from conrec_verl.evaluation.harness import load_model
 
     if context not in CONTEXTS:
@@ -119,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from conrec_verl.core.scoring import GroundTruthError
     from conrec_verl.core.sid import CodebookError
-    from conrec_verl.evaluation.data import EvalInputError
+    from conrec_verl.core.eval_data import EvalInputError
 
     try:
         share = None if args.threshold is not None else (0.25 if args.share is None else args.share)

@@ -41,7 +41,6 @@ adapter logs ``total_steps``; set ``data.conrec.total_steps`` to match).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Mapping, Sequence
@@ -53,6 +52,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from verl.utils.dataset.rl_dataset import RLHFDataset
 
+from conrec_verl.core.contract import HISTORY_COLUMNS, GroundTruth, GroundTruthError, missing_rl_columns
 from conrec_verl.core.prompts import chat_prompt_length, render_history_prompt
 from conrec_verl.core.cleaning import CleaningError, load_row_weights
 from conrec_verl.core.schedule import CONTEXTS, CurriculumOrder, ScheduleError, StageSchedule, rows_by_context
@@ -60,8 +60,7 @@ from conrec_verl.core.sid import SID_TOKEN_RE, parse_sid
 
 logger = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = ("hist_neg_recent", "hist_neg", "hist_pos")
-REQUIRED_COLUMNS = HISTORY_COLUMNS + ("reward_model",)
+#: the ground-truth lists whose SIDs must be tokens of the model (GTS and FPS)
 GROUND_TRUTH_SID_KEYS = ("future_neg", "swing", "future_pos")
 MODES = ("auto", "curriculum", "fixed")
 
@@ -133,7 +132,7 @@ class ConrecSidDataset(RLHFDataset):
             table = pq.read_table(local)
         except Exception as exc:  # noqa: BLE001 - name the file
             raise ConrecDataError(f"{source}: cannot read parquet ({exc})") from exc
-        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+        missing = missing_rl_columns(table.column_names)
         if missing:
             raise ConrecDataError(
                 f"{source}: missing column(s) {missing} needed by the SID dataset adapter "
@@ -161,14 +160,11 @@ class ConrecSidDataset(RLHFDataset):
                                       f"{{style, ground_truth}}, got {rm!r:.120}")
             gt = rm["ground_truth"]
             try:
-                parsed = json.loads(gt) if isinstance(gt, str) else gt
-                if not isinstance(parsed, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as exc:
-                raise ConrecDataError(f"{source}: column 'reward_model.ground_truth', row {i}: "
-                                      f"not a JSON object ({exc}): {str(gt)[:120]!r}") from None
+                parsed = GroundTruth.parse(gt)
+            except GroundTruthError as exc:
+                raise ConrecDataError(f"{source}: column 'reward_model.ground_truth', row {i}: {exc}") from None
             for key in GROUND_TRUTH_SID_KEYS:
-                for s in parsed.get(key) or []:
+                for s in getattr(parsed, key):
                     self._check_sid(s, vocab, source, f"reward_model.ground_truth.{key}", i)
             row["reward_model"] = {"style": rm.get("style") or "rule", "ground_truth": gt}
             out.append(row)

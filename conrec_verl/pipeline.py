@@ -41,9 +41,11 @@ from omegaconf import OmegaConf
 
 from conrec_verl.io_utils import atomic_dir, atomic_write_text
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RECIPE_DIR = REPO_ROOT / "recipes" / "conrec"
-PROFILE_DIR = RECIPE_DIR / "pipeline"
+from conrec_verl.recipes import profile_dir, recipe_dir
+
+# shipped inside the package (importlib.resources), so a wheel install outside any checkout works
+RECIPE_DIR = recipe_dir()
+PROFILE_DIR = profile_dir()
 
 
 class PipelineError(RuntimeError):
@@ -222,8 +224,6 @@ def _env(profile) -> dict[str, str]:
         env.update(loopback_env())
     env.setdefault("WANDB_MODE", "disabled")
     env["PYTHONUNBUFFERED"] = "1"
-    # the repo root first, so recipes and data_prep resolve from this checkout
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO_ROOT), env.get("PYTHONPATH", "")] if p)
     return env
 
 
@@ -446,7 +446,7 @@ class Pipeline:
         req = {name: {"config_dir": str(RECIPE_DIR / "config"), "config_name": str(cfg), "overrides": list(ov)}
                for name, (cfg, ov) in requests.items()}
         proc = subprocess.run([sys.executable, "-m", "conrec_verl.runtime.compose"], input=json.dumps(req),
-                              capture_output=True, text=True, env=self.env, cwd=str(REPO_ROOT))
+                              capture_output=True, text=True, env=self.env)
         try:
             out = json.loads(proc.stdout.strip().splitlines()[-1])
         except (IndexError, ValueError):
@@ -493,7 +493,7 @@ class Pipeline:
     def phase_data(self, phase: Phase, state: dict) -> dict:
         data = self.run / "data"
         if not (data / "manifest.json").is_file():
-            cmd = [sys.executable, "-m", "data_prep", "--config-name", str(self.profile.data.config),
+            cmd = [sys.executable, "-m", "conrec_verl.data_prep", "--config-name", str(self.profile.data.config),
                    f"out_dir={data}", *map(str, self.profile.data.overrides)]
             if self.profile.data.get("input_path"):
                 cmd.append(f"input.path={self.profile.data.input_path}")

@@ -7,8 +7,9 @@ Importing it registers everything conrec-verl adds to verl's registries:
 * rollout ``hf`` (``actor_rollout_ref.rollout.name=hf``) -- ``conrec_verl.runtime.hf_rollout``
 * pre-flight config checks before Ray starts -- ``conrec_verl.runtime.preflight``
 * reward manager ``conrec`` -- ``conrec_verl.reward_manager``
-* advantage estimator ``progressive_grpo`` and v1 trainer mode ``conrec_sync`` (verl's sync
-  trainer + the curriculum stage as a metric) -- ``conrec_verl.advantage``
+* advantage estimator ``progressive_grpo`` -- ``conrec_verl.advantage``
+* v1 trainer mode ``conrec_sync`` (verl's sync trainer + the per-stage KL weight and the stage and
+  reward-detail metrics) -- ``conrec_verl.trainer_mode``
 
 verl swallows exceptions raised while importing a plugin (they only reach a DEBUG log), so a
 broken registration would silently disappear. This module therefore logs every failure at ERROR
@@ -31,6 +32,7 @@ REGISTERING_MODULES = (
     "conrec_verl.runtime.preflight",
     "conrec_verl.reward_manager",
     "conrec_verl.advantage",
+    "conrec_verl.trainer_mode",
 )
 
 #: Names this package adds to verl's registries (checked by tests in a fresh interpreter).

@@ -5,7 +5,8 @@ ground-truth JSON) but is generated from a seeded random log in a second, so CPU
 ``main_ppo`` need neither the real sample nor a ``data_prep`` build. Users train on real
 ``data_prep`` folders; this exists for tests, CI and a first "does my install work" run.
 
-``python -m conrec_verl.smoke --out DIR`` writes the folder and a tiny model beside it.
+``python -m conrec_verl.smoke --out DIR`` writes the folder and a tiny model beside it;
+``--train [overrides...]`` then runs two GRPO steps of stock ``main_ppo`` on CPU on it (the install check).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from conrec_verl.core.contract import GroundTruth, rl_record
 from conrec_verl.core.prompts import render_history_prompt
 from conrec_verl.core.sid import SID_TOKEN_RE, Codebook, format_sid
 from conrec_verl.io_utils import atomic_dir
@@ -54,21 +56,15 @@ def write_smoke_dataset(out_dir: str | os.PathLike, sid_sizes: Sequence[int] = (
             hist_pos = [sids[i] for i in rng.choice(liked_pool, size=min(6, len(liked_pool)), replace=False)]
             future_neg = sorted({sids[i] for i in rng.choice(pool, size=min(3, len(pool)), replace=False)})
             future_pos = sorted({sids[i] for i in rng.choice(liked_pool, size=min(3, len(liked_pool)), replace=False)})
-            truth = {"future_neg": future_neg, "swing": [], "future_pos": future_pos, "next_neg": future_neg[0],
-                     "long_tail_items": [], "n_future_neg_cold": 0, "sid_build": codebook.fingerprint}
+            truth = GroundTruth(future_neg=future_neg, future_pos=future_pos, next_neg=future_neg[0],
+                                sid_build=codebook.fingerprint)
             stage = (1, 2, 3)[k % 3] if split == "train" else 2  # every row is eligible for every context
-            out.append({
-                "data_source": "conrec",
-                "prompt": [{"role": "user", "content": render_history_prompt(stage, hist_neg[-2:], hist_neg, hist_pos)}],
-                "ability": "negative_recommendation",
-                "reward_model": {"style": "rule", "ground_truth": json.dumps(truth)},
-                "extra_info": {"split": split, "index": offset + k, "user_id": f"u{offset + k}",
-                               "cutoff_day": 20220414, "stage": stage, "long_tail_user": False,
-                               "sid_build": codebook.fingerprint},
-                "hist_neg_recent": hist_neg[-2:],
-                "hist_neg": hist_neg,
-                "hist_pos": hist_pos,
-            })
+            out.append(rl_record(
+                prompt_text=render_history_prompt(stage, hist_neg[-2:], hist_neg, hist_pos), ground_truth=truth,
+                extra_info={"split": split, "index": offset + k, "user_id": f"u{offset + k}",
+                            "cutoff_day": 20220414, "stage": stage, "long_tail_user": False,
+                            "sid_build": codebook.fingerprint},
+                hist_neg_recent=hist_neg[-2:], hist_neg=hist_neg, hist_pos=hist_pos))
         return out
 
     with atomic_dir(out_dir) as tmp:
@@ -100,16 +96,33 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, num_
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from conrec_verl.model_builder import save_tiny_model
-
     parser = argparse.ArgumentParser(prog="python -m conrec_verl.smoke", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder to create (data/ and model/ inside)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", action="store_true",
+                        help="then run two GRPO steps of stock verl main_ppo on CPU on it (the recipe smoke_cpu, "
+                             "from the installed package); a folder already built is reused")
+    parser.add_argument("overrides", nargs="*", help="with --train: hydra overrides for main_ppo (key=value)")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    data = write_smoke_dataset(out / "data", seed=args.seed)
-    model = save_tiny_model(out / "model", Codebook.load(data / "codebook.npz").sizes)
-    print(f"smoke data: {data}\nsmoke model: {model}")
+    if args.overrides and not args.train:
+        parser.error(f"overrides {args.overrides} need --train")
+    out = Path(args.out).resolve()
+    if not (args.train and (out / "data" / "rl" / "train.parquet").is_file() and (out / "model" / "config.json").is_file()):
+        from conrec_verl.model_builder import save_tiny_model
+
+        data = write_smoke_dataset(out / "data", seed=args.seed)
+        model = save_tiny_model(out / "model", Codebook.load(data / "codebook.npz").sizes)
+        print(f"smoke data: {data}\nsmoke model: {model}", flush=True)
+    if args.train:
+        import sys
+
+        from conrec_verl.recipes import CONFIG_PKG
+        from conrec_verl.runtime.cpu_env import cpu_env
+
+        cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", CONFIG_PKG, "--config-name", "smoke_cpu",
+               f"smoke_dir={out}", f"hydra.run.dir={out / 'outputs'}", *args.overrides]  # nothing written outside --out
+        print("+ " + " ".join(cmd), flush=True)
+        os.execvpe(cmd[0], cmd, {**os.environ, **cpu_env()})
 
 
 if __name__ == "__main__":

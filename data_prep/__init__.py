@@ -1,7 +1,8 @@
 """data_prep: raw interaction logs -> semantic IDs, Swing neighbours and verl-ready parquet.
 
-CLI: ``python -m data_prep [--config-name kuairand|movielens|generic] out_dir=<folder> [key=value ...]``
-API: ``data_prep.build(cfg) -> pathlib.Path``; ``data_prep.load_config(name, overrides)`` composes
+CLI: ``python -m conrec_verl.data_prep [--config-name kuairand|movielens|generic] out_dir=<folder> [key=value ...]``
+API (``from conrec_verl import data_prep``): ``data_prep.build(cfg) -> pathlib.Path``;
+``data_prep.load_config(name, overrides)`` composes
 the same hydra config the CLI uses.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_prep.errors import DataPrepError
+from conrec_verl.data_prep.errors import DataPrepError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 
@@ -17,8 +18,8 @@ __all__ = ["build", "load_config", "DataPrepError", "CONFIG_DIR"]
 
 
 def build(cfg, step_hook=None) -> Path:
-    """Build the data folder for ``cfg``; see :func:`data_prep.pipeline.build`."""
-    from data_prep.pipeline import build as _build
+    """Build the data folder for ``cfg``; see :func:`conrec_verl.data_prep.pipeline.build`."""
+    from conrec_verl.data_prep.pipeline import build as _build
 
     return _build(cfg, step_hook=step_hook)
 

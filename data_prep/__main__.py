@@ -1,4 +1,4 @@
-"""``python -m data_prep --config-name kuairand out_dir=<folder> [key=value ...]``"""
+"""``python -m conrec_verl.data_prep --config-name kuairand out_dir=<folder> [key=value ...]``"""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from data_prep.errors import DataPrepError
+from conrec_verl.data_prep.errors import DataPrepError
 
 
 @hydra.main(config_path="config", config_name="kuairand", version_base=None)
 def main(cfg: DictConfig) -> None:
     import signal
 
-    from data_prep.pipeline import build
+    from conrec_verl.data_prep.pipeline import build
 
     # kill (SIGTERM) unwinds like Ctrl-C: the temporary build folder is removed, out_dir untouched
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import pickle
 from dataclasses import replace
 from typing import Iterator, Mapping
@@ -33,7 +32,7 @@ from typing import Iterator, Mapping
 import numpy as np
 import pandas as pd
 
-from data_prep.errors import DataPrepError
+from conrec_verl.data_prep.errors import DataPrepError
 
 ENGINES = ("local", "ray")
 _EVENT_COLUMNS = ["user_id", "item_id", "ts", "day", "polarity"]
@@ -74,10 +73,7 @@ def ray_session(rcfg: Mapping, progress: bool) -> Iterator[int]:
             kwargs["address"] = "local"
             if rcfg.get("num_cpus"):
                 kwargs["num_cpus"] = int(rcfg["num_cpus"])
-        # the driver's modules (data_prep, conrec_verl) must import in the workers
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(
-            p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}}
+        # the workers import conrec_verl (data_prep included) from the installed package, as the driver does
         # a local Ray listens on 127.0.0.1 only (docs/security.md); a cluster's address is left alone
         on_loopback = contextlib.nullcontext() if address else ray_on_loopback()
         try:
@@ -175,7 +171,7 @@ def build_samples_ray(ctx, n_parts: int):
     import ray
     import ray.data
 
-    from data_prep import samples as S
+    from conrec_verl.data_prep import samples as S
 
     lookup = S.item_lookup(ctx)
     frame = ctx.inter[_EVENT_COLUMNS].copy()

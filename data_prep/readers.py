@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from data_prep.errors import DataPrepError
+from conrec_verl.data_prep.errors import DataPrepError
 
 INTERACTION_COLUMNS = ["user_id", "item_id", "ts", "day", "polarity", "weight"]
 SAMPLE_PATH = Path(__file__).resolve().parent / "sample" / "kuairand_like_hate.tsv.gz"

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -34,9 +33,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from conrec_verl.core.contract import GroundTruth, rl_record
 from conrec_verl.core.prompts import render_history_prompt
 from conrec_verl.core.schedule import eligible_contexts
-from data_prep.errors import DataPrepError
+from conrec_verl.data_prep.errors import DataPrepError
 
 DAY_MS = 86_400_000
 EPOCH = pd.Timestamp("1970-01-01")
@@ -409,23 +409,17 @@ def assign_stages(rows: pd.DataFrame, cfg: Mapping, seed: int) -> pd.DataFrame:
 
 
 def rl_records(rows: pd.DataFrame, split: str, sid_build: str, stage_col: str | int = "stage") -> list[dict]:
-    """verl RL rows (see docs/data-format.md)."""
+    """verl RL rows (see docs/data-format.md), written with the contract's one writer."""
     out = []
     for idx, r in enumerate(rows.itertuples(index=False)):
         stage = int(getattr(r, stage_col)) if isinstance(stage_col, str) else int(stage_col)
-        text = render_history_prompt(stage, r.hist_neg_recent, r.hist_neg, r.hist_pos)
-        out.append({
-            "data_source": "conrec",
-            "prompt": [{"role": "user", "content": text}],
-            "ability": "negative_recommendation",
-            "reward_model": {"style": "rule", "ground_truth": json.dumps(r.gt)},
-            "extra_info": {"split": split, "index": idx, "user_id": r.user_id, "cutoff_day": int(r.cutoff_day),
-                           "stage": stage, "long_tail_user": bool(r.long_tail_user), "sid_build": sid_build,
-                           "window_days": int(r.window_days), "n_hist_neg": len(r.hist_neg)},
-            "hist_neg_recent": list(r.hist_neg_recent),
-            "hist_neg": list(r.hist_neg),
-            "hist_pos": list(r.hist_pos),
-        })
+        out.append(rl_record(
+            prompt_text=render_history_prompt(stage, r.hist_neg_recent, r.hist_neg, r.hist_pos),
+            ground_truth=GroundTruth(**r.gt),
+            extra_info={"split": split, "index": idx, "user_id": r.user_id, "cutoff_day": int(r.cutoff_day),
+                        "stage": stage, "long_tail_user": bool(r.long_tail_user), "sid_build": sid_build,
+                        "window_days": int(r.window_days), "n_hist_neg": len(r.hist_neg)},
+            hist_neg_recent=r.hist_neg_recent, hist_neg=r.hist_neg, hist_pos=r.hist_pos))
     return out
 
 

@@ -105,7 +105,7 @@ WARMUP_DEFAULTS = {"rows": "every_dislike", "contexts": [1, 2, 3], "max_history_
 def warmup_config(raw) -> dict:
     """``sft.warmup``: ``true`` (defaults), ``false`` (no warm-up set) or a mapping of
     :data:`WARMUP_DEFAULTS` keys; unknown keys and values are errors naming the key."""
-    from data_prep.errors import DataPrepError
+    from conrec_verl.data_prep.errors import DataPrepError
 
     if raw is False or raw is None:
         return {}
@@ -128,7 +128,7 @@ def warmup_config(raw) -> dict:
 
 
 def _pick_context(seed: int, user, key, allowed: Sequence[int]) -> int:
-    from data_prep.samples import _stable_uniform
+    from conrec_verl.data_prep.samples import _stable_uniform
 
     u = _stable_uniform(seed, "warmup_context", str(user), int(key))
     return allowed[min(int(u * len(allowed)), len(allowed) - 1)]

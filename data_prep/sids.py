@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from conrec_verl.core.sid import Codebook
-from data_prep.errors import DataPrepError
+from conrec_verl.data_prep.errors import DataPrepError
 
 
 @dataclass

@@ -19,3 +19,51 @@ def tiny_model_dir(tmp_path_factory):
     from conrec_verl.model_builder import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny", TINY_SID_SIZES)
+
+
+class WheelInstall:
+    """conrec-verl installed from its wheel, to run outside the checkout: ``python`` and ``env``
+    for subprocesses. With ``CONREC_WHEEL_PYTHON`` (set by ``.ci/run``) that is the python of a
+    fresh venv the wheel was installed into with its dependencies; otherwise the wheel is built here
+    and installed with ``pip --target`` into a folder put first on ``PYTHONPATH`` (dependencies from
+    this environment, conrec_verl only from the wheel)."""
+
+    def __init__(self, python: str, env: dict[str, str], where: str):
+        self.python, self.env, self.where = python, env, where
+
+    def run(self, args, cwd, timeout=900, **kw):
+        import subprocess
+
+        return subprocess.run([self.python, *args], cwd=str(cwd), env=self.env, capture_output=True, text=True,
+                              timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="session")
+def wheel_install(tmp_path_factory) -> WheelInstall:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    given = os.environ.get("CONREC_WHEEL_PYTHON")
+    if given:
+        return WheelInstall(given, env, f"the venv of {given}")
+    tmp = tmp_path_factory.mktemp("wheel")
+    # build from a copy of the files git tracks: a build/ folder left in the checkout could
+    # otherwise put stale modules into the wheel
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    import shutil
+
+    for rel in filter(None, files):
+        if (root / rel).is_file():
+            (tmp / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, tmp / "src" / rel)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"),
+                    str(tmp / "src")], check=True, capture_output=True, cwd=tmp)
+    (wheel,) = (tmp / "dist").glob("conrec_verl-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp / "site"), str(wheel)],
+                   check=True, capture_output=True, cwd=tmp)
+    env["PYTHONPATH"] = str(tmp / "site")
+    return WheelInstall(sys.executable, env, str(tmp / "site"))

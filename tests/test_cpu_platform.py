@@ -40,9 +40,9 @@ def test_gloo_process_group_initialises_with_verls_backend_string(tmp_path):
     """verl builds "cpu:gloo,{device}:{backend}"; with the patch it must initialise on CPU."""
     import torch.distributed as dist
 
-    from conrec_verl.runtime.cpu_platform import _install_backend_normaliser
+    from conrec_verl.runtime.verl_compat import install_backend_normaliser
 
-    _install_backend_normaliser()
+    install_backend_normaliser()
     dist.init_process_group(backend="cpu:gloo,cpu:gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
         t = torch.ones(3)
@@ -73,6 +73,10 @@ def test_the_shell_form_of_cpu_env_is_cpu_env(tmp_path):
     for key, value in json.loads(expected).items():
         assert got.get(key) == value, key
     assert got["WANDB_MODE"] == env["WANDB_MODE"]
-    for script_path in ("recipes/conrec/run_smoke_cpu.sh", "recipes/conrec/run_conrec_cpu.sh"):
-        text = open(os.path.join(os.path.dirname(__file__), "..", script_path)).read()
-        assert 'eval "$(python -m conrec_verl.runtime.cpu_env)"' in text and "VERL_PLATFORM=" not in text
+    read = lambda rel: open(os.path.join(os.path.dirname(__file__), "..", rel)).read()  # noqa: E731
+    text = read("recipes/conrec/run_conrec_cpu.sh")
+    assert 'eval "$(python -m conrec_verl.runtime.cpu_env)"' in text and "VERL_PLATFORM=" not in text
+    # the smoke script is `python -m conrec_verl.smoke --train`, which runs main_ppo with cpu_env()
+    text = read("recipes/conrec/run_smoke_cpu.sh")
+    assert "python -m conrec_verl.smoke" in text and "--train" in text and "VERL_PLATFORM=" not in text
+    assert "**cpu_env()" in read("conrec_verl/smoke.py")

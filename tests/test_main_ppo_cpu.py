@@ -4,7 +4,7 @@ import pytest
 
 from conrec_verl.model_builder import save_tiny_model
 from conrec_verl.smoke import compute_score, write_smoke_dataset
-from tests.verl_run import run_main_ppo, step_metrics
+from tests.verl_run import run_main_ppo, run_smoke_cli, step_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +28,10 @@ def test_two_grpo_steps_validate_save_then_resume(smoke_dir, tmp_path):
     root, _ = smoke_dir
     ckpt = tmp_path / "ckpt"  # fresh folder: resume_mode defaults to auto
     common = [f"smoke_dir={root}", f"trainer.default_local_dir={ckpt}", "trainer.save_freq=1"]
-    rc, out = run_main_ppo("smoke_cpu", common + ["trainer.val_before_train=true"], log_path=tmp_path / "run1.log")
+    # the first run through the README's install check, `python -m conrec_verl.smoke --train`
+    rc, out = run_smoke_cli(root, common[1:] + ["trainer.val_before_train=true"], log_path=tmp_path / "run1.log")
     assert rc == 0, out[-4000:]
+    assert sorted(p.name for p in (root.parent / "cwd").iterdir()) == []  # hydra's outputs went under --out
     steps = step_metrics(out)
     assert {1, 2} <= set(steps), f"steps seen: {sorted(steps)}"
     # validation ran before training with greedy decoding (val_kwargs)

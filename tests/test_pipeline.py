@@ -8,13 +8,16 @@ import pytest
 from conrec_verl.pipeline import Phase, Pipeline, PipelineError, load_profile, main
 
 
-
-
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("pipeline") / "run"
-    assert main(["--run-dir", str(run), "--profile", "ci_tiny"]) == 0
-    return run
+def finished_run(tmp_path_factory, wheel_install):
+    """The CI profile run as a user runs it: from the wheel (conftest.wheel_install), in a folder
+    outside the checkout, with a relative --run-dir."""
+    cwd = tmp_path_factory.mktemp("pipeline")
+    proc = wheel_install.run(["-m", "conrec_verl.pipeline", "--run-dir", "run", "--profile", "ci_tiny"], cwd=cwd,
+                             timeout=1800)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert sorted(p.name for p in cwd.iterdir()) == ["run"]  # every phase ran in the run folder
+    return cwd / "run"
 
 
 @pytest.mark.slow

@@ -30,6 +30,22 @@ def run_main_ppo(config_name: str, overrides: list[str], timeout: int = 420, log
     return proc.returncode, out
 
 
+def run_smoke_cli(out_dir: Path, overrides: list[str], timeout: int = 420, log_path: Path | None = None):
+    """``python -m conrec_verl.smoke --out out_dir --train *overrides`` (the README's install check:
+    it sets the CPU environment itself and runs main_ppo from the packaged recipe) from an empty
+    folder; returns ``(returncode, output)``."""
+    env = {k: v for k, v in os.environ.items() if k not in cpu_env()}  # the CLI must set them itself
+    env["RAY_DEDUP_LOGS"] = "0"
+    cwd = Path(out_dir).parent / "cwd"
+    cwd.mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "conrec_verl.smoke", "--out", str(out_dir), "--train", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(cwd))
+    out = proc.stdout + proc.stderr
+    if log_path is not None:
+        Path(log_path).write_text(out)
+    return proc.returncode, out
+
+
 def _value(text: str) -> float | None:
     text = text.strip()
     m = re.fullmatch(r"np\.\w+\((.*)\)", text)

@@ -8,7 +8,7 @@ users that only appear in ``rl/train.parquet`` their latest training history. Th
 row of the split (``EvalData.all_rows``), so they do not depend on ``max_rows``.
 
 Top-K leaves out what the harness's exclusion rule names (``exclusion``: ``none`` | ``dislikes`` |
-``interacted``, :data:`conrec_verl.evaluation.data.EXCLUSION_RULES`; model rows obey the same rule
+``interacted``, :data:`conrec_verl.core.eval_data.EXCLUSION_RULES`; model rows obey the same rule
 inside the constrained search); candidate scoring never excludes anything.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from conrec_verl.core.sid import Codes
-from conrec_verl.evaluation.data import DEFAULT_EXCLUSION, EvalData, check_exclusion
+from conrec_verl.core.eval_data import DEFAULT_EXCLUSION, EvalData, check_exclusion
 
 
 def training_sequences(data: EvalData, train_split: str | None = "rl/train.parquet") -> list[list[Codes]]:
@@ -41,7 +41,7 @@ def training_sequences(data: EvalData, train_split: str | None = "rl/train.parqu
     if path is not None and path.is_file():
         import pyarrow.parquet as pq
 
-        from conrec_verl.evaluation.data import EvalInputError, _sid_list
+        from conrec_verl.core.eval_data import EvalInputError, _sid_list
 
         table = pq.read_table(path, columns=[c for c in ("extra_info", "hist_neg") if c in pq.read_schema(path).names])
         if "hist_neg" in table.column_names and "extra_info" in table.column_names:

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from conrec_verl.baselines.base import Baseline, PopularityBaseline
-from conrec_verl.evaluation.data import EvalData, EvalInputError
+from conrec_verl.core.eval_data import EvalData, EvalInputError
 
 
 class SwingBaseline(Baseline):

@@ -14,7 +14,10 @@ exactly one SID. Tokens must be canonical (``<b_7>``, not ``<b_07>``). Anything 
 
 Reward variants (``RewardConfig.variant``)
 ------------------------------------------
-With ``s_g = max cos(out, GTS)`` and ``s_f = max cos(out, FPS)`` over codebook-reconstructed
+Each variant is one function registered with :func:`register_reward_variant` (its docstring is its
+formula, its ``lower_bound`` sets the default format penalty), as verl registers advantage
+estimators; :data:`REWARD_VARIANTS` is the registry. The built-in ones, with
+``s_g = max cos(out, GTS)`` and ``s_f = max cos(out, FPS)`` over codebook-reconstructed
 embeddings (an empty set contributes 0) and ``t = sim_threshold``:
 
 ============== ==================================================  ==============
@@ -41,18 +44,17 @@ The format penalty defaults to ``lower_bound(variant) - 0.5`` (``-2.0`` for ``co
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from conrec_verl.core.contract import GroundTruthError, ground_truth_sids, parse_ground_truth  # noqa: F401 - re-exported
 from conrec_verl.core.sid import Codebook, Codes, canonical_sid_re, format_sid, parse_sid, scan_sid_spans
 
-VARIANTS = ("collab", "neg_only", "neg_truncated", "double_truncated", "hierarchical")
 PARSE_MODES = ("first", "strict")
 logger = logging.getLogger(__name__)
 TARGET_SETS = ("gts", "next_neg")
@@ -102,6 +104,88 @@ def _number(name: str, value: Any) -> float:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# reward variants: a registry, like verl's advantage estimators (core_algos.register_adv_est)
+# ---------------------------------------------------------------------------------------------
+
+#: ``fn(s_g, s_f, depth, config, hier_weights) -> reward`` of a valid output: ``s_g``/``s_f`` its
+#: max cosine to GTS / FPS, ``depth`` the deepest SID prefix it shares with a GTS item, ``config`` the
+#: :class:`RewardConfig`, ``hier_weights`` the per-depth weights (``RewardConfig.effective_hier_weights``)
+VariantFn = Callable[[float, float, int, "RewardConfig", Sequence[float]], float]
+
+
+@dataclass(frozen=True)
+class RewardVariant:
+    name: str
+    fn: VariantFn
+    #: the lowest reward a valid output can get (the default format penalty is 0.5 below it)
+    lower_bound: Callable[["RewardConfig"], float]
+    #: which of the paper's reward designs it is
+    paper: str = ""
+
+
+REWARD_VARIANTS: dict[str, RewardVariant] = {}
+
+
+def register_reward_variant(name: str, lower_bound: Callable[["RewardConfig"], float], paper: str = ""):
+    """Register a reward variant (``reward.reward_kwargs.variant=<name>``); the decorated function's
+    docstring is its formula. ``lower_bound(config)`` must bound every reward of a valid output from
+    below (tests check it for every registered variant). As with verl's registries, the module that
+    registers it must be imported in every process that scores (verl's reward workers too): put it
+    in a module loaded through a ``verl.plugins`` entry point."""
+
+    def decorate(fn: VariantFn) -> VariantFn:
+        if name in REWARD_VARIANTS and REWARD_VARIANTS[name].fn is not fn:
+            raise ValueError(f"reward variant {name!r} is already registered")
+        REWARD_VARIANTS[name] = RewardVariant(name, fn, lower_bound, paper)
+        return fn
+
+    return decorate
+
+
+def _truncate(x: float, t: float) -> float:
+    return x if x >= t else 0.0
+
+
+def _truncated_floor(config) -> float:
+    """The lowest ``[s]_t`` for a cosine ``s``: 0, or ``t`` itself when the threshold is negative."""
+    return min(0.0, max(-1.0, config.sim_threshold))
+
+
+@register_reward_variant("collab", lower_bound=lambda c: -1.0 - c.gamma, paper="(c), the final choice")
+def collab_reward(s_g, s_f, depth, config, hier_weights):
+    """``s_g - gamma * s_f``: close to what the user will dislike, away from what they will like."""
+    return s_g - config.gamma * s_f
+
+
+@register_reward_variant("neg_only", lower_bound=lambda c: -1.0, paper="(a)")
+def neg_only_reward(s_g, s_f, depth, config, hier_weights):
+    """``s_g``."""
+    return s_g
+
+
+@register_reward_variant("neg_truncated", lower_bound=_truncated_floor, paper="(b)")
+def neg_truncated_reward(s_g, s_f, depth, config, hier_weights):
+    """``s_g`` if ``s_g >= sim_threshold`` else 0."""
+    return _truncate(s_g, config.sim_threshold)
+
+
+@register_reward_variant("double_truncated", lower_bound=lambda c: _truncated_floor(c) - c.gamma, paper="(d)")
+def double_truncated_reward(s_g, s_f, depth, config, hier_weights):
+    """``[s_g]_t - gamma * [s_f]_t`` with ``[x]_t = x if x >= sim_threshold else 0``."""
+    return _truncate(s_g, config.sim_threshold) - config.gamma * _truncate(s_f, config.sim_threshold)
+
+
+@register_reward_variant("hierarchical", lower_bound=lambda c: 0.0, paper="(e)")
+def hierarchical_reward(s_g, s_f, depth, config, hier_weights):
+    """``hier_weights[d-1]`` for the deepest prefix ``d`` shared with a GTS item, 0 if none."""
+    return hier_weights[depth - 1] if depth > 0 else 0.0
+
+
+#: the built-in variants (the registry may hold more)
+VARIANTS = tuple(REWARD_VARIANTS)
+
+
 @dataclass(frozen=True)
 class RewardConfig:
     """Options of the CoNRec reward; the keys of ``reward.reward_kwargs`` (minus ``codebook_path``)."""
@@ -127,8 +211,8 @@ class RewardConfig:
     empty_targets: str = "error"
 
     def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ScoringConfigError(f"reward variant {self.variant!r} unknown; choose one of {VARIANTS}")
+        if self.variant not in REWARD_VARIANTS:
+            raise ScoringConfigError(f"reward variant {self.variant!r} unknown; choose one of {tuple(REWARD_VARIANTS)}")
         if self.parse_mode not in PARSE_MODES:
             raise ScoringConfigError(f"parse_mode {self.parse_mode!r} unknown; choose one of {PARSE_MODES}")
         if self.targets not in TARGET_SETS:
@@ -170,13 +254,7 @@ class RewardConfig:
 
     def lower_bound(self) -> float:
         """The lowest reward a valid SID can get under this variant."""
-        return {
-            "collab": -1.0 - self.gamma,
-            "neg_only": -1.0,
-            "neg_truncated": 0.0,
-            "double_truncated": -self.gamma,
-            "hierarchical": 0.0,
-        }[self.variant]
+        return float(REWARD_VARIANTS[self.variant].lower_bound(self))
 
     def effective_format_penalty(self) -> float:
         if self.format_penalty is not None:
@@ -198,10 +276,6 @@ class RewardConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-class GroundTruthError(ValueError):
-    """A ``reward_model.ground_truth`` value cannot be read."""
-
-
 @dataclass(frozen=True)
 class Targets:
     """GTS / FPS of one row, as codes and unit-normalised reconstructed embeddings."""
@@ -221,34 +295,6 @@ class Targets:
             if codes[:depth] in self.prefixes[depth - 1]:
                 return depth
         return 0
-
-
-def parse_ground_truth(ground_truth: str | Mapping[str, Any]) -> dict:
-    """Accept the JSON string of the data contract or an already-parsed mapping."""
-    if isinstance(ground_truth, Mapping):
-        return dict(ground_truth)
-    if isinstance(ground_truth, (bytes, bytearray)):
-        ground_truth = ground_truth.decode("utf-8", errors="replace")
-    if not isinstance(ground_truth, str):
-        raise GroundTruthError(f"ground_truth must be a JSON string or a dict, got {type(ground_truth).__name__}")
-    try:
-        parsed = json.loads(ground_truth)
-    except json.JSONDecodeError as exc:
-        raise GroundTruthError(f"ground_truth is not valid JSON ({exc}): {ground_truth[:120]!r}") from exc
-    if not isinstance(parsed, dict):
-        raise GroundTruthError(f"ground_truth JSON must be an object, got {type(parsed).__name__}")
-    return parsed
-
-
-def _sid_list(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    try:
-        return [v for v in value if isinstance(v, str)]
-    except TypeError:
-        return []
 
 
 def _canonical(text: str, codes: Codes) -> bool:
@@ -313,9 +359,12 @@ class Scorer:
         self.num_levels = codebook.num_levels
         self._sizes = codebook.sizes
         self._penalty = self.config.effective_format_penalty()
+        # the per-depth weights a variant may use (the configured ones are checked for ``hierarchical``)
         self._hier = (
-            self.config.effective_hier_weights(self.num_levels) if self.config.variant == "hierarchical" else None
+            self.config.effective_hier_weights(self.num_levels) if self.config.variant == "hierarchical"
+            else RewardConfig().effective_hier_weights(self.num_levels)
         )
+        self._variant = REWARD_VARIANTS[self.config.variant].fn
         self._cache_size = int(cache_size)
         #: ground truths without a usable target scored under ``empty_targets: zero``
         self.n_empty_targets = 0
@@ -387,7 +436,7 @@ class Scorer:
             nonlocal n_invalid
             out: dict[Codes, None] = {}  # ordered set
             for name in names:
-                for s in _sid_list(gt.get(name)):
+                for s in ground_truth_sids(gt, name):
                     m = fullmatch(s)
                     if m is not None:
                         codes = tuple(map(int, m.groups()))
@@ -449,20 +498,7 @@ class Scorer:
         )
 
     def _reward(self, s_g: float, s_f: float, depth: int) -> float:
-        cfg = self.config
-        variant = cfg.variant
-        if variant == "collab":
-            return s_g - cfg.gamma * s_f
-        if variant == "neg_only":
-            return s_g
-        if variant == "neg_truncated":
-            return s_g if s_g >= cfg.sim_threshold else 0.0
-        if variant == "double_truncated":
-            pos = s_g if s_g >= cfg.sim_threshold else 0.0
-            neg = s_f if s_f >= cfg.sim_threshold else 0.0
-            return pos - cfg.gamma * neg
-        # hierarchical
-        return self._hier[depth - 1] if depth > 0 else 0.0
+        return self._variant(s_g, s_f, depth, self.config, self._hier)
 
     def score(self, text: Any, ground_truth: str | Mapping[str, Any]) -> ScoreResult:
         """Score one output. Never raises on ``text``; raises :class:`GroundTruthError` on a bad

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from conrec_verl.evaluation.data import DEFAULT_EXCLUSION, EXCLUSION_RULES, EvalInputError
+from conrec_verl.core.eval_data import DEFAULT_EXCLUSION, EXCLUSION_RULES, EvalInputError
 from conrec_verl.evaluation.harness import (
     DEFAULT_CONTEXT,
     DEFAULT_PROMPT_TOKENS,

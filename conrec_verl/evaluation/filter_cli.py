@@ -25,7 +25,7 @@ import pandas as pd
 
 from conrec_verl.core.neg_filter import NegativeFilter
 from conrec_verl.core.sid import Codebook, CodebookError, parse_sid
-from conrec_verl.evaluation.data import EvalInputError, load_sid_map
+from conrec_verl.core.eval_data import EvalInputError, load_sid_map
 from conrec_verl.evaluation.predictions import read_prediction_lines
 from conrec_verl.io_utils import atomic_path
 

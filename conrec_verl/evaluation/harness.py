@@ -44,7 +44,7 @@ from conrec_verl.core.neg_filter import NegativeFilter, removal_sweep
 from conrec_verl.core.prompts import budget_fits, chat_prompt_length, render_history_prompt
 from conrec_verl.core.sid import Codes, extract_sids, format_sid, parse_sid
 from conrec_verl.core.stats import bootstrap_ci, mcnemar
-from conrec_verl.evaluation.data import DEFAULT_EXCLUSION, EvalData, EvalInputError, check_exclusion, load_eval_data
+from conrec_verl.core.eval_data import DEFAULT_EXCLUSION, EvalData, EvalInputError, check_exclusion, load_eval_data
 from conrec_verl.evaluation.predictions import PredictionSet, read_predictions, write_predictions
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from conrec_verl.core.sid import Codes, format_sid, parse_sid
-from conrec_verl.evaluation.data import EvalData, EvalInputError
+from conrec_verl.core.eval_data import EvalData, EvalInputError
 from conrec_verl.io_utils import atomic_write_text
 
 FORMAT_HELP = __doc__.split("\n\n", 1)[1]

@@ -22,7 +22,9 @@ import torch
 
 from verl.plugin.platform import PlatformBase, PlatformRegistry
 
+from conrec_verl.runtime import verl_compat
 from conrec_verl.runtime.cpu_env import PLATFORM_NAME, cpu_env  # noqa: F401 - re-exported
+from conrec_verl.runtime.verl_compat import normalise_backend  # noqa: F401 - re-exported
 
 
 def _make_device_module() -> types.ModuleType:
@@ -115,7 +117,7 @@ class PlatformCPU(PlatformBase):
 
     def communication_backend_name(self) -> str:
         # verl's distributed helpers build "cpu:gloo,{device}:{backend}" = "cpu:gloo,cpu:gloo",
-        # which torch rejects (duplicate device type); _install_backend_normaliser collapses it.
+        # which torch rejects (duplicate device type); verl_compat.install_backend_normaliser collapses it.
         return "gloo"
 
     def visible_devices_envvar(self) -> str:
@@ -149,71 +151,14 @@ class PlatformCPU(PlatformBase):
         return None
 
 
-def normalise_backend(backend):
-    """``"cpu:gloo,cpu:gloo"`` -> ``"cpu:gloo"``: drop repeated device types from a backend string."""
-    if not isinstance(backend, str) or "," not in backend:
-        return backend
-    seen: dict[str, str] = {}
-    for part in backend.split(","):
-        device, _, name = part.partition(":")
-        seen.setdefault(device.strip(), name.strip())
-    return ",".join(f"{d}:{b}" if b else d for d, b in seen.items())
-
-
-def _install_backend_normaliser() -> None:
-    """Wrap ``torch.distributed.init_process_group`` once so verl's backend string is accepted."""
-    import torch.distributed as dist
-
-    original = dist.init_process_group
-    if getattr(original, "_conrec_normalised", False):
-        return
-
-    def init_process_group(*args, **kwargs):
-        if "backend" in kwargs:
-            kwargs["backend"] = normalise_backend(kwargs["backend"])
-        elif args:
-            args = (normalise_backend(args[0]),) + tuple(args[1:])
-        return original(*args, **kwargs)
-
-    init_process_group._conrec_normalised = True
-    init_process_group.__wrapped__ = original
-    dist.init_process_group = init_process_group
-
-
-def _install_unpinned_cpu_offload() -> None:
-    """verl's FSDP2 engine gives forward-only models (the reference policy) a
-    ``CPUOffloadPolicy(pin_memory=True)``; pinning needs an accelerator. On the CPU platform the
-    parameters already live in host memory, so the policy is made to never pin."""
-    import sys
-
-    import torch.distributed.fsdp as fsdp
-
-    original = fsdp.CPUOffloadPolicy
-    if getattr(original, "_conrec_unpinned", False):
-        return
-
-    class UnpinnedCPUOffloadPolicy(original):
-        _conrec_unpinned = True
-
-        def __init__(self, pin_memory: bool = False):
-            super().__init__(pin_memory=False)
-
-    UnpinnedCPUOffloadPolicy.__name__ = original.__name__
-    fsdp.CPUOffloadPolicy = UnpinnedCPUOffloadPolicy
-    for name in ("verl.utils.fsdp_utils", "verl.workers.engine.fsdp.transformer_impl"):
-        module = sys.modules.get(name)
-        if module is not None and getattr(module, "CPUOffloadPolicy", None) is original:
-            module.CPUOffloadPolicy = UnpinnedCPUOffloadPolicy
-
-
 def install_cpu_patches() -> None:
     """The process-local adjustments a CPU run needs (idempotent). The last one is for security,
     not for the CPU: verl's FSDP workers host their process group's TCPStore on Ray's node IP,
     127.0.0.1 in a single-node run (``cpu_env()``), and torch would listen on every interface."""
     from conrec_verl.runtime.loopback import install_loopback_tcpstore
 
-    _install_backend_normaliser()
-    _install_unpinned_cpu_offload()
+    verl_compat.install_backend_normaliser()
+    verl_compat.install_unpinned_cpu_offload()
     install_loopback_tcpstore()
 
 

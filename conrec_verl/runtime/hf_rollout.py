@@ -36,9 +36,10 @@ import torch
 
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import HFModelConfig, RolloutConfig
-from verl.workers.rollout import base as rollout_base
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, RolloutReplicaRegistry, TokenOutput
+
+from conrec_verl.runtime import verl_compat
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
@@ -500,7 +501,7 @@ class HFReplica(RolloutReplica):
 
 
 def register() -> None:
-    rollout_base._ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = f"{__name__}.HFServerAdapter"
+    verl_compat.register_rollout(ROLLOUT_NAME, "async", f"{__name__}.HFServerAdapter")
     RolloutReplicaRegistry.register(ROLLOUT_NAME, lambda: HFReplica)
 
 

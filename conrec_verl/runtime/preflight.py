@@ -11,7 +11,7 @@ turn the common mistakes of this project's users into one clear error in the fir
 * ``progressive_grpo`` without the actor's KL loss, or with ``beta_via: kl_loss`` outside the
   ``conrec_sync`` trainer mode;
 * a model folder that does not exist, or whose tokenizer lacks the semantic-ID tokens of the
-  codebook the run uses (``reward.reward_kwargs.codebook_path`` or ``data.conrec.data_dir``);
+  codebook the run uses (the reward's ``codebook_path`` or ``<data_dir>/codebook.npz``);
 * the CoNRec reward selected (``reward.reward_manager.name=conrec`` or
   ``reward.custom_reward_function.path=pkg://conrec_verl.compute_score``) with reward options it
   does not know, a codebook it cannot load, or training rows without a usable CoNRec ground truth
@@ -28,7 +28,6 @@ Ray and through a real ``main_ppo`` start (``tests/test_preflight.py``).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from pathlib import Path
@@ -55,20 +54,21 @@ def _get(config, dotted: str, default=None):
 
 
 def _codebook_path(config) -> str | None:
+    """The codebook of the CoNRec reward's options, found as the reward finds it
+    (``compute_score.resolve_codebook_path``: ``codebook_path``, else ``<data_dir>/codebook.npz``)."""
+    from conrec_verl.compute_score import resolve_codebook_path
+    from conrec_verl.core.scoring import ScoringConfigError
+
     try:
         found = conrec_reward_options(config)
     except ConfigError:
         found = None
-    options = found[1] if found else {}
-    path = options.get("codebook_path") or _get(config, "reward.reward_kwargs.codebook_path")
-    if not path and options.get("data_dir"):
-        return str(Path(str(options["data_dir"])) / "codebook.npz")
-    if path:
-        return str(path)
-    data_dir = _get(config, "data.conrec.data_dir")
-    if data_dir:
-        return str(Path(str(data_dir)) / "codebook.npz")
-    return None
+    options = dict(found[1]) if found else {}
+    options["codebook_path"] = options.get("codebook_path") or _get(config, "reward.reward_kwargs.codebook_path")
+    try:
+        return resolve_codebook_path(options)
+    except ScoringConfigError:
+        return None
 
 
 def check_progressive_grpo(config) -> None:
@@ -152,7 +152,7 @@ def check_reward_data(config, max_rows: int | None = None) -> None:
             raise ConfigError(f"{path}: cannot read parquet ({exc})") from None
         if "reward_model" not in pf.schema_arrow.names:
             raise ConfigError(f"{path}: no column 'reward_model', but the CoNRec reward ({where}) reads "
-                              "reward_model.ground_truth of every row (docs/data-format.md; python -m data_prep "
+                              "reward_model.ground_truth of every row (docs/data-format.md; python -m conrec_verl.data_prep "
                               "writes it)")
         seen = ours = 0
         has_source = "data_source" in pf.schema_arrow.names
@@ -212,9 +212,9 @@ def check_config(config, platform: str | None = None) -> None:
             )
     check_ray_address(config)
     if rollout:
-        from verl.workers.rollout.base import _ROLLOUT_REGISTRY
+        from conrec_verl.runtime.verl_compat import known_rollouts
 
-        known = sorted({name for name, _mode in _ROLLOUT_REGISTRY})
+        known = known_rollouts()
         if rollout not in known:
             raise ConfigError(f"unknown actor_rollout_ref.rollout.name={rollout!r}; registered rollouts: {known}")
 
@@ -264,24 +264,17 @@ def check_model_has_sid_tokens(model_path, codebook_path) -> None:
         raise ConfigError(str(exc)) from exc
 
 
+def _check_unless_skipped(config) -> None:
+    if os.environ.get("CONREC_SKIP_PREFLIGHT", "") != "1":
+        check_config(config)
+
+
 def install() -> None:
-    """Wrap ``verl.utils.device.auto_set_device`` so :func:`check_config` runs before Ray starts."""
-    import verl.utils.device as device_utils
+    """Run :func:`check_config` on the config as the user wrote it, before verl's
+    ``auto_set_device`` rewrites it and before Ray starts (``verl_compat.wrap_auto_set_device``)."""
+    from conrec_verl.runtime import verl_compat
 
-    original = device_utils.auto_set_device
-    if getattr(original, "_conrec_preflight", False):
-        return
-
-    @functools.wraps(original)
-    def auto_set_device(config) -> None:
-        # check the configuration as written: verl's auto_set_device replaces trainer.device by the
-        # detected accelerator (a CPU run without VERL_PLATFORM would become "cuda" and die later)
-        if os.environ.get("CONREC_SKIP_PREFLIGHT", "") != "1":
-            check_config(config)
-        original(config)
-
-    auto_set_device._conrec_preflight = True
-    device_utils.auto_set_device = auto_set_device
+    verl_compat.wrap_auto_set_device(_check_unless_skipped)
 
 
 install()

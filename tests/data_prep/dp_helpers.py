@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_prep import load_config
+from conrec_verl.data_prep import load_config
 
 START = pd.Timestamp("2024-01-01")
 

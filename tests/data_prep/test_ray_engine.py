@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 
 from conrec_verl.core.swing import SwingParams, dislike_matrix, swing_pair_scores
-from data_prep import DataPrepError, build
-from data_prep import samples as S
-from data_prep.distributed import compare_data_folders, stable_partition
+from conrec_verl.data_prep import DataPrepError, build
+from conrec_verl.data_prep import samples as S
+from conrec_verl.data_prep.distributed import compare_data_folders, stable_partition
 from dp_helpers import generic_cfg, ms, synth_log
 
 RAY_OPTS = ("progress=false",)

@@ -3,8 +3,8 @@ import gzip
 import pandas as pd
 import pytest
 
-from data_prep import DataPrepError
-from data_prep.readers import SAMPLE_PATH, read_input
+from conrec_verl.data_prep import DataPrepError
+from conrec_verl.data_prep.readers import SAMPLE_PATH, read_input
 from dp_helpers import ms
 
 
@@ -143,7 +143,7 @@ def test_missing_file():
 
 
 def test_days_in_half_hour_timezone(tmp_path):
-    from data_prep.readers import days_from_ts
+    from conrec_verl.data_prep.readers import days_from_ts
 
     # 18:29 and 18:31 UTC on Jan 1 are 23:59 on Jan 1 and 00:01 on Jan 2 in Asia/Kolkata (UTC+5:30)
     t = [ms(1, 0) + (18 * 60 + 29) * 60_000, ms(1, 0) + (18 * 60 + 31) * 60_000]

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from conrec_verl.core.contract import GroundTruth, rl_record
 from conrec_verl.core.prompts import render_alignment_prompt, render_history_prompt
 from conrec_verl.core.sid import Codebook, format_sid
 
@@ -47,20 +48,14 @@ def make_data_folder(root: Path, n_users: int = 12, n_items: int = 40, sizes=(4,
         n_cold = rnd.randint(0, 2) if future else rnd.randint(1, 2)
         pos = rnd.sample([i for i in rest if i not in future], 3)
         next_neg = sid[future[0]] if future and rnd.random() < 0.8 else None
-        gt = {"future_neg": [sid[i] for i in future], "swing": [], "future_pos": [sid[i] for i in pos],
-              "next_neg": next_neg, "long_tail_items": [sid[i] for i in future if i not in popular],
-              "n_future_neg_cold": n_cold, "sid_build": book.fingerprint}
-        row = {
-            "data_source": "conrec",
-            "prompt": [{"role": "user", "content": render_history_prompt(2, [], [sid[i] for i in hist], [])}],
-            "ability": "negative_recommendation",
-            "reward_model": {"style": "rule", "ground_truth": json.dumps(gt)},
-            "extra_info": {"split": "test", "index": u, "user_id": str(u), "cutoff_day": 20220414, "stage": 2,
-                           "long_tail_user": len(hist) < 3, "sid_build": book.fingerprint},
-            "hist_neg_recent": [sid[i] for i in hist[-2:]],
-            "hist_neg": [sid[i] for i in hist],
-            "hist_pos": [sid[i] for i in pos[:1]],
-        }
+        gt = GroundTruth(future_neg=tuple(sid[i] for i in future), future_pos=tuple(sid[i] for i in pos),
+                         next_neg=next_neg, long_tail_items=tuple(sid[i] for i in future if i not in popular),
+                         n_future_neg_cold=n_cold, sid_build=book.fingerprint)
+        row = rl_record(
+            prompt_text=render_history_prompt(2, [], [sid[i] for i in hist], []), ground_truth=gt,
+            extra_info={"split": "test", "index": u, "user_id": str(u), "cutoff_day": 20220414, "stage": 2,
+                        "long_tail_user": len(hist) < 3, "sid_build": book.fingerprint},
+            hist_neg_recent=[sid[i] for i in hist[-2:]], hist_neg=[sid[i] for i in hist], hist_pos=[sid[i] for i in pos[:1]])
         if future:
             others = rnd.sample([i for i in items if i not in future], 19)
             t = rnd.randrange(20)

@@ -9,7 +9,7 @@ import pytest
 
 from conrec_verl.baselines import BASELINES, CoDislikeBaseline, RecentPopularityBaseline, SASRecBaseline
 from conrec_verl.baselines.base import training_sequences
-from conrec_verl.evaluation.data import load_eval_data
+from conrec_verl.core.eval_data import load_eval_data
 from conrec_verl.evaluation.harness import run_evaluation
 from conrec_verl.evaluation.predictions import write_predictions
 

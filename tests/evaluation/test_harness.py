@@ -10,7 +10,7 @@ from conrec_verl.baselines import PopularityBaseline, RandomBaseline, SASRecBase
 from conrec_verl.baselines.base import training_sequences
 from conrec_verl.core.sid import format_sid
 from conrec_verl.evaluation.cli import main as eval_main
-from conrec_verl.evaluation.data import EvalInputError, load_eval_data
+from conrec_verl.core.eval_data import EvalInputError, load_eval_data
 from conrec_verl.evaluation.filter_cli import main as filter_main
 from conrec_verl.evaluation.harness import deployment_sweep, run_evaluation
 from conrec_verl.evaluation.predictions import PredictionSet, read_predictions, write_predictions

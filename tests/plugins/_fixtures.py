@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -11,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conrec_verl.core import prompts
+from conrec_verl.core.contract import GroundTruth, parse_ground_truth, rl_record
 from conrec_verl.core.sid import Codebook, format_sid
 
 SIZES = (4, 5, 6)
@@ -27,16 +27,9 @@ def sid(*codes: int) -> str:
 
 
 def ground_truth(future_neg=(), swing=(), future_pos=(), next_neg=None, as_json=True, sid_build=None):
-    gt = {
-        "future_neg": list(future_neg),
-        "swing": list(swing),
-        "future_pos": list(future_pos),
-        "next_neg": next_neg,
-        "long_tail_items": [],
-        "n_future_neg_cold": 0,
-        "sid_build": make_codebook().fingerprint if sid_build is None else sid_build,
-    }
-    return json.dumps(gt) if as_json else gt
+    gt = GroundTruth(future_neg=tuple(future_neg), swing=tuple(swing), future_pos=tuple(future_pos), next_neg=next_neg,
+                     sid_build=make_codebook().fingerprint if sid_build is None else sid_build)
+    return gt.to_json() if as_json else parse_ground_truth(gt.to_json())
 
 
 def random_sid(rng, sizes=SIZES) -> str:
@@ -52,20 +45,14 @@ def make_rl_rows(n: int, seed: int = 0, sizes=SIZES, hist_len=(2, 12)) -> list[d
         recent = neg[len(neg) - n_recent:] if neg and n_recent else []
         pos = [random_sid(rng, sizes) for _ in range(int(rng.integers(*hist_len)) * 3)]
         gt = ground_truth([random_sid(rng, sizes)], [], [random_sid(rng, sizes)])
-        rows.append({
-            "data_source": "conrec",
-            "prompt": [{"role": "user", "content": prompts.render_history_prompt(2, recent, neg, pos)}],
-            "ability": "negative_recommendation",
-            "reward_model": {"style": "rule", "ground_truth": gt},
-            "extra_info": {"split": "train", "index": i, "user_id": f"u{i}", "cutoff_day": 20220501,
-                           # as data_prep assigns: one context the row is eligible for
-                           "stage": [c for c in (1, 2, 3) if c != 1 or recent][i % (3 if recent else 2)] if neg else 2,
-                           "long_tail_user": False,
-                           "sid_build": make_codebook().fingerprint},
-            "hist_neg_recent": recent,
-            "hist_neg": neg,
-            "hist_pos": pos,
-        })
+        rows.append(rl_record(
+            prompt_text=prompts.render_history_prompt(2, recent, neg, pos), ground_truth=GroundTruth.parse(gt),
+            extra_info={"split": "train", "index": i, "user_id": f"u{i}", "cutoff_day": 20220501,
+                        # as data_prep assigns: one context the row is eligible for
+                        "stage": [c for c in (1, 2, 3) if c != 1 or recent][i % (3 if recent else 2)] if neg else 2,
+                        "long_tail_user": False,
+                        "sid_build": make_codebook().fingerprint},
+            hist_neg_recent=recent, hist_neg=neg, hist_pos=pos))
     return rows
 
 

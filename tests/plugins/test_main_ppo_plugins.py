@@ -15,7 +15,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conrec_verl.recipes import CONFIG_PKG  # the shipped recipes, as hydra finds them from a wheel install
+
 pytestmark = pytest.mark.slow
 
 PLUGIN_OVERRIDES = [
@@ -35,12 +36,11 @@ PLUGIN_OVERRIDES = [
 
 def main_ppo(smoke, *overrides, timeout=420):
     env = dict(os.environ, VERL_PLATFORM="cpu", VERL_ENGINE_DEVICE="cuda", TORCH_COMPILE_DISABLE="1",
-               WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", os.path.join(ROOT, "recipes/conrec/config"),
+               WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", CONFIG_PKG,
            "--config-name", "smoke_cpu", f"smoke_dir={smoke}",
            f"+reward.reward_kwargs.codebook_path={smoke}/data/codebook.npz", *PLUGIN_OVERRIDES, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=str(smoke), env=env, capture_output=True, text=True, timeout=timeout)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     return log
@@ -71,8 +71,7 @@ def run_a(tmp_path_factory):
     """One uninterrupted 4-step run (stages: steps 1-2 context 1, steps 3-4 context 2)."""
     tmp_path = tmp_path_factory.mktemp("main_ppo_plugins")
     smoke = tmp_path / "smoke"
-    subprocess.run([sys.executable, "-m", "conrec_verl.smoke", "--out", str(smoke)], cwd=ROOT, check=True,
-                   env=dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])),
+    subprocess.run([sys.executable, "-m", "conrec_verl.smoke", "--out", str(smoke)], cwd=tmp_path, check=True,
                    capture_output=True)
     log = main_ppo(smoke, f"trainer.default_local_dir={tmp_path}/ck_a", f"trainer.rollout_data_dir={tmp_path}/roll_a")
     return tmp_path, smoke, log

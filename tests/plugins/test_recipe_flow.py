@@ -19,7 +19,7 @@ from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
 from verl.utils.dataset.rl_dataset import collate_fn
 from verl.utils.skip import SkipManager
 
-from conrec_verl.advantage import progressive_stage_metrics
+from conrec_verl.trainer_mode import progressive_stage_metrics
 from conrec_verl.core.schedule import StageSchedule
 from conrec_verl.dataset import ConrecSidDataset
 from conrec_verl.reward_manager import ConrecRewardManager

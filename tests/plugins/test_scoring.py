@@ -247,3 +247,38 @@ def test_reward_options_are_checked_for_type_and_finiteness(options, match):
 def test_nan_hier_weights_are_refused_when_built_directly():
     with pytest.raises(ScoringConfigError, match="hier_weights must be a finite number"):
         RewardConfig(variant="hierarchical", hier_weights=(float("nan"), 1.0, 1.0))
+
+
+# -- the reward-variant registry ------------------------------------------------------------------
+
+@given(s_g=st.floats(-1, 1), s_f=st.floats(-1, 1), depth=st.integers(0, 3),
+       gamma=st.floats(0, 2), threshold=st.floats(-1, 1))
+def test_every_registered_variant_stays_above_its_lower_bound(s_g, s_f, depth, gamma, threshold):
+    from conrec_verl.core.scoring import REWARD_VARIANTS
+
+    for name, variant in REWARD_VARIANTS.items():
+        cfg = RewardConfig(variant=name, gamma=gamma, sim_threshold=threshold)
+        reward = variant.fn(s_g, s_f, depth, cfg, cfg.effective_hier_weights(3))
+        assert reward >= cfg.lower_bound() - 1e-12, name
+        assert cfg.effective_format_penalty() < cfg.lower_bound()
+
+
+def test_a_registered_variant_is_usable_by_name_in_one_place(monkeypatch):
+    from conrec_verl.core import scoring
+
+    monkeypatch.setattr(scoring, "REWARD_VARIANTS", dict(scoring.REWARD_VARIANTS))
+
+    @scoring.register_reward_variant("fps_only", lower_bound=lambda c: -c.gamma)
+    def fps_only(s_g, s_f, depth, config, hier_weights):
+        """``-gamma * s_f``."""
+        return -config.gamma * s_f
+
+    book = make_codebook()
+    scorer = Scorer(book, RewardConfig(variant="fps_only", gamma=1.0, check_sid_build=False))
+    gt = ground_truth([sid(1, 2, 3)], [], [sid(1, 2, 3)])
+    assert scorer.score(sid(1, 2, 3), gt).reward == pytest.approx(-1.0)
+    assert scorer.score("garbage", gt).reward == pytest.approx(-1.5)  # lower bound - 0.5
+    with pytest.raises(ValueError, match="already registered"):
+        scoring.register_reward_variant("collab", lower_bound=lambda c: 0.0)(fps_only)
+    with pytest.raises(ScoringConfigError, match="unknown; choose one of"):
+        RewardConfig(variant="nope")

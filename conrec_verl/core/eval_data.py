@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from conrec_verl.core.contract import GroundTruthError, parse_ground_truth
 from conrec_verl.core.metrics import EvalTarget
 from conrec_verl.core.sid import Codebook, CodebookError, Codes, parse_sid
 from conrec_verl.core.sid_trie import SidTrie
@@ -161,9 +162,9 @@ def _row(path: Path, i: int, raw: dict, sid_build: str) -> EvalRow:
     rm = raw.get("reward_model") or {}
     gt_text = rm.get("ground_truth")
     try:
-        gt = json.loads(gt_text) if isinstance(gt_text, str) else None
-    except json.JSONDecodeError as exc:
-        raise EvalInputError(f"{where}: column 'reward_model.ground_truth' is not JSON ({exc})") from exc
+        gt = parse_ground_truth(gt_text) if isinstance(gt_text, str) else None
+    except GroundTruthError as exc:
+        raise EvalInputError(f"{where}: column 'reward_model.ground_truth': {exc}") from exc
     if not isinstance(gt, dict) or "future_neg" not in gt:
         raise EvalInputError(f"{where}: column 'reward_model.ground_truth' must be a JSON object with 'future_neg'")
     col = f"{where}: column 'reward_model.ground_truth'"
