@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from conrec_verl.core.cleaning import CleaningError, CleaningRule, decision_path, write_decision
-from conrec_verl.core.contract import REQUIRED_COLUMNS, missing_rl_columns
+from conrec_verl.core.contract import REQUIRED_COLUMNS, missing_rl_columns, row_context
 from conrec_verl.core.schedule import CONTEXTS, STAGE_ROWS, ScheduleError, rows_by_context
 
 
@@ -67,7 +66,7 @@ def screen_stage(model_dir: str | os.PathLike, data_dir: str | os.PathLike, stag
     codebook = Codebook.load(data_dir / "codebook.npz")
     _, sid_items = load_sid_map(data_dir / "sid_map.parquet", codebook)
     rows = read_rl_rows(rl_file)
-    assigned = [(r.get("extra_info") or {}).get("stage") for r in rows] if stage_rows == "assigned" else None
+    assigned = [row_context(r.get("extra_info")) for r in rows] if stage_rows == "assigned" else None
     try:
         pool = rows_by_context([len(r["hist_neg_recent"] or ()) for r in rows], [len(r["hist_neg"] or ()) for r in rows],
                                assigned, how=stage_rows, where=str(rl_file))[int(context)]

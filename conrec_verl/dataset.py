@@ -9,7 +9,7 @@ Select it with::
       val_files: <data_dir>/rl/val.parquet
       conrec:
         schedule: ${algorithm.progressive_grpo}  # the one schedule everything reads
-        val_stage: 3                             # prompt context of validation rows
+        val_context: 3                           # prompt context of validation rows
     trainer: {total_epochs: 1}                 # one pass over the curriculum = the schedule
 
 It reads the RL parquet written by data_prep (``docs/data-format.md``: ``hist_neg_recent``,
@@ -25,14 +25,15 @@ total_steps * data.train_batch_size`` and position ``i`` is trained at step
 ``drop_last``), so it renders the row that :class:`conrec_verl.core.schedule.CurriculumOrder`
 assigns to that position, for the context of that step's stage. A stage draws only rows that
 its context can show with a non-empty negative section, and (``data.conrec.stage_rows:
-assigned``, the default) only the rows data_prep assigned to that context (``extra_info.stage``);
+assigned``, the default) only the rows data_prep assigned to that context (``extra_info.context``);
 ``stage_rows: eligible`` lets every stage draw every eligible row. ``data.conrec.row_weights``: a
 folder of cross-stage cleaning decisions (:mod:`conrec_verl.core.cleaning`; the pipeline writes
 them) that re-weight the rows of the stages they name. Rows are shuffled within each
 stage with ``data.seed``. Everything is a pure function of the position, so the stateful
 dataloader's restored position after a resume yields exactly the prompts of the resumed step's
 stage. Validation files (``data_files == data.val_files``), or ``data.conrec.mode: fixed``: one
-item per row, rendered for ``val_stage`` (validation) / ``stage`` (fixed).
+item per row, rendered for ``val_context`` (validation) / ``context`` (fixed); their old names
+``val_stage`` / ``stage`` are still accepted.
 
 Limits: DAPO-style group filtering with refill draws extra prompts and shifts the step alignment;
 ``trainer.total_training_steps`` larger than the schedule starts a second pass from stage 1 (the
@@ -52,7 +53,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from verl.utils.dataset.rl_dataset import RLHFDataset
 
-from conrec_verl.core.contract import HISTORY_COLUMNS, GroundTruth, GroundTruthError, missing_rl_columns
+from conrec_verl.core.contract import HISTORY_COLUMNS, GroundTruth, GroundTruthError, missing_rl_columns, row_context
 from conrec_verl.core.prompts import chat_prompt_length, render_history_prompt
 from conrec_verl.core.cleaning import CleaningError, load_row_weights
 from conrec_verl.core.schedule import CONTEXTS, CurriculumOrder, ScheduleError, StageSchedule, rows_by_context
@@ -67,6 +68,22 @@ MODES = ("auto", "curriculum", "fixed")
 
 class ConrecDataError(ValueError):
     """The RL parquet, its SIDs or the adapter config cannot be used."""
+
+
+#: ``data.conrec`` keys renamed to the one vocabulary (a context is what a prompt shows, a stage a
+#: position in the schedule): old name -> new name, both accepted
+CONTEXT_KEY_ALIASES = {"val_stage": "val_context", "stage": "context"}
+
+
+def _context_option(cfg: Mapping[str, Any], key: str) -> Any:
+    """``data.conrec.<key>`` (default 3), also under its old name; both given and different is an error."""
+    old = next(o for o, n in CONTEXT_KEY_ALIASES.items() if n == key)
+    new_value, old_value = cfg.get(key), cfg.get(old)
+    if new_value is not None and old_value is not None and new_value != old_value:
+        raise ConrecDataError(f"data.conrec.{key}={new_value!r} and its old name data.conrec.{old}={old_value!r} "
+                              "disagree; set only data.conrec." + key)
+    value = new_value if new_value is not None else old_value
+    return 3 if value is None else value
 
 
 def _plain(value: Any) -> Any:
@@ -99,8 +116,8 @@ class ConrecSidDataset(RLHFDataset):
         if not isinstance(conrec_cfg, dict):
             raise ConrecDataError(f"data.conrec must be a mapping, got {conrec_cfg!r}")
         self.conrec_cfg = conrec_cfg
-        known = {"schedule", "val_stage", "stage", "mode", "total_steps", "check_sid_tokens", "stage_rows",
-                 "row_weights"}
+        known = {"schedule", "val_context", "context", "mode", "total_steps", "check_sid_tokens", "stage_rows",
+                 "row_weights", *CONTEXT_KEY_ALIASES}
         unknown = sorted(set(conrec_cfg) - known)
         if unknown:
             raise ConrecDataError(f"data.conrec: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -206,9 +223,8 @@ class ConrecSidDataset(RLHFDataset):
         self.order: CurriculumOrder | None = None
         self.fixed_context: int | None = None
         if mode == "fixed" or (mode == "auto" and (is_val or schedule_cfg is None)):
-            key = "val_stage" if is_val else "stage"
-            context = cfg.get(key, 3)
-            context = 3 if context is None else context
+            key = "val_context" if is_val else "context"
+            context = _context_option(cfg, key)
             if context not in CONTEXTS:
                 raise ConrecDataError(f"data.conrec.{key} must be one of {CONTEXTS}, got {context!r}")
             self.fixed_context = int(context)
@@ -249,7 +265,7 @@ class ConrecSidDataset(RLHFDataset):
         """Which rows each context's stage may draw (:func:`conrec_verl.core.schedule.rows_by_context`,
         the rule cross-stage cleaning screens by too)."""
         rows = self.dataframe
-        assigned = [(r.get("extra_info") or {}).get("stage") for r in rows] if how == "assigned" else None
+        assigned = [row_context(r.get("extra_info")) for r in rows] if how == "assigned" else None
         return rows_by_context([len(r["hist_neg_recent"] or ()) for r in rows], [len(r["hist_neg"] or ()) for r in rows],
                                assigned, how=how, where=", ".join(self._conrec_source_files))
 
@@ -293,7 +309,8 @@ class ConrecSidDataset(RLHFDataset):
         row = self.dataframe[row_index]
         messages = [{"role": "user", "content": self.render(row, context)}]
         extra_info = dict(row["extra_info"])
-        extra_info.update(stage=context, conrec_row=row_index)
+        extra_info.pop("stage", None)  # the old name of the field, in folders written before it was renamed
+        extra_info.update(context=context, conrec_row=row_index)
         if stage_index is not None:
             extra_info.update(stage_index=stage_index, conrec_step=step)
         index = extra_info.get("index", row_index)

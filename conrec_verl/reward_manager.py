@@ -16,8 +16,8 @@ Per trajectory it decodes the response, takes the SID that counts (see
 :mod:`conrec_verl.core.scoring`), scores it against ``reward_model.ground_truth`` (GTS = future_neg
 ∪ swing, FPS = future_pos) and returns ``{"reward_score", "reward_extra_info"}``; verl puts the score
 on the last response token. ``reward_extra_info`` (logged by verl): ``valid_sid``, ``exact_hit``
-(also as ``acc``), ``prefix_depth``, ``sim_gts``, ``sim_fps`` and ``stage`` (the prompt context 1..3 the row
-was rendered for: ``extra_info.stage`` written by the dataset adapter, else the context of the
+(also as ``acc``), ``prefix_depth``, ``sim_gts``, ``sim_fps`` and ``context`` (the prompt context 1..3 the row
+was rendered for: ``extra_info.context`` written by the dataset adapter, else the context of the
 schedule's stage at ``global_steps``; 0 if unknown) and ``conrec_row`` (1).
 
 Mixed data: only rows whose ``data_source`` is one of ``reward_kwargs.data_sources`` (default
@@ -41,6 +41,7 @@ from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 
 from conrec_verl.compute_score import DEFAULT_DATA_SOURCES, get_scorer, split_data_sources
 from conrec_verl.core.schedule import StageSchedule
+from conrec_verl.core.contract import row_context
 from conrec_verl.core.scoring import ScoreResult, Scorer
 from conrec_verl.core.sid import SID_TOKEN_RE
 
@@ -106,11 +107,13 @@ class ConrecRewardManager(RewardManagerBase):
                    where="reward.reward_kwargs")
         cls._class_initialized = True
 
-    def _stage(self, item) -> float:
-        extra = item.non_tensor_batch.get("extra_info")
-        if isinstance(extra, dict) and extra.get("stage") is not None:
+    def _context(self, item) -> float:
+        """The prompt context of the row (what the dataset rendered it with), else the one the
+        schedule trains at the row's step, else 0."""
+        value = row_context(item.non_tensor_batch.get("extra_info"))
+        if value is not None:
             try:
-                return float(extra["stage"])
+                return float(value)
             except (TypeError, ValueError):
                 pass
         step = item.non_tensor_batch.get("global_steps")
@@ -121,11 +124,11 @@ class ConrecRewardManager(RewardManagerBase):
                 pass
         return 0.0
 
-    def score_text(self, text: Any, ground_truth: Any, stage: float = 0.0) -> dict:
+    def score_text(self, text: Any, ground_truth: Any, context: float = 0.0) -> dict:
         result = self.scorer.score(text, ground_truth)
         info = result.as_extra_info()
         info["acc"] = info["exact_hit"]
-        info["stage"] = float(stage)
+        info["context"] = float(context)
         info["conrec_row"] = 1.0
         return {"reward_score": float(result.reward), "reward_extra_info": info}
 
@@ -144,7 +147,7 @@ class ConrecRewardManager(RewardManagerBase):
         score = float(result["score"] if isinstance(result, dict) else result)
         acc = result.get("acc", score) if isinstance(result, dict) else score
         info = dict(_ZERO_INFO)
-        info.update(acc=float(acc), stage=0.0, conrec_row=0.0)
+        info.update(acc=float(acc), context=0.0, conrec_row=0.0)
         return {"reward_score": score, "reward_extra_info": info}
 
     async def run_single(self, data: DataProto) -> dict:
@@ -160,8 +163,8 @@ class ConrecRewardManager(RewardManagerBase):
             return await self.loop.run_in_executor(
                 None, lambda: self.score_other(data_source, text, ground_truth, extra))
         text = self.decode(response_ids[:valid_length])
-        stage = self._stage(item)
-        return await self.loop.run_in_executor(None, lambda: self.score_text(text, ground_truth, stage))
+        context = self._context(item)
+        return await self.loop.run_in_executor(None, lambda: self.score_text(text, ground_truth, context))
 
 
 #: the extra-info keys of a CoNRec row, zeroed (rows of other data sources carry them too)

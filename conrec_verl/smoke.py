@@ -62,7 +62,7 @@ def write_smoke_dataset(out_dir: str | os.PathLike, sid_sizes: Sequence[int] = (
             out.append(rl_record(
                 prompt_text=render_history_prompt(stage, hist_neg[-2:], hist_neg, hist_pos), ground_truth=truth,
                 extra_info={"split": split, "index": offset + k, "user_id": f"u{offset + k}",
-                            "cutoff_day": 20220414, "stage": stage, "long_tail_user": False,
+                            "cutoff_day": 20220414, "context": stage, "long_tail_user": False,
                             "sid_build": codebook.fingerprint},
                 hist_neg_recent=hist_neg[-2:], hist_neg=hist_neg, hist_pos=hist_pos))
         return out

@@ -389,9 +389,10 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
         if warmup_val:
             counts["sft/warmup_val"] = write_parquet(warmup_val, SFT_SCHEMAS["warmup"], tmp / "sft" / "warmup_val.parquet")
         counts["rl/train"] = write_parquet(rl_train, RL_SCHEMA, tmp / "rl" / "train.parquet")
-        for stage in sorted({r["extra_info"]["stage"] for r in rl_train}):
-            sub = [r for r in rl_train if r["extra_info"]["stage"] == stage]
-            counts[f"rl/train_stage{stage}"] = write_parquet(sub, RL_SCHEMA, tmp / "rl" / f"train_stage{stage}.parquet")
+        for context in sorted({r["extra_info"]["context"] for r in rl_train}):
+            sub = [r for r in rl_train if r["extra_info"]["context"] == context]
+            counts[f"rl/train_context{context}"] = write_parquet(sub, RL_SCHEMA,
+                                                                tmp / "rl" / f"train_context{context}.parquet")
         counts["rl/val"] = write_parquet(rl_val, RL_SCHEMA, tmp / "rl" / "val.parquet")
         counts["eval/test"] = write_parquet(eval_recs, EVAL_SCHEMA, tmp / "eval" / "test.parquet")
         sid_report["swing"] = swing_stats
@@ -438,8 +439,8 @@ def _sample_stats(tr: pd.DataFrame, va: pd.DataFrame, te: pd.DataFrame, skips: d
         if "window_days" in df.columns:
             w = df["window_days"].to_numpy()
             out["window_days"] = {"min": int(w.min()), "mean": round(float(w.mean()), 2), "max": int(w.max())}
-        if "stage" in df.columns:
-            out["stages"] = {str(k): int(v) for k, v in df["stage"].value_counts().sort_index().items()}
+        if "stage" in df.columns:  # the context assigned to each training row
+            out["contexts"] = {str(k): int(v) for k, v in df["stage"].value_counts().sort_index().items()}
         return out
 
     return {"train": block(tr), "val": block(va), "test": block(te),
@@ -471,7 +472,7 @@ def format_summary(m: dict, out: Path) -> str:
         if b.get("rows"):
             lines.append(f"  {name}: {b['rows']} rows / {b['users']} users; GTS {b['gts_items']} items "
                          f"({b['gts_from_swing']} from Swing); future dislikes cold share {b['cold_share']:.3f}"
-                         + (f"; stages {b['stages']}" if "stages" in b else ""))
+                         + (f"; contexts {b['contexts']}" if "contexts" in b else ""))
         else:
             lines.append(f"  {name}: 0 rows")
     lines.append("  files: " + ", ".join(f"{k}={v}" for k, v in c.items() if "/" in k))

@@ -417,7 +417,7 @@ def rl_records(rows: pd.DataFrame, split: str, sid_build: str, stage_col: str | 
             prompt_text=render_history_prompt(stage, r.hist_neg_recent, r.hist_neg, r.hist_pos),
             ground_truth=GroundTruth(**r.gt),
             extra_info={"split": split, "index": idx, "user_id": r.user_id, "cutoff_day": int(r.cutoff_day),
-                        "stage": stage, "long_tail_user": bool(r.long_tail_user), "sid_build": sid_build,
+                        "context": stage, "long_tail_user": bool(r.long_tail_user), "sid_build": sid_build,
                         "window_days": int(r.window_days), "n_hist_neg": len(r.hist_neg)},
             hist_neg_recent=r.hist_neg_recent, hist_neg=r.hist_neg, hist_pos=r.hist_pos))
     return out

@@ -5,6 +5,10 @@ dataset, the reward, the evaluation and the cleaning screen read them with :func
 / :meth:`GroundTruth.parse` and :func:`missing_rl_columns`. The smoke data and the test fixtures use the
 same writer, so a change of the contract is one change here.
 
+Vocabulary: a row's ``context`` is what its prompt shows (1 = last-days dislikes, 2 = all dislikes,
+3 = dislikes and likes); a ``stage`` is a position in the progressive-GRPO schedule
+(``conrec_verl.core.schedule``), which trains one context.
+
 No verl import (a pure core module); pyarrow only for the schemas.
 """
 
@@ -29,7 +33,7 @@ GROUND_TRUTH_LIST_KEYS = ("future_neg", "swing", "future_pos", "long_tail_items"
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 STR_LIST = pa.list_(pa.string())
 RL_EXTRA = pa.struct([("split", pa.string()), ("index", pa.int64()), ("user_id", pa.string()),
-                      ("cutoff_day", pa.int64()), ("stage", pa.int64()), ("long_tail_user", pa.bool_()),
+                      ("cutoff_day", pa.int64()), ("context", pa.int64()), ("long_tail_user", pa.bool_()),
                       ("sid_build", pa.string()), ("window_days", pa.int64()), ("n_hist_neg", pa.int64())])
 RL_SCHEMA = pa.schema([("data_source", pa.string()), ("prompt", MESSAGES), ("ability", pa.string()),
                        ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
@@ -143,6 +147,15 @@ def rl_record(*, prompt_text: str, ground_truth: GroundTruth, extra_info: Mappin
         "hist_neg": list(hist_neg),
         "hist_pos": list(hist_pos),
     }
+
+
+def row_context(extra_info: Mapping[str, Any] | None) -> Any:
+    """The prompt context a row carries (``extra_info.context``: the one data_prep assigned to a
+    training row, the one the dataset rendered an item with). Folders written before the field was
+    named ``context`` call it ``stage``; both are read."""
+    extra = extra_info or {}
+    value = extra.get("context")
+    return extra.get("stage") if value is None else value
 
 
 def missing_rl_columns(names: Sequence[str]) -> list[str]:

@@ -80,7 +80,7 @@ def rows_by_context(n_recent_neg: Sequence[int], n_neg: Sequence[int], assigned:
         if how == "assigned":
             stage = None if assigned is None else assigned[i]
             if stage is None:
-                raise ScheduleError(f"{where}: row {i} has no extra_info.stage (the context data_prep assigned); "
+                raise ScheduleError(f"{where}: row {i} has no extra_info.context (the context data_prep assigned); "
                                     "set data.conrec.stage_rows=eligible")
             ok = tuple(c for c in ok if c == int(stage))
         for c in ok:

@@ -93,7 +93,7 @@ def test_rows_by_context_is_the_dataset_rule():
     assert out == {1: [0], 2: [1], 3: [3]}  # row 2 has no dislike at all: no context
     assert rows_by_context([1, 0, 0, 2], [3, 2, 0, 2], None, how="eligible") == {1: [0, 3], 2: [0, 1, 3],
                                                                                  3: [0, 1, 3]}
-    with pytest.raises(ScheduleError, match="row 1 has no extra_info.stage"):
+    with pytest.raises(ScheduleError, match="row 1 has no extra_info.context"):
         rows_by_context([1, 0], [1, 1], [1, None])
 
 
@@ -113,7 +113,7 @@ def test_screening_with_a_real_model_writes_the_decision(tmp_path, tiny_model_di
     d = json.loads((out / "stage_2.json").read_text())
     rows = read_rl_rows(data / "rl" / "train.parquet")
     expected = rows_by_context([len(r["hist_neg_recent"]) for r in rows], [len(r["hist_neg"]) for r in rows],
-                               [r["extra_info"]["stage"] for r in rows])[2]
+                               [r["extra_info"]["context"] for r in rows])[2]
     assert d["screened"] == len(expected) and d["context"] == 2
     assert d["flagged"] == int(0.5 * d["rows_with_future_likes"]) and len(d["weights"]) == d["flagged"]
     assert set(map(int, d["weights"])) <= set(expected) and set(d["weights"].values()) == {2}

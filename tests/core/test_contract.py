@@ -22,6 +22,7 @@ from conrec_verl.core.contract import (
     missing_rl_columns,
     parse_ground_truth,
     rl_record,
+    row_context,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +69,7 @@ def test_the_lenient_sid_view_the_scorer_uses():
 
 def test_rows_of_the_writer_fit_the_schemas(tmp_path):
     row = rl_record(prompt_text="p", ground_truth=GroundTruth(future_neg=(A,)),
-                    extra_info={"split": "train", "index": 0, "user_id": "u", "cutoff_day": 20220101, "stage": 1,
+                    extra_info={"split": "train", "index": 0, "user_id": "u", "cutoff_day": 20220101, "context": 1,
                                 "long_tail_user": False, "sid_build": "abc", "window_days": 7, "n_hist_neg": 1},
                     hist_neg_recent=[A], hist_neg=[A], hist_pos=[B])
     table = pa.Table.from_pylist([row], schema=RL_SCHEMA)
@@ -97,3 +98,9 @@ def test_the_data_format_doc_lists_every_ground_truth_field():
     block = block[:block.index("```", block.index("```") + 3)]
     documented = re.findall(r'"([a-z_]+)":', block)
     assert documented == [f.name for f in dataclasses.fields(GroundTruth)]
+
+
+def test_row_context_reads_the_field_and_its_old_name():
+    assert row_context({"context": 2, "stage": 1}) == 2
+    assert row_context({"stage": 1}) == 1  # a folder written before the rename
+    assert row_context({}) is None and row_context(None) is None

@@ -48,10 +48,10 @@ def test_layout_schema_and_manifest(built):
     assert row["data_source"] == "conrec" and row["ability"] == "negative_recommendation"
     assert row["prompt"][0]["role"] == "user"
     assert row["extra_info"]["sid_build"] == book.fingerprint == gt(row)["sid_build"]
-    assert set(train["extra_info"].map(lambda e: e["stage"])) == {1, 2, 3}
+    assert set(train["extra_info"].map(lambda e: e["context"])) == {1, 2, 3}
     # stage-1 rows always have recent negatives, and the prompt is rendered for the row's stage
     for _, r in train.iterrows():
-        stage = r["extra_info"]["stage"]
+        stage = r["extra_info"]["context"]
         if stage == 1:
             assert len(r["hist_neg_recent"]) > 0 and "last 3 days" in r["prompt"][0]["content"]
         if stage == 3:

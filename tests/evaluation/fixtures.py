@@ -53,7 +53,7 @@ def make_data_folder(root: Path, n_users: int = 12, n_items: int = 40, sizes=(4,
                          n_future_neg_cold=n_cold, sid_build=book.fingerprint)
         row = rl_record(
             prompt_text=render_history_prompt(2, [], [sid[i] for i in hist], []), ground_truth=gt,
-            extra_info={"split": "test", "index": u, "user_id": str(u), "cutoff_day": 20220414, "stage": 2,
+            extra_info={"split": "test", "index": u, "user_id": str(u), "cutoff_day": 20220414, "context": 2,
                         "long_tail_user": len(hist) < 3, "sid_build": book.fingerprint},
             hist_neg_recent=[sid[i] for i in hist[-2:]], hist_neg=[sid[i] for i in hist], hist_pos=[sid[i] for i in pos[:1]])
         if future:

@@ -49,7 +49,7 @@ def make_rl_rows(n: int, seed: int = 0, sizes=SIZES, hist_len=(2, 12)) -> list[d
             prompt_text=prompts.render_history_prompt(2, recent, neg, pos), ground_truth=GroundTruth.parse(gt),
             extra_info={"split": "train", "index": i, "user_id": f"u{i}", "cutoff_day": 20220501,
                         # as data_prep assigns: one context the row is eligible for
-                        "stage": [c for c in (1, 2, 3) if c != 1 or recent][i % (3 if recent else 2)] if neg else 2,
+                        "context": [c for c in (1, 2, 3) if c != 1 or recent][i % (3 if recent else 2)] if neg else 2,
                         "long_tail_user": False,
                         "sid_build": make_codebook().fingerprint},
             hist_neg_recent=recent, hist_neg=neg, hist_pos=pos))

@@ -320,7 +320,7 @@ def test_conrec_sync_trainer_logs_the_stage_every_step(config, monkeypatch):
 
     import transfer_queue as tq
 
-    infos = {f"k{i}": {"reward_extra_info": {"valid_sid": float(i % 2), "stage": 1.0}} for i in range(4)}
+    infos = {f"k{i}": {"reward_extra_info": {"valid_sid": float(i % 2), "context": 1.0}} for i in range(4)}
     monkeypatch.setattr(tq, "kv_batch_get", lambda keys, partition_id, select_fields: {
         "extra_fields": [infos[k] for k in keys]})
     trainer = object.__new__(ConrecSyncTrainer)  # the metric hook only needs the config

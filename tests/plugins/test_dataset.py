@@ -43,7 +43,7 @@ def cfg_for(compose, files):
             f"data.val_files={val_files}",
             f"+algorithm.progressive_grpo.stages={STAGES}",
             "+data.conrec.schedule=${algorithm.progressive_grpo}",
-            "+data.conrec.val_stage=2",
+            "+data.conrec.val_context=2",
             *extra,
         ])
 
@@ -74,7 +74,7 @@ def test_curriculum_items_belong_to_the_stage_of_their_step(cfg_for, tokenizer):
         stage = schedule.stage_at(step)
         for msgs, extra, rm in zip(batch["raw_prompt"], batch["extra_info"], batch["reward_model"]):
             text = msgs[0]["content"]
-            assert context_of(text) == stage.context and extra["stage"] == stage.context
+            assert context_of(text) == stage.context and extra["context"] == stage.context
             assert extra["conrec_step"] == step and extra["stage_index"] == stage.index
             assert text.endswith(prompts.INSTRUCTION)
             assert set(rm) == {"style", "ground_truth"}
@@ -83,7 +83,7 @@ def test_curriculum_items_belong_to_the_stage_of_their_step(cfg_for, tokenizer):
     # each stage draws exactly the rows data_prep assigned to its context (9 or 6 items cover them)
     rows = ds.dataframe
     for c in (1, 2, 3):
-        assigned = {i for i, r in enumerate(rows) if r["extra_info"]["stage"] == c}
+        assigned = {i for i, r in enumerate(rows) if r["extra_info"]["context"] == c}
         assert assigned and seen_rows[c] == assigned
 
 
@@ -99,14 +99,30 @@ def test_no_stage_shows_an_empty_negative_context(cfg_for, tokenizer, tmp_path):
         text = item["raw_prompt"][0]["content"]
         neg_line = next(line for line in text.split("\n") if "not interested" in line and line != prompts.INSTRUCTION)
         assert not neg_line.endswith(prompts.EMPTY)
-        drawn[item["extra_info"]["stage"]].add(item["extra_info"]["conrec_row"])
+        drawn[item["extra_info"]["context"]].add(item["extra_info"]["conrec_row"])
     assert 0 not in set().union(*drawn.values()) and 1 not in drawn[1]
-    with pytest.raises(ConrecDataError, match="has no extra_info.stage"):
-        bare = [dict(r, extra_info={k: v for k, v in r["extra_info"].items() if k != "stage"}) for r in rows]
+    with pytest.raises(ConrecDataError, match="has no extra_info.context"):
+        bare = [dict(r, extra_info={k: v for k, v in r["extra_info"].items() if k != "context"}) for r in rows]
         build(cfg_for(train_files=write_parquet(bare, str(tmp_path / "bare.parquet"))), tokenizer)
-    only2 = [dict(r, extra_info=dict(r["extra_info"], stage=2)) for r in rows]
+    only2 = [dict(r, extra_info=dict(r["extra_info"], context=2)) for r in rows]
     with pytest.raises(ConrecDataError, match=r"stage 1 .* has no data row"):
         build(cfg_for(train_files=write_parquet(only2, str(tmp_path / "only2.parquet"))), tokenizer)
+
+
+def test_a_folder_written_before_the_context_rename_draws_the_same_rows(cfg_for, tokenizer, files, tmp_path):
+    """Rows whose extra_info still names the assigned context ``stage`` build the same curriculum."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(files[0]).to_pylist()
+    old = [dict(r, extra_info={("stage" if k == "context" else k): v for k, v in r["extra_info"].items()})
+           for r in rows]
+    assert all("context" not in r["extra_info"] for r in old)
+    new_ds = build(cfg_for(), tokenizer)
+    old_ds = build(cfg_for(train_files=write_parquet(old, str(tmp_path / "old.parquet"))), tokenizer)
+    assert len(old_ds) == len(new_ds) > 0
+    for pos in range(len(new_ds)):
+        a, b = new_ds[pos], old_ds[pos]
+        assert a["raw_prompt"] == b["raw_prompt"] and a["extra_info"] == b["extra_info"]
 
 
 def test_prompt_content_is_the_rows_history_for_the_stage(cfg_for, tokenizer, files):
@@ -117,19 +133,24 @@ def test_prompt_content_is_the_rows_history_for_the_stage(cfg_for, tokenizer, fi
     for pos in range(len(ds)):
         item = ds[pos]
         row = rows[item["extra_info"]["conrec_row"]]
-        ctx = item["extra_info"]["stage"]
+        ctx = item["extra_info"]["context"]
         assert item["raw_prompt"][0]["content"] == prompts.render_history_prompt(
             ctx, row["hist_neg_recent"], row["hist_neg"], row["hist_pos"])
         assert item["reward_model"]["ground_truth"] == row["reward_model"]["ground_truth"]
         assert item["extra_info"]["user_id"] == row["extra_info"]["user_id"]
 
 
-def test_validation_files_render_one_item_per_row_for_val_stage(cfg_for, tokenizer):
+def test_validation_files_render_one_item_per_row_for_val_context(cfg_for, tokenizer):
     ds = build(cfg_for(), tokenizer, is_train=False)
     assert len(ds) == 4
     assert all(context_of(ds[i]["raw_prompt"][0]["content"]) == 2 for i in range(4))
-    fixed = build(cfg_for("+data.conrec.mode=fixed", "+data.conrec.stage=1"), tokenizer)
+    fixed = build(cfg_for("+data.conrec.mode=fixed", "+data.conrec.context=1"), tokenizer)
     assert len(fixed) == 7 and context_of(fixed[0]["raw_prompt"][0]["content"]) == 1
+    # the keys' old names still work; both names with different values is an error
+    old = build(cfg_for("+data.conrec.mode=fixed", "+data.conrec.stage=1"), tokenizer)
+    assert [old[i]["raw_prompt"] for i in range(7)] == [fixed[i]["raw_prompt"] for i in range(7)]
+    with pytest.raises(ConrecDataError, match="data.conrec.context=1 and its old name data.conrec.stage=2"):
+        build(cfg_for("+data.conrec.mode=fixed", "+data.conrec.context=1", "+data.conrec.stage=2"), tokenizer)
 
 
 def test_resume_in_the_middle_of_a_stage(cfg_for, tokenizer):
@@ -162,7 +183,7 @@ def test_resume_in_the_middle_of_a_stage(cfg_for, tokenizer):
 def test_truncates_oldest_history_to_fit_and_keeps_instruction(cfg_for, tokenizer, tmp_path):
     rows = make_rl_rows(2, seed=9, hist_len=(30, 31))
     path = write_parquet(rows, str(tmp_path / "long.parquet"))
-    cfg = cfg_for("data.max_prompt_length=90", "+data.conrec.mode=fixed", "+data.conrec.stage=3",
+    cfg = cfg_for("data.max_prompt_length=90", "+data.conrec.mode=fixed", "+data.conrec.context=3",
                   train_files=path)
     ds = build(cfg, tokenizer)
     for i in range(2):
@@ -271,7 +292,7 @@ def test_cleaning_decisions_reweight_their_stage_through_verls_dataloader(cfg_fo
     from conrec_verl.core.cleaning import CleaningRule, write_decision
 
     plain = build(cfg_for("data.train_batch_size=2"), tokenizer)
-    pool2 = [i for i, r in enumerate(plain.dataframe) if r["extra_info"]["stage"] == 2]
+    pool2 = [i for i, r in enumerate(plain.dataframe) if r["extra_info"]["context"] == 2]
     assert len(pool2) >= 2
     write_decision(tmp_path, 2, 2, rows=pool2, sim_fps=[1.0] + [0.0] * (len(pool2) - 1), has_fps=[True] * len(pool2),
                    rule=CleaningRule(threshold=0.9, repeat=4))

@@ -82,7 +82,7 @@ def test_main_ppo_trains_across_a_stage_boundary(run_a):
     steps = step_metrics(log)
     assert sorted(steps) == [1, 2, 3, 4]
     assert [float(steps[s]["training/conrec_stage"]) for s in (1, 2, 3, 4)] == [1.0, 1.0, 2.0, 2.0]
-    assert [float(steps[s]["reward_extra/stage/mean"]) for s in (1, 2, 3, 4)] == [1.0, 1.0, 2.0, 2.0]
+    assert [float(steps[s]["reward_extra/context/mean"]) for s in (1, 2, 3, 4)] == [1.0, 1.0, 2.0, 2.0]
     for key in ("valid_sid", "exact_hit", "prefix_depth", "sim_gts", "sim_fps"):
         assert f"reward_extra/{key}/mean" in steps[1]
     assert "[conrec] progressive_grpo step 3: stage 2/2" in log

@@ -74,7 +74,7 @@ def test_training_flow_across_stage_boundaries(recipe, tokenizer):
                     text = [history[0] if history else "none", rm["ground_truth"][16:40], "junk", history[-1:]][k]
                     out = run(manager, one_row(tokenizer, str(text), gt=rm["ground_truth"], extra_info=extra))
                     rewards.append(out["reward_score"])
-                    stages.append(out["reward_extra_info"]["stage"])
+                    stages.append(out["reward_extra_info"]["context"])
                     uids.append(f"p{step}_{j}")
             assert set(stages) == {float(stage.context)}  # reward log shows the data's stage
             length = 3
@@ -97,6 +97,6 @@ def test_training_flow_across_stage_boundaries(recipe, tokenizer):
     assert stages_seen == [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]
 
 
-def test_validation_dataset_uses_val_stage(recipe, tokenizer):
+def test_validation_dataset_uses_val_context(recipe, tokenizer):
     val = create_rl_dataset(recipe.data.val_files, recipe.data, tokenizer, None, is_train=False)
-    assert len(val) == 3 and {val[i]["extra_info"]["stage"] for i in range(3)} == {3}
+    assert len(val) == 3 and {val[i]["extra_info"]["context"] for i in range(3)} == {3}

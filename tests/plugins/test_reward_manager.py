@@ -105,14 +105,17 @@ def test_reward_kwargs_take_effect(manager_for, tokenizer):
     assert bad["reward_score"] == -7.5 and bad["reward_extra_info"]["valid_sid"] == 0.0
 
 
-def test_extra_info_reports_stage_and_is_flat(manager_for, tokenizer):
+def test_extra_info_reports_the_context_and_is_flat(manager_for, tokenizer):
     manager = manager_for()
-    out = run(manager, one_row(tokenizer, sid(1, 2, 3), extra_info={"index": 3, "stage": 2}))
-    assert out["reward_extra_info"]["stage"] == 2.0
+    out = run(manager, one_row(tokenizer, sid(1, 2, 3), extra_info={"index": 3, "context": 2}))
+    assert out["reward_extra_info"]["context"] == 2.0
     assert out["reward_extra_info"]["exact_hit"] == 1.0
     assert all(isinstance(v, float) for v in out["reward_extra_info"].values())
     none = run(manager, one_row(tokenizer, sid(1, 2, 3), extra_info={"index": 3}))
-    assert none["reward_extra_info"]["stage"] == 0.0
+    assert none["reward_extra_info"]["context"] == 0.0
+    # a row of a data folder written before the field was renamed (extra_info.stage)
+    old = run(manager, one_row(tokenizer, sid(1, 2, 3), extra_info={"index": 3, "stage": 3}))
+    assert old["reward_extra_info"]["context"] == 3.0
     assert set(none["reward_extra_info"]) == set(out["reward_extra_info"])  # verl stacks by key
 
 
@@ -124,7 +127,7 @@ def test_stage_from_schedule_and_global_steps(compose, tokenizer, codebook_path)
     manager = load_reward_manager(config, tokenizer)
     data = one_row(tokenizer, sid(1, 2, 3))
     data.non_tensor_batch["global_steps"] = np.array([3], dtype=object)
-    assert run(manager, data)["reward_extra_info"]["stage"] == 2.0
+    assert run(manager, data)["reward_extra_info"]["context"] == 2.0
 
 
 def test_codebook_loaded_once_per_process(manager_for, monkeypatch):
