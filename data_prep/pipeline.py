@@ -81,6 +81,35 @@ def known_config_keys() -> dict:
     return known
 
 
+#: ``rl`` keys renamed when contexts (what a prompt shows) and stages (schedule positions) were told
+#: apart: old name -> new name; the old names are still read
+RL_KEY_ALIASES = {"stages": "contexts", "stage_assignment": "context_assignment", "val_stage": "val_context",
+                  "eval_stage": "eval_context"}
+
+
+def rl_options(cfg: Mapping) -> dict:
+    """The ``rl`` group with old key names mapped to the new ones; an old and a new name with
+    different values is one error naming both."""
+    rcfg = dict(cfg.get("rl", {}) or {})
+    for old, new in RL_KEY_ALIASES.items():
+        value = rcfg.pop(old, None)
+        if value is None:
+            continue
+        if rcfg.get(new) is not None and rcfg[new] != value and _differs_from_default(new, rcfg[new]):
+            raise DataPrepError(f"rl.{new}={rcfg[new]!r} and its old name rl.{old}={value!r} disagree; set only rl.{new}")
+        rcfg[new] = value
+    return rcfg
+
+
+def _differs_from_default(key: str, value) -> bool:
+    """Whether ``rl.<key>`` was set to something other than base.yaml's default (an old-name override
+    then conflicts with it; the default itself yields to the old name)."""
+    from omegaconf import OmegaConf
+
+    default = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "base.yaml"))["rl"].get(key)
+    return value != default
+
+
 def check_config_keys(cfg: Mapping, known: Mapping | None = None, where: str = "") -> None:
     """Refuse a key no data_prep config knows (a typo, also one added with Hydra's ``+``), naming
     it and the closest known key: an unknown key would otherwise be silently ignored."""
@@ -203,6 +232,7 @@ def build(cfg: Mapping | Any, step_hook: Callable[[str, str], None] | None = Non
     :class:`DataPrepError`; nothing is left behind on failure."""
     cfg = _plain(cfg)
     check_config_keys(cfg)
+    rl_options(cfg)  # an old and a new rl key that disagree: refused before anything is read
     out_dir = cfg.get("out_dir")
     if not out_dir or out_dir == "???":
         raise DataPrepError("out_dir is required (e.g. out_dir=data/kuairand)")
@@ -327,7 +357,7 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
             train_rows, test_rows, skip_counts = D.build_samples_ray(ctx, ray_partitions)
         else:
             train_rows, test_rows, skip_counts = S.build_samples(ctx, progress=bool(cfg.get("progress", True)))
-        rcfg = cfg.get("rl", {}) or {}
+        rcfg = rl_options(cfg)
         if train_rows.empty:
             tr, va = train_rows, train_rows
         else:
@@ -338,9 +368,9 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
         n_no_neg = n_tr - (tr.drop_duplicates(["user_id", "cut"]).shape[0] if len(tr) else 0)
         rl_train = S.rl_records(tr, "train", sid_build)
         rl_val = S.rl_records(va.sort_values(["cut", "user_id"], kind="stable"), "val", sid_build,
-                              int(rcfg.get("val_stage", 2))) if len(va) else []
+                              int(rcfg.get("val_context", 2))) if len(va) else []
         test_sorted = test_rows.sort_values(["user_id"], kind="stable").reset_index(drop=True) if len(test_rows) else test_rows
-        eval_recs = S.rl_records(test_sorted, "test", sid_build, int(rcfg.get("eval_stage", 3))) if len(test_rows) else []
+        eval_recs = S.rl_records(test_sorted, "test", sid_build, int(rcfg.get("eval_context", 3))) if len(test_rows) else []
         cand_stats = {}
         if eval_recs:
             cands, targets, cand_stats = S.candidate_sets(test_sorted, inter, plan, sid_of, seed,

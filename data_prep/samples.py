@@ -381,8 +381,8 @@ def assign_stages(rows: pd.DataFrame, cfg: Mapping, seed: int) -> pd.DataFrame:
     stage and are dropped here. Rows are ordered by stage, then cutoff, then user. The dataset
     adapter trains stage k on the rows assigned to k (``data.conrec.stage_rows: assigned``).
     """
-    stages = [int(s) for s in cfg.get("stages", [1, 2, 3])]
-    how = cfg.get("stage_assignment", "partition")
+    stages = [int(s) for s in cfg.get("contexts") or [1, 2, 3]]
+    how = cfg.get("context_assignment") or "partition"
     if rows.empty:
         return rows.assign(stage=pd.Series(dtype=np.int64))
     ok = [eligible_contexts(len(a), len(b)) for a, b in zip(rows["hist_neg_recent"], rows["hist_neg"])]
@@ -404,7 +404,7 @@ def assign_stages(rows: pd.DataFrame, cfg: Mapping, seed: int) -> pd.DataFrame:
         out = rows.assign(stage=st)
         out = out[out["stage"] > 0]
     else:
-        raise DataPrepError(f"rl.stage_assignment must be partition or replicate, got {how!r}")
+        raise DataPrepError(f"rl.context_assignment must be partition or replicate, got {how!r}")
     return out.sort_values(["stage", "cut", "user_id"], kind="stable").reset_index(drop=True)
 
 

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from conrec_verl.core.sid import Codebook, format_sid, parse_sid
@@ -399,6 +400,23 @@ def test_unknown_config_keys_are_errors_even_with_plus(synth_path, tmp_path, ove
     with pytest.raises(DataPrepError, match=match):
         build(generic_cfg(synth_path, out, override))
     assert not out.exists() and not list(tmp_path.glob(".x*"))
+
+
+def test_the_rl_keys_old_names_still_work_and_a_conflict_is_one_error(synth_path, tmp_path):
+    """rl.val_stage / eval_stage / stages / stage_assignment were renamed to *context*; the old
+    names give the same folder as the new ones, and an old and a new name that disagree are refused."""
+    read = lambda out, f: pq.read_table(out / f).to_pylist()  # noqa: E731
+    new = build(generic_cfg(synth_path, tmp_path / "new", "rl.val_context=3", "rl.eval_context=2",
+                            "rl.contexts=[2,3]", "rl.context_assignment=replicate"))
+    old = build(generic_cfg(synth_path, tmp_path / "old", "rl.val_stage=3", "rl.eval_stage=2",
+                            "rl.stages=[2,3]", "rl.stage_assignment=replicate"))
+    for f in ("rl/train.parquet", "rl/val.parquet", "eval/test.parquet"):
+        assert read(new, f) == read(old, f), f
+    assert {r["extra_info"]["context"] for r in read(new, "rl/val.parquet")} == {3}
+    assert {r["extra_info"]["context"] for r in read(new, "rl/train.parquet")} == {2, 3}
+    with pytest.raises(DataPrepError, match=r"rl.val_context=1 and its old name rl.val_stage=3 disagree"):
+        build(generic_cfg(synth_path, tmp_path / "both", "rl.val_context=1", "rl.val_stage=3"))
+    assert not (tmp_path / "both").exists()
 
 
 def test_eval_cutoff_auto_holds_out_the_last_window_and_the_summary_reports_the_days(synth_path, tmp_path, capsys):
