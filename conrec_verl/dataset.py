@@ -53,7 +53,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from verl.utils.dataset.rl_dataset import RLHFDataset
 
-from conrec_verl.core.contract import HISTORY_COLUMNS, GroundTruth, GroundTruthError, missing_rl_columns, row_context
+from conrec_verl.core.contract import HISTORY_COLUMNS, GroundTruth, GroundTruthError, missing_rl_columns, renamed_option, row_context
 from conrec_verl.core.prompts import chat_prompt_length, render_history_prompt
 from conrec_verl.core.cleaning import CleaningError, load_row_weights
 from conrec_verl.core.schedule import CONTEXTS, CurriculumOrder, ScheduleError, StageSchedule, rows_by_context
@@ -78,12 +78,10 @@ CONTEXT_KEY_ALIASES = {"val_stage": "val_context", "stage": "context"}
 def _context_option(cfg: Mapping[str, Any], key: str) -> Any:
     """``data.conrec.<key>`` (default 3), also under its old name; both given and different is an error."""
     old = next(o for o, n in CONTEXT_KEY_ALIASES.items() if n == key)
-    new_value, old_value = cfg.get(key), cfg.get(old)
-    if new_value is not None and old_value is not None and new_value != old_value:
-        raise ConrecDataError(f"data.conrec.{key}={new_value!r} and its old name data.conrec.{old}={old_value!r} "
-                              "disagree; set only data.conrec." + key)
-    value = new_value if new_value is not None else old_value
-    return 3 if value is None else value
+    try:
+        return renamed_option(cfg, key, old, default=3, where="data.conrec.")
+    except ValueError as exc:
+        raise ConrecDataError(str(exc)) from None
 
 
 def _plain(value: Any) -> Any:

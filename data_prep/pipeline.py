@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from conrec_verl.core.contract import EVAL_SCHEMA, MESSAGES, RL_SCHEMA
+from conrec_verl.core.contract import EVAL_SCHEMA, MESSAGES, RL_SCHEMA, renamed_option
 from conrec_verl.core.sid import format_sid
 from conrec_verl.core.swing import (
     SwingParams,
@@ -88,26 +88,20 @@ RL_KEY_ALIASES = {"stages": "contexts", "stage_assignment": "context_assignment"
 
 
 def rl_options(cfg: Mapping) -> dict:
-    """The ``rl`` group with old key names mapped to the new ones; an old and a new name with
-    different values is one error naming both."""
-    rcfg = dict(cfg.get("rl", {}) or {})
-    for old, new in RL_KEY_ALIASES.items():
-        value = rcfg.pop(old, None)
-        if value is None:
-            continue
-        if rcfg.get(new) is not None and rcfg[new] != value and _differs_from_default(new, rcfg[new]):
-            raise DataPrepError(f"rl.{new}={rcfg[new]!r} and its old name rl.{old}={value!r} disagree; set only rl.{new}")
-        rcfg[new] = value
-    return rcfg
-
-
-def _differs_from_default(key: str, value) -> bool:
-    """Whether ``rl.<key>`` was set to something other than base.yaml's default (an old-name override
-    then conflicts with it; the default itself yields to the old name)."""
+    """The ``rl`` group with old key names mapped to the new ones (``core.contract.renamed_option``;
+    a new key at base.yaml's default yields to its old name); an old and a new name with different
+    values is one error naming both."""
     from omegaconf import OmegaConf
 
-    default = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "base.yaml"))["rl"].get(key)
-    return value != default
+    defaults = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "base.yaml"))["rl"]
+    rcfg = dict(cfg.get("rl", {}) or {})
+    for old, new in RL_KEY_ALIASES.items():
+        try:
+            rcfg[new] = renamed_option(rcfg, new, old, default=defaults.get(new), where="rl.")
+        except ValueError as exc:
+            raise DataPrepError(str(exc)) from None
+        rcfg.pop(old, None)
+    return rcfg
 
 
 def check_config_keys(cfg: Mapping, known: Mapping | None = None, where: str = "") -> None:

@@ -158,6 +158,19 @@ def row_context(extra_info: Mapping[str, Any] | None) -> Any:
     return extra.get("stage") if value is None else value
 
 
+def renamed_option(options: Mapping[str, Any], new: str, old: str, default: Any = None, where: str = "") -> Any:
+    """``options[new]``, or the value under its old name ``old`` (a key renamed to this vocabulary).
+    The old name wins over a new key left unset or at its ``default``; both set to different values
+    is a :class:`ValueError` naming both (``where`` prefixes the names, e.g. ``"rl."``)."""
+    new_value, old_value = options.get(new), options.get(old)
+    if old_value is None:
+        return default if new_value is None else new_value
+    if new_value is not None and new_value != old_value and new_value != default:
+        raise ValueError(f"{where}{new}={new_value!r} and its old name {where}{old}={old_value!r} disagree; "
+                         f"set only {where}{new}")
+    return old_value
+
+
 def missing_rl_columns(names: Sequence[str]) -> list[str]:
     """The columns of :data:`REQUIRED_COLUMNS` a table with columns ``names`` lacks."""
     return [c for c in REQUIRED_COLUMNS if c not in names]

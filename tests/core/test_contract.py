@@ -21,6 +21,7 @@ from conrec_verl.core.contract import (
     ground_truth_sids,
     missing_rl_columns,
     parse_ground_truth,
+    renamed_option,
     rl_record,
     row_context,
 )
@@ -104,3 +105,12 @@ def test_row_context_reads_the_field_and_its_old_name():
     assert row_context({"context": 2, "stage": 1}) == 2
     assert row_context({"stage": 1}) == 1  # a folder written before the rename
     assert row_context({}) is None and row_context(None) is None
+
+
+def test_renamed_option_reads_the_old_name_and_refuses_a_disagreement():
+    assert renamed_option({"new": 1}, "new", "old", default=3) == 1
+    assert renamed_option({"old": 2}, "new", "old", default=3) == 2
+    assert renamed_option({"new": 3, "old": 2}, "new", "old", default=3) == 2  # a default yields to the old name
+    assert renamed_option({}, "new", "old", default=3) == 3
+    with pytest.raises(ValueError, match=r"rl.new=1 and its old name rl.old=2 disagree; set only rl.new"):
+        renamed_option({"new": 1, "old": 2}, "new", "old", default=3, where="rl.")
