@@ -41,7 +41,7 @@ def plugin_overrides(data: Path, steps: int) -> list[str]:
         "+algorithm.progressive_grpo.kl_ref=${actor_rollout_ref.actor.kl_loss_coef}",
         f"+algorithm.progressive_grpo.stages=[{{context:1,steps:{half},beta:0.001}},"
         f"{{context:2,steps:{steps - half},beta:0.002}}]",
-        "data.custom_cls.path=pkg://conrec_verl.dataset", "data.custom_cls.name=ConrecSidDataset",
+        "data.custom_cls.path=pkg://conrec_verl.plugins.dataset", "data.custom_cls.name=ConrecSidDataset",
         "+data.conrec.schedule=${algorithm.progressive_grpo}",
         "reward.custom_reward_function.path=null", "reward.reward_manager.name=conrec",
         f"+reward.reward_kwargs.codebook_path={data}/codebook.npz",

@@ -3,7 +3,7 @@
 1. Pure scorer throughput (``conrec_verl.core.scoring.Scorer``) on one core; target >= 20k responses/s.
 2. Per-response cost of the ``conrec`` reward-loop manager vs verl's ``naive`` manager (with verl's
    built-in GSM8K rule scorer) on the same batch of decoded trajectories, measured in the same run;
-   target ratio <= 1.5; and the naive manager with ``conrec_verl.compute_score`` (the
+   target ratio <= 1.5; and the naive manager with ``conrec_verl.plugins.compute_score`` (the
    custom-function route) against the same baseline, target ratio <= 1.5.
 
     python benchmarks/bench_reward.py [--responses 50000] [--rows 4096] [--check]
@@ -73,7 +73,7 @@ def bench_managers(n_rows: int, tmp: str):
     from verl import DataProto
     from verl.trainer.ppo.reward import load_reward_manager
 
-    import conrec_verl.reward_manager  # noqa: F401
+    import conrec_verl.plugins.reward_manager  # noqa: F401
     from conrec_verl.model_builder import build_tokenizer
 
     book, texts, gts = make_workload(n_rows, seed=1)
@@ -119,7 +119,7 @@ def bench_managers(n_rows: int, tmp: str):
                                      f"+reward.reward_kwargs.codebook_path={tmp}/codebook.npz"), tok)
     naive = load_reward_manager(cfg("reward.reward_manager.name=naive"), tok)
     naive_custom = load_reward_manager(cfg(
-        "reward.custom_reward_function.path=pkg://conrec_verl.compute_score",
+        "reward.custom_reward_function.path=pkg://conrec_verl.plugins.compute_score",
         f"+reward.custom_reward_function.reward_kwargs.codebook_path={tmp}/codebook.npz"), tok)
 
     gsm_gts = ["42"] * len(texts)

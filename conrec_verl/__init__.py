@@ -5,7 +5,7 @@ The package is split in two layers:
 * ``conrec_verl.core`` -- pure modules (no verl import): semantic-ID codec and codebook,
   Swing co-dislike similarity, reward scoring, metrics, the progressive stage schedule,
   prompt rendering.
-* thin verl adapters beside it (``conrec_verl.plugin`` registers them with verl through the
+* thin verl adapters beside it (``conrec_verl.plugins.entry_point`` registers them with verl through the
   ``verl.plugins`` entry point).
 """
 

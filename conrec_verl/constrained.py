@@ -26,53 +26,12 @@ from typing import Callable, Collection, Sequence
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from conrec_verl.core.sid import Codes, extract_sids, format_sid, sid_token
+from conrec_verl.core.sid import Codes, SidTokenError, SidTokenMap, extract_sids, format_sid  # noqa: F401 - SidTokenMap re-exported
 from conrec_verl.core.sid_trie import SidTrie
 
 
-class ConstrainedDecodingError(ValueError):
+class ConstrainedDecodingError(SidTokenError):
     """The model/tokenizer cannot decode the requested SIDs, or the request is impossible."""
-
-
-class SidTokenMap:
-    """Token ids of the SID tokens ``<a_0>`` ... of a tokenizer, both directions."""
-
-    def __init__(self, tokenizer, level_sizes: Sequence[int]):
-        self.num_levels = len(level_sizes)
-        vocab = tokenizer.get_vocab()
-        self.ids: list[list[int]] = []
-        missing = []
-        for level, size in enumerate(level_sizes):
-            row = []
-            for code in range(int(size)):
-                tok = sid_token(level, code)
-                if tok not in vocab:
-                    missing.append(tok)
-                    row.append(-1)
-                else:
-                    row.append(int(vocab[tok]))
-            self.ids.append(row)
-        if missing:
-            raise ConstrainedDecodingError(
-                f"the tokenizer lacks {len(missing)} SID tokens (first: {missing[:5]}); build it with "
-                "conrec_verl.model_builder (build_tokenizer / extend_model_with_sid_tokens) for this SID build"
-            )
-        self.reverse: dict[int, tuple[int, int]] = {
-            tid: (level, code) for level, row in enumerate(self.ids) for code, tid in enumerate(row)
-        }
-
-    def token_id(self, level: int, code: int) -> int:
-        return self.ids[level][code]
-
-    def decode(self, token_ids: Sequence[int]) -> Codes | None:
-        """Codes spelled by ``token_ids`` (level 0, 1, ... in order), or None if they are not a SID path."""
-        codes = []
-        for depth, tid in enumerate(token_ids):
-            hit = self.reverse.get(int(tid))
-            if hit is None or hit[0] != depth:
-                return None
-            codes.append(hit[1])
-        return tuple(codes)
 
 
 class _AllowedCache:

@@ -48,3 +48,28 @@ def test_data_prep_uses_only_the_pure_parts_of_the_package():
 def test_the_rules_see_imports_inside_functions():
     found = imports_of(ROOT / "conrec_verl" / "runtime")["conrec_verl/runtime/verl_compat.py"]
     assert "verl.workers.rollout" in found  # imported inside register_rollout only
+
+
+def test_verl_registrations_live_in_plugins_or_runtime():
+    """A module that imports one of verl's ``register*`` functions is a verl adapter: it belongs in
+    ``plugins/`` (the extension points) or ``runtime/`` (running verl on a CPU)."""
+    found = []
+    for path in sorted((ROOT / "conrec_verl").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "verl"
+                    and any(a.name.startswith("register") for a in node.names)):
+                found.append(str(path.relative_to(ROOT / "conrec_verl")))
+    assert found, "no verl registration found: the check reads nothing"
+    assert [p for p in found if not p.startswith(("plugins/", "runtime/"))] == []
+
+
+def test_the_test_tree_mirrors_the_package():
+    """Every subpackage (and data_prep) has a test folder of the same name whose tests use it (import it
+    or name its modules in a config they run), and every test folder is named after a subpackage."""
+    packages = {p.parent.name for p in (ROOT / "conrec_verl").glob("*/__init__.py")} | {"data_prep"}
+    folders = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
+    assert folders == packages
+    for name in sorted(folders):
+        target = "conrec_verl.data_prep" if name == "data_prep" else f"conrec_verl.{name}"
+        for path in sorted((ROOT / "tests" / name).glob("test_*.py")):
+            assert target in path.read_text(), f"{path.relative_to(ROOT)} does not use {target}"

@@ -53,7 +53,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from conrec_verl.core.contract import GroundTruthError, ground_truth_sids, parse_ground_truth  # noqa: F401 - re-exported
-from conrec_verl.core.sid import Codebook, Codes, canonical_sid_re, format_sid, parse_sid, scan_sid_spans
+from conrec_verl.core.sid import Codebook, Codes, canonical_sid_re, format_sid, parse_sid, scan_sid_spans, sid_runs
 
 PARSE_MODES = ("first", "strict")
 logger = logging.getLogger(__name__)
@@ -396,6 +396,18 @@ class Scorer:
         except Exception:  # noqa: BLE001 - the reward must never raise on model text
             return None
 
+    def parse_sid_tokens(self, tokens: Sequence[tuple[int, int]]) -> Codes | None:
+        """:meth:`parse_output` for an output read as SID tokens (``SidTokenMap.sid_tokens``): the same
+        SID as parsing its decoded text."""
+        if self.config.parse_mode == "strict":
+            codes = tuple(code for _, code in tokens)
+            ok = [level for level, _ in tokens] == list(range(self.num_levels)) and self._valid(codes)
+            return codes if ok else None
+        for codes in sid_runs(tokens):
+            if len(codes) == self.num_levels and self._valid(codes):
+                return codes
+        return None
+
     # -- embeddings -----------------------------------------------------------------------------
     def unit_embedding(self, codes: Codes) -> np.ndarray:
         """Unit-normalised reconstructed embedding of valid ``codes`` (zero vector if the sum is 0)."""
@@ -503,8 +515,12 @@ class Scorer:
     def score(self, text: Any, ground_truth: str | Mapping[str, Any]) -> ScoreResult:
         """Score one output. Never raises on ``text``; raises :class:`GroundTruthError` on a bad
         ground truth (that is a data bug, not a model output)."""
+        return self.score_parsed(self.parse_output(text), ground_truth)
+
+    def score_parsed(self, codes: Codes | None, ground_truth: str | Mapping[str, Any]) -> ScoreResult:
+        """Score the SID an output spelled (``None``: none that counts), from :meth:`parse_output` or
+        :meth:`parse_sid_tokens`; a SID that is no item of the build gets the format penalty."""
         targets = self.targets(ground_truth)
-        codes = self.parse_output(text)
         if codes is not None and self.items is not None and codes not in self.items:
             return ScoreResult(reward=self._penalty, valid=False, non_item=True)
         return self.score_codes(codes, targets)

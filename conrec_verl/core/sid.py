@@ -86,6 +86,31 @@ class SidSpan:
     end: int
 
 
+def _runs(tokens: Iterable[tuple[int, int, bool]]) -> list[tuple[Codes, int, int]]:
+    """The SID runs of a sequence of level tokens ``(level, code, joins_previous)``: a run starts at a
+    level-0 token and continues while the next token is the next level and ``joins_previous`` (only
+    whitespace, or nothing, since the previous token). Tokens that neither start nor continue a run
+    are skipped. Returns ``(codes, first, last)`` per run, ``first``/``last`` the token positions.
+    The one scanning rule of :func:`scan_sid_spans` (text) and :meth:`SidTokenMap.sid_runs` (ids)."""
+    runs: list[tuple[Codes, int, int]] = []
+    current: list[int] = []
+    first = last = 0
+    for position, (level, code, joins_previous) in enumerate(tokens):
+        if current and level == len(current) and joins_previous:
+            current.append(code)
+            last = position
+            continue
+        if current:
+            runs.append((tuple(current), first, last))
+            current = []
+        if level == 0:
+            current = [code]
+            first = last = position
+    if current:
+        runs.append((tuple(current), first, last))
+    return runs
+
+
 def scan_sid_spans(text: str) -> list[SidSpan]:
     """Find runs ``<a_..><b_..>...`` in arbitrary text.
 
@@ -95,26 +120,10 @@ def scan_sid_spans(text: str) -> list[SidSpan]:
     """
     if not isinstance(text, str):
         return []
-    spans: list[SidSpan] = []
-    current: list[int] = []
-    start = end = 0
-    for match in SID_TOKEN_RE.finditer(text):
-        level = LEVEL_LETTERS.index(match.group(1))
-        code = int(match.group(2))
-        joins = current and level == len(current) and not text[end : match.start()].strip()
-        if joins:
-            current.append(code)
-            end = match.end()
-            continue
-        if current:
-            spans.append(SidSpan(tuple(current), start, end))
-            current = []
-        if level == 0:
-            current = [code]
-            start, end = match.start(), match.end()
-    if current:
-        spans.append(SidSpan(tuple(current), start, end))
-    return spans
+    matches = list(SID_TOKEN_RE.finditer(text))
+    tokens = ((LEVEL_LETTERS.index(m.group(1)), int(m.group(2)),
+               i > 0 and not text[matches[i - 1].end():m.start()].strip()) for i, m in enumerate(matches))
+    return [SidSpan(codes, matches[first].start(), matches[last].end()) for codes, first, last in _runs(tokens)]
 
 
 def extract_sids(text: str, num_levels: int) -> list[Codes]:
@@ -124,6 +133,79 @@ def extract_sids(text: str, num_levels: int) -> list[Codes]:
 
 class CodebookError(ValueError):
     """A codebook file is missing, malformed or does not match what uses it."""
+
+
+class SidTokenError(CodebookError):
+    """A tokenizer lacks SID tokens of the build that uses it."""
+
+
+class SidTokenMap:
+    """Token ids of a tokenizer's SID tokens ``<a_0>`` ..., both directions: the token form of a SID.
+
+    ``vocab`` is the tokenizer's ``token -> id`` mapping (``tokenizer.get_vocab()``; a tokenizer
+    itself is accepted). Every token of ``level_sizes`` must be in it (:class:`SidTokenError`).
+    """
+
+    def __init__(self, vocab, level_sizes: Sequence[int]):
+        if hasattr(vocab, "get_vocab"):
+            vocab = vocab.get_vocab()
+        self.num_levels = len(level_sizes)
+        self.ids: list[list[int]] = []
+        missing = []
+        for level, size in enumerate(level_sizes):
+            row = []
+            for code in range(int(size)):
+                tok = sid_token(level, code)
+                if tok not in vocab:
+                    missing.append(tok)
+                    row.append(-1)
+                else:
+                    row.append(int(vocab[tok]))
+            self.ids.append(row)
+        if missing:
+            raise SidTokenError(
+                f"the tokenizer lacks {len(missing)} SID tokens (first: {missing[:5]}); build it with "
+                "conrec_verl.model_builder (build_tokenizer / extend_model_with_sid_tokens) for this SID build"
+            )
+        self.reverse: dict[int, tuple[int, int]] = {
+            tid: (level, code) for level, row in enumerate(self.ids) for code, tid in enumerate(row)
+        }
+
+    def token_id(self, level: int, code: int) -> int:
+        return self.ids[level][code]
+
+    def decode(self, token_ids: Sequence[int]) -> Codes | None:
+        """Codes spelled by ``token_ids`` (level 0, 1, ... in order), or None if they are not a SID path."""
+        codes = []
+        for depth, tid in enumerate(token_ids):
+            hit = self.reverse.get(int(tid))
+            if hit is None or hit[0] != depth:
+                return None
+            codes.append(hit[1])
+        return tuple(codes)
+
+    def sid_tokens(self, token_ids: Iterable[int],
+                   skip_ids: "frozenset[int] | set[int]" = frozenset()) -> list[tuple[int, int]] | None:
+        """The ``(level, code)`` of every SID token of a generated sequence, read from its ids, when
+        every other id is in ``skip_ids`` (tokens the decoded output drops, or only whitespace): then
+        :func:`sid_runs` of them equals :func:`scan_sid_spans` of the decoded text. ``None`` when another
+        token is present: its text might spell SID characters, so the text must be scanned."""
+        reverse = self.reverse
+        tokens = []
+        for tid in token_ids:
+            hit = reverse.get(int(tid))
+            if hit is None:
+                if int(tid) in skip_ids:
+                    continue
+                return None
+            tokens.append(hit)
+        return tokens
+
+
+def sid_runs(tokens: Sequence[tuple[int, int]]) -> list[Codes]:
+    """The SID runs of a sequence of SID tokens ``(level, code)`` with nothing but whitespace between
+    them (what :meth:`SidTokenMap.sid_tokens` returns), by the rule of :func:`scan_sid_spans`."""
+    return [codes for codes, _, _ in _runs((level, code, True) for level, code in tokens)]
 
 
 class Codebook:

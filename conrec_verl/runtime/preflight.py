@@ -13,7 +13,7 @@ turn the common mistakes of this project's users into one clear error in the fir
 * a model folder that does not exist, or whose tokenizer lacks the semantic-ID tokens of the
   codebook the run uses (the reward's ``codebook_path`` or ``<data_dir>/codebook.npz``);
 * the CoNRec reward selected (``reward.reward_manager.name=conrec`` or
-  ``reward.custom_reward_function.path=pkg://conrec_verl.compute_score``) with reward options it
+  ``reward.custom_reward_function.path=pkg://conrec_verl.plugins.compute_score``) with reward options it
   does not know, a codebook it cannot load, or training rows without a usable CoNRec ground truth
   (the first ``CONREC_PREFLIGHT_ROWS`` rows of every ``data.train_files``, default 256): one
   message naming the file, the row and the missing field, instead of an error after Ray started
@@ -23,7 +23,7 @@ verl calls ``verl.utils.device.auto_set_device(config)`` first thing in ``main_p
 plugin wraps that function (:func:`install`) so the checks run there, on the configuration as the
 user wrote it (before verl's ``auto_set_device`` rewrites ``trainer.device`` for the detected
 accelerator). They are pure functions of the config (:func:`check_config`), unit-tested without
-Ray and through a real ``main_ppo`` start (``tests/test_preflight.py``).
+Ray and through a real ``main_ppo`` start (``tests/runtime/test_preflight.py``).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _get(config, dotted: str, default=None):
 def _codebook_path(config) -> str | None:
     """The codebook of the CoNRec reward's options, found as the reward finds it
     (``compute_score.resolve_codebook_path``: ``codebook_path``, else ``<data_dir>/codebook.npz``)."""
-    from conrec_verl.compute_score import resolve_codebook_path
+    from conrec_verl.plugins.compute_score import resolve_codebook_path
     from conrec_verl.core.scoring import ScoringConfigError
 
     try:
@@ -89,7 +89,7 @@ def check_progressive_grpo(config) -> None:
             "(or +algorithm.progressive_grpo.beta_via=advantage_scale)")
 
 
-COMPUTE_SCORE_MODULE = "conrec_verl.compute_score"
+COMPUTE_SCORE_MODULE = "conrec_verl.plugins.compute_score"
 
 
 def conrec_reward_options(config) -> tuple[str, dict] | None:
@@ -104,7 +104,7 @@ def conrec_reward_options(config) -> tuple[str, dict] | None:
         return "reward.reward_kwargs", plain(_get(config, "reward.reward_kwargs"))
     path = str(_get(config, "reward.custom_reward_function.path", "") or "")
     module_path = path[len("pkg://"):] if path.startswith("pkg://") else None
-    if module_path == COMPUTE_SCORE_MODULE or path.replace(os.sep, "/").endswith("conrec_verl/compute_score.py"):
+    if module_path == COMPUTE_SCORE_MODULE or path.replace(os.sep, "/").endswith("conrec_verl/plugins/compute_score.py"):
         name = str(_get(config, "reward.custom_reward_function.name", "") or "")
         if name != "compute_score":
             raise ConfigError(f"reward.custom_reward_function.name={name!r}: {COMPUTE_SCORE_MODULE} defines "
@@ -130,7 +130,7 @@ def check_reward_data(config, max_rows: int | None = None) -> None:
     if found is None:
         return
     where, options = found
-    from conrec_verl.compute_score import DEFAULT_DATA_SOURCES, VERL_CALL_KWARGS, get_scorer, split_data_sources
+    from conrec_verl.plugins.compute_score import DEFAULT_DATA_SOURCES, VERL_CALL_KWARGS, get_scorer, split_data_sources
     from conrec_verl.core.scoring import GroundTruthError, ScoringConfigError
 
     for key in VERL_CALL_KWARGS:

@@ -5,7 +5,7 @@ in :data:`ADAPTATIONS` with
 
 - ``still_needed()``: a probe of the installed verl that returns False once verl has the hook we
   would upstream (``docs/upstream.md`` lists the same adaptations, in the same order, with the
-  minimal verl change each needs). ``tests/test_verl_compat.py`` asserts every probe is True, so
+  minimal verl change each needs). ``tests/runtime/test_verl_compat.py`` asserts every probe is True, so
   that test fails on the verl release that makes an adaptation unnecessary;
 - where the code is: the runtime patches themselves live here (the functions below); the
   adaptations that are overrides in our own subclasses (the trainer mode, the SID dataset) stay in
@@ -118,11 +118,11 @@ ADAPTATIONS: dict[str, Adaptation] = {a.name: a for a in (
     Adaptation("global_step", "the advantage estimator reads the training step from SkipManager.step",
                "verl_compat.global_step (advantage.progressive_grpo)", _needs_global_step),
     Adaptation("stage_kl_coef", "the stage's KL weight sent to the actor with set_loss_fn at each stage change",
-               "ConrecSyncTrainer._apply_stage_beta (trainer_mode.py)", _needs_kl_schedule),
+               "ConrecSyncTrainer._apply_stage_beta (plugins/trainer_mode.py)", _needs_kl_schedule),
     Adaptation("train_metrics", "reward_extra_info means and the stage logged as training metrics every step",
-               "ConrecSyncTrainer._compute_metrics (trainer_mode.py)", _needs_metrics_hook),
+               "ConrecSyncTrainer._compute_metrics (plugins/trainer_mode.py)", _needs_metrics_hook),
     Adaptation("trainer_mode", "a registered trainer mode that reports 'sync' so verl's branches treat it as sync",
-               "ConrecSyncTrainer.trainer_mode (trainer_mode.py)", _needs_trainer_mode_property),
+               "ConrecSyncTrainer.trainer_mode (plugins/trainer_mode.py)", _needs_trainer_mode_property),
     Adaptation("rollout_registry", "the hf rollout written into (and pre-flight's rollout check read from) the private _ROLLOUT_REGISTRY",
                "verl_compat.register_rollout, known_rollouts (runtime/hf_rollout.py, preflight.py)", _needs_rollout_registry_write),
     Adaptation("preflight", "pre-flight checks run by wrapping verl.utils.device.auto_set_device",
@@ -132,7 +132,7 @@ ADAPTATIONS: dict[str, Adaptation] = {a.name: a for a in (
     Adaptation("unpinned_offload", "FSDP2's CPUOffloadPolicy never pins memory on the CPU platform",
                "verl_compat.install_unpinned_cpu_offload (runtime/cpu_platform.py)", _needs_unpinned_offload),
     Adaptation("dataset_rows", "the SID dataset overrides RLHFDataset._read_files_and_tokenize and __getstate__",
-               "ConrecSidDataset (dataset.py)", _needs_dataset_overrides),
+               "ConrecSidDataset (plugins/dataset.py)", _needs_dataset_overrides),
 )}
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import json
 
-import numpy as np
 import pytest
 
 from conrec_verl.core.cleaning import CleaningError, CleaningRule, load_row_weights, write_decision

@@ -15,7 +15,7 @@ from conrec_verl.evaluation.filter_cli import main as filter_main
 from conrec_verl.evaluation.harness import deployment_sweep, run_evaluation
 from conrec_verl.evaluation.predictions import PredictionSet, read_predictions, write_predictions
 
-from .fixtures import make_data_folder
+from tests.evaluation.fixtures import make_data_folder
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
 from verl.utils.config import omega_conf_to_dataclass
 from verl.utils.skip import SkipManager
 
-from conrec_verl.advantage import compute_progressive_grpo_advantage, stage_metrics
+from conrec_verl.plugins.advantage import compute_progressive_grpo_advantage, stage_metrics
 from conrec_verl.core.schedule import StageSchedule
 
 KL_REF = 0.5  # large enough that the KL gradient is visible next to the pg gradient
@@ -191,7 +191,7 @@ def test_stage_loss_fn_is_verls_ppo_loss_with_the_stage_beta(config):
 
     from verl.workers.utils import losses
 
-    from conrec_verl.trainer_mode import stage_loss_fn
+    from conrec_verl.plugins.trainer_mode import stage_loss_fn
 
     cfg = config(beta_via="kl_loss")
     fn = stage_loss_fn(cfg.actor_rollout_ref.actor, 0.25)
@@ -231,7 +231,7 @@ def test_true_per_stage_beta_across_stage_boundaries_equals_a_reference_run(conf
     ``beta_via: kl_loss`` (the loss the conrec_sync trainer hands the workers at each boundary)
     trains exactly like a reference run that optimises ``L_pg + beta_stage * KL``; the older
     advantage scaling does not once AdamW's moments carry a stage's scale over a boundary."""
-    from conrec_verl.trainer_mode import stage_loss_fn
+    from conrec_verl.plugins.trainer_mode import stage_loss_fn
 
     data = batch(seed=5)
     steps = 7
@@ -256,7 +256,7 @@ def test_true_per_stage_beta_across_stage_boundaries_equals_a_reference_run(conf
 
 
 def test_conrec_sync_sets_the_stage_beta_on_the_workers_at_each_stage_change(config):
-    from conrec_verl.trainer_mode import ConrecSyncTrainer
+    from conrec_verl.plugins.trainer_mode import ConrecSyncTrainer
 
     sent = []
 
@@ -309,7 +309,7 @@ def test_conrec_sync_trainer_logs_the_stage_every_step(config, monkeypatch):
     from verl.trainer.ppo.v1 import get_trainer_cls
     from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
-    from conrec_verl.trainer_mode import ConrecSyncTrainer
+    from conrec_verl.plugins.trainer_mode import ConrecSyncTrainer
 
     assert get_trainer_cls("conrec_sync") is ConrecSyncTrainer
     assert issubclass(ConrecSyncTrainer, PPOTrainerSync)
@@ -350,7 +350,7 @@ def test_conrec_sync_sets_the_replay_buffer_poll_interval(config):
     trainer: ``trainer.v1.sync.poll_interval`` replaces verl's fixed 2 s wait; unset keeps it."""
     from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 
-    from conrec_verl.trainer_mode import ConrecSyncTrainer
+    from conrec_verl.plugins.trainer_mode import ConrecSyncTrainer
 
     def build(extra):
         trainer = object.__new__(ConrecSyncTrainer)

@@ -11,9 +11,9 @@ from verl.utils.dataset.rl_dataset import RLHFDataset, collate_fn
 
 from conrec_verl.core import prompts
 from conrec_verl.core.schedule import StageSchedule
-from conrec_verl.dataset import ConrecDataError, ConrecSidDataset
+from conrec_verl.plugins.dataset import ConrecDataError, ConrecSidDataset
 
-from ._fixtures import make_rl_rows, write_parquet
+from tests.sid_fixtures import make_rl_rows, write_parquet
 
 B = 3
 STAGES = "[{context: 1, steps: 3}, {context: 2, steps: 3}, {context: 3, steps: 2}]"
@@ -33,7 +33,7 @@ def cfg_for(compose, files):
 
     def make(*extra, train_files=train, val_files=val):
         return compose([
-            "data.custom_cls.path=pkg://conrec_verl.dataset",
+            "data.custom_cls.path=pkg://conrec_verl.plugins.dataset",
             "data.custom_cls.name=ConrecSidDataset",
             "data.shuffle=false",
             f"data.train_batch_size={B}",

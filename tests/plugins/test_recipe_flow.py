@@ -19,12 +19,12 @@ from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
 from verl.utils.dataset.rl_dataset import collate_fn
 from verl.utils.skip import SkipManager
 
-from conrec_verl.trainer_mode import progressive_stage_metrics
+from conrec_verl.plugins.trainer_mode import progressive_stage_metrics
 from conrec_verl.core.schedule import StageSchedule
-from conrec_verl.dataset import ConrecSidDataset
-from conrec_verl.reward_manager import ConrecRewardManager
+from conrec_verl.plugins.dataset import ConrecSidDataset
+from conrec_verl.plugins.reward_manager import ConrecRewardManager
 
-from ._fixtures import make_rl_rows, write_parquet
+from tests.sid_fixtures import make_rl_rows, write_parquet
 from .test_reward_manager import one_row, run
 
 HERE = os.path.dirname(os.path.abspath(__file__))

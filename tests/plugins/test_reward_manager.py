@@ -16,12 +16,12 @@ from verl import DataProto
 from verl.experimental.reward_loop.reward_manager import get_reward_manager_cls
 from verl.trainer.ppo.reward import get_custom_reward_fn, load_reward_manager
 
-import conrec_verl.reward_manager  # noqa: F401 - registration at import
-from conrec_verl.compute_score import compute_score
+import conrec_verl.plugins.reward_manager  # noqa: F401 - registration at import
+from conrec_verl.plugins.compute_score import compute_score
 from conrec_verl.core.scoring import VARIANTS, RewardConfig, Scorer, ScoringConfigError
-from conrec_verl.reward_manager import ConrecRewardManager
+from conrec_verl.plugins.reward_manager import ConrecRewardManager
 
-from ._fixtures import ground_truth, sid
+from tests.sid_fixtures import ground_truth, sid
 
 GT = ground_truth([sid(1, 2, 3), sid(0, 4, 5)], [sid(3, 3, 3)], [sid(2, 1, 0)])
 
@@ -131,7 +131,7 @@ def test_stage_from_schedule_and_global_steps(compose, tokenizer, codebook_path)
 
 
 def test_codebook_loaded_once_per_process(manager_for, monkeypatch):
-    from conrec_verl import compute_score as cs
+    from conrec_verl.plugins import compute_score as cs
 
     calls = []
     original = cs.Codebook.load
@@ -159,7 +159,7 @@ def test_missing_codebook_is_a_clear_error(compose, tokenizer, tmp_path):
 
 def test_compute_score_through_verl_naive_manager(compose, tokenizer, codebook_path, codebook):
     config = compose([
-        "reward.custom_reward_function.path=pkg://conrec_verl.compute_score",
+        "reward.custom_reward_function.path=pkg://conrec_verl.plugins.compute_score",
         "reward.custom_reward_function.name=compute_score",
         f"+reward.custom_reward_function.reward_kwargs.codebook_path={codebook_path}",
         "+reward.custom_reward_function.reward_kwargs.variant=double_truncated",
@@ -201,7 +201,7 @@ def test_sid_tokens_registered_as_special_tokens_still_count(compose, codebook_p
     from conrec_verl.core.sid import all_sid_tokens
     from conrec_verl.model_builder import build_tokenizer
 
-    from ._fixtures import SIZES
+    from tests.sid_fixtures import SIZES
 
     tok = build_tokenizer(SIZES)
     tok.add_special_tokens({"additional_special_tokens": all_sid_tokens(SIZES)})
@@ -266,9 +266,40 @@ def test_rows_of_other_tasks_get_verls_scorer_and_the_same_keys(compose, tokeniz
     with pytest.raises(GroundTruthError):
         run(claimed, one_row(tokenizer, right, gt=gsm8k_gt, data_source="openai/gsm8k"))
     # the function swap under verl's naive manager routes the same way
-    config = compose(["reward.custom_reward_function.path=pkg://conrec_verl.compute_score",
+    config = compose(["reward.custom_reward_function.path=pkg://conrec_verl.plugins.compute_score",
                       "reward.custom_reward_function.name=compute_score",
                       f"+reward.custom_reward_function.reward_kwargs.codebook_path={codebook_path}"])
     naive = load_reward_manager(config, tokenizer)
     assert run(naive, one_row(tokenizer, right, gt=gsm8k_gt, data_source="openai/gsm8k"))["reward_score"] == 1.0
     assert run(naive, one_row(tokenizer, sid(1, 2, 3)))["reward_extra_info"]["exact_hit"] == 1.0
+
+
+@pytest.mark.parametrize("parse_mode", ["first", "strict"])
+def test_token_ids_map_to_the_sid_the_decoded_text_gives(manager_for, tokenizer, parse_mode):
+    """The manager reads a response of SID and special tokens from its ids (no decode); whatever the
+    ids, it finds the SID that parsing the decoded text finds -- runs, stray levels, out-of-range
+    tuples, whitespace and words between tokens, SIDs spelled in plain characters."""
+    from conrec_verl.core.sid import all_sid_tokens
+
+    manager = manager_for(parse_mode=parse_mode)
+    assert manager.token_map is not None
+    sid_ids = tokenizer.convert_tokens_to_ids(all_sid_tokens((5, 6, 7, 2)))  # one code past each level, a 4th level
+    sid_ids = [i for i in sid_ids if i != tokenizer.unk_token_id]
+    specials = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    others = tokenizer(" x <a_1> <b_2><c_3> <d_0> hello", add_special_tokens=False)["input_ids"]
+    pools = st.sampled_from(sid_ids) | st.sampled_from(specials) | st.sampled_from(others)
+    seen = {"tokens": 0, "text": 0}
+
+    @given(st.lists(pools, max_size=12))
+    @settings(max_examples=400, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    def check(ids):
+        by_text = manager.scorer.parse_output(manager.decode(ids))
+        assert manager.parse(ids) == by_text
+        seen["tokens" if manager.token_map.sid_tokens(ids, manager._skip_ids) is not None else "text"] += 1
+
+    check()
+    assert seen["tokens"] > 50 and seen["text"] > 50  # both paths were exercised
+    canonical = tokenizer(sid(1, 2, 3), add_special_tokens=False)["input_ids"] + specials[:1]
+    assert manager.token_map.sid_tokens(canonical, manager._skip_ids) == [(0, 1), (1, 2), (2, 3)]
+    assert manager.parse(canonical) == (1, 2, 3)

@@ -73,7 +73,7 @@ def test_the_shell_form_of_cpu_env_is_cpu_env(tmp_path):
     for key, value in json.loads(expected).items():
         assert got.get(key) == value, key
     assert got["WANDB_MODE"] == env["WANDB_MODE"]
-    read = lambda rel: open(os.path.join(os.path.dirname(__file__), "..", rel)).read()  # noqa: E731
+    read = lambda rel: open(os.path.join(os.path.dirname(__file__), "..", "..", rel)).read()  # noqa: E731
     text = read("recipes/conrec/run_conrec_cpu.sh")
     assert 'eval "$(python -m conrec_verl.runtime.cpu_env)"' in text and "VERL_PLATFORM=" not in text
     # the smoke script is `python -m conrec_verl.smoke --train`, which runs main_ppo with cpu_env()

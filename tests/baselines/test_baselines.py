@@ -13,7 +13,7 @@ from conrec_verl.core.eval_data import load_eval_data
 from conrec_verl.evaluation.harness import run_evaluation
 from conrec_verl.evaluation.predictions import write_predictions
 
-from .fixtures import make_data_folder
+from tests.evaluation.fixtures import make_data_folder
 
 
 @pytest.fixture(scope="module")

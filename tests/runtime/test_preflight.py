@@ -125,7 +125,7 @@ def test_reward_swap_checks_rows_options_and_function_name(cpu_env, tmp_path, sm
         if swap == "manager":
             return _cfg(**{"reward.reward_manager.name": "conrec", "reward.reward_kwargs": kwargs,
                            "data.train_files": train})
-        return _cfg(**{"reward.custom_reward_function.path": "pkg://conrec_verl.compute_score",
+        return _cfg(**{"reward.custom_reward_function.path": "pkg://conrec_verl.plugins.compute_score",
                        "reward.custom_reward_function.name": "compute_score",
                        "reward.custom_reward_function.reward_kwargs": kwargs, "data.train_files": [train]})
 
@@ -185,7 +185,7 @@ def test_preflight_fails_a_real_main_ppo_start_before_ray(tmp_path, smoke_data, 
     base = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(CONFIG_DIR), "--config-name",
             "smoke_cpu", f"smoke_dir={tmp_path}", f"actor_rollout_ref.model.path={tiny_model_dir}",
             f"data.train_files={gsm8k}", f"data.val_files={gsm8k}"]
-    swap = ["reward.custom_reward_function.path=pkg://conrec_verl.compute_score",
+    swap = ["reward.custom_reward_function.path=pkg://conrec_verl.plugins.compute_score",
             f"+reward.custom_reward_function.reward_kwargs.codebook_path={smoke_data / 'codebook.npz'}"]
     from conrec_verl.runtime.cpu_platform import cpu_env as env_vars
 

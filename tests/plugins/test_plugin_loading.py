@@ -32,14 +32,14 @@ def _probe(env_extra=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
     env.update(env_extra or {})
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=180,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_entry_point_is_declared():
     names = {ep.name: ep.value for ep in entry_points(group="verl.plugins")}
-    assert names.get("conrec") == "conrec_verl.plugin"
+    assert names.get("conrec") == "conrec_verl.plugins.entry_point"
 
 
 def test_fresh_import_of_verl_registers_everything():
@@ -47,7 +47,7 @@ def test_fresh_import_of_verl_registers_everything():
     assert "cpu" in seen["platforms"]
     assert "hf" in seen["rollouts"] and "hf" in seen["replicas"]
     assert seen["preflight"] is True
-    from conrec_verl.plugin import EXPECTED_NAMES
+    from conrec_verl.plugins.entry_point import EXPECTED_NAMES
 
     assert set(EXPECTED_NAMES["adv_estimators"]) <= set(seen["adv_estimators"])
     assert set(EXPECTED_NAMES["reward_managers"]) <= set(seen["reward_managers"])

@@ -22,7 +22,7 @@ import numpy as np
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
-from conrec_verl.advantage import NAME, schedule_from_algorithm_config, stage_metrics
+from conrec_verl.plugins.advantage import NAME, schedule_from_algorithm_config, stage_metrics
 from conrec_verl.runtime import verl_compat
 
 logger = logging.getLogger(__name__)

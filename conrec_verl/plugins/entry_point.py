@@ -6,14 +6,14 @@ Importing it registers everything conrec-verl adds to verl's registries:
 * platform ``cpu`` (``VERL_PLATFORM=cpu``) -- ``conrec_verl.runtime.cpu_platform``
 * rollout ``hf`` (``actor_rollout_ref.rollout.name=hf``) -- ``conrec_verl.runtime.hf_rollout``
 * pre-flight config checks before Ray starts -- ``conrec_verl.runtime.preflight``
-* reward manager ``conrec`` -- ``conrec_verl.reward_manager``
-* advantage estimator ``progressive_grpo`` -- ``conrec_verl.advantage``
+* reward manager ``conrec`` -- ``conrec_verl.plugins.reward_manager``
+* advantage estimator ``progressive_grpo`` -- ``conrec_verl.plugins.advantage``
 * v1 trainer mode ``conrec_sync`` (verl's sync trainer + the per-stage KL weight and the stage and
-  reward-detail metrics) -- ``conrec_verl.trainer_mode``
+  reward-detail metrics) -- ``conrec_verl.plugins.trainer_mode``
 
 verl swallows exceptions raised while importing a plugin (they only reach a DEBUG log), so a
 broken registration would silently disappear. This module therefore logs every failure at ERROR
-level and re-raises, and ``tests/test_plugin_loading.py`` checks in a fresh interpreter that every
+level and re-raises, and ``tests/plugins/test_plugin_loading.py`` checks in a fresh interpreter that every
 name is visible after ``import verl``.
 """
 
@@ -30,9 +30,9 @@ REGISTERING_MODULES = (
     "conrec_verl.runtime.cpu_platform",
     "conrec_verl.runtime.hf_rollout",
     "conrec_verl.runtime.preflight",
-    "conrec_verl.reward_manager",
-    "conrec_verl.advantage",
-    "conrec_verl.trainer_mode",
+    "conrec_verl.plugins.reward_manager",
+    "conrec_verl.plugins.advantage",
+    "conrec_verl.plugins.trainer_mode",
 )
 
 #: Names this package adds to verl's registries (checked by tests in a fresh interpreter).

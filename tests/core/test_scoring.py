@@ -20,7 +20,7 @@ from conrec_verl.core.scoring import (
     exact_hit,
     prefix_depth,
 )
-from ._fixtures import ground_truth, make_codebook, sid
+from tests.sid_fixtures import ground_truth, make_codebook, sid
 
 BOOK = make_codebook()
 

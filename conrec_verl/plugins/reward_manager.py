@@ -9,11 +9,14 @@ Select it with::
                                             # check_sid_build (see conrec_verl.core.scoring.RewardConfig)
 
 (in a recipe yaml the ``+`` is not needed). Importing this module registers the name with
-``verl.experimental.reward_loop.reward_manager.register``; ``conrec_verl.plugin`` imports it in
+``verl.experimental.reward_loop.reward_manager.register``; ``conrec_verl.plugins.entry_point`` imports it in
 every verl process.
 
-Per trajectory it decodes the response, takes the SID that counts (see
-:mod:`conrec_verl.core.scoring`), scores it against ``reward_model.ground_truth`` (GTS = future_neg
+Per trajectory it reads the SID that counts (see :mod:`conrec_verl.core.scoring`) from the
+response's token ids: with a tokenizer that has the build's SID tokens, a response made of SID
+tokens and special tokens (what a trained or trie-constrained model writes) maps token ids to codes
+through :class:`conrec_verl.core.sid.SidTokenMap` without decoding; any other response is decoded
+and its text parsed, which gives the same SID. It scores it against ``reward_model.ground_truth`` (GTS = future_neg
 ∪ swing, FPS = future_pos) and returns ``{"reward_score", "reward_extra_info"}``; verl puts the score
 on the last response token. ``reward_extra_info`` (logged by verl): ``valid_sid``, ``exact_hit``
 (also as ``acc``), ``prefix_depth``, ``sim_gts``, ``sim_fps`` and ``context`` (the prompt context 1..3 the row
@@ -39,11 +42,11 @@ from verl import DataProto
 from verl.experimental.reward_loop.reward_manager import register
 from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 
-from conrec_verl.compute_score import DEFAULT_DATA_SOURCES, get_scorer, split_data_sources
+from conrec_verl.plugins.compute_score import DEFAULT_DATA_SOURCES, get_scorer, split_data_sources
 from conrec_verl.core.schedule import StageSchedule
 from conrec_verl.core.contract import row_context
 from conrec_verl.core.scoring import ScoreResult, Scorer
-from conrec_verl.core.sid import SID_TOKEN_RE
+from conrec_verl.core.sid import SID_TOKEN_RE, SidTokenError, SidTokenMap
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +93,16 @@ class ConrecRewardManager(RewardManagerBase):
         specials = getattr(tokenizer, "all_special_tokens", None) or []
         self._strip_tokens = sorted((t for t in specials if t and not SID_TOKEN_RE.fullmatch(t)), key=len,
                                     reverse=True)
+        # the token form: SID token ids -> codes; the ids of the special tokens the text form drops
+        try:
+            self.token_map: SidTokenMap | None = SidTokenMap(tokenizer, self.scorer.codebook.sizes)
+        except (SidTokenError, AttributeError, TypeError):
+            self.token_map = None  # SIDs are spelled in text: always parse the decoded text
+        self._skip_ids = frozenset()
+        if self.token_map is not None:
+            ids = tokenizer.convert_tokens_to_ids(self._strip_tokens) if self._strip_tokens else []
+            unk = getattr(tokenizer, "unk_token_id", None)
+            self._skip_ids = frozenset(int(i) for i in ids if i is not None and (i != unk or unk is None))
 
     def decode(self, token_ids) -> str:
         text = self.tokenizer.decode(token_ids, skip_special_tokens=False)
@@ -124,8 +137,16 @@ class ConrecRewardManager(RewardManagerBase):
                 pass
         return 0.0
 
-    def score_text(self, text: Any, ground_truth: Any, context: float = 0.0) -> dict:
-        result = self.scorer.score(text, ground_truth)
+    def parse(self, token_ids) -> tuple:
+        """The SID that counts in a response (``None`` if none), from its token ids where they are
+        SID and special tokens only, else from its decoded text."""
+        tokens = self.token_map.sid_tokens(token_ids, self._skip_ids) if self.token_map is not None else None
+        if tokens is not None:
+            return self.scorer.parse_sid_tokens(tokens)
+        return self.scorer.parse_output(self.decode(token_ids))
+
+    def score_sid(self, codes, ground_truth: Any, context: float = 0.0) -> dict:
+        result = self.scorer.score_parsed(codes, ground_truth)
         info = result.as_extra_info()
         info["acc"] = info["exact_hit"]
         info["context"] = float(context)
@@ -162,9 +183,10 @@ class ConrecRewardManager(RewardManagerBase):
             extra = item.non_tensor_batch.get("extra_info", {})
             return await self.loop.run_in_executor(
                 None, lambda: self.score_other(data_source, text, ground_truth, extra))
-        text = self.decode(response_ids[:valid_length])
+        token_ids = response_ids[:valid_length].tolist()
         context = self._context(item)
-        return await self.loop.run_in_executor(None, lambda: self.score_text(text, ground_truth, context))
+        return await self.loop.run_in_executor(
+            None, lambda: self.score_sid(self.parse(token_ids), ground_truth, context))
 
 
 #: the extra-info keys of a CoNRec row, zeroed (rows of other data sources carry them too)

@@ -15,7 +15,7 @@ import pytest
 from conrec_verl.runtime import verl_compat
 from conrec_verl.runtime.verl_compat import ADAPTATIONS, PINNED_VERL
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_installed_verl_is_the_pinned_one():

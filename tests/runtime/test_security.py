@@ -23,7 +23,7 @@ import pytest
 from conrec_verl.runtime.cpu_env import cpu_env, loopback_env, torchrun_cmd
 from conrec_verl.runtime.loopback import loopback_address
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "recipes" / "conrec" / "config"
 
 #: processes whose non-loopback sockets are allowed: Ray's gRPC servers with token authentication

@@ -19,7 +19,7 @@ advantages. For the stage of that step the estimator
    stage's ``norm_adv_by_std`` (``algorithm.norm_adv_by_std_in_grpo`` is not used by this
    estimator) and the schedule's ``epsilon``;
 2. applies the stage's KL weight ``beta_stage``: with ``beta_via: kl_loss`` (default) the
-   ``conrec_sync`` trainer mode sets it as the actor's KL loss weight (:func:`conrec_verl.trainer_mode.stage_loss_fn`, sent
+   ``conrec_sync`` trainer mode sets it as the actor's KL loss weight (:func:`conrec_verl.plugins.trainer_mode.stage_loss_fn`, sent
    to the workers through verl's ``set_loss_fn`` when the stage changes) and the advantages stay
    verl's GRPO ones; with ``beta_via: advantage_scale`` the advantages are multiplied by
    ``kl_ref / beta_stage`` against the actor's fixed ``kl_ref`` (exact for one fresh-Adam step
@@ -27,7 +27,7 @@ advantages. For the stage of that step the estimator
 
 It prints one line when the stage changes. verl 0.9.1 passes the estimator no metrics dict, so
 the per-step metrics and the per-stage KL weight come from the trainer mode ``conrec_sync``
-(:mod:`conrec_verl.trainer_mode`).
+(:mod:`conrec_verl.plugins.trainer_mode`).
 """
 
 from __future__ import annotations

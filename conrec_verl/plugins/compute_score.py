@@ -2,7 +2,7 @@
 
 For an existing verl setup that keeps verl's ``naive`` reward manager::
 
-    reward.custom_reward_function.path=pkg://conrec_verl.compute_score
+    reward.custom_reward_function.path=pkg://conrec_verl.plugins.compute_score
     reward.custom_reward_function.name=compute_score
     +reward.custom_reward_function.reward_kwargs.codebook_path=<data_dir>/codebook.npz
     +reward.custom_reward_function.reward_kwargs.variant=collab      # optional, see RewardConfig

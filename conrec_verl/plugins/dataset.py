@@ -3,7 +3,7 @@
 Select it with::
 
     data:
-      custom_cls: {path: pkg://conrec_verl.dataset, name: ConrecSidDataset}
+      custom_cls: {path: pkg://conrec_verl.plugins.dataset, name: ConrecSidDataset}
       shuffle: false                           # required: the adapter orders and shuffles itself
       train_files: <data_dir>/rl/train.parquet
       val_files: <data_dir>/rl/val.parquet

@@ -16,8 +16,11 @@ from conrec_verl.constrained import (
     make_prefix_allowed_tokens_fn,
     score_sids,
 )
+from conrec_verl.core.sid import SidTokenError
 from conrec_verl.core.sid_trie import SidTrie
 from conrec_verl.model_builder import save_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SIZES = (4, 4, 4)
 PROMPTS = ["Items the user marked not interested: <a_1><b_2><c_3>", "Items the user liked: none", "none"]
@@ -110,7 +113,7 @@ def test_errors(tiny, tmp_path):
     trie = SidTrie([(0, 0, 0), (1, 1, 1)])
     with pytest.raises(ConstrainedDecodingError, match="larger than the number of items"):
         constrained_beam_search(model, tok, PROMPTS, trie, k=3)
-    with pytest.raises(ConstrainedDecodingError, match="lacks"):
+    with pytest.raises(SidTokenError, match="lacks"):
         SidTokenMap(tok, (4, 4, 9))
 
 
