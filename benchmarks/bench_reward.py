@@ -30,7 +30,8 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from conrec_verl.core.scoring import RewardConfig, Scorer  # noqa: E402
+from conrec_verl.core.reward import RewardConfig  # noqa: E402
+from conrec_verl.core.scoring import Scorer  # noqa: E402
 from conrec_verl.core.sid import Codebook, format_sid  # noqa: E402
 
 SIZES = (256, 256, 256)

@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing decision for this stage")
     args = parser.parse_args(argv)
-    from conrec_verl.core.scoring import GroundTruthError
+    from conrec_verl.core.contract import GroundTruthError
     from conrec_verl.core.sid import CodebookError
     from conrec_verl.core.eval_data import EvalInputError
 

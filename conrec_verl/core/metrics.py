@@ -2,7 +2,7 @@
 
 Per evaluation row (one user x cutoff day) a predictor supplies its top-K SIDs, best first, and
 optionally a score for each of the row's 20 candidates. Hits reuse the reward's scoring code
-(:func:`conrec_verl.core.scoring.exact_hit` / :func:`best_prefix_depth`), so "a hit" means the
+(:func:`conrec_verl.core.sid.exact_hit` / :func:`best_prefix_depth`), so "a hit" means the
 same thing in training and evaluation.
 
 Definitions (K configurable, default 20; NDCG deliberately absent, as in the paper):
@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from conrec_verl.core.scoring import best_prefix_depth, exact_hit
+from conrec_verl.core.sid import best_prefix_depth, exact_hit
 from conrec_verl.core.sid import Codes
 
 DEFAULT_KS = (1, 5, 10, 20)

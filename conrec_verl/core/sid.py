@@ -131,6 +131,27 @@ def extract_sids(text: str, num_levels: int) -> list[Codes]:
     return [span.codes for span in scan_sid_spans(text) if len(span.codes) == num_levels]
 
 
+def prefix_depth(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading levels two SIDs share (0 .. num_levels)."""
+    depth = 0
+    for x, y in zip(a, b):
+        if int(x) != int(y):
+            break
+        depth += 1
+    return depth
+
+
+def best_prefix_depth(pred: Codes, targets: Sequence[Codes]) -> int:
+    """The deepest shared prefix between ``pred`` and any target (0 when ``targets`` is empty)."""
+    return max((prefix_depth(pred, t) for t in targets), default=0)
+
+
+def exact_hit(pred: Codes, targets: Sequence[Codes]) -> bool:
+    """Whether ``pred`` is exactly one of ``targets``."""
+    pred = tuple(int(c) for c in pred)
+    return any(pred == tuple(int(c) for c in t) for t in targets)
+
+
 class CodebookError(ValueError):
     """A codebook file is missing, malformed or does not match what uses it."""
 

@@ -20,7 +20,8 @@ import os
 import threading
 from typing import Any, Mapping
 
-from conrec_verl.core.scoring import RewardConfig, Scorer, ScoringConfigError
+from conrec_verl.core.reward import RewardConfig, ScoringConfigError
+from conrec_verl.core.scoring import Scorer
 from conrec_verl.core.sid import Codebook
 
 #: keys of ``reward_kwargs`` that locate the codebook rather than configure the reward

@@ -6,7 +6,7 @@ Select it with::
     +reward.reward_kwargs.codebook_path=<data_dir>/codebook.npz
     +reward.reward_kwargs.variant=collab   # collab | neg_only | neg_truncated | double_truncated | hierarchical
     +reward.reward_kwargs.gamma=0.5         # and sim_threshold, format_penalty, hier_weights, parse_mode,
-                                            # check_sid_build (see conrec_verl.core.scoring.RewardConfig)
+                                            # check_sid_build (see conrec_verl.core.reward.RewardConfig)
 
 (in a recipe yaml the ``+`` is not needed). Importing this module registers the name with
 ``verl.experimental.reward_loop.reward_manager.register``; ``conrec_verl.plugins.entry_point`` imports it in

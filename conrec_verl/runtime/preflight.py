@@ -57,7 +57,7 @@ def _codebook_path(config) -> str | None:
     """The codebook of the CoNRec reward's options, found as the reward finds it
     (``compute_score.resolve_codebook_path``: ``codebook_path``, else ``<data_dir>/codebook.npz``)."""
     from conrec_verl.plugins.compute_score import resolve_codebook_path
-    from conrec_verl.core.scoring import ScoringConfigError
+    from conrec_verl.core.reward import ScoringConfigError
 
     try:
         found = conrec_reward_options(config)
@@ -131,7 +131,8 @@ def check_reward_data(config, max_rows: int | None = None) -> None:
         return
     where, options = found
     from conrec_verl.plugins.compute_score import DEFAULT_DATA_SOURCES, VERL_CALL_KWARGS, get_scorer, split_data_sources
-    from conrec_verl.core.scoring import GroundTruthError, ScoringConfigError
+    from conrec_verl.core.contract import GroundTruthError
+    from conrec_verl.core.reward import ScoringConfigError
 
     for key in VERL_CALL_KWARGS:
         options.pop(key, None)

@@ -10,16 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conrec_verl.core.scoring import (
-    VARIANTS,
-    GroundTruthError,
-    RewardConfig,
-    Scorer,
-    ScoringConfigError,
-    best_prefix_depth,
-    exact_hit,
-    prefix_depth,
-)
+from conrec_verl.core.contract import GroundTruthError
+from conrec_verl.core.reward import VARIANTS, RewardConfig, ScoringConfigError
+from conrec_verl.core.scoring import Scorer
+from conrec_verl.core.sid import best_prefix_depth, exact_hit, prefix_depth
 from tests.sid_fixtures import ground_truth, make_codebook, sid
 
 BOOK = make_codebook()
@@ -254,7 +248,7 @@ def test_nan_hier_weights_are_refused_when_built_directly():
 @given(s_g=st.floats(-1, 1), s_f=st.floats(-1, 1), depth=st.integers(0, 3),
        gamma=st.floats(0, 2), threshold=st.floats(-1, 1))
 def test_every_registered_variant_stays_above_its_lower_bound(s_g, s_f, depth, gamma, threshold):
-    from conrec_verl.core.scoring import REWARD_VARIANTS
+    from conrec_verl.core.reward import REWARD_VARIANTS
 
     for name, variant in REWARD_VARIANTS.items():
         cfg = RewardConfig(variant=name, gamma=gamma, sim_threshold=threshold)
@@ -264,11 +258,11 @@ def test_every_registered_variant_stays_above_its_lower_bound(s_g, s_f, depth, g
 
 
 def test_a_registered_variant_is_usable_by_name_in_one_place(monkeypatch):
-    from conrec_verl.core import scoring
+    from conrec_verl.core import reward
 
-    monkeypatch.setattr(scoring, "REWARD_VARIANTS", dict(scoring.REWARD_VARIANTS))
+    monkeypatch.setattr(reward, "REWARD_VARIANTS", dict(reward.REWARD_VARIANTS))
 
-    @scoring.register_reward_variant("fps_only", lower_bound=lambda c: -c.gamma)
+    @reward.register_reward_variant("fps_only", lower_bound=lambda c: -c.gamma)
     def fps_only(s_g, s_f, depth, config, hier_weights):
         """``-gamma * s_f``."""
         return -config.gamma * s_f
@@ -279,6 +273,6 @@ def test_a_registered_variant_is_usable_by_name_in_one_place(monkeypatch):
     assert scorer.score(sid(1, 2, 3), gt).reward == pytest.approx(-1.0)
     assert scorer.score("garbage", gt).reward == pytest.approx(-1.5)  # lower bound - 0.5
     with pytest.raises(ValueError, match="already registered"):
-        scoring.register_reward_variant("collab", lower_bound=lambda c: 0.0)(fps_only)
+        reward.register_reward_variant("collab", lower_bound=lambda c: 0.0)(fps_only)
     with pytest.raises(ScoringConfigError, match="unknown; choose one of"):
         RewardConfig(variant="nope")

@@ -18,7 +18,8 @@ from verl.trainer.ppo.reward import get_custom_reward_fn, load_reward_manager
 
 import conrec_verl.plugins.reward_manager  # noqa: F401 - registration at import
 from conrec_verl.plugins.compute_score import compute_score
-from conrec_verl.core.scoring import VARIANTS, RewardConfig, Scorer, ScoringConfigError
+from conrec_verl.core.reward import VARIANTS, RewardConfig, ScoringConfigError
+from conrec_verl.core.scoring import Scorer
 from conrec_verl.plugins.reward_manager import ConrecRewardManager
 
 from tests.sid_fixtures import ground_truth, sid
@@ -260,7 +261,7 @@ def test_rows_of_other_tasks_get_verls_scorer_and_the_same_keys(compose, tokeniz
     assert ours["reward_extra_info"]["conrec_row"] == 1.0
     assert run(manager, one_row(tokenizer, right, gt=gsm8k_gt, data_source="openai/gsm8k"))["reward_score"] == 1.0
     # a manager told that gsm8k rows are CoNRec rows scores them with the CoNRec reward (and refuses their GT)
-    from conrec_verl.core.scoring import GroundTruthError
+    from conrec_verl.core.contract import GroundTruthError
 
     claimed = manager_for(data_sources="[openai/gsm8k]")
     with pytest.raises(GroundTruthError):
