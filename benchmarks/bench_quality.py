@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from conrec_verl.evaluation.harness import ModelSpec, run_evaluation  # noqa: E402
 from conrec_verl.evaluation.report import GOAL_RATIO, markdown  # noqa: E402
+from conrec_verl.io_utils import atomic_write_text  # noqa: E402
 
 ABLATION_ROWS = ["warm-up SFT", "+ alignment", "+ progressive GRPO", "+ future negative reward", "+ positive penalty",
                  "+ cross-stage cleaning"]
@@ -153,10 +154,7 @@ def write_section(path: Path, text: str) -> None:
         new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END):].lstrip("\n")
     else:
         new = old.rstrip("\n") + "\n\n## Quality\n\n" + block
-    fd, tmp = tempfile.mkstemp(dir=path.parent if path.parent.exists() else None, suffix=".md.tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(new)
-    os.replace(tmp, path)
+    atomic_write_text(path, new)
 
 
 def main() -> None:

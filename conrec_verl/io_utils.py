@@ -10,20 +10,69 @@ from pathlib import Path
 from typing import Iterator
 
 
-@contextmanager
-def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out_dir``; on success it replaces ``out_dir``.
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
-    On any exception the temporary folder is removed and ``out_dir`` is left as it was.
+
+def remove_stale_dirs(out_dir: str | os.PathLike, owner: str) -> list[Path]:
+    """Remove the temporary folders of ``out_dir`` that :func:`atomic_dir` with ``owner`` left behind
+    when its process was killed (the process id in ``owner`` no longer runs); a build still running,
+    or a folder without the owner file, is left alone. Returns what was removed."""
+    out = Path(out_dir)
+    removed = []
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            pid = int((tmp / owner).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+@contextmanager
+def atomic_dir(out_dir: str | os.PathLike, *, merge: bool = False, owner: str | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out_dir`` (``.<name>.tmp-*``) to build it in.
+
+    On success the folder *replaces* ``out_dir`` (the old one is renamed aside, the new one renamed
+    in, then the old one removed: ``out_dir`` is never half-written) or, with ``merge=True``, each of
+    its files is moved into ``out_dir`` (files of the same name replaced, the others kept). On any
+    exception the temporary folder is removed and ``out_dir`` is left as it was.
+
+    ``owner``: a file name; while the folder is built it holds this process's id, so that
+    :func:`remove_stale_dirs` can clean up after a killed process. It is removed before the rename.
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        if owner:
+            (tmp / owner).write_text(str(os.getpid()))
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if owner:
+            (tmp / owner).unlink()
+        if merge:
+            out.mkdir(parents=True, exist_ok=True)
+            for src in sorted(tmp.rglob("*")):
+                if src.is_file():
+                    dst = out / src.relative_to(tmp)
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src, dst)
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -29,8 +29,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,6 +44,7 @@ from conrec_verl.core.sid import Codes, extract_sids, format_sid, parse_sid
 from conrec_verl.core.stats import bootstrap_ci, mcnemar
 from conrec_verl.core.eval_data import DEFAULT_EXCLUSION, EvalData, EvalInputError, check_exclusion, load_eval_data
 from conrec_verl.evaluation.predictions import PredictionSet, read_predictions, write_predictions
+from conrec_verl.io_utils import atomic_dir
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 #: the metrics that get bootstrap intervals (at the report's K) and the paired test's metric
@@ -425,7 +424,7 @@ def run_evaluation(
     model row in contexts 1, 2 and 3 (same budget) for the report's by-context table.
     """
     from conrec_verl.baselines import BASELINES, DEFAULT_BASELINES
-    from conrec_verl.evaluation.report import write_report
+    from conrec_verl.evaluation.report import write_report_files
 
     t_all = time.time()
     timer = PhaseTimer()
@@ -441,10 +440,7 @@ def run_evaluation(
     n_items = len(data.sid_items)
     if max(ks) > n_items:
         raise EvalInputError(f"K={max(ks)} is larger than the number of items with a SID ({n_items}) in {data.data_dir}")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, merge=True) as stage:  # predictions and report files, moved in at the end
         pred_dir = stage / "predictions"
         results: list[RowResult] = []
         samples: dict[str, dict] = {}
@@ -545,10 +541,7 @@ def run_evaluation(
             "rows": [r.__dict__ for r in results],
         }
         report["wall_s"] = round(time.time() - t_all, 2)
-        write_report(report, out_dir, staged=stage)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        write_report_files(report, stage)
     return report
 
 

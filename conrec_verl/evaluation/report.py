@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from conrec_verl.io_utils import atomic_dir  # noqa: E402
 
 GOAL_RATIO = 1.25  # project goal: full-pipeline FHR@20 >= 1.25 x the best baseline
 
@@ -230,23 +230,17 @@ def plot_filter_sweep(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(report: dict, out_dir: str | os.PathLike, staged: Path | None = None) -> Path:
-    """Write every report file into ``out_dir`` (staged, then moved in)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent)) if staged is None else staged
-    try:
-        (stage / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
-        (stage / "report.md").write_text(markdown(report))
-        plot_metric_by_k(report, stage / "metric_by_k.png")
-        plot_rows(report, stage / "rows.png")
-        plot_filter_sweep(report, stage / "filter_sweep.png")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for src in sorted(stage.rglob("*")):
-            if src.is_file():
-                dst = out_dir / src.relative_to(stage)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(src, dst)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return out_dir
+def write_report(report: dict, out_dir: str | os.PathLike) -> Path:
+    """Write every report file into ``out_dir`` (staged beside it, then moved in)."""
+    with atomic_dir(out_dir, merge=True) as stage:
+        write_report_files(report, stage)
+    return Path(out_dir)
+
+
+def write_report_files(report: dict, folder: Path) -> None:
+    """The report files -- ``metrics.json``, ``report.md`` and the plots -- written into ``folder``."""
+    (folder / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
+    (folder / "report.md").write_text(markdown(report))
+    plot_metric_by_k(report, folder / "metric_by_k.png")
+    plot_rows(report, folder / "rows.png")
+    plot_filter_sweep(report, folder / "filter_sweep.png")
