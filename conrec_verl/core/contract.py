@@ -56,12 +56,18 @@ def parse_ground_truth(ground_truth: str | bytes | Mapping[str, Any]) -> dict:
         ground_truth = ground_truth.decode("utf-8", errors="replace")
     if not isinstance(ground_truth, str):
         raise GroundTruthError(f"ground_truth must be a JSON string or a dict, got {type(ground_truth).__name__}")
+    return json_object(ground_truth, f"ground_truth {ground_truth[:120]!r}", GroundTruthError)
+
+
+def json_object(text: str, where: str, error: type[Exception] = ValueError) -> dict:
+    """``text`` parsed as one JSON object; anything else is one ``error`` that starts with ``where``
+    (the ground truth of a row, a line of a predictions file)."""
     try:
-        parsed = json.loads(ground_truth)
+        parsed = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise GroundTruthError(f"ground_truth is not valid JSON ({exc}): {ground_truth[:120]!r}") from exc
+        raise error(f"{where}: not valid JSON ({exc})") from exc
     if not isinstance(parsed, dict):
-        raise GroundTruthError(f"ground_truth JSON must be an object, got {type(parsed).__name__}")
+        raise error(f"{where}: must be a JSON object, got {type(parsed).__name__}")
     return parsed
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from conrec_verl.core.contract import json_object
 from conrec_verl.core.sid import Codes, format_sid, parse_sid
 from conrec_verl.core.eval_data import EvalData, EvalInputError
 from conrec_verl.io_utils import atomic_write_text
@@ -49,12 +50,7 @@ def read_prediction_lines(path: str | os.PathLike) -> list[dict]:
             if not line.strip():
                 continue
             where = f"{path}: line {n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvalInputError(f"{where}: not JSON ({exc})") from exc
-            if not isinstance(obj, dict):
-                raise EvalInputError(f"{where}: expected a JSON object")
+            obj = json_object(line, where, EvalInputError)
             for key in ("user_id", "cutoff_day", "sid_build", "predictions"):
                 if key not in obj:
                     raise EvalInputError(f"{where}: field {key!r} missing")

@@ -54,7 +54,7 @@ def test_a_wrong_type_is_an_error_naming_the_key(value, key):
         GroundTruth.parse(json.dumps(value))
 
 
-@pytest.mark.parametrize("value, match", [("{not json", "not valid JSON"), ("[1, 2]", "must be an object"),
+@pytest.mark.parametrize("value, match", [("{not json", "not valid JSON"), ("[1, 2]", "must be a JSON object"),
                                           (7, "JSON string or a dict")])
 def test_what_is_not_a_json_object_is_one_error(value, match):
     with pytest.raises(GroundTruthError, match=match):

@@ -151,7 +151,7 @@ def test_ground_truth_of_another_sid_build_is_refused():
 def test_bad_ground_truth_is_a_clear_error():
     with pytest.raises(GroundTruthError, match="not valid JSON"):
         Scorer(BOOK).score(sid(1, 2, 3), "{not json")
-    with pytest.raises(GroundTruthError, match="must be an object"):
+    with pytest.raises(GroundTruthError, match="must be a JSON object"):
         Scorer(BOOK).score(sid(1, 2, 3), "[1, 2]")
 
 
