@@ -107,3 +107,21 @@ def test_grpo_stage_similarity_means_per_stage(tmp_path, monkeypatch, capsys):
     (run / "logs" / "grpo.log").write_text("\n".join(lines))
     assert mod["main"]([f"x={run}"]) == 0
     assert "| x | 2 | 1 | 0.900 | 0.100 |" in capsys.readouterr().out
+
+
+def test_refactor_check_reports_every_changed_file_and_score(tmp_path):
+    import json
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from refactor_check import compare
+    finally:
+        sys.path.remove(str(BENCH))
+    for name, files, rewards in (("a", {"x": "1", "y": "2"}, [{"text": "t", "file": "f", "score": 1.0}]),
+                                 ("b", {"x": "1", "y": "3", "z": "4"}, [{"text": "t", "file": "f", "score": 1.5}])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "files.json").write_text(json.dumps(files))
+        (tmp_path / name / "rewards.json").write_text(json.dumps(rewards))
+    diffs = compare(tmp_path / "a", tmp_path / "b")
+    assert [d.split(":")[0] for d in diffs] == ["data file y", "data file z", "reward of 't' (f)"]
+    assert compare(tmp_path / "a", tmp_path / "a") == []
