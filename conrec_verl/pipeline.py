@@ -294,6 +294,7 @@ class Pipeline:
         if data_path and not Path(os.path.expanduser(str(data_path))).exists():
             raise PipelineError(f"data.input_path={data_path} does not exist")
         self._cleaning_rule()  # a bad grpo.cleaning block fails here, before any work
+        self._grpo_selection()
 
     def check_data_folder(self, state: dict) -> str:
         """The data folder is one SID build: manifest, codebook and RL rows agree."""
@@ -420,24 +421,46 @@ class Pipeline:
                 *map(str, stage.get("overrides", []))]
 
     @staticmethod
-    def val_losses(log: Path) -> dict[int, float]:
-        """``{step: val/loss}`` from an SFT stage's log (verl's console logger; the last value of a
-        step wins when a resumed run logged it again)."""
+    def metric_by_step(log: Path, key: str) -> dict[int, float]:
+        """``{step: value}`` of metric ``key`` in a phase's log (verl's console logger prints
+        ``step:N - key:value - ...``; the last value of a step wins when a resumed run logged it again)."""
         import re
 
         out: dict[int, float] = {}
         if not log.is_file():
             return out
-        pattern = re.compile(r"step:(\d+) - .*?val/loss:([-+0-9.eE]+|nan)")
+        # a numpy scalar prints as np.float64(0.5) (verl formats values with pprint)
+        number = r"(?:np\.\w+\()?([-+0-9.eE]+|nan)\)?"
+        pattern = re.compile(r"step:(\d+) - (?:.*? - )?" + re.escape(key) + ":" + number + r"(?: |$)")
         for line in log.read_text(errors="replace").splitlines():
             m = pattern.search(line)
             if m:
                 out[int(m.group(1))] = float(m.group(2))
         return out
 
+    @classmethod
+    def val_losses(cls, log: Path) -> dict[int, float]:
+        """``{step: val/loss}`` from an SFT stage's log."""
+        return cls.metric_by_step(log, "val/loss")
+
     def _grpo_overrides(self, model, data, ckpt) -> list[str]:
+        # grpo.select_by_val: verl validates at every checkpoint (test_freq follows save_freq)
+        val = ["trainer.test_freq=${trainer.save_freq}"] if self._grpo_selection() else []
         return [f"data_dir={data}", f"actor_rollout_ref.model.path={model}", f"trainer.default_local_dir={ckpt}",
-                *map(str, self.profile.grpo.overrides)]
+                *val, *map(str, self.profile.grpo.overrides)]
+
+    def _grpo_selection(self) -> tuple[str, str] | None:
+        """``(metric, mode)`` of the profile's ``grpo.select_by_val``, or None when it is off."""
+        block = self.profile.grpo.get("select_by_val")
+        if not block:
+            return None
+        metric, mode = block.get("metric"), block.get("mode", "max")
+        if not metric or not isinstance(metric, str):
+            raise PipelineError("grpo.select_by_val.metric must name a validation metric verl logs, e.g. "
+                                "val-aux/conrec/reward/mean@1")
+        if mode not in ("max", "min"):
+            raise PipelineError(f"grpo.select_by_val.mode must be max or min, got {mode!r}")
+        return metric, mode
 
     def compose_configs(self, requests: dict[str, tuple[str, list[str]]]) -> dict[str, dict]:
         """``{name: resolved config}`` of verl configs composed with their overrides, in a child
@@ -603,7 +626,22 @@ class Pipeline:
             self._run(phase.name, cmd)
         else:
             info["cleaning"] = self._grpo_with_cleaning(phase, cmd, model, data, ckpt)
-        export = self._export(ckpt, self.run / "models" / "grpo", sub="actor/huggingface")
+        step = None
+        selection = self._grpo_selection()
+        if selection:
+            metric, mode = selection
+            values = {s: v for s, v in self.metric_by_step(self.run / "logs" / f"{phase.name}.log", metric).items()
+                      if (ckpt / f"global_step_{s}" / "actor" / "huggingface" / "config.json").is_file()
+                      and v == v}  # not nan
+            if not values:
+                raise PipelineError(f"grpo.select_by_val: no {metric} logged at a checkpoint in "
+                                    f"{self.run / 'logs' / (phase.name + '.log')} (is the metric name right? verl "
+                                    "logs val-core/<data_source>/acc/mean@1 and val-aux/<data_source>/reward/mean@1)")
+            step = (max if mode == "max" else min)(values, key=lambda s: (values[s], -s if mode == "max" else s))
+            info["val"] = {"metric": metric, "by_step": {str(s): round(v, 5) for s, v in sorted(values.items())},
+                           "chosen_step": step}
+            self.echo(f"    {metric} by step {info['val']['by_step']}: exporting step {step}")
+        export = self._export(ckpt, self.run / "models" / "grpo", sub="actor/huggingface", step=step)
         return {"path": str(export), **info}
 
     # -- cross-stage cleaning ------------------------------------------------------------------

@@ -42,6 +42,13 @@ def test_whole_pipeline_runs_and_reports_both_models(finished_run, capsys):
     # warm-up SFT validated on the validation users' questions; the exported step is the best one
     warm = state["done"]["sft_warmup"]
     assert warm["val_loss"] and str(warm["chosen_step"]) == min(warm["val_loss"], key=warm["val_loss"].get)
+    # GRPO validated at every checkpoint (each stage's end); the export is the best one's weights
+    val = state["done"]["grpo"]["val"]
+    assert set(val["by_step"]) == {"1", "2", "3"} and val["metric"] == "val-aux/conrec/reward/mean@1"
+    assert str(val["chosen_step"]) == max(val["by_step"], key=lambda s: (val["by_step"][s], -int(s)))
+    chosen = finished_run / "grpo" / f"global_step_{val['chosen_step']}" / "actor" / "huggingface"
+    assert (finished_run / "models" / "grpo" / "model.safetensors").read_bytes() == \
+        (chosen / "model.safetensors").read_bytes()
     summary = state["done"]["eval"]["summary"]
     assert {"warm-up SFT", "progressive GRPO"} <= set(summary)
     report = (finished_run / "eval" / "report.md").read_text()
@@ -249,6 +256,27 @@ def test_a_run_folder_can_start_from_another_runs_finished_phases(tmp_path, caps
     own._save_state({"done": {"data": {"seconds": 2}}})
     with pytest.raises(PipelineError, match="already has finished phases of its own"):
         own.start_from(src)
+
+
+def test_metrics_are_read_from_verls_console_log_also_as_numpy_reprs(tmp_path):
+    log = tmp_path / "grpo.log"
+    key = "val-aux/conrec/reward/mean@1"
+    log.write_text(f"step:1 - {key}:np.float64(-0.25) - x:1\nstep:2 - a:1 - {key}:0.5\n"
+                   f"step:3 - {key}0:0.9 - b/{key}:0.8\nstep:4 - {key}:nan\n")  # mean@10 and b/... are other keys
+    values = Pipeline.metric_by_step(log, key)
+    assert values[1] == -0.25 and values[2] == 0.5 and 3 not in values and values[4] != values[4]
+
+
+def test_grpo_selection_validates_at_every_checkpoint_and_names_bad_settings(tmp_path):
+    pipe = Pipeline(tmp_path / "run", load_profile("ci_tiny"))
+    cfg = pipe.compose_configs({"grpo": ("conrec_cpu_tiny", pipe._grpo_overrides("m", "d", "c"))})["grpo"]
+    assert cfg["trainer"]["test_freq"] == cfg["trainer"]["save_freq"] == 3
+    off = Pipeline(tmp_path / "off", load_profile("ci_tiny", ["grpo.select_by_val=null"]))
+    assert not any("test_freq" in o for o in off._grpo_overrides("m", "d", "c"))
+    for override, match in (("grpo.select_by_val.mode=median", "mode must be max or min"),
+                            ("grpo.select_by_val.metric=null", "must name a validation metric")):
+        with pytest.raises(PipelineError, match=match):
+            Pipeline(tmp_path / "bad", load_profile("ci_tiny", [override])).check_inputs()
 
 
 def test_val_losses_are_read_from_verls_console_log(tmp_path):
