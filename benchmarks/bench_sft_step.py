@@ -37,12 +37,12 @@ VARIANTS = {
 
 
 def run(work: Path, name: str, overrides: list[str], steps: int, model: Path, data: Path) -> tuple[list[float], dict]:
-    ckpt = work / f"ckpt_{len(name)}"
+    ckpt = work / ("ckpt_" + "".join(c if c.isalnum() else "_" for c in name))
     cmd = [sys.executable, "-m", "conrec_verl.runtime.torchrun", "--standalone", "--nnodes=1",
            "--local-addr=127.0.0.1", "--nproc_per_node=1", "-m", "verl.trainer.sft_trainer",
            "--config-path", CONFIG_PKG, "--config-name", "sft_cpu_tiny", f"model.path={model}",
            f"data.train_files={data / 'sft' / 'warmup.parquet'}", f"trainer.default_local_dir={ckpt}",
-           f"trainer.total_training_steps={steps}", *overrides]
+           f"trainer.total_training_steps={steps}", "trainer.resume_mode=disable", *overrides]
     env = dict(os.environ, **cpu_env())
     times, losses, last = [], {}, None
     proc = subprocess.Popen(cmd, cwd=str(work), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

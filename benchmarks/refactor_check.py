@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
 import random
@@ -46,14 +48,19 @@ def snapshot(out: Path, rows_per_file: int) -> None:
     from conrec_verl.core.sid import Codebook
     from conrec_verl.model_builder import build_tokenizer
 
-    # the manager is registered by importing its module: the installed entry point may name the
-    # layout of another revision (the verl adapters moved into conrec_verl/plugins/)
-    try:
-        import conrec_verl.plugins.reward_manager  # noqa: F401
-        from conrec_verl.plugins.compute_score import compute_score
-    except ImportError:
-        import conrec_verl.reward_manager  # noqa: F401
-        from conrec_verl.compute_score import compute_score
+    tree = str(Path(conrec_verl.__file__).resolve().parents[1])
+
+    def in_tree(name: str) -> bool:
+        """Whether module ``name`` exists in the tree under test (an editable install of another
+        tree would otherwise supply a module this revision does not have)."""
+        spec = importlib.util.find_spec(name)
+        return spec is not None and spec.origin is not None and str(Path(spec.origin).resolve()).startswith(tree)
+
+    # the manager registers when its module is imported (the installed entry point may name another
+    # revision's layout: the verl adapters moved into conrec_verl/plugins/)
+    adapters = "conrec_verl.plugins" if in_tree("conrec_verl.plugins") else "conrec_verl"
+    importlib.import_module(f"{adapters}.reward_manager")
+    compute_score = importlib.import_module(f"{adapters}.compute_score").compute_score
 
     print(f"conrec_verl from {Path(conrec_verl.__file__).parent}", file=sys.stderr)
     data = out / "data"
@@ -111,6 +118,13 @@ def snapshot(out: Path, rows_per_file: int) -> None:
             else:
                 files[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     (out / "files.json").write_text(json.dumps(files, indent=1, sort_keys=True))
+    # (a revision without conrec_verl/plugins/: `import verl` tried the installed entry point, which
+    # names the installed tree's conrec_verl.plugins.entry_point; that import failed and registered nothing)
+    foreign = sorted(name for name, module in list(sys.modules.items()) if name.split(".")[0] == "conrec_verl"
+                     and getattr(module, "__file__", None) and not str(Path(module.__file__).resolve()).startswith(tree)
+                     and not (adapters == "conrec_verl" and name.startswith("conrec_verl.plugins")))
+    if foreign:
+        sys.exit(f"the snapshot of {tree} imported modules of another tree: {foreign[:5]}")
 
 
 def run_snapshot(tree: Path, out: Path, rows: int) -> None:

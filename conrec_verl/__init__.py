@@ -5,8 +5,10 @@ The package is split in two layers:
 * ``conrec_verl.core`` -- pure modules (no verl import): semantic-ID codec and codebook,
   Swing co-dislike similarity, reward scoring, metrics, the progressive stage schedule,
   prompt rendering.
-* thin verl adapters beside it (``conrec_verl.plugins.entry_point`` registers them with verl through the
-  ``verl.plugins`` entry point).
+* ``conrec_verl.plugins`` -- the thin verl adapters, one module per verl extension point
+  (``conrec_verl.plugins.entry_point`` registers them with verl through the ``verl.plugins`` entry
+  point); ``conrec_verl.runtime`` -- running verl on a CPU and on one node;
+* the applications beside them: the pipeline, the evaluation, the model builder, data_prep.
 """
 
 import os as _os

@@ -26,11 +26,11 @@ from typing import Callable, Collection, Sequence
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from conrec_verl.core.sid import Codes, SidTokenError, SidTokenMap, extract_sids, format_sid  # noqa: F401 - SidTokenMap re-exported
+from conrec_verl.core.sid import Codes, SidTokenMap, extract_sids, format_sid  # noqa: F401 - SidTokenMap re-exported
 from conrec_verl.core.sid_trie import SidTrie
 
 
-class ConstrainedDecodingError(SidTokenError):
+class ConstrainedDecodingError(ValueError):
     """The model/tokenizer cannot decode the requested SIDs, or the request is impossible."""
 
 

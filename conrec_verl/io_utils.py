@@ -42,9 +42,11 @@ def atomic_dir(out_dir: str | os.PathLike, *, merge: bool = False, owner: str | 
     """Yield a temporary folder beside ``out_dir`` (``.<name>.tmp-*``) to build it in.
 
     On success the folder *replaces* ``out_dir`` (the old one is renamed aside, the new one renamed
-    in, then the old one removed: ``out_dir`` is never half-written) or, with ``merge=True``, each of
-    its files is moved into ``out_dir`` (files of the same name replaced, the others kept). On any
-    exception the temporary folder is removed and ``out_dir`` is left as it was.
+    in, then the old one removed: ``out_dir`` is never half-written; should the second rename fail,
+    the old one is put back) or, with ``merge=True``, each of its files is moved into ``out_dir``
+    (files of the same name replaced, the others kept; each file is replaced atomically, the set of
+    files is not: a move failing part-way leaves the files moved before it). On an exception while
+    building, the temporary folder is removed and ``out_dir`` is left as it was.
 
     ``owner``: a file name; while the folder is built it holds this process's id, so that
     :func:`remove_stale_dirs` can clean up after a killed process. It is removed before the rename.
@@ -69,7 +71,12 @@ def atomic_dir(out_dir: str | os.PathLike, *, merge: bool = False, owner: str | 
         elif out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / "old")
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(trash / "old", out)
+                shutil.rmtree(trash, ignore_errors=True)
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -430,13 +431,27 @@ class Pipeline:
         if not log.is_file():
             return out
         # a numpy scalar prints as np.float64(0.5) (verl formats values with pprint)
-        number = r"(?:np\.\w+\()?([-+0-9.eE]+|nan)\)?"
+        number = r"(?:np\.\w+\()?([-+]?(?:inf|nan)|[-+0-9.eE]+)\)?"
         pattern = re.compile(r"step:(\d+) - (?:.*? - )?" + re.escape(key) + ":" + number + r"(?: |$)")
         for line in log.read_text(errors="replace").splitlines():
             m = pattern.search(line)
             if m:
                 out[int(m.group(1))] = float(m.group(2))
         return out
+
+    def choose_step(self, log: Path, key: str, mode: str, ckpt: Path, sub: str, what: str) -> tuple[int, dict]:
+        """The checkpoint step whose ``key`` in ``log`` is best (``mode`` ``min`` or ``max``; ties to the
+        earlier step) among the steps with a Hugging Face export ``ckpt/global_step_<s>/<sub>``, and
+        ``{step: value}`` of those; steps without an export or with a non-finite value are passed over."""
+        logged = self.metric_by_step(log, key)
+        values = {s: v for s, v in logged.items()
+                  if math.isfinite(v) and (ckpt / f"global_step_{s}" / sub / "config.json").is_file()}
+        if not values:
+            raise PipelineError(f"{what}: no finite {key} logged at a checkpoint in {log} (logged at steps "
+                                f"{sorted(logged) or 'none'})")
+        best = (min if mode == "min" else max)(values.values())
+        step = min(s for s, v in values.items() if v == best)
+        return step, {str(s): round(v, 5) for s, v in sorted(values.items())}
 
     @classmethod
     def val_losses(cls, log: Path) -> dict[int, float]:
@@ -454,6 +469,9 @@ class Pipeline:
         block = self.profile.grpo.get("select_by_val")
         if not block:
             return None
+        if not hasattr(block, "keys") or set(block.keys()) - {"metric", "mode"}:
+            raise PipelineError(f"grpo.select_by_val must be null or {{metric: <key verl logs>, mode: max|min}}, "
+                                f"got {block!r}")
         metric, mode = block.get("metric"), block.get("mode", "max")
         if not metric or not isinstance(metric, str):
             raise PipelineError("grpo.select_by_val.metric must name a validation metric verl logs, e.g. "
@@ -584,13 +602,9 @@ class Pipeline:
         info: dict = {}
         step = None
         if stage.get("select_by_val"):
-            losses = {s: v for s, v in self.val_losses(self.run / "logs" / f"{phase.name}.log").items()
-                      if (ckpt / f"global_step_{s}" / "huggingface" / "config.json").is_file()}
-            if not losses:
-                raise PipelineError(f"SFT stage {name}: select_by_val found no validation loss with a checkpoint in "
-                                    f"{self.run / 'logs' / (phase.name + '.log')}")
-            step = min(losses, key=lambda s: (losses[s], s))
-            info = {"val_loss": {str(s): round(v, 5) for s, v in sorted(losses.items())}, "chosen_step": step}
+            step, losses = self.choose_step(self.run / "logs" / f"{phase.name}.log", "val/loss", "min", ckpt,
+                                            "huggingface", f"SFT stage {name}: select_by_val")
+            info = {"val_loss": losses, "chosen_step": step}
             self.echo(f"    validation loss by step {info['val_loss']}: exporting step {step}")
         export = self._export(ckpt, self.run / "models" / f"sft_{name}", sub="huggingface", step=step)
         return {"path": str(export), **info}
@@ -630,16 +644,10 @@ class Pipeline:
         selection = self._grpo_selection()
         if selection:
             metric, mode = selection
-            values = {s: v for s, v in self.metric_by_step(self.run / "logs" / f"{phase.name}.log", metric).items()
-                      if (ckpt / f"global_step_{s}" / "actor" / "huggingface" / "config.json").is_file()
-                      and v == v}  # not nan
-            if not values:
-                raise PipelineError(f"grpo.select_by_val: no {metric} logged at a checkpoint in "
-                                    f"{self.run / 'logs' / (phase.name + '.log')} (is the metric name right? verl "
-                                    "logs val-core/<data_source>/acc/mean@1 and val-aux/<data_source>/reward/mean@1)")
-            step = (max if mode == "max" else min)(values, key=lambda s: (values[s], -s if mode == "max" else s))
-            info["val"] = {"metric": metric, "by_step": {str(s): round(v, 5) for s, v in sorted(values.items())},
-                           "chosen_step": step}
+            step, values = self.choose_step(
+                self.run / "logs" / f"{phase.name}.log", metric, mode, ckpt, "actor/huggingface",
+                "grpo.select_by_val (verl logs val-core/<data_source>/acc/mean@1 and val-aux/<data_source>/reward/mean@1)")
+            info["val"] = {"metric": metric, "by_step": values, "chosen_step": step}
             self.echo(f"    {metric} by step {info['val']['by_step']}: exporting step {step}")
         export = self._export(ckpt, self.run / "models" / "grpo", sub="actor/huggingface", step=step)
         return {"path": str(export), **info}

@@ -78,3 +78,23 @@ def test_file_helpers_replace_or_keep(tmp_path):
             tmp.write_text("two")
             raise ValueError
     assert path.read_text() == "one" and listing(tmp_path) == ["a", "a/f.txt"]
+
+
+def test_a_failed_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real = os.replace
+    calls = []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new folder's rename into place
+            raise OSError("disk gone")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(OSError, match="disk gone"):
+        with atomic_dir(out) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert listing(tmp_path) == ["out", "out/old.txt"]

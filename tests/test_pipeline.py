@@ -267,6 +267,21 @@ def test_metrics_are_read_from_verls_console_log_also_as_numpy_reprs(tmp_path):
     assert values[1] == -0.25 and values[2] == 0.5 and 3 not in values and values[4] != values[4]
 
 
+def test_the_chosen_checkpoint_is_the_best_finite_value_with_an_export(tmp_path):
+    pipe = Pipeline(tmp_path / "run", load_profile("ci_tiny"))
+    log = tmp_path / "phase.log"
+    log.write_text("step:1 - m:nan\nstep:2 - m:0.4\nstep:3 - m:np.float64(0.7)\nstep:4 - m:0.7\n"
+                   "step:5 - m:0.9\nstep:6 - m:inf\n")
+    ckpt = tmp_path / "ckpt"
+    for step in (1, 2, 3, 4, 6):  # step 5 has no export (pruned)
+        (ckpt / f"global_step_{step}" / "hf").mkdir(parents=True)
+        (ckpt / f"global_step_{step}" / "hf" / "config.json").write_text("{}")
+    assert pipe.choose_step(log, "m", "max", ckpt, "hf", "x") == (3, {"2": 0.4, "3": 0.7, "4": 0.7})
+    assert pipe.choose_step(log, "m", "min", ckpt, "hf", "x")[0] == 2
+    with pytest.raises(PipelineError, match="x: no finite other logged at a checkpoint"):
+        pipe.choose_step(log, "other", "max", ckpt, "hf", "x")
+
+
 def test_grpo_selection_validates_at_every_checkpoint_and_names_bad_settings(tmp_path):
     pipe = Pipeline(tmp_path / "run", load_profile("ci_tiny"))
     cfg = pipe.compose_configs({"grpo": ("conrec_cpu_tiny", pipe._grpo_overrides("m", "d", "c"))})["grpo"]
@@ -274,6 +289,7 @@ def test_grpo_selection_validates_at_every_checkpoint_and_names_bad_settings(tmp
     off = Pipeline(tmp_path / "off", load_profile("ci_tiny", ["grpo.select_by_val=null"]))
     assert not any("test_freq" in o for o in off._grpo_overrides("m", "d", "c"))
     for override, match in (("grpo.select_by_val.mode=median", "mode must be max or min"),
+                            ("grpo.select_by_val=reward", "must be null or"),
                             ("grpo.select_by_val.metric=null", "must name a validation metric")):
         with pytest.raises(PipelineError, match=match):
             Pipeline(tmp_path / "bad", load_profile("ci_tiny", [override])).check_inputs()

@@ -91,7 +91,7 @@ def _runs(tokens: Iterable[tuple[int, int, bool]]) -> list[tuple[Codes, int, int
     level-0 token and continues while the next token is the next level and ``joins_previous`` (only
     whitespace, or nothing, since the previous token). Tokens that neither start nor continue a run
     are skipped. Returns ``(codes, first, last)`` per run, ``first``/``last`` the token positions.
-    The one scanning rule of :func:`scan_sid_spans` (text) and :meth:`SidTokenMap.sid_runs` (ids)."""
+    The one scanning rule of :func:`scan_sid_spans` (text) and :func:`sid_runs` (token ids)."""
     runs: list[tuple[Codes, int, int]] = []
     current: list[int] = []
     first = last = 0

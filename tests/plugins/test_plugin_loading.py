@@ -7,6 +7,8 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
+import pytest
+
 PROBE = r"""
 import json, verl
 from verl.plugin.platform import PlatformRegistry
@@ -58,3 +60,16 @@ def test_fresh_import_of_verl_registers_everything():
 def test_plugin_can_be_switched_off():
     seen = _probe({"VERL_USE_EXTERNAL_PLUGINS": "none"})
     assert "cpu" not in seen["platforms"] and "hf" not in seen["rollouts"]
+
+
+@pytest.mark.parametrize("old, new, name", [("conrec_verl.compute_score", "conrec_verl.plugins.compute_score", "compute_score"),
+                                            ("conrec_verl.dataset", "conrec_verl.plugins.dataset", "ConrecSidDataset")])
+def test_the_old_adapter_paths_still_load_and_say_where_they_went(old, new, name):
+    """Configs written for 0.1 name pkg://conrec_verl.compute_score and pkg://conrec_verl.dataset."""
+    code = (f"import warnings, importlib\nwarnings.simplefilter('always')\n"
+            f"with warnings.catch_warnings(record=True) as w:\n    old = importlib.import_module({old!r})\n"
+            f"new = importlib.import_module({new!r})\n"
+            f"assert old.{name} is new.{name}\n"
+            f"assert any(x.category is DeprecationWarning and {new!r} in str(x.message) for x in w), [str(x.message) for x in w]\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
