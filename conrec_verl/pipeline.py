@@ -453,11 +453,6 @@ class Pipeline:
         step = min(s for s, v in values.items() if v == best)
         return step, {str(s): round(v, 5) for s, v in sorted(values.items())}
 
-    @classmethod
-    def val_losses(cls, log: Path) -> dict[int, float]:
-        """``{step: val/loss}`` from an SFT stage's log."""
-        return cls.metric_by_step(log, "val/loss")
-
     def _grpo_overrides(self, model, data, ckpt) -> list[str]:
         # grpo.select_by_val: verl validates at every checkpoint (test_freq follows save_freq)
         val = ["trainer.test_freq=${trainer.save_freq}"] if self._grpo_selection() else []

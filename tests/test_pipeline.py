@@ -299,8 +299,8 @@ def test_val_losses_are_read_from_verls_console_log(tmp_path):
     log = tmp_path / "sft_warmup.log"
     log.write_text("step:1 - train/loss:2.0\nstep:274 - val/loss:1.52 - train/loss:1.4\n"
                    "step:548 - val/loss:1.49\nstep:548 - val/loss:1.48\n")  # a resumed run logged 548 again
-    assert Pipeline.val_losses(log) == {274: 1.52, 548: 1.48}
-    assert Pipeline.val_losses(tmp_path / "missing.log") == {}
+    assert Pipeline.metric_by_step(log, "val/loss") == {274: 1.52, 548: 1.48}
+    assert Pipeline.metric_by_step(tmp_path / "missing.log", "val/loss") == {}
 
 
 def test_list_overrides_can_append_instead_of_replacing():
