@@ -81,9 +81,9 @@ for D in $DATASETS; do
   log "$D: warm-up SFT only (no translation/alignment stage)"
   mkdir -p "$RUN-warmup_only"
   [ -e "$RUN-warmup_only/data" ] || ln -s "$RUN/data" "$RUN-warmup_only/data"
-  # the cpu_tiny profile's warm-up stage, alone
-  pipeline --run-dir "$RUN-warmup_only" --only data,model,sft_warmup "${DARGS[@]}" \
-    "sft.stages=[{name: warmup, file: sft/warmup.parquet, select_by_val: sft/warmup_val.parquet, overrides: [trainer.total_epochs=2]}]"
+  # the cpu_tiny profile's warm-up stage (recipes/conrec/pipeline/cpu_tiny.yaml), alone
+  WARMUP_STAGE=$(grep -o '{name: warmup,.*}' recipes/conrec/pipeline/cpu_tiny.yaml)
+  pipeline --run-dir "$RUN-warmup_only" --only data,model,sft_warmup "${DARGS[@]}" "sft.stages=[$WARMUP_STAGE]"
 
   log "$D: progressive GRPO rewarded on the next dislike only"
   NEXT=("grpo.overrides=[reward.reward_kwargs.variant=neg_only,reward.reward_kwargs.targets=next_neg]"

@@ -15,10 +15,21 @@ starts a local one for the run). The config and the output folder are the same a
   the dislike graph shared through the object store. Every pair's sum runs in the same order in
   any partition, so the scores are bit-identical to the local ones.
 
-What still runs on the driver: reading the log, the split plan, item embeddings and the SID
-k-means (one pass over the items), the candidate sets and the parquet writes. The driver therefore
-still holds the log's columns; the Ray path spreads the steps whose cost grows with users x history
-and with co-dislike pairs over the cluster's CPUs.
+- **reading** a log in several files (``input.path``: a folder or a glob of parquet/CSV/TSV
+  shards, :func:`data_prep.readers.input_files`): one Ray Data read task per file runs the local
+  reader's row checks (:func:`data_prep.readers.events_from_frame`; an error names the file and the
+  row in it, the same error as ``engine=local``); the events are partitioned by user (the stable
+  hash above) and each partition is finished on a worker: identical events flagged (the first in
+  file order stays) and sorted by (user, time, item), as :func:`data_prep.readers.finish_log` does
+  for the whole log. The log's counts (rows, neutral, likes, dislikes, duplicates) are Ray Data
+  aggregations; the whole-log checks (empty, no dislike) run on them before anything is gathered.
+
+What still runs on the driver: the split plan, item embeddings and the SID k-means (one pass over
+the items), the candidate sets, the SFT sets and the parquet writes. They still read the log's
+columns, so the driver gathers the finished partitions after the read (``read_log_ray``); the Ray
+path spreads the reading and the steps whose cost grows with users x history and with co-dislike
+pairs over the cluster's CPUs. Moving those steps to the partitions is the rest of the work for
+logs larger than the driver's memory (docs: data_prep/README.md, "Ray engine").
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ from typing import Iterator, Mapping
 import numpy as np
 import pandas as pd
 
-from conrec_verl.data_prep.errors import DataPrepError
+from conrec_verl.data_prep.errors import DataPrepError, find_data_prep_error
 
 ENGINES = ("local", "ray")
 _EVENT_COLUMNS = ["user_id", "item_id", "ts", "day", "polarity"]
@@ -83,15 +94,18 @@ def ray_session(rcfg: Mapping, progress: bool) -> Iterator[int]:
             raise DataPrepError(f"engine=ray: could not start or reach Ray (ray.address={address!r}): {exc}") from exc
         started = True
     ctx = DataContext.get_current()
-    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start)
+    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.raise_original_map_exception)
     logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.WARNING)
     ctx.enable_progress_bars = bool(progress)
     ctx.print_on_execution_start = False
+    # a worker's DataPrepError reaches the driver as itself (file, column, row), not as Ray Data's
+    # "UDF failed" wrapper
+    ctx.raise_original_map_exception = True
     try:
         n = rcfg.get("partitions")
         yield int(n) if n else max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     finally:
-        ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+        ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.raise_original_map_exception = saved
         if started:
             ray.shutdown()
 
@@ -206,3 +220,84 @@ def build_samples_ray(ctx, n_parts: int):
         return pd.concat(frames, ignore_index=True).sort_values("user_id", kind="stable").reset_index(drop=True)
 
     return gather([p[0] for p in parts]), gather([p[1] for p in parts]), counts
+
+
+# -- reading a log in several files, partitioned by user -------------------------------------------
+
+_READ_ORDER = ["user_id", "ts", "item_id", "_file", "_row"]
+
+
+@contextlib.contextmanager
+def _worker_errors() -> Iterator[None]:
+    """A :class:`DataPrepError` raised in a Ray task comes back as itself (same message, file, row)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - Ray wraps the worker's error (a subclass of it); find ours
+        found = find_data_prep_error(exc)
+        if found is None or found is exc:
+            raise
+        raise found from None
+
+
+def _finish_partition(df: pd.DataFrame) -> pd.DataFrame:
+    """One user partition of the log's non-neutral events, as :func:`data_prep.readers.finish_log`
+    finishes the whole log: sorted by (user, time, item), ties in file order, and ``_dup`` set on
+    every repeat of an identical event (the first in file order is not one)."""
+    from conrec_verl.data_prep.readers import DUPLICATE_KEY
+
+    df = df.sort_values(_READ_ORDER, kind="stable").reset_index(drop=True)
+    return df.assign(_dup=df.duplicated(subset=DUPLICATE_KEY).to_numpy())
+
+
+def read_log_ray(icfg: Mapping, files: list[str], source: str, n_parts: int) -> tuple[pd.DataFrame, dict]:
+    """The interaction table and read stats of :func:`data_prep.readers.read_input` for a generic or
+    kuairand log in ``files``, read on Ray Data (see the module docstring); the table is gathered on
+    the driver for the steps that still need it."""
+    import ray.data
+    from ray.data.expressions import col
+
+    from conrec_verl.data_prep import readers as R
+
+    duplicates = icfg.get("duplicates", "keep")
+    R.check_duplicates_option(duplicates)
+    cfg = dict(icfg)
+    many = len(files) > 1
+
+    def read_file(batch: pd.DataFrame) -> pd.DataFrame:
+        k = int(batch["_file"].iloc[0])
+        ev = R.read_events_file(cfg, files[k], allow_empty=many)
+        return ev.assign(_file=np.int32(k), _row=np.arange(len(ev), dtype=np.int64),
+                         _part=stable_partition(ev["user_id"].to_numpy(), n_parts) if len(ev) else
+                         np.zeros(0, np.int64))
+
+    def counts(batch: pd.DataFrame) -> pd.DataFrame:
+        pol = batch["polarity"].to_numpy()
+        return pd.DataFrame({"rows": [len(pol)], "neutral": [int((pol == 0).sum())],
+                             "likes": [int((pol > 0).sum())], "dislikes": [int((pol < 0).sum())]})
+
+    with _worker_errors():
+        events = ray.data.from_items([{"_file": k} for k in range(len(files))], override_num_blocks=len(files)) \
+            .map_batches(read_file, batch_size=1, batch_format="pandas").materialize()
+        c = pd.DataFrame(events.map_batches(counts, batch_size=None, batch_format="pandas").take_all()).sum()
+        if int(c.get("rows", 0)) == 0:
+            raise DataPrepError("the interaction log is empty (every file has a header and no rows)", file=source)
+        if int(c["dislikes"]) == 0:
+            raise R.no_dislike_error(source, R.polarity_column(icfg.get("columns") or {}, icfg["polarity"]))
+        parts = events.filter(expr=col("polarity") != 0) \
+            .groupby("_part").map_groups(_finish_partition, batch_format="pandas").materialize()
+        n_dup = int(parts.sum("_dup") or 0)
+        del events
+        # gathered for the driver's steps; partitions hold disjoint users, each already in order
+        inter = parts.to_pandas()
+    if duplicates == "drop":
+        inter = inter[~inter["_dup"].to_numpy(dtype=bool)]
+    inter = inter.drop(columns=["_file", "_row", "_part", "_dup"])
+    u_codes, _ = pd.factorize(inter["user_id"], sort=True)
+    inter = inter.iloc[np.argsort(u_codes, kind="stable")].reset_index(drop=True)
+    inter = inter.astype({"user_id": object, "item_id": object, "ts": np.int64, "day": np.int64,
+                          "polarity": np.int8, "weight": np.float32})
+    stats = {"raw_rows": int(c["rows"]), "neutral_dropped": int(c["neutral"]), "duplicate_events": n_dup,
+             "duplicates": duplicates}
+    if many:
+        stats["input_files"] = len(files)
+    return inter, stats

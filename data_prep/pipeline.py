@@ -166,7 +166,7 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
     seed = int(cfg.get("seed", 0))
     steps = _Steps(STEP_NAMES, bool(cfg.get("progress", True)), hook)
     with steps("read"):
-        log = T.read_log(cfg)
+        log = T.read_log(cfg, ray_partitions)
     with steps("split"):
         split = T.split_log(log, cfg)
     with steps("embeddings"):

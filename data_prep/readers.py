@@ -18,12 +18,13 @@ first bad row (1-based, header excluded).
 from __future__ import annotations
 
 import difflib
+import glob
 import gzip
 import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -342,6 +343,22 @@ def interactions_from_frame(df: pd.DataFrame, file: str, columns: Mapping[str, s
     ``user``, ``item``, ``timestamp`` and optionally ``day``, ``label``, ``rating``, ``weight``.
     Identical events (user, item, timestamp, polarity) are counted (``duplicate_events``) and kept
     or dropped (``duplicates``)."""
+    events = events_from_frame(df, file, columns, polarity, timestamp_unit, timezone)
+    return finish_log([events], file, duplicates, polarity_column(columns, polarity))
+
+
+def polarity_column(columns: Mapping[str, str | None], polarity: Mapping) -> str | None:
+    """The column the polarity is read from (``label`` or ``rating``), for error messages."""
+    return columns.get("label" if polarity.get("mode", "label") == "label" else "rating")
+
+
+def events_from_frame(df: pd.DataFrame, file: str, columns: Mapping[str, str | None], polarity: Mapping,
+                      timestamp_unit: str = "auto", timezone: str = "UTC", allow_empty: bool = False) -> pd.DataFrame:
+    """The row checks of one file of the log (every error names ``file``, the column and the row in
+    that file): its events in file order, neutral ones kept with polarity 0. The checks that need
+    the whole log (any dislike at all, duplicates, the order) are :func:`finish_log`'s, so a log
+    in many files gives the same table and the same errors as one file.
+    ``allow_empty``: a file with a header and no rows is one empty shard of a sharded log."""
     mode = polarity.get("mode", "label")
     roles = {"user": columns.get("user"), "item": columns.get("item"), "timestamp": columns.get("timestamp"),
              "day": columns.get("day"), "weight": columns.get("weight")}
@@ -352,6 +369,10 @@ def interactions_from_frame(df: pd.DataFrame, file: str, columns: Mapping[str, s
     df.columns = [str(c) for c in df.columns]
     _require_columns(df, file, roles)
     if len(df) == 0:
+        if allow_empty:
+            return pd.DataFrame({"user_id": pd.Series(dtype=object), "item_id": pd.Series(dtype=object),
+                                 "ts": pd.Series(dtype=np.int64), "day": pd.Series(dtype=np.int64),
+                                 "polarity": pd.Series(dtype=np.int8), "weight": pd.Series(dtype=np.float32)})
         raise DataPrepError("the interaction log is empty", file=file)
     for role in ("label", "rating", "weight", "day"):
         if roles.get(role):
@@ -370,20 +391,42 @@ def interactions_from_frame(df: pd.DataFrame, file: str, columns: Mapping[str, s
     else:
         raise DataPrepError(f"input.polarity.mode must be 'label' or 'rating', got {mode!r}")
     weight = _weights(df[roles["weight"]] if roles.get("weight") else None, len(df), file, roles.get("weight"))
-    out = pd.DataFrame({"user_id": users, "item_id": items, "ts": ts, "day": day, "polarity": pol, "weight": weight})
-    n_neutral = int((pol == 0).sum())
-    out = out[out["polarity"] != 0]
+    return pd.DataFrame({"user_id": users, "item_id": items, "ts": ts, "day": day, "polarity": pol, "weight": weight})
+
+
+#: identical events: the same user, item, timestamp and polarity
+DUPLICATE_KEY = ["user_id", "item_id", "ts", "polarity"]
+
+
+def check_duplicates_option(duplicates: str) -> None:
     if duplicates not in ("keep", "drop"):
         raise DataPrepError(f"input.duplicates must be 'keep' or 'drop', got {duplicates!r}")
-    dup = out.duplicated(subset=["user_id", "item_id", "ts", "polarity"]).to_numpy()
+
+
+def no_dislike_error(source: str, column: str | None) -> DataPrepError:
+    return DataPrepError("the log has no negative (dislike) events; CoNRec needs explicit negative feedback "
+                         "(check input.polarity)", file=source, column=column)
+
+
+def finish_log(frames: Sequence[pd.DataFrame], source: str, duplicates: str = "keep",
+               polarity_col: str | None = None) -> tuple[pd.DataFrame, dict]:
+    """The interaction table of a log from its files' events (:func:`events_from_frame`, in file
+    order): neutral events dropped and counted, identical events counted and kept or dropped (the
+    first in file order stays), sorted; ``source`` (the file, folder or pattern) names the log in
+    the errors about it as a whole."""
+    check_duplicates_option(duplicates)
+    raw = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    if len(raw) == 0:
+        raise DataPrepError("the interaction log is empty (every file has a header and no rows)", file=source)
+    n_neutral = int((raw["polarity"] == 0).sum())
+    out = raw[raw["polarity"] != 0]
+    dup = out.duplicated(subset=DUPLICATE_KEY).to_numpy()
     if duplicates == "drop":
         out = out[~dup]
-    stats = {"raw_rows": int(len(df)), "neutral_dropped": n_neutral, "duplicate_events": int(dup.sum()),
+    stats = {"raw_rows": int(len(raw)), "neutral_dropped": n_neutral, "duplicate_events": int(dup.sum()),
              "duplicates": duplicates}
     if not (out["polarity"] < 0).any():
-        raise DataPrepError("the log has no negative (dislike) events; CoNRec needs explicit negative feedback "
-                            "(check input.polarity)", file=file,
-                            column=roles["label"] if mode == "label" else roles["rating"])
+        raise no_dislike_error(source, polarity_col)
     return finish_interactions(out), stats
 
 
@@ -445,12 +488,47 @@ def items_from_frame(df: pd.DataFrame, file: str, columns: Mapping[str, Any], kn
 
 # -- format readers -------------------------------------------------------------------------------
 
-def _generic(cfg: Mapping, path: str) -> tuple[pd.DataFrame, dict]:
+def input_files(path, key: str = "input.path") -> list[str]:
+    """The files of a log: one file; a folder (every file under it, sorted by path; hidden files and
+    ``_``-prefixed ones such as Spark's ``_SUCCESS`` are skipped); or a glob pattern
+    (``logs/part-*.parquet``, ``**`` for sub-folders; sorted). The order is the log's file order."""
+    if path is None or path == "???":
+        raise DataPrepError(f"no input path given (set {key}=<file, folder or glob>)")
+    p = os.fspath(Path(os.fspath(path)).expanduser())
+    if os.path.isfile(p):
+        return [p]
+    if os.path.isdir(p):
+        root = Path(p)
+        files = sorted(str(f) for f in root.rglob("*") if f.is_file()
+                       and not any(part.startswith((".", "_")) for part in f.relative_to(root).parts))
+        if not files:
+            raise DataPrepError("the folder holds no data file", file=p)
+        return files
+    if glob.has_magic(p):
+        files = sorted(f for f in glob.glob(p, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise DataPrepError("no file matches the pattern", file=p)
+        return files
+    raise DataPrepError("file not found", file=p)
+
+
+def read_events_file(cfg: Mapping, path: str, allow_empty: bool = False) -> pd.DataFrame:
+    """One file of a generic/kuairand log, read and checked (:func:`events_from_frame`)."""
     cols = cfg.get("columns") or {}
     ids = [c for c in (cols.get("user"), cols.get("item")) if c]
     df = read_table(path, sep=cfg.get("sep"), encoding=cfg.get("encoding") or "utf-8", text_columns=ids)
-    return interactions_from_frame(df, path, cfg["columns"], cfg["polarity"], cfg.get("timestamp_unit", "auto"),
-                                   cfg.get("timezone", "UTC"), cfg.get("duplicates", "keep"))
+    return events_from_frame(df, path, cols, cfg["polarity"], cfg.get("timestamp_unit", "auto"),
+                             cfg.get("timezone", "UTC"), allow_empty)
+
+
+def _generic(cfg: Mapping, paths: Sequence[str], source: str) -> tuple[pd.DataFrame, dict]:
+    check_duplicates_option(cfg.get("duplicates", "keep"))
+    frames = [read_events_file(cfg, p, allow_empty=len(paths) > 1) for p in paths]
+    inter, stats = finish_log(frames, source, cfg.get("duplicates", "keep"),
+                              polarity_column(cfg.get("columns") or {}, cfg["polarity"]))
+    if len(paths) > 1:
+        stats["input_files"] = len(paths)
+    return inter, stats
 
 
 def _movielens_paths(cfg: Mapping) -> tuple[str, str | None, str]:
@@ -506,8 +584,10 @@ def _movielens(cfg: Mapping) -> tuple[pd.DataFrame, pd.DataFrame | None, list[st
     return inter, items, files, stats
 
 
-def read_input(cfg: Mapping) -> ReadResult:
-    """Read ``cfg`` (the ``input`` config group) into a :class:`ReadResult`."""
+def read_input(cfg: Mapping, read_events: Callable | None = None) -> ReadResult:
+    """Read ``cfg`` (the ``input`` config group) into a :class:`ReadResult`. ``read_events(cfg,
+    files, source) -> (interactions, stats)`` reads a generic/kuairand log's files in place of the
+    in-process reader (``engine=ray``: :func:`data_prep.distributed.read_log_ray`)."""
     fmt = cfg.get("format")
     if fmt == "movielens":
         inter, items, files, stats = _movielens(cfg)
@@ -515,9 +595,9 @@ def read_input(cfg: Mapping) -> ReadResult:
         path = cfg.get("path")
         if fmt == "kuairand" and path is None:
             path = SAMPLE_PATH
-        path = _check_file(path)
-        inter, stats = _generic(cfg, path)
-        files, items = [path], None
+        files = input_files(path)
+        inter, stats = (read_events or _generic)(cfg, files, files[0] if len(files) == 1 else os.fspath(path))
+        items = None
         icfg = cfg.get("items") or {}
         if icfg.get("path"):
             ipath = _check_file(icfg["path"], "input.items.path")

@@ -89,11 +89,23 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def read_log(cfg: dict) -> Log:
-    data = read_input(cfg.get("input", {}) or {})
-    checksums = {os.path.basename(f): {"path_name": os.path.basename(f), "sha256": sha256_file(f),
-                                       "bytes": os.path.getsize(f)} for f in data.files}
-    return Log(data.interactions, data.items, data.stats, checksums)
+def read_log(cfg: dict, ray_partitions: int | None = None) -> Log:
+    """The validated log; with ``ray_partitions`` (engine=ray) a generic/kuairand log's files are read
+    on Ray Data (:func:`data_prep.distributed.read_log_ray`)."""
+    reader = (lambda icfg, files, source: D.read_log_ray(icfg, files, source, ray_partitions)) if ray_partitions else None
+    data = read_input(cfg.get("input", {}) or {}, reader)
+    return Log(data.interactions, data.items, data.stats, input_checksums(data.files))
+
+
+def input_checksums(files: list[str]) -> dict:
+    """Per input file: its name, sha256 and size. The name is the file name; where two files share
+    one (shards in sub-folders: ``day=1/part-0.parquet``), the path relative to their common folder."""
+    names = [os.path.basename(f) for f in files]
+    if len(set(names)) < len(names):
+        base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+        names = [os.path.relpath(os.path.abspath(f), base) for f in files]
+    return {name: {"path_name": name, "sha256": sha256_file(f), "bytes": os.path.getsize(f)}
+            for name, f in zip(names, files)}
 
 
 @dataclass

@@ -115,20 +115,56 @@ def two_node_cluster():
     cluster.shutdown()
 
 
+def sharded_synth_log(folder: Path) -> Path:
+    """A synthetic log in three shards (parquet, CSV, parquet in a sub-folder) with neutral labels
+    and identical events repeated across shards with other weights."""
+    log = synth_log(seed=2, n_users=80, n_items=90).assign(w=1.0)
+    log.loc[log.index % 29 == 0, "label"] = 2  # neutral: dropped and counted
+    repeats = log.iloc[::37].assign(w=5.0)
+    log = pd.concat([log, repeats], ignore_index=True).sample(frac=1.0, random_state=0).reset_index(drop=True)
+    folder.mkdir()
+    n = len(log)
+    log.iloc[: n // 3].to_parquet(folder / "part-0.parquet", index=False)
+    log.iloc[n // 3: 2 * n // 3].to_csv(folder / "part-1.csv", index=False)
+    (folder / "b").mkdir()
+    log.iloc[2 * n // 3:].to_parquet(folder / "b" / "part-2.parquet", index=False)
+    return folder
+
+
+SHARD_OPTS = ("input.columns.weight=w", "input.polarity.other_labels=drop", "input.duplicates=drop")
+
+
 def test_ray_engine_on_a_two_node_cluster_equals_local(tmp_path, two_node_cluster):
+    """A log in shards, read on the cluster's workers, gives the local engine's folder."""
     import ray
 
-    log = synth_log(seed=2, n_users=80, n_items=90)
-    log.to_csv(tmp_path / "log.csv", index=False)
-    extra = ("swing.min_co_dislikers=2", "swing.max_dislikers_per_item=6")
-    local = build(generic_cfg(tmp_path / "log.csv", tmp_path / "local", *extra))
-    remote = build(generic_cfg(tmp_path / "log.csv", tmp_path / "ray", *extra, "engine=ray",
+    shards = sharded_synth_log(tmp_path / "shards")
+    extra = ("swing.min_co_dislikers=2", "swing.max_dislikers_per_item=6", *SHARD_OPTS)
+    local = build(generic_cfg(shards, tmp_path / "local", *extra))
+    remote = build(generic_cfg(shards, tmp_path / "ray", *extra, "engine=ray",
                                f"ray.address={two_node_cluster.address}", "ray.partitions=5", *RAY_OPTS))
     assert not ray.is_initialized()  # the engine disconnects what it connected
     assert len(pd.read_parquet(local / "swing.parquet")) > 0
     assert len(pd.read_parquet(local / "rl" / "train.parquet")) > 0
+    stats = json.loads((local / "manifest.json").read_text())["input_stats"]
+    assert stats["input_files"] == 3 and stats["neutral_dropped"] > 0 and stats["duplicate_events"] > 0
     compare_folders(local, remote)
     assert json.loads((remote / "manifest.json").read_text())["config"]["engine"] == "ray"
+
+
+def test_ray_engine_names_a_bad_row_of_a_shard_as_the_local_engine_does(tmp_path, two_node_cluster):
+    shards = sharded_synth_log(tmp_path / "shards")
+    bad = pd.read_csv(shards / "part-1.csv").astype({"item_id": object})
+    bad.loc[4, "item_id"] = "   "
+    bad.to_csv(shards / "part-1.csv", index=False)
+    errors = []
+    for engine in (("engine=local",), ("engine=ray", f"ray.address={two_node_cluster.address}", *RAY_OPTS)):
+        with pytest.raises(DataPrepError) as err:
+            build(generic_cfg(shards, tmp_path / "out", *SHARD_OPTS, *engine))
+        errors.append((str(err.value), err.value.file, err.value.column, err.value.row))
+    assert errors[0] == errors[1]
+    assert errors[0][1:] == (str(shards / "part-1.csv"), "item_id", 5)
+    assert not (tmp_path / "out").exists() and sorted(os.listdir(tmp_path)) == ["shards"]
 
 
 def test_ray_engine_per_user_split_with_its_own_local_ray(tmp_path):

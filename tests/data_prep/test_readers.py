@@ -225,3 +225,96 @@ def test_a_truncated_gzip_is_one_clear_error(tmp_path):
     p.write_bytes(full[: len(full) // 2])
     with pytest.raises(DataPrepError, match=r"log.csv.gz: the compressed file is truncated or corrupt"):
         read_input(generic_input(p))
+
+
+# -- a log in several files (a folder or a glob of shards) -------------------------------------------
+
+def write_shards(folder, log: pd.DataFrame, cuts=(0.3, 0.7)):
+    """``log`` in three shards of mixed formats, one in a sub-folder, beside files a reader skips."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(log)
+    a, b = int(cuts[0] * n), int(cuts[1] * n)
+    log.iloc[:a].to_parquet(folder / "part-0.parquet", index=False)
+    log.iloc[a:b].to_csv(folder / "part-1.csv", index=False)
+    (folder / "day=2").mkdir(exist_ok=True)
+    log.iloc[b:].to_parquet(folder / "day=2" / "part-2.parquet", index=False)
+    (folder / "_SUCCESS").write_text("")
+    (folder / ".part-0.parquet.crc").write_text("not data")
+    return folder
+
+
+def sharded_log() -> pd.DataFrame:
+    """Events with a neutral label, and identical events in different shards whose weights tell
+    which copy a reader kept."""
+    rows = [("u1", "a", ms(1), 0, 1.0), ("u1", "b", ms(2), 1, 1.0), ("u2", "a", ms(1), 2, 1.0),
+            ("u2", "c", ms(3), 0, 1.0), ("u3", "a", ms(2), 1, 1.0), ("u1", "a", ms(1), 0, 7.0),
+            ("u2", "c", ms(3), 0, 9.0), ("u3", "b", ms(4), 0, 1.0), ("u1", "c", ms(2), 1, 1.0),
+            ("u3", "a", ms(2), 1, 3.0)]
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "label", "w"])
+
+
+SHARD_COLUMNS = {"user": "user_id", "item": "item_id", "timestamp": "timestamp", "label": "label", "weight": "w"}
+SHARD_POLARITY = {"mode": "label", "negative_values": [0], "positive_values": [1], "other_labels": "drop"}
+
+
+@pytest.mark.parametrize("duplicates", ["keep", "drop"])
+def test_a_folder_or_glob_of_shards_reads_as_the_same_log_as_one_file(tmp_path, duplicates):
+    from conrec_verl.data_prep.readers import input_files
+
+    log = sharded_log()
+    log.to_csv(tmp_path / "log.csv", index=False)
+    folder = write_shards(tmp_path / "shards", log)
+    kw = dict(columns=SHARD_COLUMNS, polarity=SHARD_POLARITY, duplicates=duplicates)
+    one = read_input(generic_input(tmp_path / "log.csv", **kw))
+    assert input_files(folder) == [str(folder / "day=2" / "part-2.parquet"), str(folder / "part-0.parquet"),
+                                   str(folder / "part-1.csv")]
+    for path in (folder, tmp_path / "shards" / "**" / "part-*"):
+        many = read_input(generic_input(path, **kw))
+        assert sorted(many.files) == sorted(input_files(folder))
+        # file order differs from the single file's row order here, so compare as sets of events,
+        # then check which copy of each identical event survived
+        cols = ["user_id", "item_id", "ts", "polarity"]
+        pd.testing.assert_frame_equal(many.interactions[cols].reset_index(drop=True),
+                                      one.interactions[cols].reset_index(drop=True))
+        assert many.stats["input_files"] == 3
+        for key in ("raw_rows", "neutral_dropped", "duplicate_events", "events", "likes", "dislikes"):
+            assert many.stats[key] == one.stats[key], key
+    assert one.stats["neutral_dropped"] == 1 and one.stats["duplicate_events"] == 3
+    if duplicates == "drop":
+        # the first copy in file order stays: shard day=2/part-2 comes first, so (u3, a) keeps weight 3.0
+        kept = read_input(generic_input(folder, **kw)).interactions
+        w = kept.set_index(["user_id", "item_id"])["weight"]
+        assert (w[("u1", "a")], w[("u2", "c")], w[("u3", "a")]) == (1.0, 1.0, 3.0)
+
+
+def test_a_bad_row_in_one_shard_names_that_file_and_its_row(tmp_path):
+    log = sharded_log()
+    folder = write_shards(tmp_path / "shards", log)
+    bad = pd.read_csv(folder / "part-1.csv").astype({"timestamp": object})
+    bad.loc[2, "timestamp"] = "yesterday-ish"
+    bad.to_csv(folder / "part-1.csv", index=False)
+    with pytest.raises(DataPrepError) as err:
+        read_input(generic_input(folder, columns=SHARD_COLUMNS, polarity=SHARD_POLARITY))
+    assert err.value.file == str(folder / "part-1.csv") and err.value.row == 3 and err.value.column == "timestamp"
+
+
+def test_shard_sources_that_hold_no_log_are_one_error_each(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "_SUCCESS").write_text("")
+    with pytest.raises(DataPrepError, match="holds no data file"):
+        read_input(generic_input(tmp_path / "empty"))
+    with pytest.raises(DataPrepError, match="no file matches"):
+        read_input(generic_input(tmp_path / "nothing-*.csv"))
+    folder = tmp_path / "headers"
+    folder.mkdir()
+    for k in range(2):
+        pd.DataFrame(columns=["user_id", "item_id", "timestamp", "label"]).to_csv(folder / f"p{k}.csv", index=False)
+    with pytest.raises(DataPrepError, match="empty") as err:
+        read_input(generic_input(folder))
+    assert err.value.file == str(folder)
+    # one empty shard among others is fine; a log without any dislike names the whole source
+    pd.DataFrame({"user_id": ["u1"], "item_id": ["a"], "timestamp": [ms(1)], "label": [1]}).to_csv(folder / "p2.csv",
+                                                                                                  index=False)
+    with pytest.raises(DataPrepError, match="no negative") as err:
+        read_input(generic_input(folder))
+    assert err.value.file == str(folder)
