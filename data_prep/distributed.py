@@ -9,7 +9,9 @@ starts a local one for the run). The config and the output folder are the same a
   Ray Data groups the events by it (``groupby(...).map_groups``) and every group builds its users'
   rows with the same :func:`data_prep.samples.build_samples` the local engine runs, against item
   tables built once and shared through the object store. Users are independent, so the union of
-  the groups, put back in user order, is the local output.
+  the groups, put back in user order, is the local output. A log read on Ray Data (below) is
+  already partitioned there, and each group computes its events' split keys itself; a MovieLens
+  log (read on the driver) is sent from the driver.
 - **Swing** is partitioned **by item**: partition ``k`` scores the kept pairs ``(i, j)``, ``i < j``,
   whose ``i`` falls in it (:func:`conrec_verl.core.swing.swing_pair_scores` with ``items=``), from
   the dislike graph shared through the object store. Every pair's sum runs in the same order in
@@ -38,7 +40,7 @@ import contextlib
 import logging
 import pickle
 from dataclasses import replace
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -179,32 +181,41 @@ def swing_pair_scores_ray(R, params, n_parts: int, block: int = 100_000):
 
 # -- samples, partitioned by user ----------------------------------------------------------------
 
-def build_samples_ray(ctx, n_parts: int):
+def build_samples_ray(ctx, n_parts: int, parts=None):
     """:func:`data_prep.samples.build_samples` with users grouped into ``n_parts`` partitions on Ray
-    Data; returns the same ``(train_rows, test_rows, counts)`` as the local call."""
+    Data; returns the same ``(train_rows, test_rows, counts)`` as the local call. ``parts``: the
+    log's user partitions from :func:`read_log_ray` (each partition's events in the log's order;
+    their keys are computed where they are); without them ``ctx.inter`` is sent from the driver
+    and grouped."""
     import ray
     import ray.data
 
     from conrec_verl.data_prep import samples as S
 
     lookup = S.item_lookup(ctx)
-    frame = ctx.inter[_EVENT_COLUMNS].copy()
-    frame["_key"] = np.asarray(ctx.plan.key)
-    frame["_row"] = np.arange(len(frame), dtype=np.int64)
-    frame["_part"] = stable_partition(frame["user_id"].to_numpy(), n_parts)
     shared = ray.put((replace(ctx.plan, key=np.zeros(0, np.int64)), lookup, ctx.sid_build, ctx.seed, dict(ctx.cfg)))
 
     def build_part(df: pd.DataFrame) -> pd.DataFrame:
         plan, lk, sid_build, seed, cfg = ray.get(shared)
-        df = df.sort_values("_row", kind="stable").reset_index(drop=True)
-        part_ctx = S.SampleContext(df[_EVENT_COLUMNS], replace(plan, key=df["_key"].to_numpy(np.int64)),
-                                   {}, {}, {}, sid_build, seed, cfg)
+        if "_key" in df.columns:  # sent from the driver: back in the log's order
+            df = df.sort_values("_row", kind="stable").reset_index(drop=True)
+            key = df["_key"].to_numpy(np.int64)
+        else:  # a partition of the log read on Ray Data (a shuffle need not keep its order)
+            df = df.sort_values(_READ_ORDER, kind="stable").reset_index(drop=True)
+            key = plan.event_keys(df)
+        part_ctx = S.SampleContext(df[_EVENT_COLUMNS], replace(plan, key=key), {}, {}, {}, sid_build, seed, cfg)
         out = S.build_samples(part_ctx, lk, progress=False)
         return pd.DataFrame({"_part": [int(df["_part"].iloc[0])],
                              "payload": [pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)]})
 
-    ds = ray.data.from_pandas(frame).groupby("_part").map_groups(build_part, batch_format="pandas")
-    del frame
+    if parts is None:
+        frame = ctx.inter[_EVENT_COLUMNS].copy()
+        frame["_key"] = np.asarray(ctx.plan.key)
+        frame["_row"] = np.arange(len(frame), dtype=np.int64)
+        frame["_part"] = stable_partition(frame["user_id"].to_numpy(), n_parts)
+        parts = ray.data.from_pandas(frame)
+        del frame
+    ds = parts.groupby("_part").map_groups(build_part, batch_format="pandas")
     parts = _payloads(ds)
     counts: dict = {"train": {}, "test": {}}
     for _, _, c in parts:
@@ -249,10 +260,12 @@ def _finish_partition(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(_dup=df.duplicated(subset=DUPLICATE_KEY).to_numpy())
 
 
-def read_log_ray(icfg: Mapping, files: list[str], source: str, n_parts: int) -> tuple[pd.DataFrame, dict]:
+def read_log_ray(icfg: Mapping, files: list[str], source: str, n_parts: int) -> tuple[pd.DataFrame, dict, Any]:
     """The interaction table and read stats of :func:`data_prep.readers.read_input` for a generic or
-    kuairand log in ``files``, read on Ray Data (see the module docstring); the table is gathered on
-    the driver for the steps that still need it."""
+    kuairand log in ``files``, read on Ray Data (see the module docstring), and the user partitions
+    (a materialized Dataset: the events plus ``_part`` and ``_dup``, the flag of a repeated
+    identical event) that the samples step maps over; the table is gathered on the driver for the
+    steps that still need it."""
     import ray.data
     from ray.data.expressions import col
 
@@ -290,6 +303,7 @@ def read_log_ray(icfg: Mapping, files: list[str], source: str, n_parts: int) -> 
         # gathered for the driver's steps; partitions hold disjoint users, each already in order
         inter = parts.to_pandas()
     if duplicates == "drop":
+        parts = parts.filter(expr=col("_dup") == False).materialize()  # noqa: E712 - an expression
         inter = inter[~inter["_dup"].to_numpy(dtype=bool)]
     inter = inter.drop(columns=["_file", "_row", "_part", "_dup"])
     u_codes, _ = pd.factorize(inter["user_id"], sort=True)
@@ -300,4 +314,4 @@ def read_log_ray(icfg: Mapping, files: list[str], source: str, n_parts: int) -> 
              "duplicates": duplicates}
     if many:
         stats["input_files"] = len(files)
-    return inter, stats
+    return inter, stats, parts

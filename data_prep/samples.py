@@ -72,6 +72,11 @@ class SplitPlan:
         d = pd.Timestamp(int(cut), unit="ms")
         return d.year * 10000 + d.month * 100 + d.day
 
+    def event_keys(self, events: pd.DataFrame) -> np.ndarray:
+        """The key of each event of ``events`` (any subset of the log): its day number
+        (``global_day``) or its timestamp (``per_user``)."""
+        return event_keys(self.mode, events)
+
     def train_mask(self, users: np.ndarray) -> np.ndarray:
         """Events strictly usable for embeddings, SIDs and Swing: key <= the user's eval cutoff."""
         if self.mode == "global_day":  # one cutoff for everybody
@@ -79,6 +84,13 @@ class SplitPlan:
         codes, uniq = pd.factorize(pd.Series(users, dtype=object))
         cut = np.array([self.eval_cut[u] for u in uniq.tolist()], dtype=np.int64)
         return self.key <= cut[codes]
+
+
+def event_keys(mode: str, events: pd.DataFrame) -> np.ndarray:
+    """Per event: the day number (``global_day``) or the epoch-ms timestamp (``per_user``)."""
+    if mode == "global_day":
+        return day_number(events["day"].to_numpy()) if len(events) else np.zeros(0, np.int64)
+    return events["ts"].to_numpy(dtype=np.int64)
 
 
 def plan_split(inter: pd.DataFrame, cfg: Mapping) -> SplitPlan:
@@ -94,7 +106,7 @@ def plan_split(inter: pd.DataFrame, cfg: Mapping) -> SplitPlan:
     users = inter["user_id"].to_numpy(dtype=object)
     if mode == "global_day":
         uniq = pd.unique(users)
-        key = day_number(inter["day"].to_numpy())
+        key = event_keys(mode, inter)
         first, last = int(key.min()), int(key.max())
         ec = cfg.get("eval_cutoff_day")
         if ec is None or ec == "???":
@@ -144,7 +156,7 @@ def plan_split(inter: pd.DataFrame, cfg: Mapping) -> SplitPlan:
         if not 0 < frac < 1 or any(not 0 < f < frac for f in fracs):
             raise DataPrepError(f"split.user_fraction must be in (0, 1) and every train_fraction in (0, user_fraction); "
                                 f"got {frac} and {fracs}")
-        key = inter["ts"].to_numpy(dtype=np.int64)
+        key = event_keys(mode, inter)
         # events are sorted by (user, ts): positions within each user
         starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
         ends = np.r_[starts[1:], len(users)]

@@ -79,6 +79,10 @@ class Log:
     stats: dict
     #: per input file: name, sha256, bytes
     checksums: dict
+    #: engine=ray, a log read on Ray Data: its events partitioned by user (a materialized Ray
+    #: Dataset, ``data_prep.distributed.read_log_ray``), which later steps use in place of
+    #: shipping ``interactions`` to the cluster again; None otherwise
+    parts: Any = None
 
 
 def sha256_file(path: str) -> str:
@@ -92,9 +96,15 @@ def sha256_file(path: str) -> str:
 def read_log(cfg: dict, ray_partitions: int | None = None) -> Log:
     """The validated log; with ``ray_partitions`` (engine=ray) a generic/kuairand log's files are read
     on Ray Data (:func:`data_prep.distributed.read_log_ray`)."""
-    reader = (lambda icfg, files, source: D.read_log_ray(icfg, files, source, ray_partitions)) if ray_partitions else None
-    data = read_input(cfg.get("input", {}) or {}, reader)
-    return Log(data.interactions, data.items, data.stats, input_checksums(data.files))
+    parts = []
+
+    def on_ray(icfg, files, source):
+        inter, stats, ds = D.read_log_ray(icfg, files, source, ray_partitions)
+        parts.append(ds)
+        return inter, stats
+
+    data = read_input(cfg.get("input", {}) or {}, on_ray if ray_partitions else None)
+    return Log(data.interactions, data.items, data.stats, input_checksums(data.files), parts[0] if parts else None)
 
 
 def input_checksums(files: list[str]) -> dict:
@@ -239,7 +249,7 @@ def rl_samples(log: Log, split: Split, sids: Sids, swing: SwingResult, cfg: dict
     ctx = S.SampleContext(log.interactions, split.plan, sids.sid_of, swing.neighbors, swing.item_neg_count,
                           sid_build, seed, scfg)
     if ray_partitions:
-        train_rows, test_rows, skip_counts = D.build_samples_ray(ctx, ray_partitions)
+        train_rows, test_rows, skip_counts = D.build_samples_ray(ctx, ray_partitions, log.parts)
     else:
         train_rows, test_rows, skip_counts = S.build_samples(ctx, progress=bool(cfg.get("progress", True)))
     if train_rows.empty:
