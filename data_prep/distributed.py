@@ -181,18 +181,18 @@ def swing_pair_scores_ray(R, params, n_parts: int, block: int = 100_000):
 
 # -- samples, partitioned by user ----------------------------------------------------------------
 
-def build_samples_ray(ctx, n_parts: int, parts=None):
+def build_samples_ray(ctx, n_parts: int, parts=None, items: np.ndarray | None = None):
     """:func:`data_prep.samples.build_samples` with users grouped into ``n_parts`` partitions on Ray
     Data; returns the same ``(train_rows, test_rows, counts)`` as the local call. ``parts``: the
     log's user partitions from :func:`read_log_ray` (each partition's events in the log's order;
-    their keys are computed where they are); without them ``ctx.inter`` is sent from the driver
-    and grouped."""
+    their keys are computed where they are; ``items``: the log's items, as ``ctx.inter`` is then
+    None); without them ``ctx.inter`` is sent from the driver and grouped."""
     import ray
     import ray.data
 
     from conrec_verl.data_prep import samples as S
 
-    lookup = S.item_lookup(ctx)
+    lookup = S.item_lookup(ctx, items)
     shared = ray.put((replace(ctx.plan, key=np.zeros(0, np.int64)), lookup, ctx.sid_build, ctx.seed, dict(ctx.cfg)))
 
     def build_part(df: pd.DataFrame) -> pd.DataFrame:
@@ -260,12 +260,13 @@ def _finish_partition(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(_dup=df.duplicated(subset=DUPLICATE_KEY).to_numpy())
 
 
-def read_log_ray(icfg: Mapping, files: list[str], source: str, n_parts: int) -> tuple[pd.DataFrame, dict, Any]:
-    """The interaction table and read stats of :func:`data_prep.readers.read_input` for a generic or
-    kuairand log in ``files``, read on Ray Data (see the module docstring), and the user partitions
-    (a materialized Dataset: the events plus ``_part`` and ``_dup``, the flag of a repeated
-    identical event) that the samples step maps over; the table is gathered on the driver for the
-    steps that still need it."""
+def read_log_ray(icfg: Mapping, files: list[str], source: str, n_parts: int) -> tuple[None, dict, Any]:
+    """:func:`data_prep.readers.read_input`'s reader for a generic or kuairand log in ``files`` on
+    Ray Data (see the module docstring). Returns ``(None, stats, parts)``: the table stays on the
+    cluster as ``parts``, a materialized Dataset of the events partitioned by user (plus ``_file``,
+    ``_row``, ``_part`` and ``_dup``, the flag of a repeated identical event, all False after
+    ``input.duplicates=drop``); ``stats`` holds the read counts and the log's counts (``item_ids``:
+    its distinct items, for the item table), all from per-partition aggregates."""
     import ray.data
     from ray.data.expressions import col
 
@@ -286,7 +287,7 @@ def read_log_ray(icfg: Mapping, files: list[str], source: str, n_parts: int) -> 
     def counts(batch: pd.DataFrame) -> pd.DataFrame:
         pol = batch["polarity"].to_numpy()
         return pd.DataFrame({"rows": [len(pol)], "neutral": [int((pol == 0).sum())],
-                             "likes": [int((pol > 0).sum())], "dislikes": [int((pol < 0).sum())]})
+                             "dislikes": [int((pol < 0).sum())]})
 
     with _worker_errors():
         events = ray.data.from_items([{"_file": k} for k in range(len(files))], override_num_blocks=len(files)) \
@@ -298,20 +299,98 @@ def read_log_ray(icfg: Mapping, files: list[str], source: str, n_parts: int) -> 
             raise R.no_dislike_error(source, R.polarity_column(icfg.get("columns") or {}, icfg["polarity"]))
         parts = events.filter(expr=col("polarity") != 0) \
             .groupby("_part").map_groups(_finish_partition, batch_format="pandas").materialize()
-        n_dup = int(parts.sum("_dup") or 0)
         del events
-        # gathered for the driver's steps; partitions hold disjoint users, each already in order
-        inter = parts.to_pandas()
-    if duplicates == "drop":
-        parts = parts.filter(expr=col("_dup") == False).materialize()  # noqa: E712 - an expression
-        inter = inter[~inter["_dup"].to_numpy(dtype=bool)]
-    inter = inter.drop(columns=["_file", "_row", "_part", "_dup"])
-    u_codes, _ = pd.factorize(inter["user_id"], sort=True)
-    inter = inter.iloc[np.argsort(u_codes, kind="stable")].reset_index(drop=True)
-    inter = inter.astype({"user_id": object, "item_id": object, "ts": np.int64, "day": np.int64,
-                          "polarity": np.int8, "weight": np.float32})
+        n_dup = int(parts.sum("_dup") or 0)
+        if duplicates == "drop":
+            parts = parts.filter(expr=col("_dup") == False).materialize()  # noqa: E712 - an expression
+        per_part = map_partitions(parts, _log_counts)
     stats = {"raw_rows": int(c["rows"]), "neutral_dropped": int(c["neutral"]), "duplicate_events": n_dup,
              "duplicates": duplicates}
     if many:
         stats["input_files"] = len(files)
-    return inter, stats, parts
+    stats.update({k: int(sum(p[k] for p in per_part)) for k in ("events", "users", "likes", "dislikes")})
+    item_ids = np.unique(np.concatenate([p["items"] for p in per_part])) if per_part else np.zeros(0, object)
+    stats.update(items=int(len(item_ids)), item_ids=item_ids,
+                 day_range=(min(p["days"][0] for p in per_part), max(p["days"][1] for p in per_part)))
+    return None, stats, parts
+
+
+def _log_counts(df: pd.DataFrame, _shared) -> dict:
+    """One partition's share of the log's counts (its users are its own: user counts add up)."""
+    pol = df["polarity"].to_numpy()
+    return {"events": len(df), "users": int(df["user_id"].nunique()), "likes": int((pol > 0).sum()),
+            "dislikes": int((pol < 0).sum()), "items": pd.unique(df["item_id"].to_numpy(dtype=object)),
+            "days": (int(df["day"].min()), int(df["day"].max()))}
+
+
+def map_partitions(parts, fn, shared=None) -> list:
+    """``fn(events, shared)`` on every user partition of ``parts`` (:func:`read_log_ray`), on the
+    cluster: ``events`` = the partition's events in the log's order (user, time, item, file order);
+    ``shared`` is sent once through the object store. The results (any picklable value, small:
+    they come to the driver) in partition order."""
+    import ray
+
+    ref = ray.put(shared)
+
+    def run(df: pd.DataFrame) -> pd.DataFrame:
+        df = df.sort_values(_READ_ORDER, kind="stable").reset_index(drop=True)
+        out = fn(df, ray.get(ref))
+        return pd.DataFrame({"_part": [int(df["_part"].iloc[0])],
+                             "payload": [pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)]})
+
+    with _worker_errors():
+        rows = parts.groupby("_part").map_groups(run, batch_format="pandas").take_all()
+    return [pickle.loads(r["payload"]) for r in sorted(rows, key=lambda r: int(r["_part"]))]
+
+
+def gather_log(parts) -> pd.DataFrame:
+    """The whole interaction table on the driver, as the local reader returns it (for the steps
+    that do not run on the partitions yet)."""
+    inter = parts.to_pandas()
+    inter = inter.drop(columns=["_file", "_row", "_part", "_dup"])
+    # partitions hold disjoint users, each in the log's order: a stable sort by user restores it
+    u_codes, _ = pd.factorize(inter["user_id"], sort=True)
+    inter = inter.iloc[np.argsort(u_codes, kind="stable")].reset_index(drop=True)
+    return inter.astype({"user_id": object, "item_id": object, "ts": np.int64, "day": np.int64,
+                         "polarity": np.int8, "weight": np.float32})
+
+
+# -- the split, planned on the partitions -----------------------------------------------------------
+
+def _split_part(df: pd.DataFrame, shared) -> dict:
+    from conrec_verl.data_prep import samples as S
+
+    cfg, day_range = shared
+    plan = S.plan_split(df, cfg, day_range)
+    mask = plan.train_mask(df["user_id"].to_numpy())
+    train = df[mask]
+    return {"eval_cut": plan.eval_cut, "train_cuts": plan.train_cuts, "info": plan.info,
+            "train_items": pd.unique(train["item_id"].to_numpy(dtype=object)), "train_events": int(len(train)),
+            "train_dislikes": int((train["polarity"] < 0).sum())}
+
+
+def split_ray(parts, cfg: Mapping, day_range: tuple[int, int]):
+    """The split plan of the partitioned log: :func:`data_prep.samples.plan_split` on every partition
+    (one global day range; per-user cutoffs from each user's events), merged. Returns ``(plan``
+    without per-event keys``, warm items, training events, training dislikes)``."""
+    from conrec_verl.data_prep import samples as S
+
+    dr = (int(S.day_number(day_range[0])[0]), int(S.day_number(day_range[1])[0]))
+    empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
+                          (("user_id", object), ("item_id", object), ("ts", np.int64), ("day", np.int64))})
+    plan = S.plan_split(empty, cfg, dr)  # the config's checks, before any partition runs
+    eval_cut: dict = {}
+    train_cuts: dict = {}
+    info = dict(plan.info)
+    warm: set = set()
+    n_train = n_neg = 0
+    for p in map_partitions(parts, _split_part, (dict(cfg), dr)):
+        eval_cut.update(p["eval_cut"])
+        train_cuts.update(p["train_cuts"])
+        for k in ("train_cutoffs_moved_back", "train_cutoffs_without_full_window"):
+            if k in info:
+                info[k] += p["info"][k]
+        warm.update(p["train_items"].tolist())
+        n_train += p["train_events"]
+        n_neg += p["train_dislikes"]
+    return replace(plan, key=None, eval_cut=eval_cut, train_cuts=train_cuts, info=info), warm, n_train, n_neg

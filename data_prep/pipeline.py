@@ -170,7 +170,8 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
     with steps("split"):
         split = T.split_log(log, cfg)
     with steps("embeddings"):
-        emb = build_item_embeddings(cfg.get("embedding", {}) or {}, split.train, split.all_items, log.items, seed)
+        emb = build_item_embeddings(cfg.get("embedding", {}) or {}, split.gather(log).train, split.all_items,
+                                    log.items, seed)
     with steps("sids"):
         sids = T.item_sids(emb, split, cfg, seed)
     with steps("swing"):

@@ -42,7 +42,8 @@ ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "C
 
 @dataclass
 class ReadResult:
-    interactions: pd.DataFrame
+    #: None when the log stays on a Ray cluster (engine=ray)
+    interactions: pd.DataFrame | None
     items: pd.DataFrame | None
     files: list[str]
     stats: dict[str, Any] = field(default_factory=dict)
@@ -587,7 +588,9 @@ def _movielens(cfg: Mapping) -> tuple[pd.DataFrame, pd.DataFrame | None, list[st
 def read_input(cfg: Mapping, read_events: Callable | None = None) -> ReadResult:
     """Read ``cfg`` (the ``input`` config group) into a :class:`ReadResult`. ``read_events(cfg,
     files, source) -> (interactions, stats)`` reads a generic/kuairand log's files in place of the
-    in-process reader (``engine=ray``: :func:`data_prep.distributed.read_log_ray`)."""
+    in-process reader (``engine=ray``: :func:`data_prep.distributed.read_log_ray`, whose table stays
+    on the cluster: ``interactions`` is None and ``stats`` already holds the log's counts and, under
+    ``item_ids``, its distinct items)."""
     fmt = cfg.get("format")
     if fmt == "movielens":
         inter, items, files, stats = _movielens(cfg)
@@ -604,12 +607,16 @@ def read_input(cfg: Mapping, read_events: Callable | None = None) -> ReadResult:
             item_col = (icfg.get("columns") or {}).get("item")
             raw = read_table(ipath, sep=icfg.get("sep"), encoding=icfg.get("encoding") or "utf-8",
                              text_columns=[item_col] if item_col else ())
-            items, istats = items_from_frame(raw, ipath, icfg.get("columns") or {}, set(inter["item_id"].unique()),
+            known = set(inter["item_id"].unique()) if inter is not None else set(stats["item_ids"])
+            items, istats = items_from_frame(raw, ipath, icfg.get("columns") or {}, known,
                                              icfg.get("unknown_ids", "drop"))
             stats.update(istats)
             files.append(ipath)
     else:
         raise DataPrepError(f"input.format must be kuairand, movielens or generic, got {fmt!r}")
-    stats.update(events=int(len(inter)), users=int(inter["user_id"].nunique()), items=int(inter["item_id"].nunique()),
-                 likes=int((inter["polarity"] > 0).sum()), dislikes=int((inter["polarity"] < 0).sum()))
+    stats.pop("item_ids", None)
+    if inter is not None:
+        stats.update(events=int(len(inter)), users=int(inter["user_id"].nunique()),
+                     items=int(inter["item_id"].nunique()), likes=int((inter["polarity"] > 0).sum()),
+                     dislikes=int((inter["polarity"] < 0).sum()))
     return ReadResult(inter, items, [os.fspath(f) for f in files], stats)

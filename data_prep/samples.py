@@ -93,7 +93,10 @@ def event_keys(mode: str, events: pd.DataFrame) -> np.ndarray:
     return events["ts"].to_numpy(dtype=np.int64)
 
 
-def plan_split(inter: pd.DataFrame, cfg: Mapping) -> SplitPlan:
+def plan_split(inter: pd.DataFrame, cfg: Mapping, day_range: tuple[int, int] | None = None) -> SplitPlan:
+    """The split plan of ``inter`` (the log, or with ``day_range`` = the whole log's first and last
+    day numbers, any subset of its users: a partition of the Ray engine; ``per_user`` plans need no
+    range, every user's cutoffs come from the user's own events)."""
     mode = cfg.get("mode", "global_day")
     window_days = int(cfg.get("window_days", 7))
     recent_days = int(cfg.get("recent_days", 3))
@@ -107,7 +110,7 @@ def plan_split(inter: pd.DataFrame, cfg: Mapping) -> SplitPlan:
     if mode == "global_day":
         uniq = pd.unique(users)
         key = event_keys(mode, inter)
-        first, last = int(key.min()), int(key.max())
+        first, last = day_range if day_range is not None else (int(key.min()), int(key.max()))
         ec = cfg.get("eval_cutoff_day")
         if ec is None or ec == "???":
             raise DataPrepError(f"split.eval_cutoff_day (YYYYMMDD, or auto) is required for split.mode=global_day; "
@@ -158,7 +161,7 @@ def plan_split(inter: pd.DataFrame, cfg: Mapping) -> SplitPlan:
                                 f"got {frac} and {fracs}")
         key = event_keys(mode, inter)
         # events are sorted by (user, ts): positions within each user
-        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, np.int64)
         ends = np.r_[starts[1:], len(users)]
         eval_cut, train_cuts = {}, {}
         moved = dropped = 0
@@ -340,11 +343,13 @@ def _per_user_arrays(inter: pd.DataFrame, key: np.ndarray, item_codes: np.ndarra
         yield users[s], key[s:e], items[s:e], pol[s:e], days[s:e]
 
 
-def item_lookup(ctx: SampleContext) -> _Lookup:
+def item_lookup(ctx: SampleContext, items: np.ndarray | None = None) -> _Lookup:
     """The item tables every sample is made from (SIDs, Swing neighbours, dislike counts), indexed by
-    the codes of ``ctx.inter``'s items; built once and shared by every user partition."""
-    _, labels = pd.factorize(ctx.inter["item_id"])
-    return _lookup(ctx, np.asarray(labels, dtype=object))
+    the codes of ``items`` (default: ``ctx.inter``'s items; the codes are internal, the rows do not
+    depend on them); built once and shared by every user partition."""
+    if items is None:
+        _, items = pd.factorize(ctx.inter["item_id"])
+    return _lookup(ctx, np.asarray(items, dtype=object))
 
 
 def build_samples(ctx: SampleContext, lookup: _Lookup | None = None,

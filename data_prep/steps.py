@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +74,26 @@ SFT_SCHEMAS = {
 
 @dataclass
 class Log:
-    interactions: pd.DataFrame
+    #: the interaction table; None while a log read on Ray stays on the cluster (:meth:`events`)
+    interactions: pd.DataFrame | None
     items: pd.DataFrame | None
     stats: dict
     #: per input file: name, sha256, bytes
     checksums: dict
     #: engine=ray, a log read on Ray Data: its events partitioned by user (a materialized Ray
-    #: Dataset, ``data_prep.distributed.read_log_ray``), which later steps use in place of
-    #: shipping ``interactions`` to the cluster again; None otherwise
+    #: Dataset, ``data_prep.distributed.read_log_ray``), which the distributed steps map over;
+    #: None otherwise
     parts: Any = None
+    #: with ``parts``: the log's distinct items (sorted) and its first and last day (YYYYMMDD)
+    item_ids: np.ndarray | None = None
+    day_range: tuple | None = None
+
+    def events(self) -> pd.DataFrame:
+        """The whole table in this process; a log on the cluster is gathered on first use, by the
+        steps that do not run on its partitions yet."""
+        if self.interactions is None:
+            self.interactions = D.gather_log(self.parts)
+        return self.interactions
 
 
 def sha256_file(path: str) -> str:
@@ -96,15 +107,15 @@ def sha256_file(path: str) -> str:
 def read_log(cfg: dict, ray_partitions: int | None = None) -> Log:
     """The validated log; with ``ray_partitions`` (engine=ray) a generic/kuairand log's files are read
     on Ray Data (:func:`data_prep.distributed.read_log_ray`)."""
-    parts = []
+    on_cluster: dict = {}
 
     def on_ray(icfg, files, source):
         inter, stats, ds = D.read_log_ray(icfg, files, source, ray_partitions)
-        parts.append(ds)
+        on_cluster.update(parts=ds, item_ids=stats["item_ids"], day_range=stats.pop("day_range"))
         return inter, stats
 
     data = read_input(cfg.get("input", {}) or {}, on_ray if ray_partitions else None)
-    return Log(data.interactions, data.items, data.stats, input_checksums(data.files), parts[0] if parts else None)
+    return Log(data.interactions, data.items, data.stats, input_checksums(data.files), **on_cluster)
 
 
 def input_checksums(files: list[str]) -> dict:
@@ -121,23 +132,45 @@ def input_checksums(files: list[str]) -> dict:
 @dataclass
 class Split:
     plan: Any  # samples.SplitPlan
-    #: per interaction: whether it falls in the training part of the log
-    train_mask: np.ndarray
-    train: pd.DataFrame
+    #: per interaction: whether it falls in the training part of the log (None: not gathered, see
+    #: :meth:`gather`)
+    train_mask: np.ndarray | None
+    train: pd.DataFrame | None
     all_items: np.ndarray
     #: items seen in training (their SIDs are fitted; the others are cold)
     warm: set
+    #: events before the evaluation cutoff
+    train_events: int = 0
+
+    def gather(self, log: Log) -> "Split":
+        """Per-event keys, mask and training events in this process (a split planned on the Ray
+        partitions has only the per-user plan), for the steps not distributed yet."""
+        if self.train is None:
+            inter = log.events()
+            self.plan = replace(self.plan, key=self.plan.event_keys(inter))
+            self.train_mask = self.plan.train_mask(inter["user_id"].to_numpy())
+            self.train = inter[self.train_mask]
+        return self
+
+
+NO_TRAIN_DISLIKE = "no dislike falls before the evaluation cutoff; move split.eval_cutoff_day later"
 
 
 def split_log(log: Log, cfg: dict) -> Split:
+    scfg = cfg.get("split", {}) or {}
+    if log.parts is not None:  # planned on the partitions: only per-user state comes back
+        plan, warm, n_train, n_neg = D.split_ray(log.parts, scfg, log.day_range)
+        if n_neg == 0:
+            raise DataPrepError(NO_TRAIN_DISLIKE)
+        return Split(plan, None, None, np.asarray(log.item_ids, dtype=object), warm, n_train)
     inter = log.interactions
-    plan = S.plan_split(inter, cfg.get("split", {}) or {})
+    plan = S.plan_split(inter, scfg)
     train_mask = plan.train_mask(inter["user_id"].to_numpy())
     train = inter[train_mask]
     if not (train["polarity"] < 0).any():
-        raise DataPrepError("no dislike falls before the evaluation cutoff; move split.eval_cutoff_day later")
+        raise DataPrepError(NO_TRAIN_DISLIKE)
     all_items = np.asarray(sorted(inter["item_id"].unique()), dtype=object)
-    return Split(plan, train_mask, train, all_items, set(train["item_id"].unique().tolist()))
+    return Split(plan, train_mask, train, all_items, set(train["item_id"].unique().tolist()), int(len(train)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +282,7 @@ def rl_samples(log: Log, split: Split, sids: Sids, swing: SwingResult, cfg: dict
     ctx = S.SampleContext(log.interactions, split.plan, sids.sid_of, swing.neighbors, swing.item_neg_count,
                           sid_build, seed, scfg)
     if ray_partitions:
-        train_rows, test_rows, skip_counts = D.build_samples_ray(ctx, ray_partitions, log.parts)
+        train_rows, test_rows, skip_counts = D.build_samples_ray(ctx, ray_partitions, log.parts, split.all_items)
     else:
         train_rows, test_rows, skip_counts = S.build_samples(ctx, progress=bool(cfg.get("progress", True)))
     if train_rows.empty:
@@ -267,7 +300,7 @@ def rl_samples(log: Log, split: Split, sids: Sids, swing: SwingResult, cfg: dict
     eval_rows = S.rl_records(test_sorted, "test", sid_build, int(rcfg.get("eval_context", 3))) if len(test_rows) else []
     cand_stats = {}
     if eval_rows:
-        cands, targets, cand_stats = S.candidate_sets(test_sorted, log.interactions, split.plan, sids.sid_of, seed,
+        cands, targets, cand_stats = S.candidate_sets(test_sorted, log.events(), split.plan, sids.sid_of, seed,
                                                       int(scfg.get("n_candidates", 20)))
         for rec, c, t in zip(eval_rows, cands, targets):
             rec["candidates"] = c
@@ -318,6 +351,7 @@ class SftSets:
 def sft_sets(log: Log, split: Split, sids: Sids, samples: Samples, cfg: dict, seed: int) -> SftSets:
     sft_cfg = cfg.get("sft", {}) or {}
     scfg = cfg.get("samples", {}) or {}
+    split = split.gather(log)  # not distributed yet: the training events in this process
     train, tr, va = split.train, samples.train, samples.val
     translation = translation_records(log.items, sids.sid_of) if sft_cfg.get("translation", True) else []
     vfrac = float(scfg.get("val_user_fraction", 0.1))
@@ -398,7 +432,7 @@ def write_folder(folder: Path, cfg: dict, seed: int, log: Log, split: Split, sid
     counts["eval/test"] = write_parquet(samples.eval_rows, EVAL_SCHEMA, folder / "eval" / "test.parquet")
     report = dict(sids.report, swing=swing.stats)
     write_json(report, folder / "sid_report.json")
-    inter, va = log.interactions, samples.val
+    va = samples.val
     return {
         "format_version": 1,
         "sid_build": sids.book.fingerprint,
@@ -407,9 +441,9 @@ def write_folder(folder: Path, cfg: dict, seed: int, log: Log, split: Split, sid
         "inputs": log.checksums,
         "input_stats": log.stats,
         "split": dict(split.plan.info, val_users=int(va["user_id"].nunique()) if len(va) else 0,
-                      train_events=int(len(split.train)), warm_items=len(split.warm), cold_items=sids.n_cold_items),
-        "counts": dict(counts, users=int(inter["user_id"].nunique()), items=int(len(split.all_items)),
-                       events=int(len(inter)), items_with_sid=int(len(sids.table))),
+                      train_events=int(split.train_events), warm_items=len(split.warm), cold_items=sids.n_cold_items),
+        "counts": dict(counts, users=int(log.stats["users"]), items=int(len(split.all_items)),
+                       events=int(log.stats["events"]), items_with_sid=int(len(sids.table))),
         "samples": samples.stats,
         "swing": swing.stats,
         "sid": {k: report[k] for k in ("method", "sizes", "before", "after", "levels")},

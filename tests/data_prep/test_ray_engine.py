@@ -167,6 +167,27 @@ def test_ray_engine_names_a_bad_row_of_a_shard_as_the_local_engine_does(tmp_path
     assert not (tmp_path / "out").exists() and sorted(os.listdir(tmp_path)) == ["shards"]
 
 
+def test_ray_engine_on_a_movielens_folder_sends_the_driver_read_log_to_the_cluster(tmp_path, two_node_cluster):
+    """MovieLens is read on the driver (two known files), so its samples step ships the driver's
+    table to the partitions: the other route into build_samples_ray, same folder as local."""
+    from conrec_verl.data_prep import load_config
+    from dp_helpers import write_movielens
+
+    write_movielens(tmp_path / "ml", n_users=40)
+
+    def cfg(out, *extra):
+        return load_config("movielens", [f"input.path={tmp_path / 'ml'}", f"out_dir={out}", "sid.sizes=[4,4,4]",
+                                         "embedding.dim=8", "progress=false", "print_summary=false", *extra])
+
+    local = build(cfg(tmp_path / "local"))
+    remote = build(cfg(tmp_path / "ray", "engine=ray", f"ray.address={two_node_cluster.address}",
+                       "ray.partitions=3", *RAY_OPTS))
+    assert len(pd.read_parquet(local / "eval" / "test.parquet")) > 0
+    assert compare_data_folders(local, remote) == []
+
+
+# Runs after the cluster tests on purpose: in one process, a build on the two-node cluster after a
+# build on a local Ray of its own failed in Swing with Ray's OwnerDiedError (not investigated yet).
 def test_ray_engine_per_user_split_with_its_own_local_ray(tmp_path):
     pytest.importorskip("ray")
     rows = []
@@ -187,22 +208,3 @@ def test_bad_engine_options_fail_before_anything_is_written(tmp_path, synth_path
     with pytest.raises(DataPrepError, match="ray.partitions"):
         build(generic_cfg(synth_path, tmp_path / "out", "engine=ray", "ray.partitions=0"))
     assert sorted(os.listdir(tmp_path)) == ["log.csv"]
-
-
-def test_ray_engine_on_a_movielens_folder_sends_the_driver_read_log_to_the_cluster(tmp_path, two_node_cluster):
-    """MovieLens is read on the driver (two known files), so its samples step ships the driver's
-    table to the partitions: the other route into build_samples_ray, same folder as local."""
-    from conrec_verl.data_prep import load_config
-    from dp_helpers import write_movielens
-
-    write_movielens(tmp_path / "ml", n_users=40)
-
-    def cfg(out, *extra):
-        return load_config("movielens", [f"input.path={tmp_path / 'ml'}", f"out_dir={out}", "sid.sizes=[4,4,4]",
-                                         "embedding.dim=8", "progress=false", "print_summary=false", *extra])
-
-    local = build(cfg(tmp_path / "local"))
-    remote = build(cfg(tmp_path / "ray", "engine=ray", f"ray.address={two_node_cluster.address}",
-                       "ray.partitions=3", *RAY_OPTS))
-    assert len(pd.read_parquet(local / "eval" / "test.parquet")) > 0
-    assert compare_data_folders(local, remote) == []
