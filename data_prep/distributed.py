@@ -26,12 +26,17 @@ starts a local one for the run). The config and the output folder are the same a
   for the whole log. The log's counts (rows, neutral, likes, dislikes, duplicates) are Ray Data
   aggregations; the whole-log checks (empty, no dislike) run on them before anything is gathered.
 
-What still runs on the driver: the split plan, item embeddings and the SID k-means (one pass over
-the items), the candidate sets, the SFT sets and the parquet writes. They still read the log's
-columns, so the driver gathers the finished partitions after the read (``read_log_ray``); the Ray
-path spreads the reading and the steps whose cost grows with users x history and with co-dislike
-pairs over the cluster's CPUs. Moving those steps to the partitions is the rest of the work for
-logs larger than the driver's memory (docs: data_prep/README.md, "Ray engine").
+- the **split plan** is made on each partition (one day range for the log) and merged into the
+  per-user cutoffs; the log's counts are per-partition aggregates (:func:`map_partitions`).
+- **item embeddings** and **Swing's dislike graph** are built on one worker from the training
+  events gathered there (:func:`on_worker`), never on the driver; Swing's pair scores then run
+  over item partitions as above. The worker holds the training events' columns; the driver gets
+  item-sized results (vectors, neighbour lists).
+
+Still on the driver: the SID k-means (one pass over the items), the candidate sets, the SFT sets
+and the parquet writes. The candidate sets and SFT sets still read the log's events, so the driver
+gathers the log at the samples step (``Log.events``, ``Split.gather``); moving them to the
+partitions, with sharded writes, is the rest of the work for logs larger than the driver's memory.
 """
 
 from __future__ import annotations
@@ -394,3 +399,44 @@ def split_ray(parts, cfg: Mapping, day_range: tuple[int, int]):
         n_train += p["train_events"]
         n_neg += p["train_dislikes"]
     return replace(plan, key=None, eval_cut=eval_cut, train_cuts=train_cuts, info=info), warm, n_train, n_neg
+
+
+# -- the item-side steps on one worker: embeddings, Swing ----------------------------------------
+
+TRAIN_COLUMNS = ["user_id", "item_id", "ts", "day", "polarity", "weight"]
+
+
+def _train_part(df: pd.DataFrame, plan) -> pd.DataFrame:
+    df = df.sort_values(_READ_ORDER, kind="stable").reset_index(drop=True)
+    part_plan = replace(plan, key=plan.event_keys(df))
+    return df.loc[part_plan.train_mask(df["user_id"].to_numpy()), TRAIN_COLUMNS + ["_part"]]
+
+
+def train_events_ray(parts, plan):
+    """The events before each user's evaluation cutoff, kept on the cluster (a materialized
+    Dataset, per user partition) for the steps that read them on a worker."""
+    with _worker_errors():
+        return parts.groupby("_part").map_groups(_train_part, fn_args=(plan,), batch_format="pandas").materialize()
+
+
+def in_log_order(frame: pd.DataFrame) -> pd.DataFrame:
+    """Events of user partitions, concatenated, back in the log's order: partitions hold disjoint
+    users, each in order, so a stable sort by user restores it."""
+    u_codes, _ = pd.factorize(frame["user_id"], sort=True)
+    return frame.iloc[np.argsort(u_codes, kind="stable")].reset_index(drop=True)
+
+
+def on_worker(fn, train_ds, num_cpus: float = 1, **kwargs):
+    """``fn(train=..., **kwargs)`` in one Ray task, where ``train`` is the training events (the
+    :func:`train_events_ray` Dataset) gathered on that worker in the log's order: the item-side
+    steps that need every training event run beside the data, not on the driver."""
+    import ray
+
+    def run(ds, kw):
+        train = in_log_order(ds.to_pandas()[TRAIN_COLUMNS])
+        train = train.astype({"user_id": object, "item_id": object, "ts": np.int64, "day": np.int64,
+                              "polarity": np.int8, "weight": np.float32})
+        return fn(train=train, **kw)
+
+    with _worker_errors():
+        return ray.get(ray.remote(num_cpus=num_cpus)(run).remote(train_ds, kwargs))

@@ -169,13 +169,22 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
         log = T.read_log(cfg, ray_partitions)
     with steps("split"):
         split = T.split_log(log, cfg)
+    ecfg, sw = cfg.get("embedding", {}) or {}, cfg.get("swing", {}) or {}
     with steps("embeddings"):
-        emb = build_item_embeddings(cfg.get("embedding", {}) or {}, split.gather(log).train, split.all_items,
-                                    log.items, seed)
+        if log.parts is not None:  # engine=ray: on a worker, beside the training events
+            split.train_on_cluster = D.train_events_ray(log.parts, split.plan)
+            emb = D.on_worker(build_item_embeddings, split.train_on_cluster, cfg=ecfg, all_items=split.all_items,
+                              items=log.items, seed=seed)
+        else:
+            emb = build_item_embeddings(ecfg, split.train, split.all_items, log.items, seed)
     with steps("sids"):
         sids = T.item_sids(emb, split, cfg, seed)
     with steps("swing"):
-        swing = T.swing_neighbours(split, cfg.get("swing", {}) or {}, ray_partitions)
+        if log.parts is not None:  # its pair scores run over item partitions from that worker
+            swing = D.on_worker(T.swing_neighbours, split.train_on_cluster, num_cpus=0, sw=sw,
+                                ray_partitions=ray_partitions)
+        else:
+            swing = T.swing_neighbours(split.train, sw, ray_partitions)
     with steps("samples"):
         samples = T.rl_samples(log, split, sids, swing, cfg, rl_options(cfg), seed, ray_partitions)
     with steps("sft"):

@@ -141,6 +141,8 @@ class Split:
     warm: set
     #: events before the evaluation cutoff
     train_events: int = 0
+    #: engine=ray: the training events kept on the cluster (``distributed.train_events_ray``)
+    train_on_cluster: Any = None
 
     def gather(self, log: Log) -> "Split":
         """Per-event keys, mask and training events in this process (a split planned on the Ray
@@ -221,8 +223,9 @@ class SwingResult:
     item_neg_count: dict
 
 
-def swing_neighbours(split: Split, sw: dict, ray_partitions: int | None = None) -> SwingResult:
-    neg_train = split.train[split.train["polarity"] < 0]
+def swing_neighbours(train: pd.DataFrame, sw: dict, ray_partitions: int | None = None) -> SwingResult:
+    """Swing over the dislikes of ``train`` (the events before each user's evaluation cutoff)."""
+    neg_train = train[train["polarity"] < 0]
     cap = sw.get("max_dislikers_per_item")
     if cap:
         sw_users, sw_items = cap_dislikers(neg_train["user_id"].to_numpy(), neg_train["item_id"].to_numpy(),
