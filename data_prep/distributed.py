@@ -33,10 +33,16 @@ starts a local one for the run). The config and the output folder are the same a
   over item partitions as above. The worker holds the training events' columns; the driver gets
   item-sized results (vectors, neighbour lists).
 
-Still on the driver: the SID k-means (one pass over the items), the candidate sets, the SFT sets
-and the parquet writes. The candidate sets and SFT sets still read the log's events, so the driver
-gathers the log at the samples step (``Log.events``, ``Split.gather``); moving them to the
-partitions, with sharded writes, is the rest of the work for logs larger than the driver's memory.
+- the **candidate pools** (items of each day, each test user's likes of the target day) and the
+  per-user halves of the **SFT sets** (alignment pools, warm-up rows of every dislike) are made on
+  the partitions; the seeded draws that run over all users in one sequence (candidates, alignment
+  questions) run on the driver from those pools.
+
+So with ``engine=ray`` the driver never holds the log's events: it holds per-item state (item
+ids, embeddings, SIDs, Swing neighbours, the day pools), per-user state (cutoffs, alignment
+pools) and the rows it writes. Still on the driver: the SID k-means (one pass over the items) and
+the parquet writes, one file each, from rows gathered there; sharded writes by the workers are
+the next step for outputs larger than the driver's memory.
 """
 
 from __future__ import annotations
@@ -348,18 +354,6 @@ def map_partitions(parts, fn, shared=None) -> list:
     return [pickle.loads(r["payload"]) for r in sorted(rows, key=lambda r: int(r["_part"]))]
 
 
-def gather_log(parts) -> pd.DataFrame:
-    """The whole interaction table on the driver, as the local reader returns it (for the steps
-    that do not run on the partitions yet)."""
-    inter = parts.to_pandas()
-    inter = inter.drop(columns=["_file", "_row", "_part", "_dup"])
-    # partitions hold disjoint users, each in the log's order: a stable sort by user restores it
-    u_codes, _ = pd.factorize(inter["user_id"], sort=True)
-    inter = inter.iloc[np.argsort(u_codes, kind="stable")].reset_index(drop=True)
-    return inter.astype({"user_id": object, "item_id": object, "ts": np.int64, "day": np.int64,
-                         "polarity": np.int8, "weight": np.float32})
-
-
 # -- the split, planned on the partitions -----------------------------------------------------------
 
 def _split_part(df: pd.DataFrame, shared) -> dict:
@@ -409,7 +403,7 @@ TRAIN_COLUMNS = ["user_id", "item_id", "ts", "day", "polarity", "weight"]
 def _train_part(df: pd.DataFrame, plan) -> pd.DataFrame:
     df = df.sort_values(_READ_ORDER, kind="stable").reset_index(drop=True)
     part_plan = replace(plan, key=plan.event_keys(df))
-    return df.loc[part_plan.train_mask(df["user_id"].to_numpy()), TRAIN_COLUMNS + ["_part"]]
+    return df.loc[part_plan.train_mask(df["user_id"].to_numpy()), TRAIN_COLUMNS + ["_file", "_row", "_part"]]
 
 
 def train_events_ray(parts, plan):
@@ -440,3 +434,69 @@ def on_worker(fn, train_ds, num_cpus: float = 1, **kwargs):
 
     with _worker_errors():
         return ray.get(ray.remote(num_cpus=num_cpus)(run).remote(train_ds, kwargs))
+
+
+# -- candidate pools on the partitions -----------------------------------------------------------
+
+def _pools_part(df: pd.DataFrame, shared) -> tuple:
+    from conrec_verl.data_prep import samples as S
+
+    sid_of, wanted = shared
+    return S.candidate_pools(df, sid_of, wanted[wanted["user_id"].isin(set(df["user_id"].unique()))])
+
+
+def candidate_pools_ray(parts, sid_of: dict, wanted: pd.DataFrame) -> tuple[dict, dict]:
+    """:func:`data_prep.samples.candidate_pools` of every partition, merged: the day pools from the
+    distinct (day, item) pairs, the per-(user, day) likes from disjoint users."""
+    from conrec_verl.data_prep import samples as S
+
+    pairs, ud = [], {}
+    for p, u in map_partitions(parts, _pools_part, (sid_of, wanted)):
+        pairs.append(p)
+        ud.update(u)
+    return S.day_item_pools(pd.concat(pairs, ignore_index=True)), ud
+
+
+# -- SFT sets on the partitions ------------------------------------------------------------------
+
+def _sft_part(df: pd.DataFrame, shared) -> tuple:
+    from conrec_verl.data_prep import samples as S
+    from conrec_verl.data_prep import sft as F
+
+    plan, sid_of, align_cfg, wcfg, seed, vfrac, levels = shared
+    users = df["user_id"].unique().tolist()
+    train_users = {u for u in users if not S.is_val_user(seed, u, vfrac)}
+    val_users = set(users) - train_users
+    pools = F.alignment_pools(df, train_users, sid_of, align_cfg)
+    warm, warm_val = [], []
+    if wcfg is not None:
+        keys = plan.event_keys(df)
+        warm = F.every_dislike_records(df, keys, plan.recent, train_users, sid_of, wcfg, seed, levels)
+        if val_users:
+            warm_val = F.every_dislike_records(df, keys, plan.recent, val_users, sid_of, wcfg, seed, levels)
+    return pools, warm, warm_val
+
+
+def _in_user_order(records: list[dict]) -> list[dict]:
+    """Per-partition records, put in the local engine's order (users sorted, each user's records
+    in their order) and numbered again."""
+    records = sorted(records, key=lambda r: r["extra_info"]["user_id"])  # stable: within-user order kept
+    for j, r in enumerate(records):
+        r["extra_info"]["index"] = j
+    return records
+
+
+def sft_parts_ray(train_ds, plan, sid_of: dict, align_cfg: Mapping, wcfg: Mapping | None, seed: int, vfrac: float,
+                  levels: int) -> tuple[dict, dict, list, list]:
+    """The per-user halves of the SFT sets on the partitions of the training events: alignment
+    pools (their seeded draw runs on the driver, :func:`data_prep.sft.alignment_from_pools`) and,
+    with ``wcfg`` (``sft.warmup.rows: every_dislike``), the warm-up rows of training and validation
+    users."""
+    neg_of, pos_of, warm, warm_val = {}, {}, [], []
+    shared = (replace(plan, key=None), sid_of, dict(align_cfg), dict(wcfg) if wcfg else None, seed, vfrac, levels)
+    for (n, p), w, wv in map_partitions(train_ds, _sft_part, shared):
+        neg_of.update(n)
+        pos_of.update(p)
+        warm += w
+        warm_val += wv
+    return neg_of, pos_of, _in_user_order(warm), _in_user_order(warm_val)

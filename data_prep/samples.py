@@ -460,19 +460,43 @@ def _group_arrays(df: pd.DataFrame, keys: list[str]) -> dict:
     return out
 
 
-def candidate_sets(test_rows: pd.DataFrame, inter: pd.DataFrame, plan: SplitPlan, sid_of: dict, seed: int,
-                   n_candidates: int = 20) -> tuple[list, list, dict]:
+def candidate_wanted(test_rows: pd.DataFrame) -> pd.DataFrame:
+    """The (user, day) pairs whose same-day likes the candidate sets draw from."""
+    return pd.DataFrame({"user_id": test_rows["user_id"].to_numpy(),
+                         "day": test_rows["target_day"].to_numpy()}).drop_duplicates()
+
+
+def candidate_pools(inter: pd.DataFrame, sid_of: dict, wanted: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """The pools :func:`candidate_sets` draws from, from any part of the log (whole users): the
+    distinct (day, item) pairs of items with a SID, and per wanted (user, day) the items with a SID
+    the user liked that day (sorted). Pools of disjoint user partitions merge by concatenating the
+    pairs (then :func:`day_item_pools`) and by updating the dicts."""
+    with_sid = inter.loc[inter["item_id"].isin(sid_of.keys()), ["user_id", "item_id", "day", "polarity"]]
+    pairs = with_sid[["day", "item_id"]].drop_duplicates()
+    likes = with_sid[with_sid["polarity"] > 0][["user_id", "day", "item_id"]].drop_duplicates()
+    return pairs, _group_arrays(likes.merge(wanted, on=["user_id", "day"]), ["user_id", "day"])
+
+
+def day_item_pools(pairs: pd.DataFrame) -> dict:
+    """Day -> sorted items with a SID anyone interacted with that day."""
+    return _group_arrays(pairs.drop_duplicates(), ["day"])
+
+
+def candidate_sets(test_rows: pd.DataFrame, inter: pd.DataFrame | None, plan: SplitPlan, sid_of: dict, seed: int,
+                   n_candidates: int = 20, pools: tuple[dict, dict] | None = None) -> tuple[list, list, dict]:
     """Candidate Acc sets: the target is the first future dislike that has a SID; the other
     ``n_candidates - 1`` come, in order, from (1) items the same user liked that same calendar day,
     (2) items anyone interacted with that day, (3) any item with a SID. None of them is a future
     dislike of the user. The log holds likes/hates only (no impressions), so (1)+(2) is the closest
-    equivalent of "the others shown that day". Rows without a SID'd future dislike get ``[]``, -1."""
+    equivalent of "the others shown that day". Rows without a SID'd future dislike get ``[]``, -1.
+    ``pools``: ``(day -> items, (user, day) -> liked items)`` made elsewhere (the Ray engine, from
+    its partitions) in place of ``inter``."""
     rng = np.random.default_rng(seed)
-    with_sid = inter.loc[inter["item_id"].isin(sid_of.keys()), ["user_id", "item_id", "day", "polarity"]]
-    day_items = _group_arrays(with_sid[["day", "item_id"]].drop_duplicates(), ["day"])
-    wanted = pd.DataFrame({"user_id": test_rows["user_id"].to_numpy(), "day": test_rows["target_day"].to_numpy()})
-    likes = with_sid[with_sid["polarity"] > 0][["user_id", "day", "item_id"]].drop_duplicates()
-    ud = _group_arrays(likes.merge(wanted.drop_duplicates(), on=["user_id", "day"]), ["user_id", "day"])
+    if pools is None:
+        pairs, ud = candidate_pools(inter, sid_of, candidate_wanted(test_rows))
+        day_items = day_item_pools(pairs)
+    else:
+        day_items, ud = pools
     all_sid_items = np.asarray(sorted(sid_of), dtype=object)
     cands, targets = [], []
     used = {"same_user_same_day": 0, "same_day": 0, "random": 0, "rows": 0, "rows_without_target": 0}

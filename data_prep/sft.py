@@ -43,9 +43,14 @@ def alignment_records(train: pd.DataFrame, users: set, sid_of: dict, cfg: Mappin
     among 3 items the same user liked (and never disliked); the answer is the disliked SID.
     Only events of ``train`` (before the cutoff) and users in ``users`` are used; at most
     ``max_per_user`` questions per user (different disliked items)."""
-    rng = np.random.default_rng(seed)
+    return alignment_from_pools(*alignment_pools(train, users, sid_of, cfg), sid_of, cfg, seed)
+
+
+def alignment_pools(train: pd.DataFrame, users: set, sid_of: dict, cfg: Mapping) -> tuple[dict, dict]:
+    """Per user of ``users`` in ``train`` (any part of the log, whole users): the items with a SID
+    disliked at least ``min_neg_count`` times and those liked and never disliked, sorted. Pools of
+    disjoint users merge by updating the dicts."""
     min_neg = int(cfg.get("min_neg_count", 1))
-    per_user = int(cfg.get("max_per_user", 3))
     df = train.loc[train["user_id"].isin(users) & train["item_id"].isin(sid_of.keys()), ["user_id", "item_id", "polarity"]]
     negs = df[df["polarity"] < 0].groupby(["user_id", "item_id"], sort=True).size().rename("n").reset_index()
     pos = df[df["polarity"] > 0][["user_id", "item_id"]].drop_duplicates()
@@ -62,7 +67,14 @@ def alignment_records(train: pd.DataFrame, users: set, sid_of: dict, cfg: Mappin
         ends = np.r_[starts[1:], len(u)]
         return {u[s]: it[s:e] for s, e in zip(starts, ends)}
 
-    neg_of, pos_of = by_user(negs), by_user(pos)
+    return by_user(negs), by_user(pos)
+
+
+def alignment_from_pools(neg_of: dict, pos_of: dict, sid_of: dict, cfg: Mapping, seed: int) -> list[dict]:
+    """The alignment questions from :func:`alignment_pools`: users in sorted order, one seeded
+    generator for all of them (so this part runs in one process)."""
+    rng = np.random.default_rng(seed)
+    per_user = int(cfg.get("max_per_user", 3))
     out = []
     for user in sorted(neg_of):
         liked = pos_of.get(user)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,8 @@ from conrec_verl.data_prep.embeddings import ItemEmbeddings
 from conrec_verl.data_prep.errors import DataPrepError
 from conrec_verl.data_prep.readers import read_input
 from conrec_verl.data_prep.sft import (
-    alignment_records,
+    alignment_from_pools,
+    alignment_pools,
     every_dislike_records,
     split_heldout,
     translation_records,
@@ -74,7 +75,7 @@ SFT_SCHEMAS = {
 
 @dataclass
 class Log:
-    #: the interaction table; None while a log read on Ray stays on the cluster (:meth:`events`)
+    #: the interaction table; None for a log read on Ray: it stays on the cluster (``parts``)
     interactions: pd.DataFrame | None
     items: pd.DataFrame | None
     stats: dict
@@ -87,13 +88,6 @@ class Log:
     #: with ``parts``: the log's distinct items (sorted) and its first and last day (YYYYMMDD)
     item_ids: np.ndarray | None = None
     day_range: tuple | None = None
-
-    def events(self) -> pd.DataFrame:
-        """The whole table in this process; a log on the cluster is gathered on first use, by the
-        steps that do not run on its partitions yet."""
-        if self.interactions is None:
-            self.interactions = D.gather_log(self.parts)
-        return self.interactions
 
 
 def sha256_file(path: str) -> str:
@@ -132,8 +126,8 @@ def input_checksums(files: list[str]) -> dict:
 @dataclass
 class Split:
     plan: Any  # samples.SplitPlan
-    #: per interaction: whether it falls in the training part of the log (None: not gathered, see
-    #: :meth:`gather`)
+    #: per interaction: whether it falls in the training part of the log (None for a log on a Ray
+    #: cluster: its training events stay there, ``train_on_cluster``)
     train_mask: np.ndarray | None
     train: pd.DataFrame | None
     all_items: np.ndarray
@@ -143,16 +137,6 @@ class Split:
     train_events: int = 0
     #: engine=ray: the training events kept on the cluster (``distributed.train_events_ray``)
     train_on_cluster: Any = None
-
-    def gather(self, log: Log) -> "Split":
-        """Per-event keys, mask and training events in this process (a split planned on the Ray
-        partitions has only the per-user plan), for the steps not distributed yet."""
-        if self.train is None:
-            inter = log.events()
-            self.plan = replace(self.plan, key=self.plan.event_keys(inter))
-            self.train_mask = self.plan.train_mask(inter["user_id"].to_numpy())
-            self.train = inter[self.train_mask]
-        return self
 
 
 NO_TRAIN_DISLIKE = "no dislike falls before the evaluation cutoff; move split.eval_cutoff_day later"
@@ -303,8 +287,10 @@ def rl_samples(log: Log, split: Split, sids: Sids, swing: SwingResult, cfg: dict
     eval_rows = S.rl_records(test_sorted, "test", sid_build, int(rcfg.get("eval_context", 3))) if len(test_rows) else []
     cand_stats = {}
     if eval_rows:
-        cands, targets, cand_stats = S.candidate_sets(test_sorted, log.events(), split.plan, sids.sid_of, seed,
-                                                      int(scfg.get("n_candidates", 20)))
+        pools = (D.candidate_pools_ray(log.parts, sids.sid_of, S.candidate_wanted(test_sorted))
+                 if log.parts is not None else None)
+        cands, targets, cand_stats = S.candidate_sets(test_sorted, log.interactions, split.plan, sids.sid_of, seed,
+                                                      int(scfg.get("n_candidates", 20)), pools)
         for rec, c, t in zip(eval_rows, cands, targets):
             rec["candidates"] = c
             rec["candidate_target"] = t
@@ -354,26 +340,33 @@ class SftSets:
 def sft_sets(log: Log, split: Split, sids: Sids, samples: Samples, cfg: dict, seed: int) -> SftSets:
     sft_cfg = cfg.get("sft", {}) or {}
     scfg = cfg.get("samples", {}) or {}
-    split = split.gather(log)  # not distributed yet: the training events in this process
-    train, tr, va = split.train, samples.train, samples.val
+    tr, va = samples.train, samples.val
     translation = translation_records(log.items, sids.sid_of) if sft_cfg.get("translation", True) else []
     vfrac = float(scfg.get("val_user_fraction", 0.1))
-    train_users = {u for u in train["user_id"].unique().tolist() if not S.is_val_user(seed, u, vfrac)}
     align_cfg = sft_cfg.get("alignment", {}) or {}
-    alignment = alignment_records(train, train_users, sids.sid_of, align_cfg, seed)
-    alignment, alignment_heldout = split_heldout(alignment, float(align_cfg.get("heldout_fraction", 0.1)), seed)
     wcfg = warmup_config(sft_cfg.get("warmup", True))
-    warmup, warmup_val = [], []
+    every = wcfg.get("rows") == "every_dislike"
+    if split.train_on_cluster is not None:  # engine=ray: per-user work on the partitions
+        neg_of, pos_of, warmup, warmup_val = D.sft_parts_ray(split.train_on_cluster, split.plan, sids.sid_of,
+                                                            align_cfg, wcfg if every else None, seed, vfrac,
+                                                            sids.book.num_levels)
+    else:
+        train = split.train
+        train_users = {u for u in train["user_id"].unique().tolist() if not S.is_val_user(seed, u, vfrac)}
+        neg_of, pos_of = alignment_pools(train, train_users, sids.sid_of, align_cfg)
+        warmup, warmup_val = [], []
+        if every:
+            keys, recent, levels = split.plan.key[split.train_mask], split.plan.recent, sids.book.num_levels
+            warmup = every_dislike_records(train, keys, recent, train_users, sids.sid_of, wcfg, seed, levels)
+            # the same questions for the validation users (never in SFT): what picks SFT epochs
+            val_users = {u for u in train["user_id"].unique().tolist() if S.is_val_user(seed, u, vfrac)}
+            warmup_val = every_dislike_records(train, keys, recent, val_users, sids.sid_of, wcfg, seed,
+                                               levels) if val_users else []
+    alignment = alignment_from_pools(neg_of, pos_of, sids.sid_of, align_cfg, seed)
+    alignment, alignment_heldout = split_heldout(alignment, float(align_cfg.get("heldout_fraction", 0.1)), seed)
     if wcfg.get("rows") == "cutoffs" and len(tr):
         warmup = warmup_records(tr)
         warmup_val = warmup_records(va) if len(va) and va is not tr else []
-    elif wcfg.get("rows") == "every_dislike":
-        keys, recent, levels = split.plan.key[split.train_mask], split.plan.recent, sids.book.num_levels
-        warmup = every_dislike_records(train, keys, recent, train_users, sids.sid_of, wcfg, seed, levels)
-        # the same questions for the validation users (never in SFT): what picks SFT epochs
-        val_users = {u for u in train["user_id"].unique().tolist() if S.is_val_user(seed, u, vfrac)}
-        warmup_val = every_dislike_records(train, keys, recent, val_users, sids.sid_of, wcfg, seed,
-                                           levels) if val_users else []
     return SftSets(translation, alignment, alignment_heldout, warmup, warmup_val)
 
 
