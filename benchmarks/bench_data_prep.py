@@ -48,19 +48,42 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def tree_rss_bytes() -> int:
+    """RSS of this process and every process it started (a local Ray's GCS, raylet and workers)."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0
+    for p in [me] + me.children(recursive=True):
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:  # exited meanwhile
+            pass
+    return total
+
+
 class StepMonitor:
+    """Per step: wall time and peak RSS of this process (the driver); over the build: the peak RSS
+    of the whole process tree (sampled every 20 ms; shared pages of Ray's object store count once
+    per process that maps them, so the tree figure is an upper bound)."""
+
     def __init__(self, interval: float = 0.02):
         self.interval = interval
         self.rows: list[tuple[str, float, int]] = []
         self._peak = 0
+        self.tree_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         self._t0 = 0.0
 
     def _run(self):
+        n = 0
         while not self._stop.is_set():
             self._peak = max(self._peak, rss_bytes())
+            if n % 5 == 0:  # the tree walk costs more: every 100 ms
+                self.tree_peak = max(self.tree_peak, tree_rss_bytes())
+            n += 1
             time.sleep(self.interval)
 
     def hook(self, name: str, phase: str):
@@ -76,8 +99,9 @@ class StepMonitor:
         self._thread.join()
 
 
-def synth(path: Path, events: int, items: int, users: int, days: int, seed: int = 0) -> None:
-    """Power-law item popularity (so Swing has co-dislikes), 20% dislikes, uniform days."""
+def synth(path: Path, events: int, items: int, users: int, days: int, seed: int = 0, shards: int = 1) -> None:
+    """Power-law item popularity (so Swing has co-dislikes), 20% dislikes, uniform days; with
+    ``shards`` > 1, ``path`` is a folder of that many parquet files (rows in generation order)."""
     rng = np.random.default_rng(seed)
     ranks = rng.zipf(1.3, size=events)  # heavy tail, clipped to the catalogue
     item = (ranks - 1) % items
@@ -87,12 +111,17 @@ def synth(path: Path, events: int, items: int, users: int, days: int, seed: int 
     start = pd.Timestamp("2024-01-01").value // 10**6
     ts = start + rng.integers(0, days * 86_400_000, size=events)
     label = (rng.random(events) >= 0.2).astype(np.int8)
-    pd.DataFrame({"user_id": user.astype(np.int64), "item_id": item.astype(np.int64), "timestamp": ts,
-                  "label": label}).to_parquet(path, index=False)
+    df = pd.DataFrame({"user_id": user.astype(np.int64), "item_id": item.astype(np.int64), "timestamp": ts,
+                       "label": label})
+    if shards <= 1:
+        df.to_parquet(path, index=False)
+        return
+    path.mkdir(parents=True)
+    for k, part in enumerate(np.array_split(np.arange(events), shards)):
+        df.iloc[part].to_parquet(path / f"part-{k:04d}.parquet", index=False)
 
 
-def run_build(log: Path, out: Path, days: int, sizes: str, cutoffs: int,
-              extra: tuple = ()) -> tuple[float, StepMonitor]:
+def _build_here(log: Path, out: Path, days: int, sizes: str, cutoffs: int, extra: tuple):
     cutoff = (pd.Timestamp("2024-01-01") + pd.Timedelta(days=days - 8)).strftime("%Y%m%d")
     cfg = load_config("generic", [f"input.path={log}", f"out_dir={out}", f"split.eval_cutoff_day={cutoff}",
                                   f"sid.sizes={sizes}", f"split.num_train_cutoffs={cutoffs}", "print_summary=false",
@@ -102,6 +131,21 @@ def run_build(log: Path, out: Path, days: int, sizes: str, cutoffs: int,
     build(cfg, step_hook=mon.hook)
     wall = time.perf_counter() - t0
     mon.close()
+    return wall, mon.rows, mon.tree_peak
+
+
+def run_build(log: Path, out: Path, days: int, sizes: str, cutoffs: int,
+              extra: tuple = ()) -> tuple[float, StepMonitor]:
+    """One build in a fresh process, so its memory figures are its own (not what an earlier build
+    left in this interpreter)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # not a multiprocessing.Pool: its workers are daemonic and a local Ray needs child processes
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        wall, rows, tree = pool.submit(_build_here, log, out, days, sizes, cutoffs, tuple(extra)).result()
+    mon = StepMonitor.__new__(StepMonitor)
+    mon.rows, mon.tree_peak = rows, tree
     return wall, mon
 
 
@@ -111,6 +155,7 @@ def print_steps(title: str, wall: float, mon: StepMonitor) -> None:
     for name, sec, peak in mon.rows:
         print(f"{name:<12}{sec:>10.1f}{peak / 2**30:>14.2f}")
     print(f"{'total':<12}{wall:>10.1f}{max(p for _, _, p in mon.rows) / 2**30:>14.2f}")
+    print(f"process tree peak RSS {mon.tree_peak / 2**30:.2f} GB (driver + the processes it started)")
 
 
 def main(argv=None):
@@ -123,6 +168,7 @@ def main(argv=None):
     ap.add_argument("--train-cutoffs", type=int, default=3)
     ap.add_argument("--ray-at", default="1", help="sizes (millions) also built with engine=ray; '' = none")
     ap.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    ap.add_argument("--shards", type=int, default=8, help="files the synthetic log is written in (a folder)")
     ap.add_argument("--workdir", default=None, help="where to put the synthetic logs and outputs (default: a temp dir)")
     args = ap.parse_args(argv)
     millions = [float(x) for x in args.millions.split(",") if x.strip()]
@@ -137,9 +183,9 @@ def main(argv=None):
         for mil in millions:
             events = int(mil * 1_000_000)
             items, users = max(int(events * args.items_per_event), 1000), max(int(events * args.users_per_event), 100)
-            log = work / f"log_{mil:g}M.parquet"
+            log = work / (f"log_{mil:g}M" if args.shards > 1 else f"log_{mil:g}M.parquet")
             t0 = time.perf_counter()
-            synth(log, events, items, users, args.days)
+            synth(log, events, items, users, args.days, shards=args.shards)
             gen = time.perf_counter() - t0
             wall, mon = run_build(log, work / f"out_{mil:g}M", args.days, args.sizes, args.train_cutoffs)
             results[mil] = (wall, mon)
@@ -150,12 +196,13 @@ def main(argv=None):
             if mil in ray_at:
                 extra = ("engine=ray",) + ((f"ray.num_cpus={args.ray_cpus}",) if args.ray_cpus else ())
                 rwall, rmon = run_build(log, work / f"out_{mil:g}M_ray", args.days, args.sizes, args.train_cutoffs, extra)
-                print_steps(f"{mil:g}M events; engine=ray (driver RSS only)", rwall, rmon)
+                print_steps(f"{mil:g}M events; engine=ray (per step: driver RSS)", rwall, rmon)
                 same = not compare_data_folders(work / f"out_{mil:g}M", work / f"out_{mil:g}M_ray")
-                ray_rows.append((mil, wall, rwall, same))
+                ray_rows.append((mil, wall, rwall, same, max(p for _, _, p in mon.rows),
+                                 max(p for _, _, p in rmon.rows), mon.tree_peak, rmon.tree_peak))
                 shutil.rmtree(work / f"out_{mil:g}M_ray", ignore_errors=True)
             shutil.rmtree(work / f"out_{mil:g}M", ignore_errors=True)
-            log.unlink()
+            shutil.rmtree(log) if log.is_dir() else log.unlink()
 
         base = min(results)
         steps = [name for name, _, _ in results[base][1].rows]
@@ -173,9 +220,14 @@ def main(argv=None):
             if mil != base:
                 print(f"scaling {mil:g}M / {base:g}M: wall x{results[mil][0] / results[base][0]:.1f} "
                       f"(linear: x{mil / base:g})")
-        for mil, lw, rw, same in ray_rows:
-            print(f"engine=ray at {mil:g}M events: {rw:.1f} s vs engine=local {lw:.1f} s = x{rw / lw:.2f} "
-                  f"(target <= 1.5); identical outputs: {same}")
+        if ray_rows:
+            print("\n## engine=ray vs engine=local (same log, same run)")
+            print("| events | local s | ray s | ray / local | local peak GB | ray driver peak GB | "
+                  "local tree GB | ray tree GB | identical outputs |")
+            print("|---|---|---|---|---|---|---|---|---|")
+        for mil, lw, rw, same, lp, rp, lt, rt in ray_rows:
+            print(f"| {mil:g}M | {lw:.1f} | {rw:.1f} | {rw / lw:.2f} | {lp / 2**30:.2f} | {rp / 2**30:.2f} | "
+                  f"{lt / 2**30:.2f} | {rt / 2**30:.2f} | {same} |")
 
         # Swing: sparse vs the literal formula on a slice of the dislikes
         synth(work / "swing_log.parquet", 1_000_000, 100_000, 10_000, args.days)

@@ -426,14 +426,29 @@ def on_worker(fn, train_ds, num_cpus: float = 1, **kwargs):
     steps that need every training event run beside the data, not on the driver."""
     import ray
 
+    threads = blas_threads()
+
     def run(ds, kw):
         train = in_log_order(ds.to_pandas()[TRAIN_COLUMNS])
         train = train.astype({"user_id": object, "item_id": object, "ts": np.int64, "day": np.int64,
                               "polarity": np.int8, "weight": np.float32})
         return fn(train=train, **kw)
 
+    # a worker started with the driver's BLAS thread count (Ray starts workers with one): the SVD's
+    # sums then run in the same order, so the vectors (and the SIDs) equal the local engine's on
+    # machines like the driver's
+    env = {k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     with _worker_errors():
-        return ray.get(ray.remote(num_cpus=num_cpus)(run).remote(train_ds, kwargs))
+        task = ray.remote(num_cpus=num_cpus, runtime_env={"env_vars": env})(run)
+        return ray.get(task.remote(train_ds, kwargs))
+
+
+def blas_threads() -> int:
+    """The BLAS thread count of this process (threadpoolctl), 1 if none is loaded."""
+    from threadpoolctl import threadpool_info
+
+    counts = [int(p.get("num_threads") or 1) for p in threadpool_info() if p.get("user_api") == "blas"]
+    return max(counts) if counts else 1
 
 
 # -- candidate pools on the partitions -----------------------------------------------------------

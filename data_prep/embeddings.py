@@ -64,8 +64,11 @@ def collaborative(train: pd.DataFrame, dim: int, like_weight: float, dislike_wei
     m = sp.csr_matrix((vals, (i_codes, u_codes)), shape=(len(i_labels), u_codes.max() + 1))
     m.sum_duplicates()
     vecs, svd = _svd(m, dim, seed)
+    # the ratio to 10 decimals: its last bits follow the memory alignment of numpy's summation, and
+    # the report is compared byte for byte between engines (the vectors themselves are unaffected)
     return np.asarray(i_labels, dtype=object), vecs.astype(np.float32), {
-        "collab_dim": int(vecs.shape[1]), "collab_explained_variance": float(svd.explained_variance_ratio_.sum())}
+        "collab_dim": int(vecs.shape[1]),
+        "collab_explained_variance": round(float(svd.explained_variance_ratio_.sum()), 10)}
 
 
 def has_content(items: pd.DataFrame | None) -> bool:
