@@ -5,8 +5,9 @@ events: 10M events = 1M items, 100k users; 28 days).
     python benchmarks/bench_data_prep.py --millions 1 --ray-at 1     # quick look
     python benchmarks/bench_data_prep.py --millions 1,3,10 --ray-at 1,10
 
-Prints, per size, the wall time and peak resident memory of every step (RSS of this process,
-sampled every 20 ms by a thread), then how time and memory grow with the events (ratios against the
+Prints, per size, the wall time and peak resident memory of every step (RSS of the build's
+process, each build in a fresh one, sampled every 20 ms by a thread; and the peak of its whole
+process tree, Ray's processes included), on a log written as ``--shards`` parquet files, then how time and memory grow with the events (ratios against the
 smallest size: linear = the size ratio). Baselines measured in the same run: (1) ``engine=ray``
 (a local Ray started for the build, partitions by user/item) against ``engine=local`` on the same
 log, with its output files compared byte for byte (target: within 1.5x); (2) the sparse Swing against
@@ -49,8 +50,12 @@ def rss_bytes() -> int:
 
 
 def tree_rss_bytes() -> int:
-    """RSS of this process and every process it started (a local Ray's GCS, raylet and workers)."""
-    import psutil
+    """RSS of this process and every process it started (a local Ray's GCS, raylet and workers);
+    0 without psutil (the `test` extra)."""
+    try:
+        import psutil
+    except ImportError:
+        return 0
 
     me = psutil.Process()
     total = 0

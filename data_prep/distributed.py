@@ -12,10 +12,12 @@ starts a local one for the run). The config and the output folder are the same a
   the groups, put back in user order, is the local output. A log read on Ray Data (below) is
   already partitioned there, and each group computes its events' split keys itself; a MovieLens
   log (read on the driver) is sent from the driver.
-- **Swing** is partitioned **by item**: partition ``k`` scores the kept pairs ``(i, j)``, ``i < j``,
-  whose ``i`` falls in it (:func:`conrec_verl.core.swing.swing_pair_scores` with ``items=``), from
-  the dislike graph shared through the object store. Every pair's sum runs in the same order in
-  any partition, so the scores are bit-identical to the local ones.
+- **Swing** of a log read on the driver (MovieLens) is partitioned **by item**: partition ``k``
+  scores the kept pairs ``(i, j)``, ``i < j``, whose ``i`` falls in it
+  (:func:`conrec_verl.core.swing.swing_pair_scores` with ``items=``), from the dislike graph shared
+  through the object store. Every pair's sum runs in the same order in any partition, so the
+  scores are bit-identical to the local ones. (A log read on Ray scores Swing on the worker that
+  holds its training events, below, without starting Ray work from inside a task.)
 
 - **reading** a log in several files (``input.path``: a folder or a glob of parquet/CSV/TSV
   shards, :func:`data_prep.readers.input_files`): one Ray Data read task per file runs the local
@@ -23,15 +25,18 @@ starts a local one for the run). The config and the output folder are the same a
   row in it, the same error as ``engine=local``); the events are partitioned by user (the stable
   hash above) and each partition is finished on a worker: identical events flagged (the first in
   file order stays) and sorted by (user, time, item), as :func:`data_prep.readers.finish_log` does
-  for the whole log. The log's counts (rows, neutral, likes, dislikes, duplicates) are Ray Data
-  aggregations; the whole-log checks (empty, no dislike) run on them before anything is gathered.
+  for the whole log. The log's counts (rows, neutral, likes, dislikes, duplicates) are summed from
+  per-block and per-partition counts; the whole-log checks (empty, no dislike) run on them. A log
+  in one file is one read task (no parallel read). Every node must see the input files at the same
+  absolute paths (a shared file system); a bad row is reported for the first bad file in file order,
+  as the local reader does.
 
 - the **split plan** is made on each partition (one day range for the log) and merged into the
   per-user cutoffs; the log's counts are per-partition aggregates (:func:`map_partitions`).
-- **item embeddings** and **Swing's dislike graph** are built on one worker from the training
-  events gathered there (:func:`on_worker`), never on the driver; Swing's pair scores then run
-  over item partitions as above. The worker holds the training events' columns; the driver gets
-  item-sized results (vectors, neighbour lists).
+- **item embeddings** and **Swing** are computed on one worker (preferably on the driver's node)
+  from the training events gathered there (:func:`on_worker`), never on the driver. The worker
+  holds the training events' columns; the driver gets item-sized results (vectors, neighbour
+  lists).
 
 - the **candidate pools** (items of each day, each test user's likes of the target day) and the
   per-user halves of the **SFT sets** (alignment pools, warm-up rows of every dislike) are made on
@@ -39,8 +44,9 @@ starts a local one for the run). The config and the output folder are the same a
   questions) run on the driver from those pools.
 
 So with ``engine=ray`` the driver never holds the log's events: it holds per-item state (item
-ids, embeddings, SIDs, Swing neighbours, the day pools), per-user state (cutoffs, alignment
-pools) and the rows it writes. Still on the driver: the SID k-means (one pass over the items) and
+ids, embeddings, SIDs, Swing neighbours, the day pools; each partition sends its own distinct
+items or (day, item) pairs, so up to ``partitions`` times that while they are merged), per-user
+state (cutoffs, alignment pools) and the rows it writes. Still on the driver: the SID k-means (one pass over the items) and
 the parquet writes, one file each, from rows gathered there; sharded writes by the workers are
 the next step for outputs larger than the driver's memory.
 """
@@ -107,7 +113,7 @@ def ray_session(rcfg: Mapping, progress: bool) -> Iterator[int]:
             raise DataPrepError(f"engine=ray: could not start or reach Ray (ray.address={address!r}): {exc}") from exc
         started = True
     ctx = DataContext.get_current()
-    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.raise_original_map_exception)
+    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start, getattr(ctx, "raise_original_map_exception", False))
     logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.WARNING)
     ctx.enable_progress_bars = bool(progress)
     ctx.print_on_execution_start = False
@@ -279,7 +285,6 @@ def read_log_ray(icfg: Mapping, files: list[str], source: str, n_parts: int) -> 
     ``input.duplicates=drop``); ``stats`` holds the read counts and the log's counts (``item_ids``:
     its distinct items, for the item table), all from per-partition aggregates."""
     import ray.data
-    from ray.data.expressions import col
 
     from conrec_verl.data_prep import readers as R
 
@@ -300,20 +305,29 @@ def read_log_ray(icfg: Mapping, files: list[str], source: str, n_parts: int) -> 
         return pd.DataFrame({"rows": [len(pol)], "neutral": [int((pol == 0).sum())],
                              "dislikes": [int((pol < 0).sum())]})
 
+    try:
+        with _worker_errors():
+            events = ray.data.from_items([{"_file": k} for k in range(len(files))],
+                                         override_num_blocks=len(files)) \
+                .map_batches(read_file, batch_size=1, batch_format="pandas").materialize()
+    except DataPrepError as err:
+        # the files are read in parallel, so any bad one may fail first; the local reader names the
+        # first bad file in file order: check the files before this one, in order, one at a time
+        for k in range(files.index(err.file) if err.file in files else 0):
+            R.read_events_file(cfg, files[k], allow_empty=many)
+        raise
     with _worker_errors():
-        events = ray.data.from_items([{"_file": k} for k in range(len(files))], override_num_blocks=len(files)) \
-            .map_batches(read_file, batch_size=1, batch_format="pandas").materialize()
         c = pd.DataFrame(events.map_batches(counts, batch_size=None, batch_format="pandas").take_all()).sum()
         if int(c.get("rows", 0)) == 0:
             raise DataPrepError("the interaction log is empty (every file has a header and no rows)", file=source)
         if int(c["dislikes"]) == 0:
             raise R.no_dislike_error(source, R.polarity_column(icfg.get("columns") or {}, icfg["polarity"]))
-        parts = events.filter(expr=col("polarity") != 0) \
+        parts = events.map_batches(_drop_neutral, batch_format="pandas") \
             .groupby("_part").map_groups(_finish_partition, batch_format="pandas").materialize()
         del events
         n_dup = int(parts.sum("_dup") or 0)
         if duplicates == "drop":
-            parts = parts.filter(expr=col("_dup") == False).materialize()  # noqa: E712 - an expression
+            parts = parts.map_batches(_drop_repeats, batch_format="pandas").materialize()
         per_part = map_partitions(parts, _log_counts)
     stats = {"raw_rows": int(c["rows"]), "neutral_dropped": int(c["neutral"]), "duplicate_events": n_dup,
              "duplicates": duplicates}
@@ -324,6 +338,14 @@ def read_log_ray(icfg: Mapping, files: list[str], source: str, n_parts: int) -> 
     stats.update(items=int(len(item_ids)), item_ids=item_ids,
                  day_range=(min(p["days"][0] for p in per_part), max(p["days"][1] for p in per_part)))
     return None, stats, parts
+
+
+def _drop_neutral(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["polarity"].to_numpy() != 0]
+
+
+def _drop_repeats(df: pd.DataFrame) -> pd.DataFrame:
+    return df[~df["_dup"].to_numpy(dtype=bool)]
 
 
 def _log_counts(df: pd.DataFrame, _shared) -> dict:
@@ -370,8 +392,8 @@ def _split_part(df: pd.DataFrame, shared) -> dict:
 
 def split_ray(parts, cfg: Mapping, day_range: tuple[int, int]):
     """The split plan of the partitioned log: :func:`data_prep.samples.plan_split` on every partition
-    (one global day range; per-user cutoffs from each user's events), merged. Returns ``(plan``
-    without per-event keys``, warm items, training events, training dislikes)``."""
+    (one global day range; per-user cutoffs from each user's events), merged. Returns the plan
+    (without per-event keys), the warm items and the counts of training events and dislikes."""
     from conrec_verl.data_prep import samples as S
 
     dr = (int(S.day_number(day_range[0])[0]), int(S.day_number(day_range[1])[0]))
@@ -409,43 +431,52 @@ def _train_part(df: pd.DataFrame, plan) -> pd.DataFrame:
 def train_events_ray(parts, plan):
     """The events before each user's evaluation cutoff, kept on the cluster (a materialized
     Dataset, per user partition) for the steps that read them on a worker."""
-    with _worker_errors():
-        return parts.groupby("_part").map_groups(_train_part, fn_args=(plan,), batch_format="pandas").materialize()
-
-
-def in_log_order(frame: pd.DataFrame) -> pd.DataFrame:
-    """Events of user partitions, concatenated, back in the log's order: partitions hold disjoint
-    users, each in order, so a stable sort by user restores it."""
-    u_codes, _ = pd.factorize(frame["user_id"], sort=True)
-    return frame.iloc[np.argsort(u_codes, kind="stable")].reset_index(drop=True)
-
-
-def on_worker(fn, train_ds, num_cpus: float = 1, **kwargs):
-    """``fn(train=..., **kwargs)`` in one Ray task, where ``train`` is the training events (the
-    :func:`train_events_ray` Dataset) gathered on that worker in the log's order: the item-side
-    steps that need every training event run beside the data, not on the driver."""
     import ray
 
-    threads = blas_threads()
+    ref = ray.put(replace(plan, key=None, train_cuts={}))  # the mask needs the evaluation cutoffs only
+
+    def keep(df: pd.DataFrame) -> pd.DataFrame:
+        return _train_part(df, ray.get(ref))
+
+    with _worker_errors():
+        return parts.groupby("_part").map_groups(keep, batch_format="pandas").materialize()
+
+
+def on_worker(fn, train_ds, num_cpus: float = 1, blas: bool = False, **kwargs):
+    """``fn(train=..., **kwargs)`` in one Ray task, where ``train`` is the training events (the
+    :func:`train_events_ray` Dataset) gathered on that worker in the log's order: the item-side
+    steps that need every training event run beside the data, not on the driver. The task prefers
+    the driver's node (soft affinity). ``blas``: start the worker with the driver's BLAS thread
+    count (Ray starts workers with one), so that dense linear algebra (the SVD of the item
+    embeddings) sums in the same order and the vectors equal the local engine's on a machine like
+    the driver's; on other CPUs or BLAS builds they may differ in the last bits."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     def run(ds, kw):
-        train = in_log_order(ds.to_pandas()[TRAIN_COLUMNS])
+        # partitions in any block order: the log's order is (user, time, item, file order)
+        train = ds.to_pandas().sort_values(_READ_ORDER, kind="stable")[TRAIN_COLUMNS].reset_index(drop=True)
         train = train.astype({"user_id": object, "item_id": object, "ts": np.int64, "day": np.int64,
                               "polarity": np.int8, "weight": np.float32})
         return fn(train=train, **kw)
 
-    # a worker started with the driver's BLAS thread count (Ray starts workers with one): the SVD's
-    # sums then run in the same order, so the vectors (and the SIDs) equal the local engine's on
-    # machines like the driver's
-    env = {k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    options = {"num_cpus": num_cpus, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=True)}
+    if blas:
+        threads = str(blas_threads())
+        options["runtime_env"] = {"env_vars": {k: threads for k in
+                                               ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
     with _worker_errors():
-        task = ray.remote(num_cpus=num_cpus, runtime_env={"env_vars": env})(run)
-        return ray.get(task.remote(train_ds, kwargs))
+        return ray.get(ray.remote(**options)(run).remote(train_ds, kwargs))
 
 
 def blas_threads() -> int:
-    """The BLAS thread count of this process (threadpoolctl), 1 if none is loaded."""
-    from threadpoolctl import threadpool_info
+    """The BLAS thread count of this process (threadpoolctl, scikit-learn's dependency), 1 if none is
+    loaded or threadpoolctl is missing."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return 1
 
     counts = [int(p.get("num_threads") or 1) for p in threadpool_info() if p.get("user_api") == "blas"]
     return max(counts) if counts else 1

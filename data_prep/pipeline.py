@@ -161,8 +161,8 @@ def build(cfg: Mapping | Any, step_hook: Callable[[str, str], None] | None = Non
 
 def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -> dict:
     """The steps of :func:`build` (:mod:`conrec_verl.data_prep.steps`), timed; with ``ray_partitions``
-    (engine=ray, inside a Ray session) the Swing and samples steps run partitioned on Ray Data
-    (:mod:`conrec_verl.data_prep.distributed`)."""
+    (engine=ray, inside a Ray session) they run on Ray Data as :mod:`conrec_verl.data_prep.distributed`
+    describes (a generic/KuaiRand log never comes to the driver)."""
     seed = int(cfg.get("seed", 0))
     steps = _Steps(STEP_NAMES, bool(cfg.get("progress", True)), hook)
     with steps("read"):
@@ -171,18 +171,16 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
         split = T.split_log(log, cfg)
     ecfg, sw = cfg.get("embedding", {}) or {}, cfg.get("swing", {}) or {}
     with steps("embeddings"):
-        if log.parts is not None:  # engine=ray: on a worker, beside the training events
-            split.train_on_cluster = D.train_events_ray(log.parts, split.plan)
-            emb = D.on_worker(build_item_embeddings, split.train_on_cluster, cfg=ecfg, all_items=split.all_items,
-                              items=log.items, seed=seed)
+        if split.train_on_cluster is not None:  # engine=ray: on a worker, beside the training events
+            emb = D.on_worker(build_item_embeddings, split.train_on_cluster, blas=True, cfg=ecfg,
+                              all_items=split.all_items, items=log.items, seed=seed)
         else:
             emb = build_item_embeddings(ecfg, split.train, split.all_items, log.items, seed)
     with steps("sids"):
         sids = T.item_sids(emb, split, cfg, seed)
     with steps("swing"):
-        if log.parts is not None:  # its pair scores run over item partitions from that worker
-            swing = D.on_worker(T.swing_neighbours, split.train_on_cluster, num_cpus=0, sw=sw,
-                                ray_partitions=ray_partitions)
+        if split.train_on_cluster is not None:  # on a worker too, pair scores in that task (no nested Ray)
+            swing = D.on_worker(T.swing_neighbours, split.train_on_cluster, sw=sw)
         else:
             swing = T.swing_neighbours(split.train, sw, ray_partitions)
     with steps("samples"):

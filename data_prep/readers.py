@@ -489,24 +489,37 @@ def items_from_frame(df: pd.DataFrame, file: str, columns: Mapping[str, Any], kn
 
 # -- format readers -------------------------------------------------------------------------------
 
+#: the files a folder of shards may hold (others, e.g. a README or ``schema.json``, are skipped)
+DATA_SUFFIXES = (".csv", ".tsv", ".tab", ".txt", ".data", ".dat", ".parquet", ".pq", ".gz")
+
+
+def _skipped(parts: Sequence[str]) -> bool:
+    """Hidden and ``_``-prefixed files or folders (Spark's ``_SUCCESS``, ``_temporary/``, ``.crc``)."""
+    return any(part.startswith((".", "_")) for part in parts)
+
+
 def input_files(path, key: str = "input.path") -> list[str]:
-    """The files of a log: one file; a folder (every file under it, sorted by path; hidden files and
-    ``_``-prefixed ones such as Spark's ``_SUCCESS`` are skipped); or a glob pattern
-    (``logs/part-*.parquet``, ``**`` for sub-folders; sorted). The order is the log's file order."""
+    """The files of a log, as absolute paths (Ray workers open them from another working folder;
+    they must see the same paths): one file; a folder (every data file under it by extension,
+    :data:`DATA_SUFFIXES`, sorted by path); or a glob pattern (``logs/part-*.parquet``, ``**`` for
+    sub-folders; sorted). Hidden and ``_``-prefixed files and folders are skipped in both. The order
+    is the log's file order. Values in folder names (Hive's ``day=2``) are not read as columns."""
     if path is None or path == "???":
         raise DataPrepError(f"no input path given (set {key}=<file, folder or glob>)")
-    p = os.fspath(Path(os.fspath(path)).expanduser())
+    p = os.path.abspath(os.fspath(Path(os.fspath(path)).expanduser()))
     if os.path.isfile(p):
         return [p]
     if os.path.isdir(p):
         root = Path(p)
-        files = sorted(str(f) for f in root.rglob("*") if f.is_file()
-                       and not any(part.startswith((".", "_")) for part in f.relative_to(root).parts))
+        files = sorted(str(f) for f in root.rglob("*") if f.is_file() and f.name.lower().endswith(DATA_SUFFIXES)
+                       and not _skipped(f.relative_to(root).parts))
         if not files:
-            raise DataPrepError("the folder holds no data file", file=p)
+            raise DataPrepError(f"the folder holds no data file ({', '.join(DATA_SUFFIXES)})", file=p)
         return files
     if glob.has_magic(p):
-        files = sorted(f for f in glob.glob(p, recursive=True) if os.path.isfile(f))
+        fixed = next(i for i, part in enumerate(Path(p).parts) if glob.has_magic(part))  # folders before the pattern
+        files = sorted(f for f in glob.glob(p, recursive=True) if os.path.isfile(f)
+                       and not _skipped(Path(f).parts[fixed:]))
         if not files:
             raise DataPrepError("no file matches the pattern", file=p)
         return files

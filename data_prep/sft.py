@@ -38,16 +38,11 @@ def translation_records(items: pd.DataFrame | None, sid_of: dict) -> list[dict]:
     return out
 
 
-def alignment_records(train: pd.DataFrame, users: set, sid_of: dict, cfg: Mapping, seed: int) -> list[dict]:
-    """4-way item-level alignment: one item the user disliked (at least ``min_neg_count`` times)
-    among 3 items the same user liked (and never disliked); the answer is the disliked SID.
-    Only events of ``train`` (before the cutoff) and users in ``users`` are used; at most
-    ``max_per_user`` questions per user (different disliked items)."""
-    return alignment_from_pools(*alignment_pools(train, users, sid_of, cfg), sid_of, cfg, seed)
-
-
 def alignment_pools(train: pd.DataFrame, users: set, sid_of: dict, cfg: Mapping) -> tuple[dict, dict]:
-    """Per user of ``users`` in ``train`` (any part of the log, whole users): the items with a SID
+    """4-way item-level alignment (with :func:`alignment_from_pools`): one item the user disliked (at
+    least ``min_neg_count`` times) among 3 items the same user liked (and never disliked); the
+    answer is the disliked SID; at most ``max_per_user`` questions per user (different disliked
+    items). This half: per user of ``users`` in ``train`` (any part of the log, whole users): the items with a SID
     disliked at least ``min_neg_count`` times and those liked and never disliked, sorted. Pools of
     disjoint users merge by updating the dicts."""
     min_neg = int(cfg.get("min_neg_count", 1))

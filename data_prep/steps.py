@@ -148,7 +148,8 @@ def split_log(log: Log, cfg: dict) -> Split:
         plan, warm, n_train, n_neg = D.split_ray(log.parts, scfg, log.day_range)
         if n_neg == 0:
             raise DataPrepError(NO_TRAIN_DISLIKE)
-        return Split(plan, None, None, np.asarray(log.item_ids, dtype=object), warm, n_train)
+        return Split(plan, None, None, np.asarray(log.item_ids, dtype=object), warm, n_train,
+                     D.train_events_ray(log.parts, plan))
     inter = log.interactions
     plan = S.plan_split(inter, scfg)
     train_mask = plan.train_mask(inter["user_id"].to_numpy())

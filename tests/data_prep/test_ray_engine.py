@@ -134,15 +134,27 @@ def sharded_synth_log(folder: Path) -> Path:
 SHARD_OPTS = ("input.columns.weight=w", "input.polarity.other_labels=drop", "input.duplicates=drop")
 
 
-def test_ray_engine_on_a_two_node_cluster_equals_local(tmp_path, two_node_cluster):
-    """A log in shards, read on the cluster's workers, gives the local engine's folder."""
+def test_ray_engine_on_a_two_node_cluster_equals_local(tmp_path, two_node_cluster, monkeypatch):
+    """A log in shards, read on the cluster's workers, gives the local engine's folder; the driver
+    never holds the log's events or its training events."""
     import ray
 
+    from conrec_verl.data_prep import steps as T
+
+    seen = []
+    real = T.rl_samples
+
+    def rl_samples(log, split, *a, **kw):
+        seen.append((log.parts is not None, log.interactions is None, split.train is None))
+        return real(log, split, *a, **kw)
+
+    monkeypatch.setattr(T, "rl_samples", rl_samples)
     shards = sharded_synth_log(tmp_path / "shards")
     extra = ("swing.min_co_dislikers=2", "swing.max_dislikers_per_item=6", *SHARD_OPTS)
     local = build(generic_cfg(shards, tmp_path / "local", *extra))
     remote = build(generic_cfg(shards, tmp_path / "ray", *extra, "engine=ray",
                                f"ray.address={two_node_cluster.address}", "ray.partitions=5", *RAY_OPTS))
+    assert seen == [(False, False, False), (True, True, True)]
     assert not ray.is_initialized()  # the engine disconnects what it connected
     assert len(pd.read_parquet(local / "swing.parquet")) > 0
     assert len(pd.read_parquet(local / "rl" / "train.parquet")) > 0
@@ -152,18 +164,26 @@ def test_ray_engine_on_a_two_node_cluster_equals_local(tmp_path, two_node_cluste
     assert json.loads((remote / "manifest.json").read_text())["config"]["engine"] == "ray"
 
 
-def test_ray_engine_names_a_bad_row_of_a_shard_as_the_local_engine_does(tmp_path, two_node_cluster):
+@pytest.mark.parametrize("also_bad_first", [False, True])
+def test_ray_engine_names_a_bad_row_of_a_shard_as_the_local_engine_does(tmp_path, two_node_cluster, also_bad_first):
+    """One bad shard, or two (then both engines name the first in file order, b/part-2.parquet)."""
     shards = sharded_synth_log(tmp_path / "shards")
     bad = pd.read_csv(shards / "part-1.csv").astype({"item_id": object})
     bad.loc[4, "item_id"] = "   "
     bad.to_csv(shards / "part-1.csv", index=False)
+    if also_bad_first:
+        first = pd.read_parquet(shards / "b" / "part-2.parquet").astype({"timestamp": str})
+        first.loc[7, "timestamp"] = "soon"
+        first.to_parquet(shards / "b" / "part-2.parquet", index=False)
     errors = []
     for engine in (("engine=local",), ("engine=ray", f"ray.address={two_node_cluster.address}", *RAY_OPTS)):
         with pytest.raises(DataPrepError) as err:
             build(generic_cfg(shards, tmp_path / "out", *SHARD_OPTS, *engine))
         errors.append((str(err.value), err.value.file, err.value.column, err.value.row))
     assert errors[0] == errors[1]
-    assert errors[0][1:] == (str(shards / "part-1.csv"), "item_id", 5)
+    expected = ((str(shards / "b" / "part-2.parquet"), "timestamp", 8) if also_bad_first
+                else (str(shards / "part-1.csv"), "item_id", 5))
+    assert errors[0][1:] == expected
     assert not (tmp_path / "out").exists() and sorted(os.listdir(tmp_path)) == ["shards"]
 
 

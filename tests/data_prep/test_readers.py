@@ -298,6 +298,20 @@ def test_a_bad_row_in_one_shard_names_that_file_and_its_row(tmp_path):
     assert err.value.file == str(folder / "part-1.csv") and err.value.row == 3 and err.value.column == "timestamp"
 
 
+def test_folders_read_data_files_and_globs_skip_hidden_and_underscore_parts(tmp_path, monkeypatch):
+    from conrec_verl.data_prep.readers import input_files
+
+    root = tmp_path / "_exports" / "log"  # an underscore above the pattern does not count
+    for rel in ("part-0.csv", "d=1/part-1.parquet", "_temporary/part-9.csv", ".hidden/part-8.csv", "_SUCCESS",
+                "README.md", "schema.json"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("")
+    assert input_files(root) == [str(root / "d=1" / "part-1.parquet"), str(root / "part-0.csv")]
+    assert input_files(root / "**" / "part-*") == [str(root / "d=1" / "part-1.parquet"), str(root / "part-0.csv")]
+    monkeypatch.chdir(root)
+    assert input_files("part-*.csv") == [str(root / "part-0.csv")]  # absolute, for Ray workers
+
+
 def test_shard_sources_that_hold_no_log_are_one_error_each(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "_SUCCESS").write_text("")
