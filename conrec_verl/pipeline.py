@@ -40,6 +40,7 @@ from typing import Sequence
 import yaml
 from omegaconf import OmegaConf
 
+from conrec_verl.core.metrics import HIT_METRIC_RE as METRIC_RE
 from conrec_verl.io_utils import atomic_dir, atomic_write_text
 
 from conrec_verl.recipes import profile_dir, recipe_dir
@@ -455,25 +456,68 @@ class Pipeline:
 
     def _grpo_overrides(self, model, data, ckpt) -> list[str]:
         # grpo.select_by_val: verl validates at every checkpoint (test_freq follows save_freq)
-        val = ["trainer.test_freq=${trainer.save_freq}"] if self._grpo_selection() else []
+        selection = self._grpo_selection()
+        verl_metric = selection is not None and not METRIC_RE.match(selection[0])
+        val = ["trainer.test_freq=${trainer.save_freq}"] if verl_metric else []
         return [f"data_dir={data}", f"actor_rollout_ref.model.path={model}", f"trainer.default_local_dir={ckpt}",
                 *val, *map(str, self.profile.grpo.overrides)]
 
-    def _grpo_selection(self) -> tuple[str, str] | None:
-        """``(metric, mode)`` of the profile's ``grpo.select_by_val``, or None when it is off."""
+    def _grpo_selection(self) -> tuple[str, str, bool] | None:
+        """``(metric, mode, include_start)`` of the profile's ``grpo.select_by_val``, or None when it is
+        off. ``metric`` is a key verl logs at validation, or ``FHR@K`` / ``HR@K``: the evaluation's
+        metric on the validation users' rows (:mod:`conrec_verl.evaluation.select`), where
+        ``include_start`` also scores the model GRPO started from (step 0)."""
         block = self.profile.grpo.get("select_by_val")
         if not block:
             return None
-        if not hasattr(block, "keys") or set(block.keys()) - {"metric", "mode"}:
-            raise PipelineError(f"grpo.select_by_val must be null or {{metric: <key verl logs>, mode: max|min}}, "
-                                f"got {block!r}")
+        if not hasattr(block, "keys") or set(block.keys()) - {"metric", "mode", "include_start"}:
+            raise PipelineError(f"grpo.select_by_val must be null or {{metric: <key verl logs, or FHR@K>, mode: "
+                                f"max|min, include_start: true|false}}, got {block!r}")
         metric, mode = block.get("metric"), block.get("mode", "max")
+        include_start = block.get("include_start", False)
         if not metric or not isinstance(metric, str):
             raise PipelineError("grpo.select_by_val.metric must name a validation metric verl logs, e.g. "
-                                "val-aux/conrec/reward/mean@1")
+                                "val-aux/conrec/reward/mean@1, or FHR@K / HR@K (beam search on rl/val.parquet)")
         if mode not in ("max", "min"):
             raise PipelineError(f"grpo.select_by_val.mode must be max or min, got {mode!r}")
-        return metric, mode
+        if not isinstance(include_start, bool):
+            raise PipelineError(f"grpo.select_by_val.include_start must be true or false, got {include_start!r}")
+        if METRIC_RE.match(metric):
+            if mode != "max":
+                raise PipelineError(f"grpo.select_by_val: {metric} is a hit rate, its mode must be max")
+        elif include_start:
+            raise PipelineError("grpo.select_by_val.include_start needs metric FHR@K or HR@K (verl does not "
+                                "validate the starting model at a checkpoint)")
+        return metric, mode, include_start
+
+    def _select_by_eval_metric(self, phase: Phase, metric: str, include_start: bool, model: Path,
+                               ckpt: Path) -> tuple[int, dict]:
+        """The GRPO step (0 = the starting model, with ``include_start``) whose ``metric`` (FHR@K/HR@K)
+        on the validation users' rows is highest, ties to the earlier step, by
+        :mod:`conrec_verl.evaluation.select` in a child process (its output in the phase log)."""
+        steps = sorted(int(p.parents[2].name.rsplit("_", 1)[1])
+                       for p in ckpt.glob("global_step_*/actor/huggingface/config.json"))
+        models = ([("0", str(model))] if include_start else []) + \
+            [(str(s), str(ckpt / f"global_step_{s}" / "actor" / "huggingface")) for s in steps]
+        if not models:
+            raise PipelineError(f"grpo.select_by_val: no checkpoint with a Hugging Face export under {ckpt}")
+        context, budget = 3, 384
+        prompt = self.profile.eval.get("grpo_prompt")
+        if prompt:
+            first, _, second = str(prompt).partition(",")
+            context, budget = int(first), int(second) if second else budget
+        out = self.run / "grpo_val.json"
+        cmd = [sys.executable, "-m", "conrec_verl.evaluation.select", "--data", str(self.run / "data"),
+               "--metric", metric, "--context", str(context), "--budget", str(budget), "--out", str(out)]
+        for name, folder in models:
+            cmd += ["--model", f"{name}={folder}"]
+        self._run(phase.name, cmd)
+        scores = json.loads(out.read_text())["scores"]
+        values = {int(name): float(v) for name, v in scores.items() if math.isfinite(float(v))}
+        if not values:
+            raise PipelineError(f"grpo.select_by_val: no finite {metric} in {out}")
+        best = max(values.values())
+        return min(s for s, v in values.items() if v == best), {str(s): round(v, 5) for s, v in sorted(values.items())}
 
     def compose_configs(self, requests: dict[str, tuple[str, list[str]]]) -> dict[str, dict]:
         """``{name: resolved config}`` of verl configs composed with their overrides, in a child
@@ -638,12 +682,23 @@ class Pipeline:
         step = None
         selection = self._grpo_selection()
         if selection:
-            metric, mode = selection
-            step, values = self.choose_step(
-                self.run / "logs" / f"{phase.name}.log", metric, mode, ckpt, "actor/huggingface",
-                "grpo.select_by_val (verl logs val-core/<data_source>/acc/mean@1 and val-aux/<data_source>/reward/mean@1)")
+            metric, mode, include_start = selection
+            if METRIC_RE.match(metric):
+                step, values = self._select_by_eval_metric(phase, metric, include_start, Path(model), ckpt)
+            else:
+                step, values = self.choose_step(
+                    self.run / "logs" / f"{phase.name}.log", metric, mode, ckpt, "actor/huggingface",
+                    "grpo.select_by_val (verl logs val-core/<data_source>/acc/mean@1 and "
+                    "val-aux/<data_source>/reward/mean@1)")
             info["val"] = {"metric": metric, "by_step": values, "chosen_step": step}
-            self.echo(f"    {metric} by step {info['val']['by_step']}: exporting step {step}")
+            self.echo(f"    {metric} by step {info['val']['by_step']}: exporting step {step}"
+                      + (" (no GRPO checkpoint beat the starting model on validation: it is exported unchanged)"
+                         if step == 0 else ""))
+        if step == 0:
+            export = self.run / "models" / "grpo"
+            with atomic_dir(export) as tmp:
+                shutil.copytree(model, tmp, dirs_exist_ok=True)
+            return {"path": str(export), "started_model_kept": True, **info}
         export = self._export(ckpt, self.run / "models" / "grpo", sub="actor/huggingface", step=step)
         return {"path": str(export), **info}
 

@@ -2,6 +2,8 @@
 GRPO -> evaluation on the bundled sample, then resume and the fail-fast checks."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,9 +44,13 @@ def test_whole_pipeline_runs_and_reports_both_models(finished_run, capsys):
     # warm-up SFT validated on the validation users' questions; the exported step is the best one
     warm = state["done"]["sft_warmup"]
     assert warm["val_loss"] and str(warm["chosen_step"]) == min(warm["val_loss"], key=warm["val_loss"].get)
-    # GRPO validated at every checkpoint (each stage's end); the export is the best one's weights
+    # every GRPO checkpoint (each stage's end) scored by FHR@20 on the validation users' rows by beam
+    # search (evaluation.select); the export is the best one's weights
     val = state["done"]["grpo"]["val"]
-    assert set(val["by_step"]) == {"1", "2", "3"} and val["metric"] == "val-aux/conrec/reward/mean@1"
+    assert set(val["by_step"]) == {"1", "2", "3"} and val["metric"] == "FHR@20"
+    scored = json.loads((finished_run / "grpo_val.json").read_text())
+    assert scored["rows"] > 0 and {k: round(v, 5) for k, v in scored["scores"].items()} == val["by_step"]
+    assert "conrec_verl.evaluation.select" in grpo_log
     assert str(val["chosen_step"]) == max(val["by_step"], key=lambda s: (val["by_step"][s], -int(s)))
     chosen = finished_run / "grpo" / f"global_step_{val['chosen_step']}" / "actor" / "huggingface"
     assert (finished_run / "models" / "grpo" / "model.safetensors").read_bytes() == \
@@ -283,7 +289,7 @@ def test_the_chosen_checkpoint_is_the_best_finite_value_with_an_export(tmp_path)
 
 
 def test_grpo_selection_validates_at_every_checkpoint_and_names_bad_settings(tmp_path):
-    pipe = Pipeline(tmp_path / "run", load_profile("ci_tiny"))
+    pipe = Pipeline(tmp_path / "run", load_profile("ci_tiny", ["grpo.select_by_val.metric=val-aux/conrec/reward/mean@1"]))
     cfg = pipe.compose_configs({"grpo": ("conrec_cpu_tiny", pipe._grpo_overrides("m", "d", "c"))})["grpo"]
     assert cfg["trainer"]["test_freq"] == cfg["trainer"]["save_freq"] == 3
     off = Pipeline(tmp_path / "off", load_profile("ci_tiny", ["grpo.select_by_val=null"]))
@@ -293,6 +299,67 @@ def test_grpo_selection_validates_at_every_checkpoint_and_names_bad_settings(tmp
                             ("grpo.select_by_val.metric=null", "must name a validation metric")):
         with pytest.raises(PipelineError, match=match):
             Pipeline(tmp_path / "bad", load_profile("ci_tiny", [override])).check_inputs()
+
+
+def test_selection_by_the_evaluation_metric_skips_verls_validation_and_names_bad_settings(tmp_path):
+    pipe = Pipeline(tmp_path / "run", load_profile("ci_tiny"))
+    assert pipe._grpo_selection() == ("FHR@20", "max", False)  # the shipped default
+    assert not any("test_freq" in o for o in pipe._grpo_overrides("m", "d", "c"))  # verl need not validate
+    assert Pipeline(tmp_path / "r", load_profile("ci_tiny", ["grpo.select_by_val.include_start=true"])
+                    )._grpo_selection() == ("FHR@20", "max", True)
+    for override, match in (("grpo.select_by_val.mode=min", "FHR@20 is a hit rate, its mode must be max"),
+                            ("grpo.select_by_val={metric: val-aux/conrec/reward/mean@1, include_start: true}",
+                             "include_start needs metric FHR@K or HR@K"),
+                            ("grpo.select_by_val.include_start=yes please", "include_start must be true or false"),
+                            ("grpo.select_by_val=FHR@20", "must be null or")):
+        with pytest.raises(PipelineError, match=match):
+            Pipeline(tmp_path / "bad", load_profile("ci_tiny", [override])).check_inputs()
+
+
+def _fake_grpo_run(pipe, tmp_path, scores, steps=(3, 6)):
+    """Stand-ins for main_ppo (writes checkpoints) and the selection child (writes ``scores``, a
+    function of the --model names it was given); returns the commands run."""
+    ran = []
+
+    def run(phase, cmd, cwd=None):
+        ran.append(cmd)
+        if "verl.trainer.main_ppo" in cmd:
+            for s in steps:
+                hf = pipe.run / "grpo" / f"global_step_{s}" / "actor" / "huggingface"
+                hf.mkdir(parents=True)
+                (hf / "config.json").write_text(json.dumps({"step": s}))
+            (pipe.run / "grpo" / "latest_checkpointed_iteration.txt").write_text(str(steps[-1]))
+        else:
+            names = [cmd[i + 1].split("=", 1)[0] for i, c in enumerate(cmd) if c == "--model"]
+            out = Path(cmd[cmd.index("--out") + 1])
+            out.write_text(json.dumps({"scores": {n: scores(n) for n in names}}))
+
+    pipe._run = run
+    pipe.check_data_folder = lambda state: ""
+    pipe._cleaning_rule = lambda: None
+    start = tmp_path / "start"
+    start.mkdir()
+    (start / "config.json").write_text(json.dumps({"step": 0}))
+    return ran, {"done": {"sft_warmup": {"path": str(start)}}}
+
+
+@pytest.mark.parametrize("include_start", [False, True])
+def test_grpo_exports_the_step_with_the_best_validation_hit_rate(tmp_path, include_start):
+    profile = load_profile("ci_tiny", [f"grpo.select_by_val.include_start={str(include_start).lower()}",
+                                       'eval.grpo_prompt="2,256"'])
+    pipe = Pipeline(tmp_path / "run", profile)
+    # step 6 beats step 3; the starting model (0) ties step 6: ties go to the earlier step
+    ran, state = _fake_grpo_run(pipe, tmp_path, {"0": 0.5, "3": 0.25, "6": 0.5}.get)
+    info = pipe.phase_grpo(Phase("grpo", "GRPO"), state)
+    select = ran[-1]
+    assert select[:3] == [sys.executable, "-m", "conrec_verl.evaluation.select"]
+    assert select[select.index("--metric") + 1] == "FHR@20"
+    assert (select[select.index("--context") + 1], select[select.index("--budget") + 1]) == ("2", "256")
+    names = [select[i + 1].split("=", 1)[0] for i, c in enumerate(select) if c == "--model"]
+    assert names == (["0"] if include_start else []) + ["3", "6"]
+    exported = json.loads((pipe.run / "models" / "grpo" / "config.json").read_text())["step"]
+    assert info["val"]["chosen_step"] == exported == (0 if include_start else 6)
+    assert info.get("started_model_kept", False) == include_start
 
 
 def test_val_losses_are_read_from_verls_console_log(tmp_path):

@@ -197,8 +197,12 @@ def _row(path: Path, i: int, raw: dict, sid_build: str) -> EvalRow:
 
 
 def load_eval_data(data_dir: str | os.PathLike, split: str = "eval/test.parquet",
-                   max_rows: int | None = None) -> EvalData:
-    """Load the evaluation split of a data folder and check it belongs to one SID build."""
+                   max_rows: int | None = None, unique_rows: bool = True) -> EvalData:
+    """Load the evaluation split of a data folder and check it belongs to one SID build.
+
+    ``unique_rows=False`` allows several rows of one (user, cutoff), as RL validation rows have
+    (one per training fraction on a day); predictions files, keyed by (user, cutoff), then cannot
+    be read against it."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise EvalInputError(f"{data_dir}: data folder not found")
@@ -226,7 +230,7 @@ def load_eval_data(data_dir: str | os.PathLike, split: str = "eval/test.parquet"
     rows = [_row(split_path, i, raw, sid_build) for i, raw in enumerate(raws)]
     seen: dict[tuple[str, int], int] = {}
     for i, r in enumerate(rows):
-        if r.key in seen:
+        if r.key in seen and unique_rows:
             raise EvalInputError(f"{split_path}: row {i}: user {r.user_id} cutoff {r.cutoff_day} repeats row {seen[r.key]}")
         seen[r.key] = i
         for name, sids in (("future_neg", r.target.future_neg), ("candidates", r.target.candidates or [])):

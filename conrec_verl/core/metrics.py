@@ -31,6 +31,7 @@ no future dislike at all are not counted (nothing can be hit).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -57,6 +58,10 @@ class EvalTarget:
     @property
     def has_future_dislike(self) -> bool:
         return bool(self.future_neg) or self.n_future_neg_cold > 0
+
+
+#: a hit-rate metric name a checkpoint can be chosen by (``FHR@20``, ``HR@5``; :mod:`conrec_verl.evaluation.select`)
+HIT_METRIC_RE = re.compile(r"^(FHR|HR)@([1-9][0-9]*)$")
 
 
 def hit_at_k(preds: Sequence[Codes | None], targets: Sequence[Codes], k: int) -> bool:

@@ -22,6 +22,12 @@ hierarchical    ``hier_weights[d-1]`` for the deepest prefix ``d`` shared with a
                 0 if none (default weights 0.01 / 0.1 / 1 for 3 levels)  (e)
 ============== ==================================================  ==============
 
+Hit bonus (``hit_bonus``, default 0: the paper's rewards as above). A project extension, not in the
+paper: ``hit_bonus`` is added to a valid output's reward when it *is* one of the row's future
+dislikes (``future_neg``; the next dislike under ``targets=next_neg``), the event FHR@K counts.
+Swing neighbours in GTS earn the similarity, not the bonus. Why: on a warm-up model that already
+hits, the similarity rewards alone traded exact hits for closeness (BENCHMARKS.md).
+
 The format penalty defaults to ``lower_bound(variant) - 0.5`` (``-2.0`` for ``collab`` with
 ``gamma=0.5``) so that any valid SID always scores above garbage; set it explicitly to override.
 """
@@ -164,6 +170,9 @@ class RewardConfig:
     #: ``error`` (a :class:`GroundTruthError`: every output would score the same, no signal) or
     #: ``zero`` (score it with similarity 0, counted in ``Scorer.n_empty_targets``, warned once)
     empty_targets: str = "error"
+    #: added to the reward of an output that is one of the row's future dislikes (``future_neg``, or
+    #: ``next_neg`` under ``targets=next_neg``; not a Swing neighbour): 0 = the paper's reward
+    hit_bonus: float = 0.0
 
     def __post_init__(self):
         if self.variant not in REWARD_VARIANTS:
@@ -174,12 +183,15 @@ class RewardConfig:
             raise ScoringConfigError(f"targets {self.targets!r} unknown; choose one of {TARGET_SETS}")
         if self.empty_targets not in EMPTY_TARGETS:
             raise ScoringConfigError(f"empty_targets {self.empty_targets!r} unknown; choose one of {EMPTY_TARGETS}")
-        for name in ("gamma", "sim_threshold"):
+        for name in ("gamma", "sim_threshold", "hit_bonus"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ScoringConfigError(f"{name} must be a finite number, got {value!r}")
         if self.gamma < 0:
             raise ScoringConfigError(f"gamma must be >= 0, got {self.gamma}")
+        if self.hit_bonus < 0:
+            raise ScoringConfigError(f"hit_bonus must be >= 0 (a bonus, the variant's lower bound stays valid), "
+                                     f"got {self.hit_bonus}")
         if self.format_penalty is not None and not math.isfinite(float(self.format_penalty)):
             raise ScoringConfigError(f"format_penalty must be finite, got {self.format_penalty!r}")
         if self.hier_weights is not None:
@@ -199,7 +211,7 @@ class RewardConfig:
             if isinstance(weights, (str, bytes)) or not hasattr(weights, "__iter__"):
                 raise ScoringConfigError(f"hier_weights must be a list of numbers (one per SID level), got {weights!r}")
             kwargs["hier_weights"] = tuple(_number("hier_weights", w) for w in weights)
-        for key in ("gamma", "sim_threshold", "format_penalty"):
+        for key in ("gamma", "sim_threshold", "format_penalty", "hit_bonus"):
             if key in kwargs and kwargs[key] is not None:
                 kwargs[key] = _number(key, kwargs[key])
         for key in ("check_sid_build",):

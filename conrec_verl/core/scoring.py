@@ -60,6 +60,9 @@ class Targets:
     stacked: np.ndarray | None = None
     #: ``prefixes[d-1]`` = the set of every GTS item's first ``d`` codes (prefix depth by lookup)
     prefixes: tuple[frozenset, ...] = ()
+    #: the row's future dislikes (``future_neg``; ``next_neg`` under ``targets=next_neg``): the items
+    #: FHR@K counts, without GTS's Swing neighbours (``RewardConfig.hit_bonus``)
+    hits: frozenset = frozenset()
 
     def best_prefix_depth(self, codes: Codes) -> int:
         for depth in range(len(self.prefixes), 0, -1):
@@ -99,6 +102,9 @@ class ScoreResult:
     #: the output spelled an in-range SID that is no item of the build (scored as invalid when
     #: the scorer knows the items)
     non_item: bool = False
+    #: the output is one of the row's future dislikes (what FHR@K counts; ``exact_hit`` also counts
+    #: GTS's Swing neighbours)
+    future_neg_hit: bool = False
 
     def as_extra_info(self) -> dict:
         """Flat scalars only (verl stacks them into numpy arrays): invalid rows report 0 similarities."""
@@ -106,6 +112,7 @@ class ScoreResult:
             "valid_sid": float(self.valid),
             "non_item_sid": float(self.non_item),
             "exact_hit": float(self.exact_hit),
+            "future_neg_hit": float(self.future_neg_hit),
             "prefix_depth": float(self.prefix_depth),
             "sim_gts": float(self.sim_gts),
             "sim_fps": float(self.sim_fps),
@@ -234,6 +241,9 @@ class Scorer:
         keys = ("next_neg",) if self.config.targets == "next_neg" else ("future_neg", "swing")
         gts = codes_of(keys)
         fps = codes_of(("future_pos",))
+        counted = n_invalid
+        hits = frozenset(gts if self.config.targets == "next_neg" else codes_of(("future_neg",)))
+        n_invalid = counted  # future_neg's bad strings are already counted in gts
         if not gts:
             if self.config.empty_targets == "error":
                 raise GroundTruthError(
@@ -254,7 +264,8 @@ class Scorer:
         gts_unit, fps_unit = unit(gts), unit(fps)
         prefixes = tuple(frozenset(c[:d] for c in gts) for d in range(1, self.num_levels + 1))
         targets = Targets(gts, fps, gts_unit, fps_unit, n_invalid,
-                          stacked=np.ascontiguousarray(np.vstack([gts_unit, fps_unit])), prefixes=prefixes)
+                          stacked=np.ascontiguousarray(np.vstack([gts_unit, fps_unit])), prefixes=prefixes,
+                          hits=hits)
         if key is not None:
             self._remember(self._gt_cache, key, targets)
         return targets
@@ -274,10 +285,13 @@ class Scorer:
             s_g = s_f = 0.0
         depth = targets.best_prefix_depth(codes) if targets.prefixes else best_prefix_depth(codes, targets.gts)
         hit = depth == self.num_levels
+        neg_hit = hit and codes in targets.hits
         reward = self._reward(s_g, s_f, depth)
+        if neg_hit:
+            reward += self.config.hit_bonus
         return ScoreResult(
             reward=reward, valid=True, sid=format_sid(codes), exact_hit=hit, prefix_depth=depth,
-            sim_gts=s_g, sim_fps=s_f,
+            sim_gts=s_g, sim_fps=s_f, future_neg_hit=neg_hit,
         )
 
     def _reward(self, s_g: float, s_f: float, depth: int) -> float:

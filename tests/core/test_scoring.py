@@ -188,7 +188,8 @@ def test_never_raises_and_reward_is_bounded(text, variant, mode):
     else:
         assert r.reward == cfg.effective_format_penalty()
     info = r.as_extra_info()
-    assert set(info) == {"valid_sid", "non_item_sid", "exact_hit", "prefix_depth", "sim_gts", "sim_fps"}
+    assert set(info) == {"valid_sid", "non_item_sid", "exact_hit", "future_neg_hit", "prefix_depth", "sim_gts",
+                         "sim_fps"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in info.values())
 
 
@@ -208,6 +209,43 @@ def test_next_neg_targets_score_against_the_single_next_dislike_only(variant, ou
     # the default target set still sees future_neg ∪ swing: (1, 2, 3) and (3, 3, 3) are exact hits there
     default = Scorer(BOOK, RewardConfig(variant=variant)).score(sid(*out), gt)
     assert default.exact_hit == (out in GTS + SWING)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("targets", ["gts", "next_neg"])
+@pytest.mark.parametrize("out", [(1, 2, 3), (0, 4, 5), (3, 3, 3), (1, 2, 4), (2, 1, 1)])
+def test_hit_bonus_is_added_for_a_future_dislike_only(variant, targets, out):
+    """The bonus goes to an output that is one of the row's future dislikes (the next one under
+    next_neg), never to a Swing neighbour or a near miss; everything else about the score is as without it."""
+    nxt = (0, 4, 5)
+    gt = ground_truth([sid(*c) for c in GTS], [sid(*c) for c in SWING], [sid(*c) for c in FPS], next_neg=sid(*nxt))
+    plain = Scorer(BOOK, RewardConfig(variant=variant, targets=targets)).score(sid(*out), gt)
+    bonus = Scorer(BOOK, RewardConfig(variant=variant, targets=targets, hit_bonus=0.75)).score(sid(*out), gt)
+    is_target = out == nxt if targets == "next_neg" else out in GTS
+    assert plain.future_neg_hit == bonus.future_neg_hit == is_target
+    assert bonus.reward == pytest.approx(plain.reward + (0.75 if is_target else 0.0), abs=1e-9)
+    assert (bonus.exact_hit, bonus.sim_gts, bonus.sim_fps, bonus.prefix_depth) == \
+        (plain.exact_hit, plain.sim_gts, plain.sim_fps, plain.prefix_depth)
+    assert bonus.as_extra_info()["future_neg_hit"] == float(is_target)
+    if out in SWING and targets == "gts":  # a Swing neighbour is an exact GTS hit but earns no bonus
+        assert bonus.exact_hit and not bonus.future_neg_hit
+
+
+def test_hit_bonus_keeps_invalid_outputs_and_the_invalid_count_unchanged():
+    bad = ground_truth([sid(1, 2, 3), "<a_9><b_9><c_9>"], [], [sid(2, 1, 0)])
+    cfg = RewardConfig(hit_bonus=1.0)
+    scorer = Scorer(BOOK, cfg)
+    assert scorer.targets(bad).n_invalid == 1  # counted once, not again for the hit set
+    assert scorer.score("no sid here", bad).reward == cfg.effective_format_penalty()
+    assert scorer.score(sid(1, 2, 3), bad).reward == pytest.approx(1.0 - 0.5 * cos((1, 2, 3), (2, 1, 0)) + 1.0,
+                                                                    abs=1e-5)
+
+
+@pytest.mark.parametrize("value", [-0.1, float("nan"), "x", True])
+def test_hit_bonus_must_be_a_non_negative_number(value):
+    with pytest.raises(ScoringConfigError, match="hit_bonus"):
+        RewardConfig.from_mapping({"hit_bonus": value})
+    assert RewardConfig.from_mapping({"hit_bonus": 2}).hit_bonus == 2.0
 
 
 def test_next_neg_targets_with_no_next_dislike_is_an_empty_set():

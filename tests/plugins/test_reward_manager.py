@@ -104,6 +104,13 @@ def test_reward_kwargs_take_effect(manager_for, tokenizer):
     assert low != high
     bad = run(manager_for(format_penalty=-7.5), one_row(tokenizer, "<a_1><b_2>"))
     assert bad["reward_score"] == -7.5 and bad["reward_extra_info"]["valid_sid"] == 0.0
+    # hit_bonus: a future dislike earns it (and reports future_neg_hit), a Swing neighbour does not
+    for out, is_target in ((sid(0, 4, 5), True), (sid(3, 3, 3), False)):
+        plain = run(manager_for(), one_row(tokenizer, out))
+        bonus = run(manager_for(hit_bonus=0.8), one_row(tokenizer, out))
+        assert bonus["reward_score"] == pytest.approx(plain["reward_score"] + 0.8 * is_target, abs=1e-6)
+        assert bonus["reward_extra_info"]["future_neg_hit"] == float(is_target)
+        assert bonus["reward_extra_info"]["exact_hit"] == 1.0
 
 
 def test_extra_info_reports_the_context_and_is_flat(manager_for, tokenizer):

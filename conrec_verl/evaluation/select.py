@@ -1,0 +1,106 @@
+"""Validation hit rates of model folders: what picks a GRPO checkpoint by the metric evaluation reports.
+
+verl validates a GRPO run with one greedy answer per row and the mean reward; on MovieLens-100K
+both rose at every checkpoint while FHR@20 on the evaluation split fell (BENCHMARKS.md). This
+module scores model folders the way :mod:`conrec_verl.evaluation` scores the test split -- top K
+by item-constrained beam search, the same exclusion rule and prompt budget, FHR@K / HR@K from
+:mod:`conrec_verl.core.metrics` -- on the validation users' rows (``rl/val.parquet``, never
+trained on), so the pipeline (``grpo.select_by_val.metric: FHR@20``) can pick the checkpoint, or
+keep the model GRPO started from, by the metric that is reported::
+
+    python -m conrec_verl.evaluation.select --data RUN/data --model start=RUN/models/sft_warmup \\
+        --model step8=RUN/grpo/global_step_8/actor/huggingface --metric FHR@20 --out val.json
+
+It prints and writes ``{"metric", "k", "split", "rows", "scores": {name: value}, "best": name}``
+(ties go to the model named first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Mapping
+
+from conrec_verl.core.eval_data import DEFAULT_EXCLUSION, EXCLUSION_RULES, EvalInputError, load_eval_data
+from conrec_verl.core.metrics import HIT_METRIC_RE as METRIC_RE, metric_samples
+
+
+def parse_metric(metric: str) -> tuple[str, int]:
+    """``"FHR@20"`` -> ``("FHR", 20)``; anything else is a ValueError naming the forms allowed."""
+    m = METRIC_RE.match(str(metric).strip())
+    if not m:
+        raise ValueError(f"validation metric {metric!r} is not FHR@K or HR@K (e.g. FHR@20)")
+    return m.group(1), int(m.group(2))
+
+
+def validation_scores(data_dir, models: Mapping[str, str], metric: str = "FHR@20",
+                      split: str = "rl/val.parquet", context: int = 3, budget: int | None = 384,
+                      exclusion: str = DEFAULT_EXCLUSION, device: str = "auto", batch_size: int = 8,
+                      num_beams: int | None = None) -> dict:
+    """``metric`` of every model folder in ``models`` (name -> folder, in order) on ``split``."""
+    from conrec_verl.evaluation.harness import model_predictions
+
+    name, k = parse_metric(metric)
+    if not models:
+        raise ValueError("no model folders to score")
+    data = load_eval_data(data_dir, split, unique_rows=False)
+    targets = [r.target for r in data.rows]
+    scores: dict[str, float] = {}
+    n_rows = 0
+    for label, folder in models.items():
+        pset, _, _ = model_predictions(data, folder, k, num_beams=num_beams, batch_size=batch_size,
+                                       prompt_stage=context, device=device, candidate_acc=False,
+                                       max_prompt_tokens=budget, exclusion=exclusion, name=label)
+        samples, _, _ = metric_samples(pset.sids, targets, [k])
+        values = samples.get(f"{name}@{k}", [])
+        n_rows = len(values)
+        scores[label] = float(sum(values) / len(values)) if values else float("nan")
+    finite = {m: v for m, v in scores.items() if math.isfinite(v)}
+    best = max(finite.values()) if finite else None
+    return {"metric": f"{name}@{k}", "k": k, "split": split, "rows": n_rows, "context": context, "budget": budget,
+            "exclusion": exclusion, "scores": scores,
+            "best": next((m for m, v in finite.items() if v == best), None)}
+
+
+def _pairs(values: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or not name or not folder:
+            raise SystemExit(f"--model expects NAME=DIR, got {value!r}")
+        if name in out:
+            raise SystemExit(f"--model name {name!r} given twice")
+        out[name] = folder
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m conrec_verl.evaluation.select", description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True, help="data folder written by data_prep")
+    ap.add_argument("--model", action="append", default=[], help="NAME=DIR, repeatable (order breaks ties)")
+    ap.add_argument("--metric", default="FHR@20", help="FHR@K or HR@K (default FHR@20)")
+    ap.add_argument("--split", default="rl/val.parquet", help="rows to score (default: the validation users')")
+    ap.add_argument("--context", type=int, default=3, help="prompt context 1-3 (default 3)")
+    ap.add_argument("--budget", type=int, default=384, help="prompt token budget (default 384)")
+    ap.add_argument("--exclusion", default=DEFAULT_EXCLUSION, choices=EXCLUSION_RULES)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", help="also write the result here (JSON)")
+    args = ap.parse_args(argv)
+    try:
+        result = validation_scores(args.data, _pairs(args.model), args.metric, args.split, args.context,
+                                   args.budget, args.exclusion, args.device)
+    except (ValueError, EvalInputError, OSError) as exc:
+        print(f"conrec-select: error: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Checkpoint selection by a validation hit rate: the score is the evaluation's metric, on rows that
+may repeat a (user, cutoff), with ties to the model named first."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conrec_verl.core.eval_data import EvalInputError, load_eval_data
+from conrec_verl.evaluation.select import main, parse_metric, validation_scores
+from tests.evaluation.fixtures import make_data_folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = make_data_folder(tmp_path_factory.mktemp("sel") / "data", n_users=10)
+    rows = pq.read_table(root / "eval" / "test.parquet").to_pylist()
+    (root / "rl").mkdir()
+    # validation rows as data_prep writes them: one (user, cutoff) can have several rows
+    pq.write_table(pa.Table.from_pylist(rows + rows[:4]), root / "rl" / "val.parquet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from conrec_verl.model_builder import save_tiny_model
+
+    base = tmp_path_factory.mktemp("sel_models")
+    return {name: str(save_tiny_model(base / name, (4, 4, 4), seed=seed)) for name, seed in (("a", 0), ("b", 1))}
+
+
+def by_hand(folder, model, k, which):
+    """The hit rate of ``model``'s constrained top ``k`` on every validation row with a future dislike."""
+    from conrec_verl.evaluation.harness import model_predictions
+
+    data = load_eval_data(folder, "rl/val.parquet", unique_rows=False)
+    pset, _, _ = model_predictions(data, model, k, device="cpu", candidate_acc=False, max_prompt_tokens=384)
+    hits = []
+    for row, top in zip(data.rows, pset.sids):
+        t = row.target
+        if not t.has_future_dislike:
+            continue
+        wanted = list(t.future_neg) if which == "FHR" else ([t.next_neg] if t.next_neg is not None else [])
+        hits.append(any(s in wanted for s in top[:k]))
+    return sum(hits) / len(hits), len(hits)
+
+
+def test_repeated_rows_load_only_when_allowed(folder):
+    with pytest.raises(EvalInputError, match="val.parquet: row 10: user 0 cutoff 20220414 repeats row 0"):
+        load_eval_data(folder, "rl/val.parquet")
+    assert len(load_eval_data(folder, "rl/val.parquet", unique_rows=False).rows) == 14
+
+
+@pytest.mark.parametrize("metric", ["FHR@5", "HR@10"])
+def test_scores_are_the_evaluation_metric_on_every_validation_row(folder, models, metric):
+    which, k = parse_metric(metric)
+    result = validation_scores(folder, models, metric, device="cpu")
+    for name, model in models.items():
+        value, n = by_hand(folder, model, k, which)
+        assert result["scores"][name] == pytest.approx(value)
+        assert result["rows"] == n and n > 10  # the repeated rows count too
+    best = max(result["scores"].values())
+    assert result["best"] == next(m for m, v in result["scores"].items() if v == best)
+
+
+def test_ties_go_to_the_model_named_first(folder, models):
+    same = {"start": models["a"], "later": models["a"]}
+    assert validation_scores(folder, same, "FHR@20", device="cpu")["best"] == "start"
+
+
+@pytest.mark.parametrize("bad", ["fhr@20", "FHR@0", "NDCG@10", "FHR"])
+def test_bad_metric_is_one_error(folder, models, bad, capsys):
+    with pytest.raises(ValueError, match="is not FHR@K or HR@K"):
+        parse_metric(bad)
+    assert main(["--data", str(folder), "--model", f"a={models['a']}", "--metric", bad]) == 2
+    assert "conrec-select: error:" in capsys.readouterr().err
+
+
+def test_cli_writes_the_result(folder, models, tmp_path, capsys):
+    out = tmp_path / "val.json"
+    assert main(["--data", str(folder), "--model", f"a={models['a']}", "--model", f"b={models['b']}",
+                 "--metric", "FHR@20", "--device", "cpu", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written == json.loads(capsys.readouterr().out)
+    assert list(written["scores"]) == ["a", "b"] and written["metric"] == "FHR@20" and written["k"] == 20
