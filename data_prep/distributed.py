@@ -57,6 +57,7 @@ import contextlib
 import logging
 import pickle
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -508,41 +509,45 @@ def candidate_pools_ray(parts, sid_of: dict, wanted: pd.DataFrame) -> tuple[dict
 def _sft_part(df: pd.DataFrame, shared) -> tuple:
     from conrec_verl.data_prep import samples as S
     from conrec_verl.data_prep import sft as F
+    from conrec_verl.data_prep.shards import write_shard
+    from conrec_verl.data_prep.steps import SFT_SCHEMAS
 
-    plan, sid_of, align_cfg, wcfg, seed, vfrac, levels = shared
+    plan, sid_of, align_cfg, wcfg, seed, vfrac, levels, staging = shared
     users = df["user_id"].unique().tolist()
     train_users = {u for u in users if not S.is_val_user(seed, u, vfrac)}
     val_users = set(users) - train_users
     pools = F.alignment_pools(df, train_users, sid_of, align_cfg)
-    warm, warm_val = [], []
+    shards = {}
     if wcfg is not None:
         keys = plan.event_keys(df)
-        warm = F.every_dislike_records(df, keys, plan.recent, train_users, sid_of, wcfg, seed, levels)
-        if val_users:
-            warm_val = F.every_dislike_records(df, keys, plan.recent, val_users, sid_of, wcfg, seed, levels)
-    return pools, warm, warm_val
-
-
-def _in_user_order(records: list[dict]) -> list[dict]:
-    """Per-partition records, put in the local engine's order (users sorted, each user's records
-    in their order) and numbered again."""
-    records = sorted(records, key=lambda r: r["extra_info"]["user_id"])  # stable: within-user order kept
-    for j, r in enumerate(records):
-        r["extra_info"]["index"] = j
-    return records
+        part = int(df["_part"].iloc[0])
+        for name, who in (("warmup", train_users), ("warmup_val", val_users)):
+            rows = F.every_dislike_records(df, keys, plan.recent, who, sid_of, wcfg, seed, levels) if who else []
+            # this worker writes its rows (users in sorted order); the driver gets the runs only
+            rows = sorted(rows, key=lambda r: r["extra_info"]["user_id"])
+            shards[name] = write_shard(rows, SFT_SCHEMAS["warmup"], Path(staging) / name / f"part-{part:05d}.parquet")
+    return pools, shards
 
 
 def sft_parts_ray(train_ds, plan, sid_of: dict, align_cfg: Mapping, wcfg: Mapping | None, seed: int, vfrac: float,
-                  levels: int) -> tuple[dict, dict, list, list]:
+                  levels: int, staging) -> tuple[dict, dict, Any, Any]:
     """The per-user halves of the SFT sets on the partitions of the training events: alignment
     pools (their seeded draw runs on the driver, :func:`data_prep.sft.alignment_from_pools`) and,
     with ``wcfg`` (``sft.warmup.rows: every_dislike``), the warm-up rows of training and validation
-    users."""
-    neg_of, pos_of, warm, warm_val = {}, {}, [], []
-    shared = (replace(plan, key=None), sid_of, dict(align_cfg), dict(wcfg) if wcfg else None, seed, vfrac, levels)
-    for (n, p), w, wv in map_partitions(train_ds, _sft_part, shared):
+    users, which the workers write as shards under ``staging`` (a folder every worker can write:
+    the build's output folder) and return as :class:`data_prep.shards.ShardedRows` (the driver
+    merges them into one file when it writes the folder, :func:`data_prep.shards.merge_shards`)."""
+    from conrec_verl.data_prep.shards import ShardedRows
+    from conrec_verl.data_prep.steps import SFT_SCHEMAS
+
+    neg_of, pos_of = {}, {}
+    warm, warm_val = ShardedRows(SFT_SCHEMAS["warmup"]), ShardedRows(SFT_SCHEMAS["warmup"])
+    shared = (replace(plan, key=None), sid_of, dict(align_cfg), dict(wcfg) if wcfg else None, seed, vfrac, levels,
+              str(staging))
+    for (n, p), shards in map_partitions(train_ds, _sft_part, shared):
         neg_of.update(n)
         pos_of.update(p)
-        warm += w
-        warm_val += wv
-    return neg_of, pos_of, _in_user_order(warm), _in_user_order(warm_val)
+        if shards:
+            warm.add(*shards["warmup"])
+            warm_val.add(*shards["warmup_val"])
+    return neg_of, pos_of, warm, warm_val

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -185,10 +186,12 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
             swing = T.swing_neighbours(split.train, sw, ray_partitions)
     with steps("samples"):
         samples = T.rl_samples(log, split, sids, swing, cfg, rl_options(cfg), seed, ray_partitions)
+    staging = tmp / "_shards"  # engine=ray: the workers' row shards, merged into the files and removed
     with steps("sft"):
-        sft = T.sft_sets(log, split, sids, samples, cfg, seed)
+        sft = T.sft_sets(log, split, sids, samples, cfg, seed, staging if ray_partitions else None)
     with steps("write"):
         manifest = T.write_folder(tmp, cfg, seed, log, split, sids, swing, samples, sft)
+        shutil.rmtree(staging, ignore_errors=True)
     manifest["timings_s"] = steps.timings
     T.write_json(manifest, tmp / "manifest.json")
     steps.bar.close()

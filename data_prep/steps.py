@@ -54,6 +54,7 @@ from conrec_verl.data_prep.sft import (
     warmup_config,
     warmup_records,
 )
+from conrec_verl.data_prep.shards import ShardedRows, merge_shards, write_records
 from conrec_verl.data_prep.sids import build_sids
 
 # the RL / evaluation row layout is the data contract's (conrec_verl.core.contract)
@@ -334,11 +335,15 @@ class SftSets:
     translation: list
     alignment: list
     alignment_heldout: list
-    warmup: list
-    warmup_val: list
+    #: records, or (engine=ray) :class:`data_prep.shards.ShardedRows` the workers wrote
+    warmup: Any
+    warmup_val: Any
 
 
-def sft_sets(log: Log, split: Split, sids: Sids, samples: Samples, cfg: dict, seed: int) -> SftSets:
+def sft_sets(log: Log, split: Split, sids: Sids, samples: Samples, cfg: dict, seed: int,
+             staging: Path | None = None) -> SftSets:
+    """``staging``: with engine=ray, the folder under which the workers write their warm-up shards
+    (inside the build's output folder; :func:`write_folder` merges and removes them)."""
     sft_cfg = cfg.get("sft", {}) or {}
     scfg = cfg.get("samples", {}) or {}
     tr, va = samples.train, samples.val
@@ -348,9 +353,11 @@ def sft_sets(log: Log, split: Split, sids: Sids, samples: Samples, cfg: dict, se
     wcfg = warmup_config(sft_cfg.get("warmup", True))
     every = wcfg.get("rows") == "every_dislike"
     if split.train_on_cluster is not None:  # engine=ray: per-user work on the partitions
+        if staging is None:
+            raise ValueError("sft_sets: engine=ray needs a staging folder for the workers' shards")
         neg_of, pos_of, warmup, warmup_val = D.sft_parts_ray(split.train_on_cluster, split.plan, sids.sid_of,
                                                             align_cfg, wcfg if every else None, seed, vfrac,
-                                                            sids.book.num_levels)
+                                                            sids.book.num_levels, staging)
     else:
         train = split.train
         train_users = {u for u in train["user_id"].unique().tolist() if not S.is_val_user(seed, u, vfrac)}
@@ -376,11 +383,13 @@ def sft_sets(log: Log, split: Split, sids: Sids, samples: Samples, cfg: dict, se
 # ---------------------------------------------------------------------------------------------
 
 
-def write_parquet(records: list[dict], schema: pa.Schema, path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(records, schema=schema)
-    pq.write_table(table, path)
-    return table.num_rows
+def write_parquet(records, schema: pa.Schema, path: Path, renumber: bool = False) -> int:
+    """Rows to one file in fixed row groups (:class:`data_prep.shards.RowWriter`): ``records`` a list
+    of dicts, or :class:`data_prep.shards.ShardedRows` that workers wrote (merged here, streaming, in
+    user order with ``extra_info.index`` renumbered, as the local engine numbers them)."""
+    if isinstance(records, ShardedRows):
+        return merge_shards(records, path)
+    return write_records(records, schema, path, renumber)
 
 
 def _json_default(o):
@@ -415,10 +424,12 @@ def write_folder(folder: Path, cfg: dict, seed: int, log: Log, split: Split, sid
     counts["sft/alignment"] = write_parquet(sft.alignment, SFT_SCHEMAS["alignment"], folder / "sft" / "alignment.parquet")
     counts["sft/alignment_heldout"] = write_parquet(sft.alignment_heldout, SFT_SCHEMAS["alignment"],
                                                     folder / "sft" / "alignment_heldout.parquet")
-    counts["sft/warmup"] = write_parquet(sft.warmup, SFT_SCHEMAS["warmup"], folder / "sft" / "warmup.parquet")
+    # the warm-up sets may come as worker shards (engine=ray): both engines write them numbered here
+    counts["sft/warmup"] = write_parquet(sft.warmup, SFT_SCHEMAS["warmup"], folder / "sft" / "warmup.parquet",
+                                         renumber=True)
     if sft.warmup_val:
         counts["sft/warmup_val"] = write_parquet(sft.warmup_val, SFT_SCHEMAS["warmup"],
-                                                 folder / "sft" / "warmup_val.parquet")
+                                                 folder / "sft" / "warmup_val.parquet", renumber=True)
     rl_train = samples.rl_train
     counts["rl/train"] = write_parquet(rl_train, RL_SCHEMA, folder / "rl" / "train.parquet")
     for context in sorted({r["extra_info"]["context"] for r in rl_train}):

@@ -149,12 +149,26 @@ def test_ray_engine_on_a_two_node_cluster_equals_local(tmp_path, two_node_cluste
         return real(log, split, *a, **kw)
 
     monkeypatch.setattr(T, "rl_samples", rl_samples)
+    real_write = T.write_folder
+    warmups = []
+
+    def write_folder(folder, cfg, seed, log, split, sids, swing, samples, sft):
+        warmups.append((type(sft.warmup).__name__, len(getattr(sft.warmup, "shards", [])), len(sft.warmup),
+                        len(sft.warmup_val)))
+        return real_write(folder, cfg, seed, log, split, sids, swing, samples, sft)
+
+    monkeypatch.setattr(T, "write_folder", write_folder)
     shards = sharded_synth_log(tmp_path / "shards")
     extra = ("swing.min_co_dislikers=2", "swing.max_dislikers_per_item=6", *SHARD_OPTS)
     local = build(generic_cfg(shards, tmp_path / "local", *extra))
     remote = build(generic_cfg(shards, tmp_path / "ray", *extra, "engine=ray",
                                f"ray.address={two_node_cluster.address}", "ray.partitions=5", *RAY_OPTS))
     assert seen == [(False, False, False), (True, True, True)]
+    # the warm-up rows: records on the local driver; with Ray only shards the workers wrote (one per
+    # partition with rows), merged into the same file by the driver when it writes the folder
+    (kind_l, _, n_l, nv_l), (kind_r, n_shards, n_r, nv_r) = warmups
+    assert (kind_l, kind_r) == ("list", "ShardedRows") and n_shards > 1 and n_l == n_r > 0 and nv_l == nv_r > 0
+    assert not (remote / "_shards").exists()
     assert not ray.is_initialized()  # the engine disconnects what it connected
     assert len(pd.read_parquet(local / "swing.parquet")) > 0
     assert len(pd.read_parquet(local / "rl" / "train.parquet")) > 0

@@ -1,0 +1,170 @@
+"""Row files written in shards by Ray workers and merged, streaming, into the data folder's files.
+
+With ``engine=ray`` the per-user rows of a set (the warm-up SFT rows today) are written by the
+workers that make them: one parquet shard per user partition (:func:`write_shard`, rows in the
+local engine's order within the partition). The driver never holds those rows: it gets each
+shard's *runs* (user -> row count, in shard order; O(users)) and :func:`merge_shards` writes the
+data folder's single file by a k-way merge of the shards on user id, reading each shard forward
+in row groups and renumbering ``extra_info.index``. The local engine writes its rows through the
+same :class:`RowWriter`, so both engines write byte-identical files (same rows, same row groups).
+
+Memory on the driver: one row group per shard being merged plus one output row group
+(:data:`ROW_GROUP_ROWS`), whatever the number of rows.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+#: rows per row group of every file written through :class:`RowWriter` (and of the shards)
+ROW_GROUP_ROWS = 16_384
+
+
+class RowWriter:
+    """Writes rows to one parquet file in row groups of exactly :data:`ROW_GROUP_ROWS` rows (the last
+    one shorter), renumbering ``extra_info.index`` 0, 1, 2, ... when ``renumber``; the file's bytes
+    depend only on the rows, not on how they were handed in."""
+
+    def __init__(self, path: Path, schema: pa.Schema, renumber: bool = False, rows_per_group: int | None = None):
+        self.path, self.schema, self.renumber = Path(path), schema, renumber
+        self.rows_per_group = int(rows_per_group or ROW_GROUP_ROWS)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer: pq.ParquetWriter | None = None
+        self._pending: list[pa.Table] = []
+        self._n_pending = 0
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        self._pending.append(table)
+        self._n_pending += table.num_rows
+        while self._n_pending >= self.rows_per_group:
+            self._flush(self.rows_per_group)
+
+    def write_records(self, records: Sequence[dict]) -> None:
+        for start in range(0, len(records), self.rows_per_group):
+            self.write(pa.Table.from_pylist(list(records[start:start + self.rows_per_group]), schema=self.schema))
+
+    def _flush(self, n: int) -> None:
+        table = pa.concat_tables(self._pending)
+        chunk, rest = table.slice(0, n), table.slice(n)
+        self._pending, self._n_pending = ([rest] if rest.num_rows else []), rest.num_rows
+        chunk = chunk.combine_chunks()
+        if self.renumber:
+            chunk = _with_index(chunk, self.rows)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, self.schema)
+        self._writer.write_table(chunk)
+        self.rows += chunk.num_rows
+
+    def close(self) -> int:
+        """Write what is left (an empty file with the schema when no row came) and return the row count."""
+        if self._n_pending:
+            self._flush(self._n_pending)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, self.schema)
+        self._writer.close()
+        return self.rows
+
+
+def _with_index(table: pa.Table, start: int) -> pa.Table:
+    """``table`` with ``extra_info.index`` = start, start + 1, ..."""
+    col = table.column("extra_info").combine_chunks()
+    struct_type = col.type
+    children = [col.field(i) for i in range(struct_type.num_fields)]
+    names = [struct_type.field(i).name for i in range(struct_type.num_fields)]
+    children[names.index("index")] = pa.array(np.arange(start, start + table.num_rows, dtype=np.int64), pa.int64())
+    fixed = pa.StructArray.from_arrays(children, fields=[struct_type.field(i) for i in range(struct_type.num_fields)])
+    return table.set_column(table.schema.get_field_index("extra_info"), table.schema.field("extra_info"), fixed)
+
+
+def write_records(records: Sequence[dict], schema: pa.Schema, path: Path, renumber: bool = False) -> int:
+    """``records`` to ``path`` through :class:`RowWriter`; returns the row count."""
+    writer = RowWriter(path, schema, renumber)
+    writer.write_records(records)
+    return writer.close()
+
+
+# -- shards ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardedRows:
+    """Rows of one set left in shards by the workers: ``shards[i]`` a parquet file whose rows are in
+    user order, ``runs[i]`` its ``(user_id, rows)`` in file order."""
+
+    schema: pa.Schema
+    shards: list[Path] = field(default_factory=list)
+    runs: list[list[tuple[str, int]]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return sum(n for runs in self.runs for _, n in runs)
+
+    def add(self, shard: Path | None, runs: list[tuple[str, int]]) -> None:
+        if shard is not None and runs:
+            self.shards.append(Path(shard))
+            self.runs.append(list(runs))
+
+
+def user_runs(records: Sequence[dict]) -> list[tuple[str, int]]:
+    """``(user_id, rows)`` of consecutive rows of one user, in order."""
+    runs: list[tuple[str, int]] = []
+    for r in records:
+        user = str(r["extra_info"]["user_id"])
+        if runs and runs[-1][0] == user:
+            runs[-1] = (user, runs[-1][1] + 1)
+        else:
+            runs.append((user, 1))
+    return runs
+
+
+def write_shard(records: Sequence[dict], schema: pa.Schema, path: Path) -> tuple[Path | None, list[tuple[str, int]]]:
+    """A worker's rows (in user order) to one shard; returns ``(path, runs)``, ``(None, [])`` when
+    there are no rows."""
+    if not records:
+        return None, []
+    runs = user_runs(records)
+    users = [u for u, _ in runs]
+    if users != sorted(users) or len(set(users)) != len(users):
+        raise ValueError(f"{path}: a shard's rows must be grouped by user in sorted order")
+    write_records(records, schema, path)
+    return Path(path), runs
+
+
+class _Cursor:
+    """Reads one shard forward, ``take(n)`` rows at a time, a row group at a time."""
+
+    def __init__(self, path: Path):
+        self._batches = pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP_ROWS)
+        self._buf: pa.Table | None = None
+
+    def take(self, n: int) -> pa.Table:
+        parts = []
+        while n > 0:
+            if self._buf is None or self._buf.num_rows == 0:
+                self._buf = pa.Table.from_batches([next(self._batches)])
+            part = self._buf.slice(0, n)
+            self._buf = self._buf.slice(part.num_rows)
+            parts.append(part)
+            n -= part.num_rows
+        return pa.concat_tables(parts)
+
+
+def merge_shards(rows: ShardedRows, path: Path) -> int:
+    """Write the rows of every shard to ``path`` in user order (each user's rows in their shard
+    order: a user's rows are in one shard), ``extra_info.index`` renumbered; returns the row count.
+    The local engine writes the same rows to the same bytes with :func:`write_records`."""
+    writer = RowWriter(path, rows.schema, renumber=True)
+    cursors = [_Cursor(p) for p in rows.shards]
+    order: Iterable = heapq.merge(*[[(u, i, n) for u, n in runs] for i, runs in enumerate(rows.runs)])
+    for _, i, n in order:
+        writer.write(cursors[i].take(n))
+    return writer.close()
