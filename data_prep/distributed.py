@@ -516,38 +516,39 @@ def _sft_part(df: pd.DataFrame, shared) -> tuple:
     users = df["user_id"].unique().tolist()
     train_users = {u for u in users if not S.is_val_user(seed, u, vfrac)}
     val_users = set(users) - train_users
-    pools = F.alignment_pools(df, train_users, sid_of, align_cfg)
-    shards = {}
+    neg_of, pos_of = F.alignment_pools(df, train_users, sid_of, align_cfg)
+    # the questions of this partition's users (each user's draws are its own), written here
+    align = F.alignment_from_pools(neg_of, pos_of, sid_of, align_cfg, seed)
+    part = int(df["_part"].iloc[0])
+    shards = {"alignment": write_shard(align, SFT_SCHEMAS["alignment"],
+                                       Path(staging) / "alignment" / f"part-{part:05d}.parquet")}
     if wcfg is not None:
         keys = plan.event_keys(df)
-        part = int(df["_part"].iloc[0])
         for name, who in (("warmup", train_users), ("warmup_val", val_users)):
             rows = F.every_dislike_records(df, keys, plan.recent, who, sid_of, wcfg, seed, levels) if who else []
             # this worker writes its rows (users in sorted order); the driver gets the runs only
             rows = sorted(rows, key=lambda r: r["extra_info"]["user_id"])
             shards[name] = write_shard(rows, SFT_SCHEMAS["warmup"], Path(staging) / name / f"part-{part:05d}.parquet")
-    return pools, shards
+    return shards
 
 
 def sft_parts_ray(train_ds, plan, sid_of: dict, align_cfg: Mapping, wcfg: Mapping | None, seed: int, vfrac: float,
-                  levels: int, staging) -> tuple[dict, dict, Any, Any]:
-    """The per-user halves of the SFT sets on the partitions of the training events: alignment
-    pools (their seeded draw runs on the driver, :func:`data_prep.sft.alignment_from_pools`) and,
+                  levels: int, staging) -> tuple[Any, Any, Any]:
+    """The per-user SFT sets on the partitions of the training events, written by the workers as
+    shards under ``staging`` (a folder every worker can write: the build's output folder): the
+    alignment questions (each user's draws its own, :func:`data_prep.sft.alignment_from_pools`) and,
     with ``wcfg`` (``sft.warmup.rows: every_dislike``), the warm-up rows of training and validation
-    users, which the workers write as shards under ``staging`` (a folder every worker can write:
-    the build's output folder) and return as :class:`data_prep.shards.ShardedRows` (the driver
-    merges them into one file when it writes the folder, :func:`data_prep.shards.merge_shards`)."""
+    users. Returns them as :class:`data_prep.shards.ShardedRows` (alignment, warm-up, warm-up
+    validation); the driver merges each into its file when it writes the folder
+    (:func:`data_prep.shards.merge_shards`), never holding the rows."""
     from conrec_verl.data_prep.shards import ShardedRows
     from conrec_verl.data_prep.steps import SFT_SCHEMAS
 
-    neg_of, pos_of = {}, {}
-    warm, warm_val = ShardedRows(SFT_SCHEMAS["warmup"]), ShardedRows(SFT_SCHEMAS["warmup"])
+    sets = {"alignment": ShardedRows(SFT_SCHEMAS["alignment"]), "warmup": ShardedRows(SFT_SCHEMAS["warmup"]),
+            "warmup_val": ShardedRows(SFT_SCHEMAS["warmup"])}
     shared = (replace(plan, key=None), sid_of, dict(align_cfg), dict(wcfg) if wcfg else None, seed, vfrac, levels,
               str(staging))
-    for (n, p), shards in map_partitions(train_ds, _sft_part, shared):
-        neg_of.update(n)
-        pos_of.update(p)
-        if shards:
-            warm.add(*shards["warmup"])
-            warm_val.add(*shards["warmup_val"])
-    return neg_of, pos_of, warm, warm_val
+    for shards in map_partitions(train_ds, _sft_part, shared):
+        for name, (path, runs) in shards.items():
+            sets[name].add(path, runs)
+    return sets["alignment"], sets["warmup"], sets["warmup_val"]

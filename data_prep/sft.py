@@ -65,16 +65,26 @@ def alignment_pools(train: pd.DataFrame, users: set, sid_of: dict, cfg: Mapping)
     return by_user(negs), by_user(pos)
 
 
+def _user_rng(seed: int, user) -> np.random.Generator:
+    """A generator of its own per user (seed and user id): a user's draws do not depend on the others,
+    so any partition of the users draws the same questions."""
+    import hashlib
+
+    h = hashlib.blake2b(repr((seed, "alignment", str(user))).encode(), digest_size=8).digest()
+    return np.random.default_rng([seed, int.from_bytes(h, "little")])
+
+
 def alignment_from_pools(neg_of: dict, pos_of: dict, sid_of: dict, cfg: Mapping, seed: int) -> list[dict]:
-    """The alignment questions from :func:`alignment_pools`: users in sorted order, one seeded
-    generator for all of them (so this part runs in one process)."""
-    rng = np.random.default_rng(seed)
+    """The alignment questions from :func:`alignment_pools`: users in sorted order, each user's draws
+    from a generator of its own (:func:`_user_rng`), so a partition of the users (engine=ray: on its
+    worker) makes exactly its users' questions. ``extra_info.index`` numbers the questions in order."""
     per_user = int(cfg.get("max_per_user", 3))
     out = []
     for user in sorted(neg_of):
         liked = pos_of.get(user)
         if liked is None or len(liked) < 3:
             continue
+        rng = _user_rng(seed, user)
         for neg in rng.permutation(neg_of[user])[:per_user]:
             distract = list(rng.choice(liked, size=3, replace=False))
             answer = int(rng.integers(0, 4))
@@ -86,18 +96,22 @@ def alignment_from_pools(neg_of: dict, pos_of: dict, sid_of: dict, cfg: Mapping,
     return out
 
 
-def split_heldout(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Split SFT records into (trained, held out): a seeded ``fraction`` of the rows (at least one
-    when ``fraction > 0`` and there are two or more rows) is held out of SFT training, e.g. so the
-    forget rate of the alignment task is measured on questions the model never trained on.
-    ``extra_info.index`` is renumbered within each part."""
+def heldout_positions(n: int, fraction: float, seed: int) -> set[int]:
+    """Which of ``n`` rows (positions in order) :func:`split_heldout` holds out: a seeded ``fraction``
+    of them, at least one when ``fraction > 0`` and ``n >= 2``."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"sft.alignment.heldout_fraction must be in [0, 1), got {fraction!r}")
-    n = len(records)
     n_out = int(round(fraction * n))
     if fraction > 0 and n >= 2:
         n_out = max(1, n_out)
-    out_idx = set(np.random.default_rng([seed, 7]).permutation(n)[:n_out].tolist()) if n_out else set()
+    return set(np.random.default_rng([seed, 7]).permutation(n)[:n_out].tolist()) if n_out else set()
+
+
+def split_heldout(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split SFT records into (trained, held out): the rows at :func:`heldout_positions` are held out
+    of SFT training, e.g. so the forget rate of the alignment task is measured on questions the
+    model never trained on. ``extra_info.index`` is renumbered within each part."""
+    out_idx = heldout_positions(len(records), fraction, seed)
     kept = [r for i, r in enumerate(records) if i not in out_idx]
     held = [r for i, r in enumerate(records) if i in out_idx]
     for part in (kept, held):

@@ -1,6 +1,6 @@
 """Row files written in shards by Ray workers and merged, streaming, into the data folder's files.
 
-With ``engine=ray`` the per-user rows of a set (the warm-up SFT rows today) are written by the
+With ``engine=ray`` the per-user rows of a set (the warm-up and alignment SFT rows) are written by the
 workers that make them: one parquet shard per user partition (:func:`write_shard`, rows in the
 local engine's order within the partition). The driver never holds those rows: it gets each
 shard's *runs* (user -> row count, in shard order; O(users)) and :func:`merge_shards` writes the
@@ -104,6 +104,8 @@ class ShardedRows:
     schema: pa.Schema
     shards: list[Path] = field(default_factory=list)
     runs: list[list[tuple[str, int]]] = field(default_factory=list)
+    #: positions (in the merged order) that go to a held-out file (:func:`merge_shards_split`)
+    held_out: set | None = None
 
     def __len__(self) -> int:
         return sum(n for runs in self.runs for _, n in runs)
@@ -158,13 +160,38 @@ class _Cursor:
         return pa.concat_tables(parts)
 
 
-def merge_shards(rows: ShardedRows, path: Path) -> int:
-    """Write the rows of every shard to ``path`` in user order (each user's rows in their shard
-    order: a user's rows are in one shard), ``extra_info.index`` renumbered; returns the row count.
-    The local engine writes the same rows to the same bytes with :func:`write_records`."""
-    writer = RowWriter(path, rows.schema, renumber=True)
+def _merged(rows: ShardedRows):
+    """The rows of every shard as tables, in user order (a user's rows are all in one shard, in
+    their shard order)."""
     cursors = [_Cursor(p) for p in rows.shards]
     order: Iterable = heapq.merge(*[[(u, i, n) for u, n in runs] for i, runs in enumerate(rows.runs)])
     for _, i, n in order:
-        writer.write(cursors[i].take(n))
+        yield cursors[i].take(n)
+
+
+def merge_shards(rows: ShardedRows, path: Path) -> int:
+    """Write the rows of every shard to ``path`` in user order, ``extra_info.index`` renumbered;
+    returns the row count. The local engine writes the same rows to the same bytes with
+    :func:`write_records`."""
+    writer = RowWriter(path, rows.schema, renumber=True)
+    for table in _merged(rows):
+        writer.write(table)
     return writer.close()
+
+
+def merge_shards_split(rows: ShardedRows, kept_path: Path, held_path: Path, held: set[int]) -> tuple[int, int]:
+    """:func:`merge_shards` into two files: the rows whose position in the merged order is in ``held``
+    go to ``held_path``, the others to ``kept_path``, each numbered from 0 (as
+    :func:`data_prep.sft.split_heldout` splits a list); returns both row counts."""
+    kept, out = RowWriter(kept_path, rows.schema, renumber=True), RowWriter(held_path, rows.schema, renumber=True)
+    held_sorted = np.asarray(sorted(held), dtype=np.int64)
+    start = 0
+    for table in _merged(rows):
+        positions = np.arange(start, start + table.num_rows, dtype=np.int64)
+        mask = np.isin(positions, held_sorted)
+        if mask.any():
+            out.write(table.filter(pa.array(mask)))
+        if not mask.all():
+            kept.write(table.filter(pa.array(~mask)))
+        start += table.num_rows
+    return kept.close(), out.close()

@@ -49,12 +49,13 @@ from conrec_verl.data_prep.sft import (
     alignment_from_pools,
     alignment_pools,
     every_dislike_records,
+    heldout_positions,
     split_heldout,
     translation_records,
     warmup_config,
     warmup_records,
 )
-from conrec_verl.data_prep.shards import ShardedRows, merge_shards, write_records
+from conrec_verl.data_prep.shards import ShardedRows, merge_shards, merge_shards_split, write_records
 from conrec_verl.data_prep.sids import build_sids
 
 # the RL / evaluation row layout is the data contract's (conrec_verl.core.contract)
@@ -333,8 +334,10 @@ def sample_stats(tr: pd.DataFrame, va: pd.DataFrame, te: pd.DataFrame, skips: di
 @dataclass
 class SftSets:
     translation: list
-    alignment: list
-    alignment_heldout: list
+    #: records, or (engine=ray) :class:`data_prep.shards.ShardedRows` with ``held_out`` set; then
+    #: ``alignment_heldout`` is None (the split happens as the shards are merged)
+    alignment: Any
+    alignment_heldout: Any
     #: records, or (engine=ray) :class:`data_prep.shards.ShardedRows` the workers wrote
     warmup: Any
     warmup_val: Any
@@ -342,22 +345,27 @@ class SftSets:
 
 def sft_sets(log: Log, split: Split, sids: Sids, samples: Samples, cfg: dict, seed: int,
              staging: Path | None = None) -> SftSets:
-    """``staging``: with engine=ray, the folder under which the workers write their warm-up shards
-    (inside the build's output folder; :func:`write_folder` merges and removes them)."""
+    """``staging``: with engine=ray, the folder under which the workers write their alignment and
+    warm-up shards (inside the build's output folder; :func:`write_folder` merges them, the build
+    removes them)."""
     sft_cfg = cfg.get("sft", {}) or {}
     scfg = cfg.get("samples", {}) or {}
     tr, va = samples.train, samples.val
     translation = translation_records(log.items, sids.sid_of) if sft_cfg.get("translation", True) else []
     vfrac = float(scfg.get("val_user_fraction", 0.1))
     align_cfg = sft_cfg.get("alignment", {}) or {}
+    heldout = float(align_cfg.get("heldout_fraction", 0.1))
     wcfg = warmup_config(sft_cfg.get("warmup", True))
     every = wcfg.get("rows") == "every_dislike"
     if split.train_on_cluster is not None:  # engine=ray: per-user work on the partitions
         if staging is None:
             raise ValueError("sft_sets: engine=ray needs a staging folder for the workers' shards")
-        neg_of, pos_of, warmup, warmup_val = D.sft_parts_ray(split.train_on_cluster, split.plan, sids.sid_of,
-                                                            align_cfg, wcfg if every else None, seed, vfrac,
-                                                            sids.book.num_levels, staging)
+        alignment, warmup, warmup_val = D.sft_parts_ray(split.train_on_cluster, split.plan, sids.sid_of,
+                                                        align_cfg, wcfg if every else None, seed, vfrac,
+                                                        sids.book.num_levels, staging)
+        # the held-out questions: positions in the merged order, split when the folder is written
+        alignment.held_out = heldout_positions(len(alignment), heldout, seed)
+        alignment_heldout = None
     else:
         train = split.train
         train_users = {u for u in train["user_id"].unique().tolist() if not S.is_val_user(seed, u, vfrac)}
@@ -370,8 +378,8 @@ def sft_sets(log: Log, split: Split, sids: Sids, samples: Samples, cfg: dict, se
             val_users = {u for u in train["user_id"].unique().tolist() if S.is_val_user(seed, u, vfrac)}
             warmup_val = every_dislike_records(train, keys, recent, val_users, sids.sid_of, wcfg, seed,
                                                levels) if val_users else []
-    alignment = alignment_from_pools(neg_of, pos_of, sids.sid_of, align_cfg, seed)
-    alignment, alignment_heldout = split_heldout(alignment, float(align_cfg.get("heldout_fraction", 0.1)), seed)
+        alignment = alignment_from_pools(neg_of, pos_of, sids.sid_of, align_cfg, seed)
+        alignment, alignment_heldout = split_heldout(alignment, heldout, seed)
     if wcfg.get("rows") == "cutoffs" and len(tr):
         warmup = warmup_records(tr)
         warmup_val = warmup_records(va) if len(va) and va is not tr else []
@@ -421,9 +429,15 @@ def write_folder(folder: Path, cfg: dict, seed: int, log: Log, split: Split, sid
     if sft.translation:
         counts["sft/translation"] = write_parquet(sft.translation, SFT_SCHEMAS["translation"],
                                                   folder / "sft" / "translation.parquet")
-    counts["sft/alignment"] = write_parquet(sft.alignment, SFT_SCHEMAS["alignment"], folder / "sft" / "alignment.parquet")
-    counts["sft/alignment_heldout"] = write_parquet(sft.alignment_heldout, SFT_SCHEMAS["alignment"],
-                                                    folder / "sft" / "alignment_heldout.parquet")
+    if isinstance(sft.alignment, ShardedRows):  # engine=ray: the workers' shards, split as they merge
+        counts["sft/alignment"], counts["sft/alignment_heldout"] = merge_shards_split(
+            sft.alignment, folder / "sft" / "alignment.parquet", folder / "sft" / "alignment_heldout.parquet",
+            sft.alignment.held_out)
+    else:
+        counts["sft/alignment"] = write_parquet(sft.alignment, SFT_SCHEMAS["alignment"],
+                                                folder / "sft" / "alignment.parquet")
+        counts["sft/alignment_heldout"] = write_parquet(sft.alignment_heldout, SFT_SCHEMAS["alignment"],
+                                                        folder / "sft" / "alignment_heldout.parquet")
     # the warm-up sets may come as worker shards (engine=ray): both engines write them numbered here
     counts["sft/warmup"] = write_parquet(sft.warmup, SFT_SCHEMAS["warmup"], folder / "sft" / "warmup.parquet",
                                          renumber=True)

@@ -66,3 +66,33 @@ def test_a_shard_must_be_in_user_order(tmp_path):
     rows = [r for r in rows if r["extra_info"]["user_id"] != rows[0]["extra_info"]["user_id"]] + rows[:1]
     with pytest.raises(ValueError, match="grouped by user in sorted order"):
         SH.write_shard(rows, SFT_SCHEMAS["warmup"], tmp_path / "bad.parquet")
+
+
+def test_alignment_questions_of_a_user_partition_are_that_partitions_share(tmp_path):
+    """Each user's questions are drawn from a generator of its own: partitions of the users, written
+    as shards and merged with the held-out split, give exactly the local engine's two files."""
+    from conrec_verl.data_prep.sft import alignment_from_pools, heldout_positions, split_heldout
+
+    rnd = random.Random(5)
+    items = [f"i{j}" for j in range(40)]
+    sid_of = {it: f"<a_{j % 4}><b_{j // 4 % 4}><c_{j // 16}>" for j, it in enumerate(items)}
+    users = [str(u) for u in rnd.sample(range(1000), 50)]
+    neg_of = {u: sorted(rnd.sample(items, rnd.randrange(1, 6))) for u in users}
+    pos_of = {u: sorted(rnd.sample(items, rnd.randrange(0, 8))) for u in users}
+    cfg, seed, schema = {"max_per_user": 3}, 11, SFT_SCHEMAS["alignment"]
+    whole = alignment_from_pools(neg_of, pos_of, sid_of, cfg, seed)
+    kept, held = split_heldout([dict(r) for r in whole], 0.2, seed)
+    assert len(held) == round(0.2 * len(whole)) > 0
+    SH.write_records(kept, schema, tmp_path / "kept_local.parquet")
+    SH.write_records(held, schema, tmp_path / "held_local.parquet")
+    part = stable_partition(users, 4)
+    sharded = SH.ShardedRows(schema)
+    for p in range(4):
+        mine = {u for u, q in zip(users, part) if q == p}
+        rows = alignment_from_pools({u: v for u, v in neg_of.items() if u in mine}, pos_of, sid_of, cfg, seed)
+        sharded.add(*SH.write_shard(rows, schema, tmp_path / f"part-{p}.parquet"))
+    counts = SH.merge_shards_split(sharded, tmp_path / "kept.parquet", tmp_path / "held.parquet",
+                                   heldout_positions(len(sharded), 0.2, seed))
+    assert counts == (len(kept), len(held))
+    for name in ("kept", "held"):
+        assert (tmp_path / f"{name}.parquet").read_bytes() == (tmp_path / f"{name}_local.parquet").read_bytes()
