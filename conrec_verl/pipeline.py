@@ -485,30 +485,55 @@ class Pipeline:
         if METRIC_RE.match(metric):
             if mode != "max":
                 raise PipelineError(f"grpo.select_by_val: {metric} is a hit rate, its mode must be max")
+            self._selection_args()  # the prompt settings the selection will use, checked up front
         elif include_start:
             raise PipelineError("grpo.select_by_val.include_start needs metric FHR@K or HR@K (verl does not "
                                 "validate the starting model at a checkpoint)")
         return metric, mode, include_start
+
+    def _selection_args(self) -> list[str]:
+        """The evaluation's prompt, exclusion and device settings for the selection child: the GRPO
+        row's context and budget (``eval.grpo_prompt``, else ``--prompt-context`` /
+        ``--max-prompt-tokens`` of ``eval.args``, else 3 and 384), ``--exclusion`` of ``eval.args``
+        and the profile's device. A value the evaluation would refuse is a :class:`PipelineError`."""
+        args = [str(a) for a in self.profile.eval.get("args") or []]
+
+        def flag(name: str, default: str) -> str:
+            for i, a in enumerate(args):
+                if a == name and i + 1 < len(args):
+                    return args[i + 1]
+                if a.startswith(name + "="):
+                    return a.split("=", 1)[1]
+            return default
+
+        context, budget = flag("--prompt-context", "3"), flag("--max-prompt-tokens", "384")
+        if self.profile.eval.get("grpo_prompt"):
+            first, _, second = str(self.profile.eval.grpo_prompt).partition(",")
+            context, budget = first.strip() or context, second.strip() or budget
+        if context not in ("row", "1", "2", "3"):
+            raise PipelineError(f"grpo.select_by_val: the GRPO row's prompt context must be 1, 2, 3 or row "
+                                f"(eval.grpo_prompt / --prompt-context), got {context!r}")
+        if budget.lower() != "none" and not (budget.isdigit() and int(budget) >= 0):
+            raise PipelineError(f"grpo.select_by_val: the GRPO row's prompt budget must be a number of tokens or "
+                                f"none (eval.grpo_prompt / --max-prompt-tokens), got {budget!r}")
+        return ["--context", context, "--budget", budget, "--exclusion", flag("--exclusion", "interacted"),
+                "--device", "cuda" if self.profile.device == "cuda" else "cpu"]
 
     def _select_by_eval_metric(self, phase: Phase, metric: str, include_start: bool, model: Path,
                                ckpt: Path) -> tuple[int, dict]:
         """The GRPO step (0 = the starting model, with ``include_start``) whose ``metric`` (FHR@K/HR@K)
         on the validation users' rows is highest, ties to the earlier step, by
         :mod:`conrec_verl.evaluation.select` in a child process (its output in the phase log)."""
-        steps = sorted(int(p.parents[2].name.rsplit("_", 1)[1])
-                       for p in ckpt.glob("global_step_*/actor/huggingface/config.json"))
+        last = self._checkpoint_step(ckpt)  # steps of this run only, not leftovers of an earlier one
+        steps = sorted(s for s in (int(p.parents[2].name.rsplit("_", 1)[1])
+                                   for p in ckpt.glob("global_step_*/actor/huggingface/config.json")) if s <= last)
         models = ([("0", str(model))] if include_start else []) + \
             [(str(s), str(ckpt / f"global_step_{s}" / "actor" / "huggingface")) for s in steps]
         if not models:
             raise PipelineError(f"grpo.select_by_val: no checkpoint with a Hugging Face export under {ckpt}")
-        context, budget = 3, 384
-        prompt = self.profile.eval.get("grpo_prompt")
-        if prompt:
-            first, _, second = str(prompt).partition(",")
-            context, budget = int(first), int(second) if second else budget
         out = self.run / "grpo_val.json"
         cmd = [sys.executable, "-m", "conrec_verl.evaluation.select", "--data", str(self.run / "data"),
-               "--metric", metric, "--context", str(context), "--budget", str(budget), "--out", str(out)]
+               "--metric", metric, *self._selection_args(), "--out", str(out)]
         for name, folder in models:
             cmd += ["--model", f"{name}={folder}"]
         self._run(phase.name, cmd)

@@ -506,7 +506,7 @@ def candidate_pools_ray(parts, sid_of: dict, wanted: pd.DataFrame) -> tuple[dict
 
 # -- SFT sets on the partitions ------------------------------------------------------------------
 
-def _sft_part(df: pd.DataFrame, shared) -> tuple:
+def _sft_part(df: pd.DataFrame, shared) -> dict:
     from conrec_verl.data_prep import samples as S
     from conrec_verl.data_prep import sft as F
     from conrec_verl.data_prep.shards import write_shard

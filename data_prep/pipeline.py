@@ -191,7 +191,8 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
         sft = T.sft_sets(log, split, sids, samples, cfg, seed, staging if ray_partitions else None)
     with steps("write"):
         manifest = T.write_folder(tmp, cfg, seed, log, split, sids, swing, samples, sft)
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging.exists():
+            shutil.rmtree(staging)  # an error here fails the build: no _shards/ in a published folder
     manifest["timings_s"] = steps.timings
     T.write_json(manifest, tmp / "manifest.json")
     steps.bar.close()

@@ -9,7 +9,8 @@ in row groups and renumbering ``extra_info.index``. The local engine writes its 
 same :class:`RowWriter`, so both engines write byte-identical files (same rows, same row groups).
 
 Memory on the driver: one row group per shard being merged plus one output row group
-(:data:`ROW_GROUP_ROWS`), whatever the number of rows.
+(:data:`ROW_GROUP_ROWS`), whatever the number of rows; it grows with the number of shards (one
+per user partition with rows, each an open file while merging), not with the rows.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from conrec_verl.data_prep.errors import DataPrepError
 
 #: rows per row group of every file written through :class:`RowWriter` (and of the shards)
 ROW_GROUP_ROWS = 16_384
@@ -129,10 +132,15 @@ def user_runs(records: Sequence[dict]) -> list[tuple[str, int]]:
 
 
 def write_shard(records: Sequence[dict], schema: pa.Schema, path: Path) -> tuple[Path | None, list[tuple[str, int]]]:
-    """A worker's rows (in user order) to one shard; returns ``(path, runs)``, ``(None, [])`` when
-    there are no rows."""
+    """A worker's rows (in user order) to one shard under ``path.parent.parent`` (the staging folder,
+    inside the build's output folder, which must exist: a worker that cannot see it is on a node
+    without the driver's storage); returns ``(path, runs)``, ``(None, [])`` when there are no rows."""
     if not records:
         return None, []
+    build = Path(path).parent.parent.parent
+    if not build.is_dir():
+        raise DataPrepError(f"{build}: the build's output folder is not visible on this Ray worker; with a Ray "
+                         "cluster out_dir must be on storage every node can write (a shared filesystem)")
     runs = user_runs(records)
     users = [u for u, _ in runs]
     if users != sorted(users) or len(set(users)) != len(users):
@@ -145,6 +153,10 @@ class _Cursor:
     """Reads one shard forward, ``take(n)`` rows at a time, a row group at a time."""
 
     def __init__(self, path: Path):
+        if not Path(path).is_file():
+            raise DataPrepError(f"{path}: a worker's shard is not there; with a Ray cluster out_dir must be on storage "
+                             "every node can write (a shared filesystem)")
+        self.path = path
         self._batches = pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP_ROWS)
         self._buf: pa.Table | None = None
 
@@ -152,7 +164,10 @@ class _Cursor:
         parts = []
         while n > 0:
             if self._buf is None or self._buf.num_rows == 0:
-                self._buf = pa.Table.from_batches([next(self._batches)])
+                batch = next(self._batches, None)
+                if batch is None:
+                    raise DataPrepError(f"{self.path}: the shard ends before the rows its worker reported")
+                self._buf = pa.Table.from_batches([batch])
             part = self._buf.slice(0, n)
             self._buf = self._buf.slice(part.num_rows)
             parts.append(part)
@@ -161,12 +176,43 @@ class _Cursor:
 
 
 def _merged(rows: ShardedRows):
-    """The rows of every shard as tables, in user order (a user's rows are all in one shard, in
-    their shard order)."""
+    """The rows of every shard as tables of about :data:`ROW_GROUP_ROWS` rows, in user order (a
+    user's rows are all in one shard, in their shard order). Per table: the users it holds are a
+    contiguous range of each shard, so it is one slice per shard, put in order with one ``take``."""
     cursors = [_Cursor(p) for p in rows.shards]
     order: Iterable = heapq.merge(*[[(u, i, n) for u, n in runs] for i, runs in enumerate(rows.runs)])
+    block: list[tuple[int, int]] = []
+    size = 0
     for _, i, n in order:
-        yield cursors[i].take(n)
+        block.append((i, n))
+        size += n
+        if size >= ROW_GROUP_ROWS:
+            yield _take_block(cursors, block)
+            block, size = [], 0
+    if block:
+        yield _take_block(cursors, block)
+
+
+def _take_block(cursors: list[_Cursor], block: list[tuple[int, int]]) -> pa.Table:
+    """The runs ``block`` = ``[(shard, rows), ...]`` (in output order) as one table."""
+    shards = np.asarray([i for i, _ in block], dtype=np.int64)
+    lengths = np.asarray([n for _, n in block], dtype=np.int64)
+    used = sorted(set(shards.tolist()))
+    per_shard = {i: int(lengths[shards == i].sum()) for i in used}
+    pieces = [cursors[i].take(per_shard[i]) for i in used]
+    if len(pieces) == 1:
+        return pieces[0]
+    base = dict(zip(used, np.cumsum([0] + [p.num_rows for p in pieces[:-1]]).tolist()))
+    # where each run starts in the concatenated pieces: its shard's base + the rows of earlier runs
+    # of the same shard in this block
+    starts = np.empty(len(block), dtype=np.int64)
+    seen = {i: 0 for i in used}
+    for k, (i, n) in enumerate(block):
+        starts[k] = base[i] + seen[i]
+        seen[i] += n
+    ends = np.cumsum(lengths)
+    index = np.arange(int(ends[-1]), dtype=np.int64) - np.repeat(ends - lengths - starts, lengths)
+    return pa.concat_tables(pieces).take(pa.array(index))
 
 
 def merge_shards(rows: ShardedRows, path: Path) -> int:

@@ -311,7 +311,9 @@ def test_selection_by_the_evaluation_metric_skips_verls_validation_and_names_bad
                             ("grpo.select_by_val={metric: val-aux/conrec/reward/mean@1, include_start: true}",
                              "include_start needs metric FHR@K or HR@K"),
                             ("grpo.select_by_val.include_start=yes please", "include_start must be true or false"),
-                            ("grpo.select_by_val=FHR@20", "must be null or")):
+                            ("grpo.select_by_val=FHR@20", "must be null or"),
+                            ('eval.grpo_prompt="three,384"', "prompt context must be 1, 2, 3 or row"),
+                            ('eval.grpo_prompt="3,lots"', "prompt budget must be a number of tokens or none")):
         with pytest.raises(PipelineError, match=match):
             Pipeline(tmp_path / "bad", load_profile("ci_tiny", [override])).check_inputs()
 
@@ -350,11 +352,15 @@ def test_grpo_exports_the_step_with_the_best_validation_hit_rate(tmp_path, inclu
     pipe = Pipeline(tmp_path / "run", profile)
     # step 6 beats step 3; the starting model (0) ties step 6: ties go to the earlier step
     ran, state = _fake_grpo_run(pipe, tmp_path, {"0": 0.5, "3": 0.25, "6": 0.5}.get)
+    stale = pipe.run / "grpo" / "global_step_9" / "actor" / "huggingface"  # left by an earlier, longer run
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")
     info = pipe.phase_grpo(Phase("grpo", "GRPO"), state)
     select = ran[-1]
     assert select[:3] == [sys.executable, "-m", "conrec_verl.evaluation.select"]
     assert select[select.index("--metric") + 1] == "FHR@20"
     assert (select[select.index("--context") + 1], select[select.index("--budget") + 1]) == ("2", "256")
+    assert (select[select.index("--exclusion") + 1], select[select.index("--device") + 1]) == ("interacted", "cpu")
     names = [select[i + 1].split("=", 1)[0] for i, c in enumerate(select) if c == "--model"]
     assert names == (["0"] if include_start else []) + ["3", "6"]
     exported = json.loads((pipe.run / "models" / "grpo" / "config.json").read_text())["step"]

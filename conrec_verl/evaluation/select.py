@@ -37,7 +37,7 @@ def parse_metric(metric: str) -> tuple[str, int]:
 
 
 def validation_scores(data_dir, models: Mapping[str, str], metric: str = "FHR@20",
-                      split: str = "rl/val.parquet", context: int = 3, budget: int | None = 384,
+                      split: str = "rl/val.parquet", context: int | str = 3, budget: int | None = 384,
                       exclusion: str = DEFAULT_EXCLUSION, device: str = "auto", batch_size: int = 8,
                       num_beams: int | None = None) -> dict:
     """``metric`` of every model folder in ``models`` (name -> folder, in order) on ``split``."""
@@ -65,33 +65,25 @@ def validation_scores(data_dir, models: Mapping[str, str], metric: str = "FHR@20
             "best": next((m for m, v in finite.items() if v == best), None)}
 
 
-def _pairs(values: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for value in values:
-        name, sep, folder = value.partition("=")
-        if not sep or not name or not folder:
-            raise SystemExit(f"--model expects NAME=DIR, got {value!r}")
-        if name in out:
-            raise SystemExit(f"--model name {name!r} given twice")
-        out[name] = folder
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m conrec_verl.evaluation.select", description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="data folder written by data_prep")
     ap.add_argument("--model", action="append", default=[], help="NAME=DIR, repeatable (order breaks ties)")
     ap.add_argument("--metric", default="FHR@20", help="FHR@K or HR@K (default FHR@20)")
     ap.add_argument("--split", default="rl/val.parquet", help="rows to score (default: the validation users')")
-    ap.add_argument("--context", type=int, default=3, help="prompt context 1-3 (default 3)")
-    ap.add_argument("--budget", type=int, default=384, help="prompt token budget (default 384)")
+    ap.add_argument("--context", default="3", choices=["1", "2", "3", "row"],
+                    help="prompt context 1-3, or row (the split's stored prompt); default 3")
+    ap.add_argument("--budget", default="384", help="prompt token budget, or none (default 384)")
     ap.add_argument("--exclusion", default=DEFAULT_EXCLUSION, choices=EXCLUSION_RULES)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", help="also write the result here (JSON)")
     args = ap.parse_args(argv)
+    from conrec_verl.evaluation.cli import _budget, _pairs
+
     try:
-        result = validation_scores(args.data, _pairs(args.model), args.metric, args.split, args.context,
-                                   args.budget, args.exclusion, args.device)
+        context = args.context if args.context == "row" else int(args.context)
+        result = validation_scores(args.data, _pairs(args.model, "--model"), args.metric, args.split, context,
+                                   _budget(args.budget, "--budget"), args.exclusion, args.device)
     except (ValueError, EvalInputError, OSError) as exc:
         print(f"conrec-select: error: {exc}", file=sys.stderr)
         return 2

@@ -96,3 +96,25 @@ def test_alignment_questions_of_a_user_partition_are_that_partitions_share(tmp_p
     assert counts == (len(kept), len(held))
     for name in ("kept", "held"):
         assert (tmp_path / f"{name}.parquet").read_bytes() == (tmp_path / f"{name}_local.parquet").read_bytes()
+
+
+def test_a_missing_or_short_shard_is_one_error_naming_it(tmp_path):
+    from conrec_verl.data_prep.errors import DataPrepError
+
+    schema = SFT_SCHEMAS["warmup"]
+    rows = records(6, seed=2)
+    staging = tmp_path / "build" / "_shards"
+    staging.parent.mkdir()  # the build's output folder, made by the driver
+    sharded = SH.ShardedRows(schema)
+    sharded.add(*SH.write_shard(rows, schema, staging / "warmup" / "part-00000.parquet"))
+    short = SH.ShardedRows(schema, sharded.shards, [sharded.runs[0] + [("999999999", 3)]])
+    with pytest.raises(DataPrepError, match="part-00000.parquet: the shard ends before the rows its worker"):
+        SH.merge_shards(short, tmp_path / "out.parquet")
+    sharded.shards[0].unlink()
+    with pytest.raises(DataPrepError, match="part-00000.parquet: a worker's shard is not there; with a Ray "
+                                            "cluster out_dir must be on storage every node can write"):
+        SH.merge_shards(sharded, tmp_path / "out.parquet")
+    # a worker that cannot see the build's folder (another node without the shared storage)
+    with pytest.raises(DataPrepError, match="not visible on this Ray worker"):
+        SH.write_shard(rows, schema, tmp_path / "elsewhere" / "_shards" / "warmup" / "part-00001.parquet")
+    assert not (tmp_path / "elsewhere").exists()

@@ -86,3 +86,9 @@ def test_cli_writes_the_result(folder, models, tmp_path, capsys):
     written = json.loads(out.read_text())
     assert written == json.loads(capsys.readouterr().out)
     assert list(written["scores"]) == ["a", "b"] and written["metric"] == "FHR@20" and written["k"] == 20
+
+
+@pytest.mark.parametrize("spec", ["no-equals", "=dir", "name="])
+def test_a_bad_model_spec_is_one_error(folder, spec, capsys):
+    assert main(["--data", str(folder), "--model", spec]) == 2
+    assert "--model expects NAME=PATH" in capsys.readouterr().err
