@@ -261,3 +261,28 @@ def test_tiny_models_of_any_width_run_a_forward_pass(hidden):
     assert model.config.num_attention_heads % model.config.num_key_value_heads == 0
     out = model(torch.tensor([[1, 2, 3]]))
     assert out.logits.shape[-1] == model.config.vocab_size
+
+
+def test_a_packed_sft_micro_batch_keeps_its_rows_apart(tiny_model_dir):
+    """verl's SFT trainer (``use_remove_padding``, the recipes' dynamic micro-batches) packs rows
+    into one sequence and calls the model with ``position_ids`` restarting at 0 per row, no
+    attention mask and ``use_cache=False``. With ``sdpa`` on a CPU there is no varlen kernel: the
+    rows stay apart only because transformers turns the restarting positions into a block-diagonal
+    mask. If that ever stops, every row would attend to the rows packed before it in training but
+    not at inference; this is the guard."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    rows = [tok(t, return_tensors="pt").input_ids[0] for t in _prompt_texts()[:3]]
+    with torch.no_grad():
+        alone = [model(r[None], use_cache=False).logits[0] for r in rows]
+        packed_ids = torch.cat(rows)[None]
+        positions = torch.cat([torch.arange(len(r)) for r in rows])[None]
+        packed = model(packed_ids, position_ids=positions, use_cache=False).logits[0]
+        # the counterfactual the test must be able to see: without restarting positions the later
+        # rows do read the earlier ones
+        unmasked = model(packed_ids, use_cache=False).logits[0]
+    start = 0
+    for r, ref in zip(rows, alone):
+        torch.testing.assert_close(packed[start:start + len(r)], ref, atol=1e-5, rtol=1e-5)
+        start += len(r)
+    assert (unmasked[len(rows[0]):] - torch.cat(alone[1:])).abs().max() > 1e-3

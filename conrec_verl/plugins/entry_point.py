@@ -11,6 +11,9 @@ Importing it registers everything conrec-verl adds to verl's registries:
 * v1 trainer mode ``conrec_sync`` (verl's sync trainer + the per-stage KL weight and the stage and
   reward-detail metrics) -- ``conrec_verl.plugins.trainer_mode``
 
+and, on every device, the adaptation ``sft_epoch_resume`` (an SFT run resumed at the end of an
+epoch trains every epoch; ``conrec_verl.runtime.verl_compat``).
+
 verl swallows exceptions raised while importing a plugin (they only reach a DEBUG log), so a
 broken registration would silently disappear. This module therefore logs every failure at ERROR
 level and re-raises, and ``tests/plugins/test_plugin_loading.py`` checks in a fresh interpreter that every
@@ -62,6 +65,12 @@ def register_all() -> None:
 
 
 register_all()
+
+# every device: an SFT run resumed at the end of an epoch trains every epoch it was asked for
+# (adaptation sft_epoch_resume, conrec_verl.runtime.verl_compat)
+from conrec_verl.runtime.verl_compat import install_sft_epoch_resume  # noqa: E402
+
+install_sft_epoch_resume()
 
 # single-node runs (cpu_env()/loopback_env() set this): torch's TCPStore masters on loopback only, on
 # any device (the CPU platform installs the same patch; docs/security.md)

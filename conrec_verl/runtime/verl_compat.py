@@ -112,6 +112,15 @@ def _needs_dataset_overrides() -> bool:
     return not hasattr(RLHFDataset, "load_rows")
 
 
+def _needs_sft_epoch_resume() -> bool:
+    from verl.trainer.sft_trainer import SFTTrainer
+    from verl.utils.checkpoint.checkpoint_handler import CheckpointHandler
+
+    return ("global_step // self.steps_per_epoch" in _source(SFTTrainer.fit)
+            and "steps_per_epoch" not in _source(CheckpointHandler._load_dataloader_state)
+            and "% len(self.train_dataloader)" not in _source(CheckpointHandler._load_dataloader_state))
+
+
 ADAPTATIONS: dict[str, Adaptation] = {a.name: a for a in (
     Adaptation("poll_interval", "the replay buffer's rollout poll interval from trainer.v1.sync.poll_interval",
                "verl_compat.set_poll_interval (ConrecSyncTrainer._build_replay_buffer)", _needs_poll_interval),
@@ -133,6 +142,9 @@ ADAPTATIONS: dict[str, Adaptation] = {a.name: a for a in (
                "verl_compat.install_unpinned_cpu_offload (runtime/cpu_platform.py)", _needs_unpinned_offload),
     Adaptation("dataset_rows", "the SID dataset overrides RLHFDataset._read_files_and_tokenize and __getstate__",
                "ConrecSidDataset (plugins/dataset.py)", _needs_dataset_overrides),
+    Adaptation("sft_epoch_resume", "an SFT run resumed from a checkpoint at the end of an epoch starts the next epoch "
+               "with a fresh dataloader iterator (verl restores the finished one and skips that epoch)",
+               "verl_compat.install_sft_epoch_resume (plugins/entry_point.py)", _needs_sft_epoch_resume),
 )}
 
 
@@ -271,3 +283,34 @@ def install_unpinned_cpu_offload() -> None:
         module = sys.modules.get(name)
         if module is not None and getattr(module, "CPUOffloadPolicy", None) is original:
             module.CPUOffloadPolicy = UnpinnedCPUOffloadPolicy
+
+
+def install_sft_epoch_resume() -> None:
+    """verl's SFT trainer saves a checkpoint (with the dataloader's state) after the last batch of
+    an epoch; resumed from it, the trainer starts the next epoch (``global_step // steps_per_epoch``)
+    but restores the dataloader's finished iterator, so that epoch yields no batch and the run ends
+    one epoch short (a run of 8 epochs killed after epoch 2 and resumed trains 7). When the resume
+    step is a whole number of epochs, the dataloader's state is not restored: the trainer's
+    ``sampler.set_epoch`` then gives the next epoch the order it has in an uninterrupted run
+    (adaptation ``sft_epoch_resume``). A resume in the middle of an epoch is left to verl."""
+    from verl.utils.checkpoint.checkpoint_handler import CheckpointHandler
+
+    original = CheckpointHandler._load_dataloader_state
+    if getattr(original, "_conrec_epoch_resume", False) or not guard("sft_epoch_resume"):
+        return
+
+    @functools.wraps(original)
+    def _load_dataloader_state(self, checkpoint_path):
+        step = int(getattr(self, "resume_global_step", 0) or 0)
+        try:
+            per_epoch = len(self.train_dataloader)
+        except TypeError:  # a loader without a length: leave it to verl
+            per_epoch = 0
+        if step > 0 and per_epoch > 0 and step % per_epoch == 0:
+            logger.info("conrec: resuming at step %d, the end of epoch %d: the next epoch starts with a fresh "
+                        "dataloader iterator (adaptation sft_epoch_resume)", step, step // per_epoch)
+            return None
+        return original(self, checkpoint_path)
+
+    _load_dataloader_state._conrec_epoch_resume = True
+    CheckpointHandler._load_dataloader_state = _load_dataloader_state

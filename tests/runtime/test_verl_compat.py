@@ -43,7 +43,7 @@ def _code(path: Path) -> str:
 
 
 PATCHED = [r"_ROLLOUT_REGISTRY", r"auto_set_device\s*=(?!=)", r"SkipManager", r"CPUOffloadPolicy",
-           r"init_process_group\s*=(?!=)", r"\.\s*poll_interval\s*=(?!=)"]
+           r"init_process_group\s*=(?!=)", r"\.\s*poll_interval\s*=(?!=)", r"_load_dataloader_state\s*=(?!=)"]
 
 
 def test_no_other_module_touches_the_patched_verl_internals():
@@ -86,3 +86,49 @@ def test_a_skipped_patch_leaves_verl_alone(monkeypatch):
         assert dist.init_process_group is unwrapped
     finally:
         verl_compat.guard.cache_clear()
+
+
+def _sft_run(model, data, ckpt, *extra):
+    """verl's own SFT trainer (torchrun, CPU, the tiny recipe), checkpoint after every epoch;
+    returns the training steps it logged."""
+    import os
+    import subprocess
+    import sys
+
+    from conrec_verl.runtime.cpu_env import cpu_env, torchrun_cmd
+
+    cmd = [*torchrun_cmd(1), "-m", "verl.trainer.sft_trainer", "--config-path", str(ROOT / "recipes/conrec/config"),
+           "--config-name", "sft_cpu_tiny", f"model.path={model}", f"data.train_files={data}",
+           f"trainer.default_local_dir={ckpt}", "trainer.save_freq=after_each_epoch", *extra]
+    proc = subprocess.run(cmd, env=dict(os.environ, **cpu_env()), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return sorted({int(s) for s in re.findall(r"step:(\d+) - ", proc.stdout + proc.stderr)})
+
+
+def test_an_sft_run_resumed_at_the_end_of_an_epoch_trains_every_epoch(tiny_model_dir, tmp_path):
+    """Adaptation ``sft_epoch_resume``: 3 epochs of 2 steps, stopped after the checkpoint that ends
+    epoch 1 (as a run killed during epoch 2) and started again, train the steps and end with the
+    weights of the same 3 epochs run without a stop. On verl 0.9.1 alone the resumed run restores
+    the finished epoch's dataloader iterator, skips an epoch and ends at step 4."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conrec_verl.core.prompts import render_history_prompt
+
+    rows = [{"messages": [{"role": "user", "content": render_history_prompt(2, [], [f"<a_{i % 16}><b_1><c_2>"], [])},
+                          {"role": "assistant", "content": f"<a_{i % 4}><b_{(i + 1) % 4}><c_{(i + 2) % 4}>"}]}
+            for i in range(64)]  # 2 steps of 32 rows per epoch
+    data = tmp_path / "sft.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), data)
+    whole = _sft_run(tiny_model_dir, data, tmp_path / "whole", "trainer.total_epochs=3")
+    assert whole == [1, 2, 3, 4, 5, 6]
+    first = _sft_run(tiny_model_dir, data, tmp_path / "stopped", "trainer.total_epochs=3", "trainer.total_training_steps=2")
+    assert first == [1, 2]
+    resumed = _sft_run(tiny_model_dir, data, tmp_path / "stopped", "trainer.total_epochs=3")
+    assert resumed == [3, 4, 5, 6]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "global_step_6" / "huggingface", dtype=torch.float32)
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "stopped" / "global_step_6" / "huggingface", dtype=torch.float32)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, msg=name)
