@@ -93,7 +93,6 @@ def _sft_run(model, data, ckpt, *extra):
     returns the training steps it logged."""
     import os
     import subprocess
-    import sys
 
     from conrec_verl.runtime.cpu_env import cpu_env, torchrun_cmd
 
