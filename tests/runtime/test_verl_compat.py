@@ -98,7 +98,10 @@ def _sft_run(model, data, ckpt, *extra):
 
     cmd = [*torchrun_cmd(1), "-m", "verl.trainer.sft_trainer", "--config-path", str(ROOT / "recipes/conrec/config"),
            "--config-name", "sft_cpu_tiny", f"model.path={model}", f"data.train_files={data}",
-           f"trainer.default_local_dir={ckpt}", "trainer.save_freq=after_each_epoch", *extra]
+           f"trainer.default_local_dir={ckpt}", "trainer.save_freq=after_each_epoch",
+           # a constant lr: the stopped run below ends by total_training_steps, which would also
+           # shorten a decaying schedule; a killed run keeps its schedule
+           "optim.lr_scheduler_type=constant", *extra]
     proc = subprocess.run(cmd, env=dict(os.environ, **cpu_env()), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return sorted({int(s) for s in re.findall(r"step:(\d+) - ", proc.stdout + proc.stderr)})
