@@ -279,7 +279,7 @@ def test_a_packed_sft_micro_batch_keeps_its_rows_apart(tiny_model_dir):
         positions = torch.cat([torch.arange(len(r)) for r in rows])[None]
         packed = model(packed_ids, position_ids=positions, use_cache=False).logits[0]
         # the counterfactual the test must be able to see: without restarting positions the later
-        # rows do read the earlier ones
+        # rows come out different (they read the earlier rows, at shifted positions)
         unmasked = model(packed_ids, use_cache=False).logits[0]
     start = 0
     for r, ref in zip(rows, alone):
