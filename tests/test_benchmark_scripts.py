@@ -125,3 +125,33 @@ def test_refactor_check_reports_every_changed_file_and_score(tmp_path):
     diffs = compare(tmp_path / "a", tmp_path / "b")
     assert [d.split(":")[0] for d in diffs] == ["data file y", "data file z", "reward of 't' (f)"]
     assert compare(tmp_path / "a", tmp_path / "a") == []
+
+
+def test_average_checkpoints_is_the_parameter_mean_and_rejects_other_shapes(tmp_path, monkeypatch, capsys):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from conrec_verl.model_builder import save_tiny_model
+
+    a = save_tiny_model(tmp_path / "a", (4, 4, 4), seed=0)
+    b = save_tiny_model(tmp_path / "b", (4, 4, 4), seed=1)
+    out = tmp_path / "soup"
+    run_script("average_checkpoints.py", ["--out", str(out), str(a), str(b)], monkeypatch, capsys)
+    sa, sb, so = (load_file(str(d / "model.safetensors")) for d in (a, b, out))
+    assert set(so) == set(sa)
+    moved = 0
+    for k in sa:
+        assert torch.allclose(so[k], (sa[k] + sb[k]) / 2, atol=1e-6), k
+        moved += not torch.equal(sa[k], sb[k])
+    assert moved > 0  # the two seeds differ, so the mean is a new model
+    assert (out / "config.json").read_text() == (b / "config.json").read_text()
+    AutoModelForCausalLM.from_pretrained(out)  # loads as a model
+
+    wide = save_tiny_model(tmp_path / "wide", (4, 4, 4), hidden_size=32, seed=0)
+    with pytest.raises(SystemExit, match="shape"):
+        run_script("average_checkpoints.py", ["--out", str(tmp_path / "bad"), str(a), str(wide)], monkeypatch, capsys)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit, match="does not exist"):
+        run_script("average_checkpoints.py", ["--out", str(tmp_path / "bad"), str(a), str(tmp_path / "nope")],
+                   monkeypatch, capsys)
