@@ -4,6 +4,7 @@ events: 10M events = 1M items, 100k users; 28 days).
     python benchmarks/bench_data_prep.py                      # 1M, 3M, 10M + the Ray engine at 1M
     python benchmarks/bench_data_prep.py --millions 1 --ray-at 1     # quick look
     python benchmarks/bench_data_prep.py --millions 1,3,10 --ray-at 1,10
+    python benchmarks/bench_data_prep.py --millions 3,30 --ray-at 3,30 --local-at 3   # 30M with Ray only
 
 Prints, per size, the wall time and peak resident memory of every step (RSS of the build's
 process, each build in a fresh one, sampled every 20 ms by a thread; and the peak of its whole
@@ -172,12 +173,18 @@ def main(argv=None):
     ap.add_argument("--sizes", default="[256,256,256]", help="sid.sizes")
     ap.add_argument("--train-cutoffs", type=int, default=3)
     ap.add_argument("--ray-at", default="1", help="sizes (millions) also built with engine=ray; '' = none")
+    ap.add_argument("--local-at", default=None, help="sizes (millions) built with engine=local (default: all of "
+                    "--millions; a size left out is built with engine=ray only, e.g. one too big for this machine's "
+                    "memory with the local engine)")
     ap.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     ap.add_argument("--shards", type=int, default=8, help="files the synthetic log is written in (a folder)")
     ap.add_argument("--workdir", default=None, help="where to put the synthetic logs and outputs (default: a temp dir)")
     args = ap.parse_args(argv)
     millions = [float(x) for x in args.millions.split(",") if x.strip()]
     ray_at = {float(x) for x in args.ray_at.split(",") if x.strip()}
+    local_at = set(millions) if args.local_at is None else {float(x) for x in args.local_at.split(",") if x.strip()}
+    if not set(millions) <= local_at | ray_at:
+        ap.error("every size of --millions must be in --local-at or --ray-at")
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_prep_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -192,47 +199,64 @@ def main(argv=None):
             t0 = time.perf_counter()
             synth(log, events, items, users, args.days, shards=args.shards)
             gen = time.perf_counter() - t0
-            wall, mon = run_build(log, work / f"out_{mil:g}M", args.days, args.sizes, args.train_cutoffs)
-            results[mil] = (wall, mon)
-            print_steps(f"{mil:g}M events, {items:,} items, {users:,} users (log generated in {gen:.1f} s); engine=local",
-                        wall, mon)
-            m = json.loads((work / f"out_{mil:g}M" / "manifest.json").read_text())
-            print("rows:", {k: v for k, v in m["counts"].items() if "/" in k})
+            print(f"\n[{mil:g}M events, {items:,} items, {users:,} users (log generated in {gen:.1f} s)]")
+            wall = mon = None
+            if mil in local_at:
+                wall, mon = run_build(log, work / f"out_{mil:g}M", args.days, args.sizes, args.train_cutoffs)
+                results[mil] = (wall, mon)
+                print_steps(f"{mil:g}M events; engine=local", wall, mon)
+                m = json.loads((work / f"out_{mil:g}M" / "manifest.json").read_text())
+                print("rows:", {k: v for k, v in m["counts"].items() if "/" in k})
             if mil in ray_at:
                 extra = ("engine=ray",) + ((f"ray.num_cpus={args.ray_cpus}",) if args.ray_cpus else ())
                 rwall, rmon = run_build(log, work / f"out_{mil:g}M_ray", args.days, args.sizes, args.train_cutoffs, extra)
                 print_steps(f"{mil:g}M events; engine=ray (per step: driver RSS)", rwall, rmon)
-                same = not compare_data_folders(work / f"out_{mil:g}M", work / f"out_{mil:g}M_ray")
-                ray_rows.append((mil, wall, rwall, same, max(p for _, _, p in mon.rows),
-                                 max(p for _, _, p in rmon.rows), mon.tree_peak, rmon.tree_peak))
+                if mon is None:
+                    m = json.loads((work / f"out_{mil:g}M_ray" / "manifest.json").read_text())
+                    print("rows:", {k: v for k, v in m["counts"].items() if "/" in k})
+                same = (not compare_data_folders(work / f"out_{mil:g}M", work / f"out_{mil:g}M_ray")
+                        if mon is not None else None)
+                ray_rows.append((mil, wall, rwall, same, max(p for _, _, p in mon.rows) if mon else None,
+                                 max(p for _, _, p in rmon.rows), mon.tree_peak if mon else None, rmon.tree_peak))
                 shutil.rmtree(work / f"out_{mil:g}M_ray", ignore_errors=True)
             shutil.rmtree(work / f"out_{mil:g}M", ignore_errors=True)
             shutil.rmtree(log) if log.is_dir() else log.unlink()
 
-        base = min(results)
-        steps = [name for name, _, _ in results[base][1].rows]
-        print(f"\n## time (s) and peak RSS (GB) per step by log size; growth = value / value at {base:g}M")
-        print("| step | " + " | ".join(f"{m:g}M s" for m in results) + " | " + " | ".join(f"{m:g}M GB" for m in results)
-              + " | time growth " + ", ".join(f"{m / base:g}x" for m in results if m != base) + " |")
-        print("|---" * (1 + 2 * len(results) + 1) + "|")
-        for i, name in enumerate(steps + ["total"]):
-            secs = [r[0] if name == "total" else r[1].rows[i][1] for r in results.values()]
-            peaks = [max(p for _, _, p in r[1].rows) if name == "total" else r[1].rows[i][2] for r in results.values()]
-            growth = [s / secs[0] if secs[0] > 0 else float("nan") for s in secs[1:]]
-            print(f"| {name} | " + " | ".join(f"{s:.1f}" for s in secs) + " | "
-                  + " | ".join(f"{p / 2**30:.2f}" for p in peaks) + " | " + ", ".join(f"{g:.1f}" for g in growth) + " |")
-        for mil in results:
-            if mil != base:
-                print(f"scaling {mil:g}M / {base:g}M: wall x{results[mil][0] / results[base][0]:.1f} "
-                      f"(linear: x{mil / base:g})")
+        base = min(results) if results else None
+        steps = [name for name, _, _ in results[base][1].rows] if results else []
+        if results:
+            print(f"\n## engine=local: time (s) and peak RSS (GB) per step by log size; growth = value / value at "
+                  f"{base:g}M")
+            print("| step | " + " | ".join(f"{m:g}M s" for m in results) + " | "
+                  + " | ".join(f"{m:g}M GB" for m in results)
+                  + " | time growth " + ", ".join(f"{m / base:g}x" for m in results if m != base) + " |")
+            print("|---" * (1 + 2 * len(results) + 1) + "|")
+            for i, name in enumerate(steps + ["total"]):
+                secs = [r[0] if name == "total" else r[1].rows[i][1] for r in results.values()]
+                peaks = [max(p for _, _, p in r[1].rows) if name == "total" else r[1].rows[i][2]
+                         for r in results.values()]
+                growth = [s / secs[0] if secs[0] > 0 else float("nan") for s in secs[1:]]
+                print(f"| {name} | " + " | ".join(f"{s:.1f}" for s in secs) + " | "
+                      + " | ".join(f"{p / 2**30:.2f}" for p in peaks) + " | "
+                      + ", ".join(f"{g:.1f}" for g in growth) + " |")
+            for mil in results:
+                if mil != base:
+                    print(f"scaling {mil:g}M / {base:g}M: wall x{results[mil][0] / results[base][0]:.1f} "
+                          f"(linear: x{mil / base:g})")
         if ray_rows:
-            print("\n## engine=ray vs engine=local (same log, same run)")
+            gb = lambda v: "–" if v is None else f"{v / 2**30:.2f}"  # noqa: E731
+            r0 = ray_rows[0]
+            print("\n## engine=ray vs engine=local (same log, same run; – = not built with the local engine); "
+                  f"growth = value / value at {r0[0]:g}M")
             print("| events | local s | ray s | ray / local | local peak GB | ray driver peak GB | "
-                  "local tree GB | ray tree GB | identical outputs |")
-            print("|---|---|---|---|---|---|---|---|---|")
-        for mil, lw, rw, same, lp, rp, lt, rt in ray_rows:
-            print(f"| {mil:g}M | {lw:.1f} | {rw:.1f} | {rw / lw:.2f} | {lp / 2**30:.2f} | {rp / 2**30:.2f} | "
-                  f"{lt / 2**30:.2f} | {rt / 2**30:.2f} | {same} |")
+                  "local tree GB | ray tree GB | identical outputs | ray time growth | ray driver growth | "
+                  "ray tree growth |")
+            print("|---" * 12 + "|")
+            for mil, lw, rw, same, lp, rp, lt, rt in ray_rows:
+                print(f"| {mil:g}M | {'–' if lw is None else f'{lw:.1f}'} | {rw:.1f} | "
+                      f"{'–' if lw is None else f'{rw / lw:.2f}'} | {gb(lp)} | {gb(rp)} | {gb(lt)} | {gb(rt)} | "
+                      f"{'–' if same is None else same} | {rw / r0[2]:.2f} | {rp / r0[5]:.2f} | "
+                      f"{rt / r0[7] if r0[7] else float('nan'):.2f} |")
 
         # Swing: sparse vs the literal formula on a slice of the dislikes
         synth(work / "swing_log.parquet", 1_000_000, 100_000, 10_000, args.days)

@@ -7,9 +7,10 @@ starts a local one for the run). The config and the output folder are the same a
 - **samples** (histories, GTS/FPS windows, the per-user rows of every RL/eval/warm-up file) are
   partitioned **by user**: each event carries a stable hash of its user into a partition column,
   Ray Data groups the events by it (``groupby(...).map_groups``) and every group builds its users'
-  rows with the same :func:`data_prep.samples.build_samples` the local engine runs, against item
-  tables built once and shared through the object store. Users are independent, so the union of
-  the groups, put back in user order, is the local output. A log read on Ray Data (below) is
+  rows with the same :func:`data_prep.steps.user_row_sets` the local engine runs on the whole log,
+  against item tables built once and shared through the object store, and writes them as shards.
+  Users are independent, so the union of the groups, merged by each file's key, is the local
+  output. A log read on Ray Data (below) is
   already partitioned there, and each group computes its events' split keys itself; a MovieLens
   log (read on the driver) is sent from the driver.
 - **Swing** of a log read on the driver (MovieLens) is partitioned **by item**: partition ``k``
@@ -35,20 +36,23 @@ starts a local one for the run). The config and the output folder are the same a
   per-user cutoffs; the log's counts are per-partition aggregates (:func:`map_partitions`).
 - **item embeddings** and **Swing** are computed on one worker (preferably on the driver's node)
   from the training events gathered there (:func:`on_worker`), never on the driver. The worker
-  holds the training events' columns; the driver gets item-sized results (vectors, neighbour
-  lists).
+  holds the training events' columns; the driver gets item-sized results (neighbour lists). The
+  item vectors stay in the object store and the **SID** codebook is fitted and every item
+  quantised and repaired in another task beside them (:func:`call_on_worker`, with the driver's
+  BLAS/OpenMP thread count); the driver gets the codebook and the item -> SID table.
 
-- the **candidate pools** (items of each day, each test user's likes of the target day) and the
-  per-user halves of the **SFT sets** (alignment pools, warm-up rows of every dislike) are made on
-  the partitions; the seeded draws that run over all users in one sequence (candidates, alignment
-  questions) run on the driver from those pools.
+- the **candidate pools** (items of each day from the evaluation cutoff on, as positions in the
+  SID'd items) are merged from the partitions; the **RL / evaluation rows**
+  (:func:`row_sets_ray`: stages, candidate sets) and the **SFT sets** (alignment questions, warm-up
+  rows of every dislike) are made on the partitions and written there as shards
+  (``data_prep/shards.py``); every seeded draw is per user or per row, so a partition draws its
+  users' share of the local build.
 
 So with ``engine=ray`` the driver never holds the log's events: it holds per-item state (item
 ids, embeddings, SIDs, Swing neighbours, the day pools; each partition sends its own distinct
 items or (day, item) pairs, so up to ``partitions`` times that while they are merged), per-user
-state (cutoffs, alignment pools) and the rows it writes. Still on the driver: the SID k-means (one pass over the items) and
-the parquet writes, one file each, from rows gathered there; sharded writes by the workers are
-the next step for outputs larger than the driver's memory.
+state (cutoffs, the shards' merge-key runs) and the candidate pools; every output file is merged
+from the workers' shards, one row group per shard at a time.
 """
 
 from __future__ import annotations
@@ -197,58 +201,56 @@ def swing_pair_scores_ray(R, params, n_parts: int, block: int = 100_000):
     return I[order], J[order], S[order]
 
 
-# -- samples, partitioned by user ----------------------------------------------------------------
+# -- the RL / evaluation rows, partitioned by user, written by the workers ----------------------
 
-def build_samples_ray(ctx, n_parts: int, parts=None, items: np.ndarray | None = None):
-    """:func:`data_prep.samples.build_samples` with users grouped into ``n_parts`` partitions on Ray
-    Data; returns the same ``(train_rows, test_rows, counts)`` as the local call. ``parts``: the
-    log's user partitions from :func:`read_log_ray` (each partition's events in the log's order;
-    their keys are computed where they are; ``items``: the log's items, as ``ctx.inter`` is then
-    None); without them ``ctx.inter`` is sent from the driver and grouped."""
-    import ray
+def _row_sets_part(df: pd.DataFrame, shared) -> tuple[dict, dict]:
+    """One user partition's RL / evaluation rows (:func:`data_prep.steps.user_row_sets`), each set
+    written here as a shard (rows in the set's merge-key order); returns ``{name: (shard, runs)}``
+    and the partition's counts."""
+    from conrec_verl.data_prep import steps as T
+    from conrec_verl.data_prep.shards import write_shard
+
+    plan, lookup, args, staging = shared
+    events = df[_EVENT_COLUMNS].reset_index(drop=True)
+    out = T.user_row_sets(events, replace(plan, key=plan.event_keys(events)), lookup, *args)
+    part = int(df["_part"].iloc[0])
+    shards = {name: write_shard(recs, T.rl_set_schema(name),
+                                Path(staging) / name.replace("/", "-") / f"part-{part:05d}.parquet", out.keys[name])
+              for name, recs in out.records.items()}
+    return shards, out.stats
+
+
+def row_sets_ray(log, plan, lookup, args: tuple, n_parts: int, staging) -> tuple[dict, dict]:
+    """:func:`data_prep.steps.user_row_sets` on every user partition of the log (``log.parts``, or
+    the driver's table of a log read there, sent to the cluster), each partition's sets written by
+    its worker as shards under ``staging``. Returns ``{name: ShardedRows}`` (merged into the files
+    when the folder is written, :func:`data_prep.steps.write_rl_files`) and the summed counts; the
+    driver holds the shards' runs (one per user, or per user and cutoff) and counts, never the rows."""
     import ray.data
 
-    from conrec_verl.data_prep import samples as S
+    from conrec_verl.data_prep import steps as T
+    from conrec_verl.data_prep.shards import ShardedRows
 
-    lookup = S.item_lookup(ctx, items)
-    shared = ray.put((replace(ctx.plan, key=np.zeros(0, np.int64)), lookup, ctx.sid_build, ctx.seed, dict(ctx.cfg)))
-
-    def build_part(df: pd.DataFrame) -> pd.DataFrame:
-        plan, lk, sid_build, seed, cfg = ray.get(shared)
-        if "_key" in df.columns:  # sent from the driver: back in the log's order
-            df = df.sort_values("_row", kind="stable").reset_index(drop=True)
-            key = df["_key"].to_numpy(np.int64)
-        else:  # a partition of the log read on Ray Data (a shuffle need not keep its order)
-            df = df.sort_values(_READ_ORDER, kind="stable").reset_index(drop=True)
-            key = plan.event_keys(df)
-        part_ctx = S.SampleContext(df[_EVENT_COLUMNS], replace(plan, key=key), {}, {}, {}, sid_build, seed, cfg)
-        out = S.build_samples(part_ctx, lk, progress=False)
-        return pd.DataFrame({"_part": [int(df["_part"].iloc[0])],
-                             "payload": [pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)]})
-
-    if parts is None:
-        frame = ctx.inter[_EVENT_COLUMNS].copy()
-        frame["_key"] = np.asarray(ctx.plan.key)
+    parts = log.parts
+    if parts is None:  # a log read on the driver (MovieLens): its events, in the log's order
+        frame = log.interactions[_EVENT_COLUMNS].copy()
         frame["_row"] = np.arange(len(frame), dtype=np.int64)
         frame["_part"] = stable_partition(frame["user_id"].to_numpy(), n_parts)
         parts = ray.data.from_pandas(frame)
         del frame
-    ds = parts.groupby("_part").map_groups(build_part, batch_format="pandas")
-    parts = _payloads(ds)
-    counts: dict = {"train": {}, "test": {}}
-    for _, _, c in parts:
-        for split, reasons in c.items():
-            for reason, n in reasons.items():
-                counts[split][reason] = counts[split].get(reason, 0) + n
-
-    def gather(frames: list) -> pd.DataFrame:
-        frames = [f for f in frames if len(f)]
-        if not frames:
-            return pd.DataFrame()
-        # the local engine walks users in sorted order, each user's rows in cutoff order
-        return pd.concat(frames, ignore_index=True).sort_values("user_id", kind="stable").reset_index(drop=True)
-
-    return gather([p[0] for p in parts]), gather([p[1] for p in parts]), counts
+    shared = (replace(plan, key=None), lookup, args, str(staging))
+    sets: dict = {}
+    sums: dict = {}
+    for shards, stats in map_partitions(parts, _row_sets_part, shared):
+        for name, (path, runs) in shards.items():
+            sets.setdefault(name, ShardedRows(T.rl_set_schema(name))).add(path, runs)
+        sums = T.add_stat_sums(sums, stats)
+    for name in ("rl/val", "eval/test"):  # files the folder always has, even with no row
+        sets.setdefault(name, ShardedRows(T.rl_set_schema(name)))
+    if args[-1]:  # sft.warmup.rows=cutoffs
+        for name in ("sft/warmup", "sft/warmup_val"):
+            sets.setdefault(name, ShardedRows(T.rl_set_schema(name)))
+    return sets, sums
 
 
 # -- reading a log in several files, partitioned by user -------------------------------------------
@@ -359,7 +361,8 @@ def _log_counts(df: pd.DataFrame, _shared) -> dict:
 
 def map_partitions(parts, fn, shared=None) -> list:
     """``fn(events, shared)`` on every user partition of ``parts`` (:func:`read_log_ray`), on the
-    cluster: ``events`` = the partition's events in the log's order (user, time, item, file order);
+    cluster: ``events`` = the partition's events in the log's order (user, time, item, file order; a
+    table sent from the driver without ``_file``: its ``_row`` order);
     ``shared`` is sent once through the object store. The results (any picklable value, small:
     they come to the driver) in partition order."""
     import ray
@@ -367,7 +370,10 @@ def map_partitions(parts, fn, shared=None) -> list:
     ref = ray.put(shared)
 
     def run(df: pd.DataFrame) -> pd.DataFrame:
-        df = df.sort_values(_READ_ORDER, kind="stable").reset_index(drop=True)
+        # a shuffle need not keep the order: the log's (user, time, item, file order), or for a
+        # table sent from the driver its own row order
+        order = _READ_ORDER if "_file" in df.columns else ["_row"]
+        df = df.sort_values(order, kind="stable").reset_index(drop=True)
         out = fn(df, ray.get(ref))
         return pd.DataFrame({"_part": [int(df["_part"].iloc[0])],
                              "payload": [pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)]})
@@ -443,16 +449,16 @@ def train_events_ray(parts, plan):
         return parts.groupby("_part").map_groups(keep, batch_format="pandas").materialize()
 
 
-def on_worker(fn, train_ds, num_cpus: float = 1, blas: bool = False, **kwargs):
+def on_worker(fn, train_ds, num_cpus: float = 1, blas: bool = False, keep: bool = False, **kwargs):
     """``fn(train=..., **kwargs)`` in one Ray task, where ``train`` is the training events (the
     :func:`train_events_ray` Dataset) gathered on that worker in the log's order: the item-side
     steps that need every training event run beside the data, not on the driver. The task prefers
     the driver's node (soft affinity). ``blas``: start the worker with the driver's BLAS thread
     count (Ray starts workers with one), so that dense linear algebra (the SVD of the item
     embeddings) sums in the same order and the vectors equal the local engine's on a machine like
-    the driver's; on other CPUs or BLAS builds they may differ in the last bits."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    the driver's; on other CPUs or BLAS builds they may differ in the last bits. ``keep``: return
+    the result's ``ObjectRef`` (it stays in the object store, for :func:`call_on_worker`) instead of
+    the value."""
 
     def run(ds, kw):
         # partitions in any block order: the log's order is (user, time, item, file order)
@@ -461,14 +467,35 @@ def on_worker(fn, train_ds, num_cpus: float = 1, blas: bool = False, **kwargs):
                               "polarity": np.int8, "weight": np.float32})
         return fn(train=train, **kw)
 
+    return call_on_worker(run, train_ds, kwargs, num_cpus=num_cpus, blas=blas, keep=keep)
+
+
+def wait(ref) -> None:
+    """Until the task behind ``ref`` has finished (its value stays where it is; an error in it is
+    raised by whatever reads it)."""
+    import ray
+
+    ray.wait([ref], fetch_local=False)
+
+
+def call_on_worker(fn, *args, num_cpus: float = 1, blas: bool = False, keep: bool = False):
+    """``fn(*args)`` in one Ray task on the driver's node (soft affinity; ``ObjectRef`` arguments are
+    resolved there, so a result kept by :func:`on_worker` never comes to the driver); ``blas`` and
+    ``keep`` as in :func:`on_worker`. A :class:`DataPrepError` in the task is raised as itself."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     options = {"num_cpus": num_cpus, "scheduling_strategy": NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=True)}
     if blas:
         threads = str(blas_threads())
         options["runtime_env"] = {"env_vars": {k: threads for k in
                                                ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
+    ref = ray.remote(**options)(fn).remote(*args)
+    if keep:
+        return ref
     with _worker_errors():
-        return ray.get(ray.remote(**options)(run).remote(train_ds, kwargs))
+        return ray.get(ref)
 
 
 def blas_threads() -> int:
@@ -485,23 +512,28 @@ def blas_threads() -> int:
 
 # -- candidate pools on the partitions -----------------------------------------------------------
 
-def _pools_part(df: pd.DataFrame, shared) -> tuple:
+def _day_positions_part(df: pd.DataFrame, shared) -> dict:
+    """One partition's (day -> positions in the SID'd items) of the days from ``first_day`` on."""
     from conrec_verl.data_prep import samples as S
 
-    sid_of, wanted = shared
-    return S.candidate_pools(df, sid_of, wanted[wanted["user_id"].isin(set(df["user_id"].unique()))])
+    sid_of, items, first_day = shared
+    pairs = S.day_item_pairs(df[df["day"].to_numpy() >= first_day], sid_of)
+    pos = pd.Index(items).get_indexer(pairs["item_id"].to_numpy(dtype=object)).astype(np.int32)
+    days = pairs["day"].to_numpy()
+    return {int(d): np.unique(pos[days == d]) for d in np.unique(days)}
 
 
-def candidate_pools_ray(parts, sid_of: dict, wanted: pd.DataFrame) -> tuple[dict, dict]:
-    """:func:`data_prep.samples.candidate_pools` of every partition, merged: the day pools from the
-    distinct (day, item) pairs, the per-(user, day) likes from disjoint users."""
+def candidate_pools_ray(parts, sid_of: dict, first_day: int):
+    """:class:`data_prep.samples.CandidatePools` of the partitioned log: each partition sends its
+    distinct (day, item position) pairs from ``first_day`` on as int32 arrays, merged per day."""
     from conrec_verl.data_prep import samples as S
 
-    pairs, ud = [], {}
-    for p, u in map_partitions(parts, _pools_part, (sid_of, wanted)):
-        pairs.append(p)
-        ud.update(u)
-    return S.day_item_pools(pd.concat(pairs, ignore_index=True)), ud
+    items = np.asarray(sorted(sid_of), dtype=object)
+    days: dict = {}
+    for part in map_partitions(parts, _day_positions_part, (sid_of, items, int(first_day))):
+        for d, pos in part.items():
+            days[d] = np.union1d(days[d], pos) if d in days else pos
+    return S.CandidatePools(items, {d: days[d].astype(np.int32) for d in sorted(days)})
 
 
 # -- SFT sets on the partitions ------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -173,20 +174,27 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
     ecfg, sw = cfg.get("embedding", {}) or {}, cfg.get("swing", {}) or {}
     with steps("embeddings"):
         if split.train_on_cluster is not None:  # engine=ray: on a worker, beside the training events
-            emb = D.on_worker(build_item_embeddings, split.train_on_cluster, blas=True, cfg=ecfg,
+            emb = D.on_worker(build_item_embeddings, split.train_on_cluster, blas=True, keep=True, cfg=ecfg,
                               all_items=split.all_items, items=log.items, seed=seed)
+            D.wait(emb)  # the vectors stay in the object store; wait here so the step's time is its own
         else:
             emb = build_item_embeddings(ecfg, split.train, split.all_items, log.items, seed)
     with steps("sids"):
-        sids = T.item_sids(emb, split, cfg, seed)
+        if split.train_on_cluster is not None:  # beside the vectors (never on the driver), same threads
+            sids = D.call_on_worker(T.item_sids, emb, replace(split, plan=None, train_on_cluster=None), cfg, seed,
+                                    blas=True)
+            del emb
+        else:
+            sids = T.item_sids(emb, split, cfg, seed)
     with steps("swing"):
         if split.train_on_cluster is not None:  # on a worker too, pair scores in that task (no nested Ray)
             swing = D.on_worker(T.swing_neighbours, split.train_on_cluster, sw=sw)
         else:
             swing = T.swing_neighbours(split.train, sw, ray_partitions)
-    with steps("samples"):
-        samples = T.rl_samples(log, split, sids, swing, cfg, rl_options(cfg), seed, ray_partitions)
     staging = tmp / "_shards"  # engine=ray: the workers' row shards, merged into the files and removed
+    with steps("samples"):
+        samples = T.rl_samples(log, split, sids, swing, cfg, rl_options(cfg), seed, ray_partitions,
+                               staging if ray_partitions else None)
     with steps("sft"):
         sft = T.sft_sets(log, split, sids, samples, cfg, seed, staging if ray_partitions else None)
     with steps("write"):

@@ -466,38 +466,63 @@ def candidate_wanted(test_rows: pd.DataFrame) -> pd.DataFrame:
                          "day": test_rows["target_day"].to_numpy()}).drop_duplicates()
 
 
-def candidate_pools(inter: pd.DataFrame, sid_of: dict, wanted: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """The pools :func:`candidate_sets` draws from, from any part of the log (whole users): the
-    distinct (day, item) pairs of items with a SID, and per wanted (user, day) the items with a SID
-    the user liked that day (sorted). Pools of disjoint user partitions merge by concatenating the
-    pairs (then :func:`day_item_pools`) and by updating the dicts."""
-    with_sid = inter.loc[inter["item_id"].isin(sid_of.keys()), ["user_id", "item_id", "day", "polarity"]]
-    pairs = with_sid[["day", "item_id"]].drop_duplicates()
-    likes = with_sid[with_sid["polarity"] > 0][["user_id", "day", "item_id"]].drop_duplicates()
-    return pairs, _group_arrays(likes.merge(wanted, on=["user_id", "day"]), ["user_id", "day"])
+def day_item_pairs(inter: pd.DataFrame, sid_of: dict) -> pd.DataFrame:
+    """The distinct (day, item) pairs of items with a SID in any part of the log; pairs of disjoint
+    user partitions merge by concatenating (then :func:`day_item_pools`)."""
+    with_sid = inter.loc[inter["item_id"].isin(sid_of.keys()), ["day", "item_id"]]
+    return with_sid.drop_duplicates()
 
 
-def day_item_pools(pairs: pd.DataFrame) -> dict:
-    """Day -> sorted items with a SID anyone interacted with that day."""
-    return _group_arrays(pairs.drop_duplicates(), ["day"])
+def user_day_likes(inter: pd.DataFrame, sid_of: dict, wanted: pd.DataFrame) -> dict:
+    """Per wanted (user, day): the items with a SID the user liked that day (sorted). Needs the
+    wanted users' events only."""
+    likes = inter.loc[(inter["polarity"].to_numpy() > 0) & inter["item_id"].isin(sid_of.keys()).to_numpy(),
+                      ["user_id", "day", "item_id"]].drop_duplicates()
+    return _group_arrays(likes.merge(wanted, on=["user_id", "day"]), ["user_id", "day"])
 
 
-def candidate_sets(test_rows: pd.DataFrame, inter: pd.DataFrame | None, plan: SplitPlan, sid_of: dict, seed: int,
-                   n_candidates: int = 20, pools: tuple[dict, dict] | None = None) -> tuple[list, list, dict]:
+@dataclass
+class CandidatePools:
+    """What :func:`candidate_sets` draws from besides a user's own likes, built once for the whole
+    log: every item with a SID (sorted) and, per day, the positions in it of the items anyone
+    interacted with that day (sorted; int32 positions instead of item ids keep the pools of a big
+    log small enough to send to every worker)."""
+
+    items: np.ndarray
+    day: dict
+
+    @classmethod
+    def from_pairs(cls, sid_of: dict, pairs: pd.DataFrame) -> "CandidatePools":
+        items = np.asarray(sorted(sid_of), dtype=object)
+        pairs = pairs.drop_duplicates()
+        pos = pd.Index(items).get_indexer(pairs["item_id"].to_numpy(dtype=object)).astype(np.int32)
+        frame = pd.DataFrame({"day": pairs["day"].to_numpy(), "pos": pos}).sort_values(["day", "pos"], kind="stable")
+        days, pos = frame["day"].to_numpy(), frame["pos"].to_numpy()
+        starts = np.flatnonzero(np.r_[True, days[1:] != days[:-1]]) if len(days) else np.zeros(0, np.int64)
+        ends = np.r_[starts[1:], len(days)]
+        return cls(items, {int(days[s]): pos[s:e] for s, e in zip(starts, ends)})
+
+
+def row_rng(seed: int, *parts) -> np.random.Generator:
+    """A generator of its own for one row (seeded by ``seed`` and the row's key, e.g. its user): draws
+    that do not depend on which other rows exist or in which order, or on which worker, they are made."""
+    import hashlib
+
+    h = hashlib.blake2b(repr((int(seed),) + tuple(str(p) for p in parts)).encode(), digest_size=16).digest()
+    return np.random.default_rng(int.from_bytes(h, "little"))
+
+
+def candidate_sets(test_rows: pd.DataFrame, sid_of: dict, seed: int, n_candidates: int, pools: CandidatePools,
+                   own_likes: dict) -> tuple[list, list, dict]:
     """Candidate Acc sets: the target is the first future dislike that has a SID; the other
-    ``n_candidates - 1`` come, in order, from (1) items the same user liked that same calendar day,
-    (2) items anyone interacted with that day, (3) any item with a SID. None of them is a future
-    dislike of the user. The log holds likes/hates only (no impressions), so (1)+(2) is the closest
-    equivalent of "the others shown that day". Rows without a SID'd future dislike get ``[]``, -1.
-    ``pools``: ``(day -> items, (user, day) -> liked items)`` made elsewhere (the Ray engine, from
-    its partitions) in place of ``inter``."""
-    rng = np.random.default_rng(seed)
-    if pools is None:
-        pairs, ud = candidate_pools(inter, sid_of, candidate_wanted(test_rows))
-        day_items = day_item_pools(pairs)
-    else:
-        day_items, ud = pools
-    all_sid_items = np.asarray(sorted(sid_of), dtype=object)
+    ``n_candidates - 1`` come, in order, from (1) items the same user liked that same calendar day
+    (``own_likes``: :func:`user_day_likes`), (2) items anyone interacted with that day, (3) any item
+    with a SID (``pools``). None of them is a future dislike of the user. The log holds likes/hates
+    only (no impressions), so (1)+(2) is the closest equivalent of "the others shown that day". Rows
+    without a SID'd future dislike get ``[]``, -1. Each row draws from a generator seeded by ``seed``
+    and its user (:func:`row_rng`), so a user's set is the same whichever users are built with it."""
+    items = pools.items
+    no_pos = np.empty(0, np.int32)
     cands, targets = [], []
     used = {"same_user_same_day": 0, "same_day": 0, "random": 0, "rows": 0, "rows_without_target": 0}
     for r in test_rows.itertuples(index=False):
@@ -506,25 +531,27 @@ def candidate_sets(test_rows: pd.DataFrame, inter: pd.DataFrame | None, plan: Sp
             targets.append(-1)
             used["rows_without_target"] += 1
             continue
+        rng = row_rng(seed, "candidates", r.user_id, r.cutoff_day)
         target = r.future_neg_items[0]
         day = int(r.target_day)
         exclude = set(r.future_neg_items) | {target}
         picked: list = []
         chosen = set()
-        own = ud.get((r.user_id, day))
-        for source, pool in (("same_user_same_day", own if own is not None else np.empty(0, object)),
-                             ("same_day", day_items.get(day, np.empty(0, object))),
-                             ("random", all_sid_items)):
+        own = own_likes.get((r.user_id, day))
+        day_pos = pools.day.get(day, no_pos)
+        for source, n, take in (("same_user_same_day", 0 if own is None else len(own), lambda idx: own[idx]),
+                                ("same_day", len(day_pos), lambda idx: items[day_pos[idx]]),
+                                ("random", len(items), lambda idx: items[idx])):
             need = n_candidates - 1 - len(picked)
-            if need <= 0 or len(pool) == 0:
+            if need <= 0 or n == 0:
                 continue
             # draw random positions (no full shuffle of big pools); exhaustive when the pool is small
-            order = rng.permutation(len(pool)) if len(pool) <= 8 * n_candidates else None
+            order = rng.permutation(n) if n <= 8 * n_candidates else None
             tries = 0
             while len(picked) < n_candidates - 1 and tries < 20:
                 tries += 1
-                idx = order if order is not None else rng.integers(0, len(pool), size=4 * n_candidates)
-                for i in pool[idx]:
+                idx = order if order is not None else rng.integers(0, n, size=4 * n_candidates)
+                for i in take(idx):
                     if len(picked) >= n_candidates - 1:
                         break
                     if i not in exclude and i not in chosen:
@@ -534,8 +561,8 @@ def candidate_sets(test_rows: pd.DataFrame, inter: pd.DataFrame | None, plan: Sp
                 if order is not None:
                     break
         pos = int(rng.integers(0, len(picked) + 1))
-        items = picked[:pos] + [target] + picked[pos:]
-        cands.append([sid_of[i] for i in items])
+        row_items = picked[:pos] + [target] + picked[pos:]
+        cands.append([sid_of[i] for i in row_items])
         targets.append(pos)
         used["rows"] += 1
     return cands, targets, used

@@ -215,15 +215,18 @@ def _sid_count_fits(max_items: int, num_levels: int):
     return lambda text: len(SID_TOKEN_RE.findall(text)) <= max_items * num_levels
 
 
-def warmup_records(rows: pd.DataFrame) -> list[dict]:
+def warmup_records(rows: pd.DataFrame, keys: list | None = None):
     """``sft.warmup.rows: cutoffs``: one row per RL training row, history (context 2: all
-    negatives) -> the next future dislike that has a SID."""
-    out = []
-    for r in rows.itertuples(index=False):
+    negatives) -> the next future dislike that has a SID. With ``keys`` (one per row of ``rows``)
+    returns ``(records, the keys of the rows kept)``."""
+    out, kept = [], []
+    for j, r in enumerate(rows.itertuples(index=False)):
         target = r.gt["next_neg"] or (r.gt["future_neg"][0] if r.gt["future_neg"] else None)
         if target is None:
             continue
         out.append({"messages": _msg(render_history_prompt(2, r.hist_neg_recent, r.hist_neg, r.hist_pos), target),
                     "extra_info": {"task": "warmup", "user_id": r.user_id, "cutoff_day": int(r.cutoff_day),
                                    "context": 2, "index": len(out)}})
-    return out
+        if keys is not None:
+            kept.append(keys[j])
+    return (out, kept) if keys is not None else out

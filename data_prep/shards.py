@@ -1,15 +1,16 @@
 """Row files written in shards by Ray workers and merged, streaming, into the data folder's files.
 
-With ``engine=ray`` the per-user rows of a set (the warm-up and alignment SFT rows) are written by the
-workers that make them: one parquet shard per user partition (:func:`write_shard`, rows in the
-local engine's order within the partition). The driver never holds those rows: it gets each
-shard's *runs* (user -> row count, in shard order; O(users)) and :func:`merge_shards` writes the
-data folder's single file by a k-way merge of the shards on user id, reading each shard forward
-in row groups and renumbering ``extra_info.index``. The local engine writes its rows through the
+With ``engine=ray`` the per-user rows of a set (the warm-up and alignment SFT rows, the RL
+training / validation rows, the evaluation rows) are written by the workers that make them: one
+parquet shard per user partition (:func:`write_shard`, rows in the local engine's order within the
+partition). The driver never holds those rows: it gets each shard's *runs* (merge key -> row
+count, in shard order; the key is the user, or (cutoff, user) for the RL rows: O(users x
+cutoffs)) and :func:`merge_shards` writes the data folder's single file by a k-way merge of the
+shards on that key, reading each shard forward in row groups and renumbering ``extra_info.index``. The local engine writes its rows through the
 same :class:`RowWriter`, so both engines write byte-identical files (same rows, same row groups).
 
-Memory on the driver: one row group per shard being merged plus one output row group
-(:data:`ROW_GROUP_ROWS`), whatever the number of rows; it grows with the number of shards (one
+Memory on the driver: one shard row group (:data:`SHARD_GROUP_ROWS`) per shard being merged plus
+one output row group (:data:`ROW_GROUP_ROWS`), whatever the number of rows; it grows with the number of shards (one
 per user partition with rows, each an open file while merging), not with the rows.
 """
 
@@ -28,6 +29,9 @@ from conrec_verl.data_prep.errors import DataPrepError
 
 #: rows per row group of every file written through :class:`RowWriter` (and of the shards)
 ROW_GROUP_ROWS = 16_384
+#: rows per row group of a worker's shard (read back one group at a time per shard while merging:
+#: small groups keep the merge's memory low; a shard's layout does not reach the data folder)
+SHARD_GROUP_ROWS = 2_048
 
 
 class RowWriter:
@@ -35,8 +39,11 @@ class RowWriter:
     one shorter), renumbering ``extra_info.index`` 0, 1, 2, ... when ``renumber``; the file's bytes
     depend only on the rows, not on how they were handed in."""
 
-    def __init__(self, path: Path, schema: pa.Schema, renumber: bool = False, rows_per_group: int | None = None):
-        self.path, self.schema, self.renumber = Path(path), schema, renumber
+    def __init__(self, path: Path, schema: pa.Schema, renumber: bool = False, rows_per_group: int | None = None,
+                 start: int = 0):
+        """``start``: the first ``extra_info.index`` when renumbering (a file that is a slice of
+        another keeps that file's numbers)."""
+        self.path, self.schema, self.renumber, self.start = Path(path), schema, renumber, int(start)
         self.rows_per_group = int(rows_per_group or ROW_GROUP_ROWS)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer: pq.ParquetWriter | None = None
@@ -62,7 +69,7 @@ class RowWriter:
         self._pending, self._n_pending = ([rest] if rest.num_rows else []), rest.num_rows
         chunk = chunk.combine_chunks()
         if self.renumber:
-            chunk = _with_index(chunk, self.rows)
+            chunk = _with_index(chunk, self.start + self.rows)
         if self._writer is None:
             self._writer = pq.ParquetWriter(self.path, self.schema)
         self._writer.write_table(chunk)
@@ -89,9 +96,11 @@ def _with_index(table: pa.Table, start: int) -> pa.Table:
     return table.set_column(table.schema.get_field_index("extra_info"), table.schema.field("extra_info"), fixed)
 
 
-def write_records(records: Sequence[dict], schema: pa.Schema, path: Path, renumber: bool = False) -> int:
-    """``records`` to ``path`` through :class:`RowWriter`; returns the row count."""
-    writer = RowWriter(path, schema, renumber)
+def write_records(records: Sequence[dict], schema: pa.Schema, path: Path, renumber: bool = False,
+                  start: int = 0) -> int:
+    """``records`` to ``path`` through :class:`RowWriter` (``extra_info.index`` renumbered from
+    ``start`` when ``renumber``); returns the row count."""
+    writer = RowWriter(path, schema, renumber, start=start)
     writer.write_records(records)
     return writer.close()
 
@@ -102,7 +111,8 @@ def write_records(records: Sequence[dict], schema: pa.Schema, path: Path, renumb
 @dataclass
 class ShardedRows:
     """Rows of one set left in shards by the workers: ``shards[i]`` a parquet file whose rows are in
-    user order, ``runs[i]`` its ``(user_id, rows)`` in file order."""
+    merge-key order, ``runs[i]`` its ``(key, rows)`` in file order (keys of different shards never
+    tie: every key holds a user, and a user's rows are in one shard)."""
 
     schema: pa.Schema
     shards: list[Path] = field(default_factory=list)
@@ -119,33 +129,40 @@ class ShardedRows:
             self.runs.append(list(runs))
 
 
-def user_runs(records: Sequence[dict]) -> list[tuple[str, int]]:
-    """``(user_id, rows)`` of consecutive rows of one user, in order."""
-    runs: list[tuple[str, int]] = []
-    for r in records:
-        user = str(r["extra_info"]["user_id"])
-        if runs and runs[-1][0] == user:
-            runs[-1] = (user, runs[-1][1] + 1)
+def key_runs(keys: Sequence) -> list[tuple]:
+    """``(key, rows)`` of consecutive equal keys, in order."""
+    runs: list[tuple] = []
+    for key in keys:
+        if runs and runs[-1][0] == key:
+            runs[-1] = (key, runs[-1][1] + 1)
         else:
-            runs.append((user, 1))
+            runs.append((key, 1))
     return runs
 
 
-def write_shard(records: Sequence[dict], schema: pa.Schema, path: Path) -> tuple[Path | None, list[tuple[str, int]]]:
-    """A worker's rows (in user order) to one shard under ``path.parent.parent`` (the staging folder,
-    inside the build's output folder, which must exist: a worker that cannot see it is on a node
-    without the driver's storage); returns ``(path, runs)``, ``(None, [])`` when there are no rows."""
+def write_shard(records: Sequence[dict], schema: pa.Schema, path: Path,
+                keys: Sequence | None = None) -> tuple[Path | None, list[tuple]]:
+    """A worker's rows to one shard under ``path.parent.parent`` (the staging folder, inside the
+    build's output folder, which must exist: a worker that cannot see it is on a node without the
+    driver's storage); returns ``(path, runs)``, ``(None, [])`` when there are no rows. ``keys``: each
+    row's merge key (default: its user), the rows grouped by key in sorted order."""
     if not records:
         return None, []
     build = Path(path).parent.parent.parent
     if not build.is_dir():
         raise DataPrepError(f"{build}: the build's output folder is not visible on this Ray worker; with a Ray "
                          "cluster out_dir must be on storage every node can write (a shared filesystem)")
-    runs = user_runs(records)
-    users = [u for u, _ in runs]
-    if users != sorted(users) or len(set(users)) != len(users):
-        raise ValueError(f"{path}: a shard's rows must be grouped by user in sorted order")
-    write_records(records, schema, path)
+    if keys is None:
+        keys = [str(r["extra_info"]["user_id"]) for r in records]
+    if len(keys) != len(records):
+        raise ValueError(f"{path}: {len(keys)} merge keys for {len(records)} rows")
+    runs = key_runs(keys)
+    heads = [k for k, _ in runs]
+    if any(a >= b for a, b in zip(heads, heads[1:])):
+        raise ValueError(f"{path}: a shard's rows must be grouped by user in sorted order (by their merge key)")
+    writer = RowWriter(path, schema, rows_per_group=SHARD_GROUP_ROWS)
+    writer.write_records(records)
+    writer.close()
     return Path(path), runs
 
 
@@ -157,7 +174,7 @@ class _Cursor:
             raise DataPrepError(f"{path}: a worker's shard is not there; with a Ray cluster out_dir must be on storage "
                              "every node can write (a shared filesystem)")
         self.path = path
-        self._batches = pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP_ROWS)
+        self._batches = pq.ParquetFile(path).iter_batches(batch_size=SHARD_GROUP_ROWS)
         self._buf: pa.Table | None = None
 
     def take(self, n: int) -> pa.Table:
@@ -176,8 +193,8 @@ class _Cursor:
 
 
 def _merged(rows: ShardedRows):
-    """The rows of every shard as tables of about :data:`ROW_GROUP_ROWS` rows, in user order (a
-    user's rows are all in one shard, in their shard order). Per table: the users it holds are a
+    """The rows of every shard as tables of about :data:`ROW_GROUP_ROWS` rows, in merge-key order (a
+    key's rows are all in one shard, in their shard order). Per table: the keys it holds are a
     contiguous range of each shard, so it is one slice per shard, put in order with one ``take``."""
     cursors = [_Cursor(p) for p in rows.shards]
     order: Iterable = heapq.merge(*[[(u, i, n) for u, n in runs] for i, runs in enumerate(rows.runs)])
@@ -215,11 +232,21 @@ def _take_block(cursors: list[_Cursor], block: list[tuple[int, int]]) -> pa.Tabl
     return pa.concat_tables(pieces).take(pa.array(index))
 
 
-def merge_shards(rows: ShardedRows, path: Path) -> int:
-    """Write the rows of every shard to ``path`` in user order, ``extra_info.index`` renumbered;
-    returns the row count. The local engine writes the same rows to the same bytes with
-    :func:`write_records`."""
-    writer = RowWriter(path, rows.schema, renumber=True)
+def row_tables(rows, schema: pa.Schema) -> Iterable[pa.Table]:
+    """The rows of a set in file order as tables of at most :data:`ROW_GROUP_ROWS` rows: ``rows`` a
+    list of records (the local engine), or :class:`ShardedRows` the workers wrote (merged)."""
+    if isinstance(rows, ShardedRows):
+        yield from _merged(rows)
+        return
+    for start in range(0, len(rows), ROW_GROUP_ROWS):
+        yield pa.Table.from_pylist(list(rows[start:start + ROW_GROUP_ROWS]), schema=schema)
+
+
+def merge_shards(rows: ShardedRows, path: Path, start: int = 0) -> int:
+    """Write the rows of every shard to ``path`` in merge-key order, ``extra_info.index`` renumbered
+    from ``start``; returns the row count. The local engine writes the same rows to the same bytes
+    with :func:`write_records`."""
+    writer = RowWriter(path, rows.schema, renumber=True, start=start)
     for table in _merged(rows):
         writer.write(table)
     return writer.close()

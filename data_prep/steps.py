@@ -55,7 +55,8 @@ from conrec_verl.data_prep.sft import (
     warmup_config,
     warmup_records,
 )
-from conrec_verl.data_prep.shards import ShardedRows, merge_shards, merge_shards_split, write_records
+from conrec_verl.data_prep.shards import (RowWriter, ShardedRows, merge_shards, merge_shards_split, row_tables,
+                                          write_records)
 from conrec_verl.data_prep.sids import build_sids
 
 # the RL / evaluation row layout is the data contract's (conrec_verl.core.contract)
@@ -253,82 +254,202 @@ def swing_neighbours(train: pd.DataFrame, sw: dict, ray_partitions: int | None =
 # ---------------------------------------------------------------------------------------------
 
 
+#: the RL / evaluation files of a data folder, each with its row layout (``rl/train_context{k}``
+#: are the stages' slices of ``rl/train``, written together with it)
+RL_FILES = {"rl/val": RL_SCHEMA, "eval/test": EVAL_SCHEMA}
+
+
+def rl_set_schema(name: str) -> pa.Schema:
+    if name.startswith("rl/train_context"):
+        return RL_SCHEMA
+    if name.startswith("sft/"):
+        return SFT_SCHEMAS["warmup"]
+    return RL_FILES[name]
+
+
 @dataclass
-class Samples:
-    #: training / validation sample frames (one row per user and cutoff), training with its context
-    train: pd.DataFrame
-    val: pd.DataFrame
-    rl_train: list
-    rl_val: list
-    eval_rows: list
+class RowSets:
+    """The RL / evaluation rows of some users (the whole log, or one Ray partition's users), per
+    file of the data folder (``rl/train_context{k}``, ``rl/val``, ``eval/test``, and with
+    ``sft.warmup.rows: cutoffs`` ``sft/warmup`` and ``sft/warmup_val``): ``records[name]`` in the
+    file's order and ``keys[name]``, each row's merge key in that order (sets of disjoint users
+    interleave by it into the file's order); ``stats``: additive counts
+    (:func:`sample_stat_sums`)."""
+
+    records: dict
+    keys: dict
     stats: dict
 
 
+def user_row_sets(events: pd.DataFrame, plan, lookup, sid_of: dict, pools: "S.CandidatePools", sid_build: str,
+                  seed: int, scfg: dict, rcfg: dict, warmup_cutoffs: bool, progress: bool = False) -> RowSets:
+    """Every RL training / validation row and evaluation row of the users in ``events`` (whole users;
+    ``plan.key`` aligned with ``events``), rendered and ordered as their files hold them:
+
+    - ``rl/train_context{k}``: the training rows assigned to stage k (:func:`data_prep.samples.assign_stages`),
+      by (cutoff, user); ``rl/train`` is the stages one after another;
+    - ``rl/val``: the validation users' rows, by (cutoff, user);
+    - ``eval/test``: one row per user (by user) with its candidate set
+      (:func:`data_prep.samples.candidate_sets`, drawn per user from the whole log's ``pools``).
+
+    A user's rows depend on that user's events and on item-level tables only, so the rows of the
+    whole log are the union of any user partition's, merged by key (the Ray engine's workers run
+    this on their partitions; the local engine on the log)."""
+    ctx = S.SampleContext(events, plan, sid_of, {}, {}, sid_build, seed, scfg)
+    rows, test_rows, skips = S.build_samples(ctx, lookup, progress=progress)
+    tr = rows[rows["split"] == "train"] if len(rows) else rows
+    va = rows[rows["split"] == "val"] if len(rows) else rows
+    n_tr = len(tr)
+    tr = S.assign_stages(tr, rcfg, seed)
+    records: dict = {}
+    keys: dict = {}
+
+    def keyed(frame: pd.DataFrame, *cols) -> list:
+        return list(zip(*(frame[c].tolist() for c in cols)))
+
+    for stage, part in tr.groupby("stage", sort=True):  # tr is sorted by (stage, cut, user)
+        name = f"rl/train_context{int(stage)}"
+        records[name] = S.rl_records(part, "train", sid_build)
+        keys[name] = keyed(part, "cut", "user_id")
+    va_sorted = va.sort_values(["cut", "user_id"], kind="stable") if len(va) else va
+    records["rl/val"] = (S.rl_records(va_sorted, "val", sid_build, int(rcfg.get("val_context", 2)))
+                         if len(va) else [])
+    keys["rl/val"] = keyed(va_sorted, "cut", "user_id") if len(va) else []
+    te = test_rows.sort_values(["user_id"], kind="stable").reset_index(drop=True) if len(test_rows) else test_rows
+    records["eval/test"] = (S.rl_records(te, "test", sid_build, int(rcfg.get("eval_context", 3)))
+                            if len(te) else [])
+    keys["eval/test"] = te["user_id"].tolist() if len(te) else []
+    cand_stats: dict = {}
+    if len(te):
+        own = S.user_day_likes(events, sid_of, S.candidate_wanted(te))
+        cands, targets, cand_stats = S.candidate_sets(te, sid_of, seed, int(scfg.get("n_candidates", 20)), pools,
+                                                      own)
+        for rec, c, t in zip(records["eval/test"], cands, targets):
+            rec["candidates"] = c
+            rec["candidate_target"] = t
+    if warmup_cutoffs:  # one warm-up row per training row (in rl/train's order), per validation row
+        records["sft/warmup"], keys["sft/warmup"] = (warmup_records(tr, keyed(tr, "stage", "cut", "user_id"))
+                                                     if len(tr) else ([], []))
+        records["sft/warmup_val"], keys["sft/warmup_val"] = (warmup_records(va, keyed(va, "user_id", "cut"))
+                                                             if len(va) else ([], []))
+    stats = sample_stat_sums(tr, va, te, skips)
+    stats["rl_rows_without_negative_history_dropped"] = int(n_tr - (tr.drop_duplicates(["user_id", "cut"]).shape[0]
+                                                                    if len(tr) else 0))
+    stats["candidates"] = cand_stats
+    return RowSets(records, keys, stats)
+
+
+@dataclass
+class Samples:
+    #: per file (the names of :class:`RowSets`): its rows, records in file order or (engine=ray)
+    #: :class:`data_prep.shards.ShardedRows` the workers wrote, merged when the folder is written
+    sets: dict
+    stats: dict
+
+
+def sample_pools(log: Log, split: Split, sid_of: dict) -> "S.CandidatePools":
+    """The candidate pools of the whole log (:class:`data_prep.samples.CandidatePools`), from the
+    days a test row's target can fall on (from the earliest evaluation cutoff's day on)."""
+    first_day = split.plan.cutoff_day(min(split.plan.eval_cut.values())) if split.plan.eval_cut else 0
+    if log.parts is not None:
+        return D.candidate_pools_ray(log.parts, sid_of, first_day)
+    inter = log.interactions
+    return S.CandidatePools.from_pairs(sid_of, S.day_item_pairs(inter[inter["day"].to_numpy() >= first_day], sid_of))
+
+
 def rl_samples(log: Log, split: Split, sids: Sids, swing: SwingResult, cfg: dict, rcfg: dict, seed: int,
-               ray_partitions: int | None = None) -> Samples:
-    """``rcfg``: the ``rl`` options with the context names (``pipeline.rl_options``)."""
+               ray_partitions: int | None = None, staging: Path | None = None) -> Samples:
+    """``rcfg``: the ``rl`` options with the context names (``pipeline.rl_options``). With
+    ``ray_partitions`` (engine=ray) the rows are made and written as shards under ``staging`` by the
+    workers (:func:`data_prep.distributed.row_sets_ray`); the driver keeps their runs and counts."""
     scfg = cfg.get("samples", {}) or {}
     sid_build = sids.book.fingerprint
     ctx = S.SampleContext(log.interactions, split.plan, sids.sid_of, swing.neighbors, swing.item_neg_count,
                           sid_build, seed, scfg)
+    lookup = S.item_lookup(ctx, split.all_items)
+    pools = sample_pools(log, split, sids.sid_of)
+    wcfg = warmup_config((cfg.get("sft", {}) or {}).get("warmup", True))
+    cutoffs = wcfg.get("rows") == "cutoffs"
+    args = (sids.sid_of, pools, sid_build, seed, dict(scfg), dict(rcfg), cutoffs)
     if ray_partitions:
-        train_rows, test_rows, skip_counts = D.build_samples_ray(ctx, ray_partitions, log.parts, split.all_items)
+        if staging is None:
+            raise ValueError("rl_samples: engine=ray needs a staging folder for the workers' shards")
+        sets, sums = D.row_sets_ray(log, split.plan, lookup, args, ray_partitions, staging)
     else:
-        train_rows, test_rows, skip_counts = S.build_samples(ctx, progress=bool(cfg.get("progress", True)))
-    if train_rows.empty:
-        tr, va = train_rows, train_rows
-    else:
-        tr = train_rows[train_rows["split"] == "train"]
-        va = train_rows[train_rows["split"] == "val"]
-    n_tr = len(tr)
-    tr = S.assign_stages(tr, rcfg, seed)
-    n_no_neg = n_tr - (tr.drop_duplicates(["user_id", "cut"]).shape[0] if len(tr) else 0)
-    rl_train = S.rl_records(tr, "train", sid_build)
-    rl_val = S.rl_records(va.sort_values(["cut", "user_id"], kind="stable"), "val", sid_build,
-                          int(rcfg.get("val_context", 2))) if len(va) else []
-    test_sorted = test_rows.sort_values(["user_id"], kind="stable").reset_index(drop=True) if len(test_rows) else test_rows
-    eval_rows = S.rl_records(test_sorted, "test", sid_build, int(rcfg.get("eval_context", 3))) if len(test_rows) else []
-    cand_stats = {}
-    if eval_rows:
-        pools = (D.candidate_pools_ray(log.parts, sids.sid_of, S.candidate_wanted(test_sorted))
-                 if log.parts is not None else None)
-        cands, targets, cand_stats = S.candidate_sets(test_sorted, log.interactions, split.plan, sids.sid_of, seed,
-                                                      int(scfg.get("n_candidates", 20)), pools)
-        for rec, c, t in zip(eval_rows, cands, targets):
-            rec["candidates"] = c
-            rec["candidate_target"] = t
-    stats = sample_stats(tr, va, test_sorted, skip_counts)
-    stats["rl_rows_without_negative_history_dropped"] = int(n_no_neg)
-    stats["candidates"] = cand_stats
-    return Samples(tr, va, rl_train, rl_val, eval_rows, stats)
+        out = user_row_sets(log.interactions, split.plan, lookup, *args, progress=bool(cfg.get("progress", True)))
+        sets, sums = out.records, out.stats
+    if cutoffs and not sums["train"]["rows"]:  # no training row: no warm-up rows of either kind
+        sets["sft/warmup"], sets["sft/warmup_val"] = [], []
+    return Samples(sets, finish_sample_stats(sums))
 
 
-def sample_stats(tr: pd.DataFrame, va: pd.DataFrame, te: pd.DataFrame, skips: dict) -> dict:
-    def block(df):
-        if df is None or len(df) == 0:
+def _block_sums(df: pd.DataFrame | None) -> dict:
+    if df is None or len(df) == 0:
+        return {"rows": 0}
+    gt = df["gt"]
+    out = {"rows": int(len(df)), "users": int(df["user_id"].nunique()),
+           "future_neg_items": int(gt.map(lambda g: g["n_future_neg"]).sum()),
+           "future_neg_cold": int(gt.map(lambda g: g["n_future_neg_cold"]).sum()),
+           "gts_items": int(gt.map(lambda g: len(g["future_neg"]) + len(g["swing"])).sum()),
+           "gts_from_swing": int(gt.map(lambda g: len(g["swing"])).sum()),
+           "rows_with_swing": int(gt.map(lambda g: len(g["swing"]) > 0).sum()),
+           "fps_items": int(gt.map(lambda g: len(g["future_pos"])).sum()),
+           "long_tail_user_rows": int(df["long_tail_user"].sum()),
+           "rows_only_cold": int(gt.map(lambda g: len(g["future_neg"]) == 0).sum())}
+    if "window_days" in df.columns:
+        w = df["window_days"].to_numpy()
+        out.update(window_days_min=int(w.min()), window_days_sum=int(w.sum()), window_days_max=int(w.max()))
+    if "stage" in df.columns:  # the context assigned to each training row
+        out["contexts"] = {str(k): int(v) for k, v in df["stage"].value_counts().items()}
+    return out
+
+
+def sample_stat_sums(tr: pd.DataFrame, va: pd.DataFrame, te: pd.DataFrame, skips: dict) -> dict:
+    """The samples' counts of some users, additive over disjoint users (:func:`add_stat_sums`; users
+    count once: a user's rows are all in one part); :func:`finish_sample_stats` makes the manifest's
+    block of them."""
+    return {"train": _block_sums(tr), "val": _block_sums(va), "test": _block_sums(te),
+            "skipped": {"train_and_val": dict(skips.get("train", {})), "test": dict(skips.get("test", {}))}}
+
+
+def add_stat_sums(a: dict, b: dict) -> dict:
+    """Two :func:`sample_stat_sums` (or any nested dicts of counts) added: ``*_min``/``*_max`` by
+    min/max, dicts key by key, numbers summed."""
+    out = dict(a)
+    for k, v in b.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict):
+            out[k] = add_stat_sums(out[k], v)
+        elif k.endswith("_min"):
+            out[k] = min(out[k], v)
+        elif k.endswith("_max"):
+            out[k] = max(out[k], v)
+        else:
+            out[k] = out[k] + v
+    return out
+
+
+def finish_sample_stats(sums: dict) -> dict:
+    """The manifest's ``samples`` block from the summed counts."""
+    def block(b: dict) -> dict:
+        if not b.get("rows"):
             return {"rows": 0}
-        gt = df["gt"]
-        n_neg = gt.map(lambda g: g["n_future_neg"]).sum()
-        n_cold = gt.map(lambda g: g["n_future_neg_cold"]).sum()
-        n_fn = gt.map(lambda g: len(g["future_neg"])).sum()
-        n_sw = gt.map(lambda g: len(g["swing"])).sum()
-        out = {"rows": int(len(df)), "users": int(df["user_id"].nunique()),
-               "future_neg_items": int(n_neg), "future_neg_cold": int(n_cold),
-               "cold_share": float(n_cold / n_neg) if n_neg else 0.0,
-               "gts_items": int(n_fn + n_sw), "gts_from_swing": int(n_sw),
-               "rows_with_swing": int(gt.map(lambda g: len(g["swing"]) > 0).sum()),
-               "fps_items": int(gt.map(lambda g: len(g["future_pos"])).sum()),
-               "long_tail_user_rows": int(df["long_tail_user"].sum()),
-               "rows_only_cold": int(gt.map(lambda g: len(g["future_neg"]) == 0).sum())}
-        if "window_days" in df.columns:
-            w = df["window_days"].to_numpy()
-            out["window_days"] = {"min": int(w.min()), "mean": round(float(w.mean()), 2), "max": int(w.max())}
-        if "stage" in df.columns:  # the context assigned to each training row
-            out["contexts"] = {str(k): int(v) for k, v in df["stage"].value_counts().sort_index().items()}
+        out = {k: v for k, v in b.items() if not k.startswith("window_days_") and k != "contexts"}
+        n_neg = b["future_neg_items"]
+        out["cold_share"] = float(b["future_neg_cold"] / n_neg) if n_neg else 0.0
+        if "window_days_sum" in b:
+            out["window_days"] = {"min": b["window_days_min"], "mean": round(b["window_days_sum"] / b["rows"], 2),
+                                  "max": b["window_days_max"]}
+        if "contexts" in b:
+            out["contexts"] = {k: b["contexts"][k] for k in sorted(b["contexts"], key=int)}
         return out
 
-    return {"train": block(tr), "val": block(va), "test": block(te),
-            "skipped": {"train_and_val": skips.get("train", {}), "test": skips.get("test", {})}}
+    stats = {name: block(sums[name]) for name in ("train", "val", "test")}
+    stats["skipped"] = sums["skipped"]
+    stats["rl_rows_without_negative_history_dropped"] = sums["rl_rows_without_negative_history_dropped"]
+    stats["candidates"] = sums["candidates"]
+    return stats
 
 
 @dataclass
@@ -350,7 +471,6 @@ def sft_sets(log: Log, split: Split, sids: Sids, samples: Samples, cfg: dict, se
     removes them)."""
     sft_cfg = cfg.get("sft", {}) or {}
     scfg = cfg.get("samples", {}) or {}
-    tr, va = samples.train, samples.val
     translation = translation_records(log.items, sids.sid_of) if sft_cfg.get("translation", True) else []
     vfrac = float(scfg.get("val_user_fraction", 0.1))
     align_cfg = sft_cfg.get("alignment", {}) or {}
@@ -380,9 +500,8 @@ def sft_sets(log: Log, split: Split, sids: Sids, samples: Samples, cfg: dict, se
                                                levels) if val_users else []
         alignment = alignment_from_pools(neg_of, pos_of, sids.sid_of, align_cfg, seed)
         alignment, alignment_heldout = split_heldout(alignment, heldout, seed)
-    if wcfg.get("rows") == "cutoffs" and len(tr):
-        warmup = warmup_records(tr)
-        warmup_val = warmup_records(va) if len(va) and va is not tr else []
+    if wcfg.get("rows") == "cutoffs":  # made with the RL rows (:func:`user_row_sets`)
+        warmup, warmup_val = samples.sets["sft/warmup"], samples.sets["sft/warmup_val"]
     return SftSets(translation, alignment, alignment_heldout, warmup, warmup_val)
 
 
@@ -412,6 +531,36 @@ def _json_default(o):
 
 def write_json(obj, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def write_rl_files(sets: dict, folder: Path) -> dict:
+    """``rl/train.parquet`` (the stages' rows one after another), ``rl/train_context{k}.parquet`` (stage
+    k's slice, keeping its numbers in ``rl/train``), ``rl/val.parquet`` and ``eval/test.parquet``;
+    returns their row counts. Each set is a list of records or worker shards (merged, streaming)."""
+    stages = sorted(int(n[len("rl/train_context"):]) for n in sets if n.startswith("rl/train_context"))
+    counts = {}
+    train = RowWriter(folder / "rl" / "train.parquet", RL_SCHEMA, renumber=True)
+    for k in stages:
+        name = f"rl/train_context{k}"
+        for table in row_tables(sets[name], RL_SCHEMA):
+            train.write(table)
+    counts["rl/train"] = train.close()
+    start = 0
+    for k in stages:
+        name = f"rl/train_context{k}"
+        counts[name] = write_rows(sets[name], RL_SCHEMA, folder / "rl" / f"train_context{k}.parquet", start=start)
+        start += counts[name]
+    for name, schema in RL_FILES.items():
+        counts[name] = write_rows(sets[name], schema, folder / f"{name}.parquet")
+    return counts
+
+
+def write_rows(rows, schema: pa.Schema, path: Path, start: int = 0) -> int:
+    """A set's rows (records or worker shards) to ``path``, ``extra_info.index`` numbered from ``start``."""
+    writer = RowWriter(path, schema, renumber=True, start=start)
+    for table in row_tables(rows, schema):
+        writer.write(table)
+    return writer.close()
 
 
 SWING_SCHEMA = pa.schema([("item_id", pa.string()), ("neighbor_id", pa.string()), ("score", pa.float64())])
@@ -444,17 +593,9 @@ def write_folder(folder: Path, cfg: dict, seed: int, log: Log, split: Split, sid
     if sft.warmup_val:
         counts["sft/warmup_val"] = write_parquet(sft.warmup_val, SFT_SCHEMAS["warmup"],
                                                  folder / "sft" / "warmup_val.parquet", renumber=True)
-    rl_train = samples.rl_train
-    counts["rl/train"] = write_parquet(rl_train, RL_SCHEMA, folder / "rl" / "train.parquet")
-    for context in sorted({r["extra_info"]["context"] for r in rl_train}):
-        sub = [r for r in rl_train if r["extra_info"]["context"] == context]
-        counts[f"rl/train_context{context}"] = write_parquet(sub, RL_SCHEMA,
-                                                            folder / "rl" / f"train_context{context}.parquet")
-    counts["rl/val"] = write_parquet(samples.rl_val, RL_SCHEMA, folder / "rl" / "val.parquet")
-    counts["eval/test"] = write_parquet(samples.eval_rows, EVAL_SCHEMA, folder / "eval" / "test.parquet")
+    counts.update(write_rl_files(samples.sets, folder))
     report = dict(sids.report, swing=swing.stats)
     write_json(report, folder / "sid_report.json")
-    va = samples.val
     return {
         "format_version": 1,
         "sid_build": sids.book.fingerprint,
@@ -462,7 +603,7 @@ def write_folder(folder: Path, cfg: dict, seed: int, log: Log, split: Split, sid
         "config": cfg,
         "inputs": log.checksums,
         "input_stats": log.stats,
-        "split": dict(split.plan.info, val_users=int(va["user_id"].nunique()) if len(va) else 0,
+        "split": dict(split.plan.info, val_users=int(samples.stats["val"].get("users", 0)),
                       train_events=int(split.train_events), warm_items=len(split.warm), cold_items=sids.n_cold_items),
         "counts": dict(counts, users=int(log.stats["users"]), items=int(len(split.all_items)),
                        events=int(log.stats["events"]), items_with_sid=int(len(sids.table))),

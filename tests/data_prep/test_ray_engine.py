@@ -100,6 +100,97 @@ def test_samples_of_user_partitions_union_to_the_whole(tmp_path):
         pd.testing.assert_frame_equal(got.reset_index(drop=True), full.reset_index(drop=True))
 
 
+def _synth_inter(seed: int = 1, n_users: int = 30) -> pd.DataFrame:
+    log = synth_log(seed=seed, n_users=n_users)
+    inter = pd.DataFrame({"user_id": log.user_id.astype(str), "item_id": log.item_id.astype(str),
+                          "ts": log.timestamp.astype(np.int64),
+                          "day": pd.to_datetime(log.timestamp, unit="ms").dt.strftime("%Y%m%d").astype(np.int64),
+                          "polarity": np.where(log.label == 0, -1, 1).astype(np.int8)})
+    return inter.sort_values(["user_id", "ts"], kind="stable").reset_index(drop=True)
+
+
+@pytest.mark.parametrize("mode", ["global_day", "per_user"])
+@pytest.mark.parametrize("cutoffs", [False, True])
+def test_row_sets_of_user_partitions_merge_into_the_local_files(tmp_path, monkeypatch, mode, cutoffs):
+    """The RL / evaluation rows (and the cutoffs warm-up rows) of disjoint user partitions, each
+    written as shards by "its worker" and merged by key, are the local engine's files byte for byte:
+    rl/train in (stage, cutoff, user) order, each stage's slice keeping its numbers, the candidate
+    sets drawn per user, and the same counts."""
+    from conrec_verl.data_prep import shards as SH
+    from conrec_verl.data_prep import steps as T
+
+    monkeypatch.setattr(SH, "ROW_GROUP_ROWS", 7)  # merges cross many row groups
+    inter = _synth_inter(n_users=60)
+    scfg = ({"eval_cutoff_day": 20240112, "num_train_cutoffs": 4, "window_days": 3} if mode == "global_day" else
+            {"mode": "per_user", "train_fractions": [0.3, 0.45], "window_days": 3, "train_windows": "truncated"})
+    plan = S.plan_split(inter, scfg)
+    items = np.asarray(sorted(inter.item_id.unique()), dtype=object)
+    sid_of = {it: f"<a_{k % 4}><b_{k // 4 % 4}><c_{k // 16}>" for k, it in enumerate(items[:-3])}  # 3 cold
+    ctx = S.SampleContext(inter, plan, sid_of, {items[0]: [items[1]]}, {}, "b0", 0, {})
+    lookup = S.item_lookup(ctx, items)
+    pools = S.CandidatePools.from_pairs(sid_of, S.day_item_pairs(inter, sid_of))
+    args = (sid_of, pools, "b0", 7, {"n_candidates": 6, "val_user_fraction": 0.2}, {"contexts": [1, 2, 3]}, cutoffs)
+    whole = T.user_row_sets(inter, plan, lookup, *args)
+    stages = sorted(n for n in whole.records if n.startswith("rl/train_context"))
+    assert len(stages) >= 2 and len(whole.records["rl/val"]) and len(whole.records["eval/test"]) > 20
+    assert all(len(r["candidates"]) == 6 for r in whole.records["eval/test"] if r["candidate_target"] >= 0)
+    assert ("sft/warmup" in whole.records) == cutoffs
+    local_counts = T.write_rl_files(whole.records, tmp_path / "local")
+    assert local_counts["rl/train"] == sum(local_counts[n] for n in stages)
+    staging = tmp_path / "build" / "_shards"
+    staging.parent.mkdir()
+    part = stable_partition(inter.user_id.to_numpy(), 3)
+    sets: dict = {}
+    sums: dict = {}
+    for k in range(3):
+        m = part == k
+        sub = T.user_row_sets(inter[m].reset_index(drop=True), replace(plan, key=plan.key[m]), lookup, *args)
+        for name, recs in sub.records.items():
+            shard = staging / name.replace("/", "-") / f"part-{k:05d}.parquet"
+            sets.setdefault(name, SH.ShardedRows(T.rl_set_schema(name))).add(
+                *SH.write_shard(recs, T.rl_set_schema(name), shard, sub.keys[name]))
+        sums = T.add_stat_sums(sums, sub.stats)
+    assert all(len(sets[n].shards) > 1 for n in stages)
+    assert T.write_rl_files(sets, tmp_path / "ray") == local_counts
+    files = [f"{n}.parquet" for n in ["rl/train", *stages, "rl/val", "eval/test"]]
+    for f in files:
+        assert (tmp_path / "ray" / f).read_bytes() == (tmp_path / "local" / f).read_bytes(), f
+    train = pd.read_parquet(tmp_path / "local" / "rl" / "train.parquet")
+    assert train["extra_info"].map(lambda e: e["index"]).tolist() == list(range(len(train)))
+    last = pd.read_parquet(tmp_path / "local" / f"{stages[-1]}.parquet")
+    assert last["extra_info"].map(lambda e: e["index"]).iloc[0] == len(train) - len(last)
+    assert T.finish_sample_stats(sums) == T.finish_sample_stats(whole.stats)
+    if cutoffs:
+        for name in ("sft/warmup", "sft/warmup_val"):
+            T.write_rows(whole.records[name], T.rl_set_schema(name), tmp_path / "local" / f"{name}.parquet")
+            T.write_rows(sets[name], T.rl_set_schema(name), tmp_path / "ray" / f"{name}.parquet")
+            assert ((tmp_path / "ray" / f"{name}.parquet").read_bytes()
+                    == (tmp_path / "local" / f"{name}.parquet").read_bytes())
+
+
+def test_a_users_candidate_set_does_not_depend_on_the_other_users():
+    """Each test row draws from a generator seeded by the build's seed and its user: the same set
+    whichever users are drawn with it and in which order; another seed gives another set."""
+    inter = _synth_inter(seed=4, n_users=40)
+    plan = S.plan_split(inter, {"eval_cutoff_day": 20240112, "num_train_cutoffs": 2})
+    items = np.asarray(sorted(inter.item_id.unique()), dtype=object)
+    sid_of = {it: f"<a_{k}>" for k, it in enumerate(items)}
+    ctx = S.SampleContext(inter, plan, sid_of, {}, {}, "b0", 0, {})
+    _, te, _ = S.build_samples(ctx, S.item_lookup(ctx, items), progress=False)
+    te = te[te["future_neg_items"].map(len) > 0].reset_index(drop=True)
+    pools = S.CandidatePools.from_pairs(sid_of, S.day_item_pairs(inter, sid_of))
+    own = S.user_day_likes(inter, sid_of, S.candidate_wanted(te))
+    whole, targets, _ = S.candidate_sets(te, sid_of, 3, 8, pools, own)
+    assert len(whole) > 10 and all(len(c) == 8 for c in whole)
+    rev = te.iloc[::-1].reset_index(drop=True)
+    alone = [S.candidate_sets(rev.iloc[[i]], sid_of, 3, 8, pools, own) for i in range(0, len(rev), 3)]
+    for i, (c, t, _) in zip(range(0, len(rev), 3), alone):
+        j = len(te) - 1 - i
+        assert (c[0], t[0]) == (whole[j], targets[j])
+    other, _, _ = S.candidate_sets(te, sid_of, 4, 8, pools, own)
+    assert other != whole
+
+
 @pytest.fixture(scope="module")
 def two_node_cluster():
     ray = pytest.importorskip("ray")
@@ -150,11 +241,12 @@ def test_ray_engine_on_a_two_node_cluster_equals_local(tmp_path, two_node_cluste
 
     monkeypatch.setattr(T, "rl_samples", rl_samples)
     real_write = T.write_folder
-    warmups = []
+    warmups, row_sets = [], []
 
     def write_folder(folder, cfg, seed, log, split, sids, swing, samples, sft):
         warmups.append((type(sft.warmup).__name__, len(getattr(sft.warmup, "shards", [])), len(sft.warmup),
                         len(sft.warmup_val)))
+        row_sets.append({name: type(rows).__name__ for name, rows in samples.sets.items()})
         return real_write(folder, cfg, seed, log, split, sids, swing, samples, sft)
 
     monkeypatch.setattr(T, "write_folder", write_folder)
@@ -168,6 +260,10 @@ def test_ray_engine_on_a_two_node_cluster_equals_local(tmp_path, two_node_cluste
     # partition with rows), merged into the same file by the driver when it writes the folder
     (kind_l, _, n_l, nv_l), (kind_r, n_shards, n_r, nv_r) = warmups
     assert (kind_l, kind_r) == ("list", "ShardedRows") and n_shards > 1 and n_l == n_r > 0 and nv_l == nv_r > 0
+    # the RL and evaluation rows likewise: records locally, worker shards with Ray
+    local_sets, ray_sets = row_sets
+    assert set(local_sets) == set(ray_sets) >= {"rl/train_context1", "rl/val", "eval/test"}
+    assert set(local_sets.values()) == {"list"} and set(ray_sets.values()) == {"ShardedRows"}
     assert not (remote / "_shards").exists()
     assert not ray.is_initialized()  # the engine disconnects what it connected
     assert len(pd.read_parquet(local / "swing.parquet")) > 0
@@ -229,7 +325,8 @@ def test_ray_engine_per_user_split_with_its_own_local_ray(tmp_path):
         for k in range(14):
             rows.append((f"u{u}", f"i{(u * 3 + k) % 25}", ms(1 + k + u % 4), 0 if (k + u) % 3 == 0 else 1))
     pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "label"]).to_csv(tmp_path / "log.csv", index=False)
-    opts = ("split.mode=per_user", "sid.sizes=[4,8]", "split.train_fractions=[0.4,0.55]")
+    # the warm-up rows made from the RL rows (sft.warmup.rows=cutoffs): by the workers too
+    opts = ("split.mode=per_user", "sid.sizes=[4,8]", "split.train_fractions=[0.4,0.55]", "sft.warmup.rows=cutoffs")
     local = build(generic_cfg(tmp_path / "log.csv", tmp_path / "local", *opts))
     remote = build(generic_cfg(tmp_path / "log.csv", tmp_path / "ray", *opts, "engine=ray", "ray.num_cpus=2",
                                *RAY_OPTS))
