@@ -177,6 +177,7 @@ def main(argv=None):
                     "--millions; a size left out is built with engine=ray only, e.g. one too big for this machine's "
                     "memory with the local engine)")
     ap.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    ap.add_argument("--ray-partitions", type=int, default=None, help="ray.partitions (default: 2 per CPU)")
     ap.add_argument("--shards", type=int, default=8, help="files the synthetic log is written in (a folder)")
     ap.add_argument("--workdir", default=None, help="where to put the synthetic logs and outputs (default: a temp dir)")
     args = ap.parse_args(argv)
@@ -208,7 +209,8 @@ def main(argv=None):
                 m = json.loads((work / f"out_{mil:g}M" / "manifest.json").read_text())
                 print("rows:", {k: v for k, v in m["counts"].items() if "/" in k})
             if mil in ray_at:
-                extra = ("engine=ray",) + ((f"ray.num_cpus={args.ray_cpus}",) if args.ray_cpus else ())
+                extra = (("engine=ray",) + ((f"ray.num_cpus={args.ray_cpus}",) if args.ray_cpus else ())
+                         + ((f"ray.partitions={args.ray_partitions}",) if args.ray_partitions else ()))
                 rwall, rmon = run_build(log, work / f"out_{mil:g}M_ray", args.days, args.sizes, args.train_cutoffs, extra)
                 print_steps(f"{mil:g}M events; engine=ray (per step: driver RSS)", rwall, rmon)
                 if mon is None:

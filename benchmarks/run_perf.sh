@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Every performance figure of BENCHMARKS.md (issue "Performance and scale"), one command:
 #
-#     bash benchmarks/run_perf.sh                 # about 30 min on 2 quiet cores
+#     bash benchmarks/run_perf.sh                 # about 90 min on 2 quiet cores (data prep ~30, pipeline ~40)
 #     QUICK=1 bash benchmarks/run_perf.sh         # smaller sizes, a few minutes (a smoke run)
 #
 # (a) reward manager vs verl's naive manager and (b) the pure scorer: bench_reward.py --check;
-# (c) data_prep at 1M / 3M / 10M events, engine=ray against engine=local: bench_data_prep.py;
+# (c) data_prep at 3M / 10M events, engine=ray against engine=local, and 30M with engine=ray only
+#     (the local engine would need ~20 GB there): bench_data_prep.py;
 # (d) a CPU GRPO step with the conrec plugins vs verl's grpo + trivial reward: bench_grpo_step.py;
 # the one-command pipeline's wall time and peak memory: bench_pipeline.py.
 # Each script prints its figures and its baseline ratio from the same run; the whole output is
@@ -30,7 +31,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   run "$PY" benchmarks/bench_grpo_step.py --steps 4
 else
   run "$PY" benchmarks/bench_reward.py --check
-  run "$PY" benchmarks/bench_data_prep.py --millions 1,3,10 --ray-at 1,10
+  run "$PY" benchmarks/bench_data_prep.py --millions 3,10,30 --ray-at 3,10,30 --local-at 3,10 --ray-partitions 16
   run "$PY" benchmarks/bench_grpo_step.py
   run "$PY" benchmarks/bench_pipeline.py
 fi
