@@ -1,6 +1,7 @@
 """CPU SFT step time with one 32-row micro-batch vs token-budgeted micro-batches, same run.
 
     python benchmarks/bench_sft_step.py [--steps 30] [--work runs/bench_sft_step]
+    python benchmarks/bench_sft_step.py --compare precision --steps 40   # bf16 vs fp32 compute
 
 verl's SFT trainer packs a micro-batch into one sequence (``pad_mode: no_padding``); on a CPU the
 attention then works on the whole packed length, so its cost grows with the square of the
@@ -10,6 +11,11 @@ trains the warm-up SFT set for ``--steps`` steps with ``sft_cpu_tiny`` twice -- 
 the recipe ships (``use_dynamic_bsz=true max_token_len_per_gpu=1536``) -- and prints the median
 step time of each (first 3 steps excluded), their ratio, and the largest difference between the
 two runs' per-step training losses (same batches, gradients accumulated: the curves must agree).
+
+``--compare precision``: the recipe as it ships twice instead -- with verl's FSDP mixed precision
+as it defaults (parameters cast to bf16 for compute, whatever ``engine.dtype`` says) and with fp32
+parameters (``+engine.mixed_precision={param_dtype: fp32, ...}``); on a CPU without bf16 matrix
+units the bf16 matmuls are the slower ones.
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ STEP = re.compile(r"step:(\d+) - .*?train/loss:([-0-9.eE]+)")
 VARIANTS = {
     "one 32-row micro-batch": ["data.use_dynamic_bsz=false", "data.micro_batch_size_per_gpu=32"],
     "micro-batches of <= 1536 tokens (recipe)": [],
+}
+FP32 = "+engine.mixed_precision={param_dtype: fp32, reduce_dtype: fp32, buffer_dtype: fp32}"
+COMPARISONS = {
+    "micro_batching": VARIANTS,
+    "precision": {"bf16 compute (verl's FSDP default, the recipe)": [], "fp32 compute": [FP32]},
 }
 
 
@@ -62,6 +73,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--work", default="runs/bench_sft_step")
+    p.add_argument("--compare", choices=sorted(COMPARISONS), default="micro_batching",
+                   help="what the two runs differ in (default: micro-batching)")
     args = p.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -74,14 +87,14 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
           f"{args.steps} steps of 32 warm-up rows (bundled sample), sft_cpu_tiny")
     results = {}
-    for name, overrides in VARIANTS.items():
+    for name, overrides in COMPARISONS[args.compare].items():
         times, losses = run(work, name, overrides, args.steps, model, data)
         results[name] = (statistics.median(times[3:] or times), losses)
         print(f"  {name:42s} {results[name][0]:.3f} s/step")
     (a, la), (b, lb) = results.values()
     common = sorted(set(la) & set(lb))
     diff = max(abs(la[s] - lb[s]) for s in common)
-    print(f"speed-up of the recipe: {a / b:.2f}x; largest per-step loss difference {diff:.4f} over {len(common)} "
+    print(f"speed-up of the second run: {a / b:.2f}x; largest per-step loss difference {diff:.4f} over {len(common)} "
           f"steps (losses {la[common[-1]]:.4f} vs {lb[common[-1]]:.4f} at step {common[-1]})")
 
 
