@@ -242,14 +242,20 @@ def row_tables(rows, schema: pa.Schema) -> Iterable[pa.Table]:
         yield pa.Table.from_pylist(list(rows[start:start + ROW_GROUP_ROWS]), schema=schema)
 
 
-def merge_shards(rows: ShardedRows, path: Path, start: int = 0) -> int:
-    """Write the rows of every shard to ``path`` in merge-key order, ``extra_info.index`` renumbered
-    from ``start``; returns the row count. The local engine writes the same rows to the same bytes
-    with :func:`write_records`."""
-    writer = RowWriter(path, rows.schema, renumber=True, start=start)
-    for table in _merged(rows):
+def write_rows(rows, schema: pa.Schema, path: Path, start: int = 0) -> int:
+    """A set's rows to ``path`` in file order, ``extra_info.index`` renumbered from ``start``; returns
+    the row count. ``rows``: a list of records (the local engine) or :class:`ShardedRows` the workers
+    wrote (merged by key, streaming); the same rows give the same bytes either way."""
+    writer = RowWriter(path, schema, renumber=True, start=start)
+    for table in row_tables(rows, schema):
         writer.write(table)
     return writer.close()
+
+
+def merge_shards(rows: ShardedRows, path: Path, start: int = 0) -> int:
+    """:func:`write_rows` of the workers' shards (the local engine writes the same rows to the same
+    bytes with :func:`write_records`)."""
+    return write_rows(rows, rows.schema, path, start)
 
 
 def merge_shards_split(rows: ShardedRows, kept_path: Path, held_path: Path, held: set[int]) -> tuple[int, int]:

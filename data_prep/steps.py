@@ -55,8 +55,8 @@ from conrec_verl.data_prep.sft import (
     warmup_config,
     warmup_records,
 )
-from conrec_verl.data_prep.shards import (RowWriter, ShardedRows, merge_shards, merge_shards_split, row_tables,
-                                          write_records)
+from conrec_verl.data_prep.shards import (RowWriter, ShardedRows, merge_shards_split, row_tables, write_records,
+                                          write_rows)
 from conrec_verl.data_prep.sids import build_sids
 
 # the RL / evaluation row layout is the data contract's (conrec_verl.core.contract)
@@ -514,9 +514,9 @@ def write_parquet(records, schema: pa.Schema, path: Path, renumber: bool = False
     """Rows to one file in fixed row groups (:class:`data_prep.shards.RowWriter`): ``records`` a list
     of dicts, or :class:`data_prep.shards.ShardedRows` that workers wrote (merged here, streaming, in
     user order with ``extra_info.index`` renumbered, as the local engine numbers them)."""
-    if isinstance(records, ShardedRows):
-        return merge_shards(records, path)
-    return write_records(records, schema, path, renumber)
+    if isinstance(records, ShardedRows) or renumber:
+        return write_rows(records, schema, path)
+    return write_records(records, schema, path)
 
 
 def _json_default(o):
@@ -553,14 +553,6 @@ def write_rl_files(sets: dict, folder: Path) -> dict:
     for name, schema in RL_FILES.items():
         counts[name] = write_rows(sets[name], schema, folder / f"{name}.parquet")
     return counts
-
-
-def write_rows(rows, schema: pa.Schema, path: Path, start: int = 0) -> int:
-    """A set's rows (records or worker shards) to ``path``, ``extra_info.index`` numbered from ``start``."""
-    writer = RowWriter(path, schema, renumber=True, start=start)
-    for table in row_tables(rows, schema):
-        writer.write(table)
-    return writer.close()
 
 
 SWING_SCHEMA = pa.schema([("item_id", pa.string()), ("neighbor_id", pa.string()), ("score", pa.float64())])

@@ -162,8 +162,8 @@ def test_row_sets_of_user_partitions_merge_into_the_local_files(tmp_path, monkey
     assert T.finish_sample_stats(sums) == T.finish_sample_stats(whole.stats)
     if cutoffs:
         for name in ("sft/warmup", "sft/warmup_val"):
-            T.write_rows(whole.records[name], T.rl_set_schema(name), tmp_path / "local" / f"{name}.parquet")
-            T.write_rows(sets[name], T.rl_set_schema(name), tmp_path / "ray" / f"{name}.parquet")
+            SH.write_rows(whole.records[name], T.rl_set_schema(name), tmp_path / "local" / f"{name}.parquet")
+            SH.write_rows(sets[name], T.rl_set_schema(name), tmp_path / "ray" / f"{name}.parquet")
             assert ((tmp_path / "ray" / f"{name}.parquet").read_bytes()
                     == (tmp_path / "local" / f"{name}.parquet").read_bytes())
 
