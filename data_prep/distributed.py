@@ -34,12 +34,17 @@ starts a local one for the run). The config and the output folder are the same a
 
 - the **split plan** is made on each partition (one day range for the log) and merged into the
   per-user cutoffs; the log's counts are per-partition aggregates (:func:`map_partitions`).
-- **item embeddings** and **Swing** are computed on one worker (preferably on the driver's node)
-  from the training events gathered there (:func:`on_worker`), never on the driver. The worker
-  holds the training events' columns; the driver gets item-sized results (neighbour lists). The
-  item vectors stay in the object store and the **SID** codebook is fitted and every item
-  quantised and repaired in another task beside them (:func:`call_on_worker`, with the driver's
-  BLAS/OpenMP thread count); the driver gets the codebook and the item -> SID table.
+- **item embeddings** and **Swing** are computed on one worker (preferably on the driver's node),
+  never on the driver, from the training events as integer codes (:func:`train_codes_ray`,
+  ``data_prep/train_codes.py``): each user partition codes its events against its own ids, and
+  one task joins the parts. That worker holds about 13 bytes per training event (user and item
+  code, polarity, weight) plus 8 per dislike (its time, for Swing's per-item cap), not the
+  events' columns; the driver gets item-sized results (neighbour lists). The item vectors stay in
+  the object store and the **SID** codebook is fitted and every item quantised and repaired in
+  another task beside them (:func:`call_on_worker`, with the driver's BLAS/OpenMP thread count);
+  the driver gets the codebook and the item -> SID table. This is the one place where every
+  training event is in one process (as codes): the SVD and Swing's user-overlap join read the
+  whole matrix.
 
 - the **candidate pools** (items of each day from the evaluation cutoff on, as positions in the
   SID'd items) are merged from the partitions; the **RL / evaluation rows**
@@ -449,25 +454,31 @@ def train_events_ray(parts, plan):
         return parts.groupby("_part").map_groups(keep, batch_format="pandas").materialize()
 
 
-def on_worker(fn, train_ds, num_cpus: float = 1, blas: bool = False, keep: bool = False, **kwargs):
-    """``fn(train=..., **kwargs)`` in one Ray task, where ``train`` is the training events (the
-    :func:`train_events_ray` Dataset) gathered on that worker in the log's order: the item-side
-    steps that need every training event run beside the data, not on the driver. The task prefers
-    the driver's node (soft affinity). ``blas``: start the worker with the driver's BLAS thread
-    count (Ray starts workers with one), so that dense linear algebra (the SVD of the item
-    embeddings) sums in the same order and the vectors equal the local engine's on a machine like
-    the driver's; on other CPUs or BLAS builds they may differ in the last bits. ``keep``: return
-    the result's ``ObjectRef`` (it stays in the object store, for :func:`call_on_worker`) instead of
-    the value."""
+def _codes_part(df: pd.DataFrame) -> pd.DataFrame:
+    from conrec_verl.data_prep.train_codes import TrainCodes
 
-    def run(ds, kw):
-        # partitions in any block order: the log's order is (user, time, item, file order)
-        train = ds.to_pandas().sort_values(_READ_ORDER, kind="stable")[TRAIN_COLUMNS].reset_index(drop=True)
-        train = train.astype({"user_id": object, "item_id": object, "ts": np.int64, "day": np.int64,
-                              "polarity": np.int8, "weight": np.float32})
-        return fn(train=train, **kw)
+    # a shuffle need not keep the order: the log's (user, time, item, file order)
+    df = df.sort_values(_READ_ORDER, kind="stable")[TRAIN_COLUMNS]
+    df = df.astype({"user_id": object, "item_id": object, "ts": np.int64, "polarity": np.int8, "weight": np.float32})
+    return pd.DataFrame({"_part": [0], "payload": [pickle.dumps(TrainCodes.from_frame(df),
+                                                                  protocol=pickle.HIGHEST_PROTOCOL)]})
 
-    return call_on_worker(run, train_ds, kwargs, num_cpus=num_cpus, blas=blas, keep=keep)
+
+def train_codes_ray(train_ds):
+    """The training events (the :func:`train_events_ray` Dataset) as
+    :class:`~conrec_verl.data_prep.train_codes.TrainCodes`: each user partition codes its events
+    against its own ids, and one task on the driver's node (:func:`call_on_worker`) joins the parts
+    into one set of sorted ids. Returns that task's ``ObjectRef``: the codes stay in the object store
+    for the tasks that read every training event (item embeddings, Swing), never on the driver."""
+    with _worker_errors():
+        coded = train_ds.groupby("_part").map_groups(_codes_part, batch_format="pandas").materialize()
+
+    def join(ds):
+        from conrec_verl.data_prep.train_codes import TrainCodes
+
+        return TrainCodes.concat(_payloads(ds))
+
+    return call_on_worker(join, coded, keep=True)
 
 
 def wait(ref) -> None:
@@ -479,9 +490,14 @@ def wait(ref) -> None:
 
 
 def call_on_worker(fn, *args, num_cpus: float = 1, blas: bool = False, keep: bool = False):
-    """``fn(*args)`` in one Ray task on the driver's node (soft affinity; ``ObjectRef`` arguments are
-    resolved there, so a result kept by :func:`on_worker` never comes to the driver); ``blas`` and
-    ``keep`` as in :func:`on_worker`. A :class:`DataPrepError` in the task is raised as itself."""
+    """``fn(*args)`` in one Ray task on the driver's node (soft affinity): the item-side steps that
+    read every training event run there, beside their data, not on the driver. ``ObjectRef``
+    arguments are resolved in the task, so a result kept there never comes to the driver. ``blas``:
+    start the worker with the driver's BLAS thread count (Ray starts workers with one), so that dense
+    linear algebra (the SVD of the item embeddings) sums in the same order and the vectors equal the
+    local engine's on a machine like the driver's; on other CPUs or BLAS builds they may differ in
+    the last bits. ``keep``: return the result's ``ObjectRef`` (it stays in the object store, for
+    the next task) instead of the value. A :class:`DataPrepError` in the task is raised as itself."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

@@ -26,6 +26,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from conrec_verl.data_prep.errors import DataPrepError
+from conrec_verl.data_prep.train_codes import TrainCodes
 
 
 @dataclass
@@ -55,18 +56,16 @@ def _svd(matrix, dim: int, seed: int) -> tuple[np.ndarray, object]:
     return svd.fit_transform(matrix), svd
 
 
-def collaborative(train: pd.DataFrame, dim: int, like_weight: float, dislike_weight: float, seed: int):
-    """Item ids (sorted) and their SVD factors from the signed matrix of ``train`` events."""
-    u_codes, _ = pd.factorize(train["user_id"], sort=True)
-    i_codes, i_labels = pd.factorize(train["item_id"], sort=True)
-    sign = np.where(train["polarity"].to_numpy() > 0, like_weight, -dislike_weight)
-    vals = sign * train["weight"].to_numpy(dtype=np.float64)
-    m = sp.csr_matrix((vals, (i_codes, u_codes)), shape=(len(i_labels), u_codes.max() + 1))
+def collaborative(train: TrainCodes, dim: int, like_weight: float, dislike_weight: float, seed: int):
+    """Item ids (sorted) and their SVD factors from the signed matrix of the ``train`` events."""
+    sign = np.where(train.polarity > 0, like_weight, -dislike_weight)
+    vals = sign * train.weight.astype(np.float64)
+    m = sp.csr_matrix((vals, (train.item, train.user)), shape=(len(train.items), len(train.users)))
     m.sum_duplicates()
     vecs, svd = _svd(m, dim, seed)
     # the ratio to 10 decimals: its last bits follow the memory alignment of numpy's summation, and
     # the report is compared byte for byte between engines (the vectors themselves are unaffected)
-    return np.asarray(i_labels, dtype=object), vecs.astype(np.float32), {
+    return np.asarray(train.items, dtype=object), vecs.astype(np.float32), {
         "collab_dim": int(vecs.shape[1]),
         "collab_explained_variance": round(float(svd.explained_variance_ratio_.sum()), 10)}
 
@@ -179,7 +178,7 @@ def file_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
     return ids, vecs
 
 
-def build_item_embeddings(cfg: Mapping, train: pd.DataFrame, all_items: np.ndarray, items: pd.DataFrame | None,
+def build_item_embeddings(cfg: Mapping, train: TrainCodes, all_items: np.ndarray, items: pd.DataFrame | None,
                           seed: int) -> ItemEmbeddings:
     """Embeddings for warm items (seen in ``train``) and, where the method allows, cold items.
 
@@ -187,7 +186,7 @@ def build_item_embeddings(cfg: Mapping, train: pd.DataFrame, all_items: np.ndarr
     """
     method = cfg.get("method", "collab")
     dim = int(cfg.get("dim", 32))
-    warm_ids = np.asarray(sorted(train["item_id"].unique()), dtype=object)
+    warm_ids = np.asarray(train.items, dtype=object)
     warm_set = set(warm_ids.tolist())
     stats: dict = {"method": method}
     meta = None

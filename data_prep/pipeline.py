@@ -16,6 +16,7 @@ from conrec_verl.core.contract import renamed_option
 from conrec_verl.data_prep import distributed as D
 from conrec_verl.data_prep import steps as T
 from conrec_verl.data_prep.embeddings import build_item_embeddings
+from conrec_verl.data_prep.train_codes import TrainCodes
 from conrec_verl.data_prep.errors import DataPrepError
 from conrec_verl.io_utils import atomic_dir, remove_stale_dirs
 
@@ -173,12 +174,15 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
         split = T.split_log(log, cfg)
     ecfg, sw = cfg.get("embedding", {}) or {}, cfg.get("swing", {}) or {}
     with steps("embeddings"):
-        if split.train_on_cluster is not None:  # engine=ray: on a worker, beside the training events
-            emb = D.on_worker(build_item_embeddings, split.train_on_cluster, blas=True, keep=True, cfg=ecfg,
-                              all_items=split.all_items, items=log.items, seed=seed)
+        # the training events as codes (data_prep/train_codes.py), read by the embeddings and Swing
+        if split.train_on_cluster is not None:  # engine=ray: coded on the partitions, gathered on a worker
+            codes = D.train_codes_ray(split.train_on_cluster)
+            emb = D.call_on_worker(build_item_embeddings, ecfg, codes, split.all_items, log.items, seed,
+                                   blas=True, keep=True)
             D.wait(emb)  # the vectors stay in the object store; wait here so the step's time is its own
         else:
-            emb = build_item_embeddings(ecfg, split.train, split.all_items, log.items, seed)
+            codes = TrainCodes.from_frame(split.train)
+            emb = build_item_embeddings(ecfg, codes, split.all_items, log.items, seed)
     with steps("sids"):
         if split.train_on_cluster is not None:  # beside the vectors (never on the driver), same threads
             sids = D.call_on_worker(T.item_sids, emb, replace(split, plan=None, train_on_cluster=None), cfg, seed,
@@ -187,10 +191,11 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
         else:
             sids = T.item_sids(emb, split, cfg, seed)
     with steps("swing"):
-        if split.train_on_cluster is not None:  # on a worker too, pair scores in that task (no nested Ray)
-            swing = D.on_worker(T.swing_neighbours, split.train_on_cluster, sw=sw)
+        if split.train_on_cluster is not None:  # beside the codes too, pair scores in that task (no nested Ray)
+            swing = D.call_on_worker(T.swing_neighbours, codes, sw)
         else:
-            swing = T.swing_neighbours(split.train, sw, ray_partitions)
+            swing = T.swing_neighbours(codes, sw, ray_partitions)
+        del codes
     staging = tmp / "_shards"  # engine=ray: the workers' row shards, merged into the files and removed
     with steps("samples"):
         samples = T.rl_samples(log, split, sids, swing, cfg, rl_options(cfg), seed, ray_partitions,

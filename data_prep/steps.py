@@ -58,6 +58,7 @@ from conrec_verl.data_prep.sft import (
 from conrec_verl.data_prep.shards import (RowWriter, ShardedRows, merge_shards_split, row_tables, write_records,
                                           write_rows)
 from conrec_verl.data_prep.sids import build_sids
+from conrec_verl.data_prep.train_codes import TrainCodes
 
 # the RL / evaluation row layout is the data contract's (conrec_verl.core.contract)
 SFT_SCHEMAS = {
@@ -211,15 +212,17 @@ class SwingResult:
     item_neg_count: dict
 
 
-def swing_neighbours(train: pd.DataFrame, sw: dict, ray_partitions: int | None = None) -> SwingResult:
-    """Swing over the dislikes of ``train`` (the events before each user's evaluation cutoff)."""
-    neg_train = train[train["polarity"] < 0]
+def swing_neighbours(train: TrainCodes, sw: dict, ray_partitions: int | None = None) -> SwingResult:
+    """Swing over the dislikes of ``train`` (the events before each user's evaluation cutoff). Runs
+    on the codes (their order is the ids' order, so ties break as on the ids) and labels the result
+    with the ids."""
+    neg = train.dislike
+    neg_users, neg_items = train.user[neg], train.item[neg]
     cap = sw.get("max_dislikers_per_item")
     if cap:
-        sw_users, sw_items = cap_dislikers(neg_train["user_id"].to_numpy(), neg_train["item_id"].to_numpy(),
-                                           neg_train["ts"].to_numpy(), int(cap))
+        sw_users, sw_items = cap_dislikers(neg_users, neg_items, train.neg_ts, int(cap))
     else:
-        sw_users, sw_items = neg_train["user_id"].to_numpy(), neg_train["item_id"].to_numpy()
+        sw_users, sw_items = neg_users, neg_items
     R, _, _ = dislike_matrix(sw_users, sw_items)
     cands = [int(c) for c in sw.get("auto_candidates", [6, 5, 4, 3, 2])]
     coverage = item_coverage_at_thresholds(R, sorted(set(cands + [2])))
@@ -231,22 +234,29 @@ def swing_neighbours(train: pd.DataFrame, sw: dict, ray_partitions: int | None =
     pair_scores = (lambda R, p: D.swing_pair_scores_ray(R, p, ray_partitions)) if ray_partitions else None
     scores = swing_scores(sw_users, sw_items, params, pair_scores)
     top = top_k_neighbors(scores, int(sw.get("top_k", 20)), float(sw.get("min_score", 0.0)))
+    top = top.assign(item_id=train.items[top["item_id"].to_numpy(dtype=np.int64)],
+                     neighbor_id=train.items[top["neighbor_id"].to_numpy(dtype=np.int64)])
     gts_n = int(sw.get("gts_neighbors", 3))
     neighbors = {}
     if gts_n > 0 and not top.empty:
         neighbors = top.groupby("item_id", sort=False)["neighbor_id"].apply(lambda s: list(s[:gts_n])).to_dict()
     frame = top.astype({"item_id": str, "neighbor_id": str, "score": np.float64})
-    capped = (int((neg_train.drop_duplicates(["user_id", "item_id"]).groupby("item_id").size() > int(cap)).sum())
-              if cap else 0)
+    capped = 0
+    if cap:
+        pairs = np.unique(neg_users.astype(np.int64) * len(train.items) + neg_items)  # distinct (user, item)
+        capped = int((np.bincount(pairs % len(train.items)) > int(cap)).sum())
+    neg_count = np.bincount(neg_items, minlength=len(train.items))
+    disliked = np.flatnonzero(neg_count)
     stats = {"min_co_dislikers": int(mcd),
              "min_co_dislikers_mode": "auto" if sw.get("min_co_dislikers", "auto") in (None, "auto") else "fixed",
              "item_coverage_by_threshold": coverage, "scored_pairs": int(len(scores)),
              "items_with_neighbors": int(top["item_id"].nunique()) if len(top) else 0,
-             "dislike_events": int(len(neg_train)), "graph_edges": int(len(sw_users)),
+             "dislike_events": int(neg.sum()), "graph_edges": int(len(sw_users)),
              "max_dislikers_per_item": int(cap) if cap else None,
              "capped_items": capped, "alpha1": params.alpha1, "alpha2": params.alpha2,
              "theta": params.theta, "top_k": int(sw.get("top_k", 20)), "gts_neighbors": gts_n}
-    return SwingResult(frame, neighbors, stats, neg_train.groupby("item_id").size().to_dict())
+    return SwingResult(frame, neighbors, stats, dict(zip(train.items[disliked].tolist(),
+                                                         neg_count[disliked].tolist())))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,87 @@
+"""The training events as integer codes: what the item embeddings and Swing read (pure; numpy/pandas).
+
+Both item-side steps that need every training event, the SVD of the signed user x item matrix
+(``embedding.method=collab``) and Swing on the dislike graph, read only who (user), what (item),
+how (polarity, weight) and, for Swing's per-item cap, when (the time of a dislike). :class:`TrainCodes`
+holds exactly that, as arrays: a user and an item code (positions in the sorted user and item
+ids) per event, in the log's order (user, time, item, file order). That is about 13 bytes per event,
+plus 8 per dislike, where a table of the events with their string ids takes ten times as much; with
+``engine=ray`` it is the only form in which the training events reach one process
+(:func:`conrec_verl.data_prep.distributed.train_codes_ray`).
+
+Codes follow the sorted ids (``pd.factorize(..., sort=True)``), so any order or tie-break taken on
+codes is the one taken on the ids, and the steps' outputs equal those computed from the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class TrainCodes:
+    """The training events of a log as codes (one entry per event, in the log's order).
+
+    ``users`` / ``items``: the distinct ids, sorted (object arrays); ``user`` / ``item``: int32
+    positions in them; ``polarity``: int8 (> 0 like, < 0 dislike); ``weight``: the event weight (as
+    the table had it); ``neg_ts``: the time of every dislike (``polarity < 0``), in event order.
+    """
+
+    users: np.ndarray
+    items: np.ndarray
+    user: np.ndarray
+    item: np.ndarray
+    polarity: np.ndarray
+    weight: np.ndarray
+    neg_ts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the per-event arrays (the id arrays are per user / per item)."""
+        return sum(a.nbytes for a in (self.user, self.item, self.polarity, self.weight, self.neg_ts))
+
+    @property
+    def dislike(self) -> np.ndarray:
+        """Mask of the dislikes."""
+        return self.polarity < 0
+
+    @classmethod
+    def from_frame(cls, train: pd.DataFrame) -> "TrainCodes":
+        """From a table of events (``user_id``, ``item_id``, ``ts``, ``polarity``, ``weight``) in
+        the log's order."""
+        u, users = pd.factorize(train["user_id"], sort=True)
+        i, items = pd.factorize(train["item_id"], sort=True)
+        polarity = train["polarity"].to_numpy().astype(np.int8, copy=False)
+        return cls(np.asarray(users, dtype=object), np.asarray(items, dtype=object), u.astype(np.int32),
+                   i.astype(np.int32), polarity, train["weight"].to_numpy(),
+                   train["ts"].to_numpy(dtype=np.int64)[polarity < 0])
+
+    @classmethod
+    def concat(cls, parts: Sequence["TrainCodes"]) -> "TrainCodes":
+        """The codes of a log whose users are split between ``parts`` (each part holds all the
+        events of its users, in the log's order, coded against its own ids): one set of sorted ids,
+        the events in the log's order (by user, then each part's own order)."""
+        parts = [p for p in parts if len(p)] or list(parts[:1])
+        if not parts:
+            raise ValueError("TrainCodes.concat needs at least one part")
+        users = np.concatenate([p.users for p in parts])
+        if len(pd.unique(users)) != len(users):
+            raise ValueError("TrainCodes.concat: a user's events are in more than one part")
+        users_sorted = np.sort(users)  # object ids: Python's order, as pd.factorize(sort=True)
+        items = np.unique(np.concatenate([p.items for p in parts]))
+        user = np.concatenate([np.searchsorted(users_sorted, p.users)[p.user] for p in parts]).astype(np.int32)
+        item = np.concatenate([np.searchsorted(items, p.items)[p.item] for p in parts]).astype(np.int32)
+        polarity = np.concatenate([p.polarity for p in parts])
+        weight = np.concatenate([p.weight for p in parts])
+        neg_ts = np.concatenate([p.neg_ts for p in parts])
+        order = np.argsort(user, kind="stable")  # users are contiguous within a part: the log's order
+        neg_order = np.argsort(user[polarity < 0], kind="stable")
+        return cls(users_sorted, items, user[order], item[order], polarity[order], weight[order],
+                   neg_ts[neg_order])

@@ -1,0 +1,98 @@
+"""The training events as codes (data_prep/train_codes.py): what the item embeddings and Swing read.
+
+Claims: the codes joined from user partitions are the codes of the whole log (any partitioning, any
+partition order); Swing and the collaborative embeddings on codes equal the same formulas on the
+string-id table they replace, ties included (codes follow the ids' order, and "10" < "9")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conrec_verl.core.swing import SwingParams, cap_dislikers, swing_scores, top_k_neighbors
+from conrec_verl.data_prep import steps as T
+from conrec_verl.data_prep.embeddings import build_item_embeddings
+from conrec_verl.data_prep.train_codes import TrainCodes
+
+
+def _log(seed: int, n_users: int = 60, n_items: int = 40, n_events: int = 900) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    # ids whose string order is not their numeric order ("u10" < "u9"), and items with few users,
+    # so that Swing has ties and capped items
+    df = pd.DataFrame({"user_id": [f"u{k}" for k in rng.integers(0, n_users, n_events)],
+                       "item_id": [str(k) for k in rng.integers(0, n_items, n_events)],
+                       "ts": rng.integers(0, 50, n_events).astype(np.int64),
+                       "polarity": rng.choice(np.array([-1, 1], dtype=np.int8), n_events, p=[0.6, 0.4]),
+                       "weight": rng.choice(np.array([1.0, 0.5, 2.0], dtype=np.float32), n_events)})
+    df["day"] = df["ts"] // 10
+    return df.sort_values(["user_id", "ts", "item_id"], kind="stable").reset_index(drop=True)
+
+
+@pytest.mark.parametrize("seed,n_parts", [(0, 1), (1, 3), (2, 7)])
+def test_codes_joined_from_user_partitions_are_the_whole_logs(seed, n_parts):
+    log = _log(seed)
+    rng = np.random.default_rng(100 + seed)
+    users = log["user_id"].unique()
+    part_of = dict(zip(users, rng.integers(0, n_parts, len(users))))
+    parts = [TrainCodes.from_frame(log[log["user_id"].map(part_of) == k]) for k in range(n_parts)]
+    rng.shuffle(parts)  # Ray returns the partitions in any order
+    joined, whole = TrainCodes.concat(parts), TrainCodes.from_frame(log)
+    for name in ("users", "items", "user", "item", "polarity", "weight", "neg_ts"):
+        np.testing.assert_array_equal(getattr(joined, name), getattr(whole, name), err_msg=name)
+    assert joined.user.dtype == np.int32 and joined.item.dtype == np.int32
+    # the codes are positions in the sorted ids: decoding gives the log back
+    assert (joined.users[joined.user] == log["user_id"].to_numpy()).all()
+    assert (joined.items[joined.item] == log["item_id"].to_numpy()).all()
+    assert list(joined.items) == sorted(log["item_id"].unique())
+
+
+def test_a_user_in_two_partitions_is_refused():
+    log = _log(0)
+    with pytest.raises(ValueError, match="more than one part"):
+        TrainCodes.concat([TrainCodes.from_frame(log.iloc[:500]), TrainCodes.from_frame(log.iloc[499:])])
+
+
+def _swing_on_ids(log: pd.DataFrame, sw: dict) -> pd.DataFrame:
+    """Swing's neighbour table computed on the string ids (the formulas, no codes)."""
+    neg = log[log["polarity"] < 0]
+    users, items = neg["user_id"].to_numpy(), neg["item_id"].to_numpy()
+    if sw.get("max_dislikers_per_item"):
+        users, items = cap_dislikers(users, items, neg["ts"].to_numpy(), int(sw["max_dislikers_per_item"]))
+    scores = swing_scores(users, items, SwingParams(min_co_dislikers=int(sw["min_co_dislikers"])))
+    return top_k_neighbors(scores, int(sw["top_k"])).astype({"item_id": str, "neighbor_id": str})
+
+
+@pytest.mark.parametrize("cap", [None, 6])
+def test_swing_on_codes_equals_swing_on_the_ids(cap):
+    log = _log(3, n_items=15)
+    sw = {"min_co_dislikers": 2, "top_k": 4, "gts_neighbors": 2, "max_dislikers_per_item": cap}
+    res = T.swing_neighbours(TrainCodes.from_frame(log), sw)
+    expected = _swing_on_ids(log, sw)
+    assert len(expected) > 20  # the log has neighbours to compare
+    pd.testing.assert_frame_equal(res.frame.reset_index(drop=True), expected.reset_index(drop=True))
+    neg = log[log["polarity"] < 0]
+    assert res.item_neg_count == neg.groupby("item_id").size().to_dict()
+    assert res.stats["dislike_events"] == len(neg)
+    if cap:
+        distinct = neg.drop_duplicates(["user_id", "item_id"]).groupby("item_id").size()
+        assert res.stats["capped_items"] == int((distinct > cap).sum()) > 0
+    first = expected.groupby("item_id", sort=False)["neighbor_id"].apply(lambda s: list(s[:2])).to_dict()
+    assert res.neighbors == first
+
+
+def test_collaborative_embeddings_on_codes_equal_the_svd_of_the_id_table():
+    import scipy.sparse as sp
+    from sklearn.decomposition import TruncatedSVD
+
+    log = _log(4)
+    emb = build_item_embeddings({"method": "collab", "dim": 8, "normalize": False}, TrainCodes.from_frame(log),
+                                np.asarray(sorted(log["item_id"].unique()), dtype=object), None, seed=0)
+    # the same matrix built from the string ids: items x users, +1 per like, -1 per dislike, x weight
+    u, _ = pd.factorize(log["user_id"], sort=True)
+    i, item_ids = pd.factorize(log["item_id"], sort=True)
+    vals = np.where(log["polarity"] > 0, 1.0, -1.0) * log["weight"].to_numpy(np.float64)
+    m = sp.csr_matrix((vals, (i, u)), shape=(len(item_ids), u.max() + 1))
+    expected = TruncatedSVD(8, algorithm="randomized", n_iter=5, random_state=0).fit_transform(m)
+    assert list(emb.item_ids) == list(item_ids)
+    np.testing.assert_allclose(emb.vectors, expected.astype(np.float32), rtol=1e-5, atol=1e-6)
