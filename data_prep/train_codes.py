@@ -5,7 +5,8 @@ Both item-side steps that need every training event, the SVD of the signed user 
 how (polarity, weight) and, for Swing's per-item cap, when (the time of a dislike). :class:`TrainCodes`
 holds exactly that, as arrays: a user and an item code (positions in the sorted user and item
 ids) per event, in the log's order (user, time, item, file order). That is about 13 bytes per event,
-plus 8 per dislike, where a table of the events with their string ids takes ten times as much; with
+plus 8 per dislike (about 15 per event with the id arrays, where a table of the events with their
+string ids takes about 145); joining partitions needs a few times that for a moment. With
 ``engine=ray`` it is the only form in which the training events reach one process
 (:func:`conrec_verl.data_prep.distributed.train_codes_ray`).
 
@@ -58,6 +59,7 @@ class TrainCodes:
         the log's order."""
         u, users = pd.factorize(train["user_id"], sort=True)
         i, items = pd.factorize(train["item_id"], sort=True)
+        _check_code_range(len(users), len(items))
         polarity = train["polarity"].to_numpy().astype(np.int8, copy=False)
         return cls(np.asarray(users, dtype=object), np.asarray(items, dtype=object), u.astype(np.int32),
                    i.astype(np.int32), polarity, train["weight"].to_numpy(),
@@ -76,12 +78,20 @@ class TrainCodes:
             raise ValueError("TrainCodes.concat: a user's events are in more than one part")
         users_sorted = np.sort(users)  # object ids: Python's order, as pd.factorize(sort=True)
         items = np.unique(np.concatenate([p.items for p in parts]))
-        user = np.concatenate([np.searchsorted(users_sorted, p.users)[p.user] for p in parts]).astype(np.int32)
-        item = np.concatenate([np.searchsorted(items, p.items)[p.item] for p in parts]).astype(np.int32)
-        polarity = np.concatenate([p.polarity for p in parts])
-        weight = np.concatenate([p.weight for p in parts])
-        neg_ts = np.concatenate([p.neg_ts for p in parts])
+        _check_code_range(len(users_sorted), len(items))
+        user = np.concatenate([np.searchsorted(users_sorted, p.users).astype(np.int32)[p.user] for p in parts])
         order = np.argsort(user, kind="stable")  # users are contiguous within a part: the log's order
-        neg_order = np.argsort(user[polarity < 0], kind="stable")
-        return cls(users_sorted, items, user[order], item[order], polarity[order], weight[order],
-                   neg_ts[neg_order])
+        neg = np.concatenate([p.polarity < 0 for p in parts])
+        neg_order = np.argsort(user[neg], kind="stable")
+        user = user[order]  # each array reordered as it is built: one event-sized temporary at a time
+        item = np.concatenate([np.searchsorted(items, p.items).astype(np.int32)[p.item] for p in parts])[order]
+        polarity = np.concatenate([p.polarity for p in parts])[order]
+        weight = np.concatenate([p.weight for p in parts])[order]
+        neg_ts = np.concatenate([p.neg_ts for p in parts])[neg_order]
+        return cls(users_sorted, items, user, item, polarity, weight, neg_ts)
+
+
+def _check_code_range(n_users: int, n_items: int) -> None:
+    limit = np.iinfo(np.int32).max
+    if max(n_users, n_items) > limit:
+        raise ValueError(f"TrainCodes: {n_users} users and {n_items} items; int32 codes hold at most {limit}")

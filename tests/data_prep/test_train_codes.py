@@ -19,14 +19,16 @@ from conrec_verl.data_prep.train_codes import TrainCodes
 def _log(seed: int, n_users: int = 60, n_items: int = 40, n_events: int = 900) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     # ids whose string order is not their numeric order ("u10" < "u9"), and items with few users,
-    # so that Swing has ties and capped items
+    # so that Swing has ties and capped items; weights that do not sum exactly in another order;
+    # repeated (user, item) events
     df = pd.DataFrame({"user_id": [f"u{k}" for k in rng.integers(0, n_users, n_events)],
                        "item_id": [str(k) for k in rng.integers(0, n_items, n_events)],
                        "ts": rng.integers(0, 50, n_events).astype(np.int64),
                        "polarity": rng.choice(np.array([-1, 1], dtype=np.int8), n_events, p=[0.6, 0.4]),
-                       "weight": rng.choice(np.array([1.0, 0.5, 2.0], dtype=np.float32), n_events)})
+                       "weight": rng.uniform(0.1, 3.0, n_events).astype(np.float32)})
     df["day"] = df["ts"] // 10
-    return df.sort_values(["user_id", "ts", "item_id"], kind="stable").reset_index(drop=True)
+    df = df.sort_values(["user_id", "ts", "item_id"], kind="stable").reset_index(drop=True)
+    return df.astype({"user_id": object, "item_id": object})  # as the readers hand them on
 
 
 @pytest.mark.parametrize("seed,n_parts", [(0, 1), (1, 3), (2, 7)])
@@ -51,6 +53,39 @@ def test_a_user_in_two_partitions_is_refused():
     log = _log(0)
     with pytest.raises(ValueError, match="more than one part"):
         TrainCodes.concat([TrainCodes.from_frame(log.iloc[:500]), TrainCodes.from_frame(log.iloc[499:])])
+    with pytest.raises(ValueError, match="at least one part"):
+        TrainCodes.concat([])
+
+
+def test_empty_partitions_and_partitions_without_dislikes_join():
+    log = _log(5)
+    users = sorted(log["user_id"].unique())
+    likes_only = log[(log["user_id"] == users[0]) & (log["polarity"] > 0)]
+    rest = log[log["user_id"] != users[0]]
+    parts = [TrainCodes.from_frame(log.iloc[:0]), TrainCodes.from_frame(likes_only), TrainCodes.from_frame(rest)]
+    joined, whole = TrainCodes.concat(parts), TrainCodes.from_frame(pd.concat([likes_only, rest]))
+    for name in ("users", "items", "user", "item", "polarity", "weight", "neg_ts"):
+        np.testing.assert_array_equal(getattr(joined, name), getattr(whole, name), err_msg=name)
+
+
+def test_the_ray_engines_partition_coding_equals_the_local_codes():
+    """distributed._codes_part (what each user partition runs on Ray, here called directly on
+    shuffled partitions with the reader's extra columns) joined = the local engine's codes."""
+    import pickle
+
+    from conrec_verl.data_prep import distributed as D
+
+    log = _log(6)
+    log = log.assign(_file=0, _row=np.arange(len(log)), _part=pd.util.hash_array(log["user_id"].to_numpy()) % 4)
+    payloads = []
+    for k in range(4):
+        part = log[log["_part"] == k].sample(frac=1.0, random_state=k)  # a shuffle keeps no order
+        out = D._codes_part(part.astype({"user_id": "str", "item_id": "str"}))  # Arrow-backed strings
+        payloads.append(pickle.loads(out["payload"].iloc[0]))
+    joined, whole = TrainCodes.concat(payloads), TrainCodes.from_frame(log)
+    for name in ("users", "items", "user", "item", "polarity", "weight", "neg_ts"):
+        np.testing.assert_array_equal(getattr(joined, name), getattr(whole, name), err_msg=name)
+    assert joined.weight.dtype == np.float32 and joined.users.dtype == object
 
 
 def _swing_on_ids(log: pd.DataFrame, sw: dict) -> pd.DataFrame:
@@ -66,10 +101,18 @@ def _swing_on_ids(log: pd.DataFrame, sw: dict) -> pd.DataFrame:
 @pytest.mark.parametrize("cap", [None, 6])
 def test_swing_on_codes_equals_swing_on_the_ids(cap):
     log = _log(3, n_items=15)
+    # eight users who dislike the same three items: each item's two neighbours tie on score, and the
+    # ids' string order ("100" < "200" < "30") is not their numeric order
+    tie = pd.DataFrame({"user_id": np.repeat([f"t{k}" for k in range(8)], 3), "item_id": ["100", "200", "30"] * 8,
+                        "ts": np.int64(1), "polarity": np.int8(-1), "weight": np.float32(1.0), "day": np.int64(0)})
+    log = pd.concat([log, tie.astype({"user_id": object, "item_id": object})])
+    log = log.sort_values(["user_id", "ts", "item_id"], kind="stable").reset_index(drop=True)
     sw = {"min_co_dislikers": 2, "top_k": 4, "gts_neighbors": 2, "max_dislikers_per_item": cap}
     res = T.swing_neighbours(TrainCodes.from_frame(log), sw)
     expected = _swing_on_ids(log, sw)
     assert len(expected) > 20  # the log has neighbours to compare
+    # scores tied within an item, so the neighbour-id tie-break is exercised
+    assert expected.duplicated(["item_id", "score"]).any()
     pd.testing.assert_frame_equal(res.frame.reset_index(drop=True), expected.reset_index(drop=True))
     neg = log[log["polarity"] < 0]
     assert res.item_neg_count == neg.groupby("item_id").size().to_dict()
@@ -86,13 +129,20 @@ def test_collaborative_embeddings_on_codes_equal_the_svd_of_the_id_table():
     from sklearn.decomposition import TruncatedSVD
 
     log = _log(4)
-    emb = build_item_embeddings({"method": "collab", "dim": 8, "normalize": False}, TrainCodes.from_frame(log),
-                                np.asarray(sorted(log["item_id"].unique()), dtype=object), None, seed=0)
-    # the same matrix built from the string ids: items x users, +1 per like, -1 per dislike, x weight
+    like_w, dislike_w = 1.0, 0.7  # unequal: a swapped sign or weight shows
+    cfg = {"method": "collab", "dim": 8, "normalize": False, "like_weight": like_w, "dislike_weight": dislike_w}
+    emb = build_item_embeddings(cfg, TrainCodes.from_frame(log), np.asarray(sorted(log["item_id"].unique()),
+                                                                            dtype=object), None, seed=0)
+    # the same matrix built from the string ids: items x users, +like_w per like, -dislike_w per
+    # dislike, x weight, repeated (user, item) events summed in the log's order
     u, _ = pd.factorize(log["user_id"], sort=True)
     i, item_ids = pd.factorize(log["item_id"], sort=True)
-    vals = np.where(log["polarity"] > 0, 1.0, -1.0) * log["weight"].to_numpy(np.float64)
+    vals = np.where(log["polarity"] > 0, like_w, -dislike_w) * log["weight"].to_numpy(np.float64)
     m = sp.csr_matrix((vals, (i, u)), shape=(len(item_ids), u.max() + 1))
-    expected = TruncatedSVD(8, algorithm="randomized", n_iter=5, random_state=0).fit_transform(m)
+    m.sum_duplicates()
+    svd = TruncatedSVD(8, algorithm="randomized", n_iter=5, random_state=0)
+    expected = svd.fit_transform(m).astype(np.float32)
     assert list(emb.item_ids) == list(item_ids)
-    np.testing.assert_allclose(emb.vectors, expected.astype(np.float32), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(emb.vectors, expected)
+    assert emb.stats["collab_dim"] == 8
+    assert emb.stats["collab_explained_variance"] == round(float(svd.explained_variance_ratio_.sum()), 10)
