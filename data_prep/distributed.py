@@ -39,12 +39,12 @@ starts a local one for the run). The config and the output folder are the same a
   ``data_prep/train_codes.py``): each user partition codes its events against its own ids, and
   one task joins the parts. That worker holds about 13 bytes per training event (user and item
   code, polarity, weight) plus 8 per dislike (its time, for Swing's per-item cap), not the
-  events' columns (a few times that for a moment while the parts are joined); the driver gets item-sized results (neighbour lists). The item vectors stay in
-  the object store and the **SID** codebook is fitted and every item quantised and repaired in
-  another task beside them (:func:`call_on_worker`, with the driver's BLAS/OpenMP thread count);
-  the driver gets the codebook and the item -> SID table. This is the one place where every
-  training event is in one process (as codes): the SVD and Swing's user-overlap join read the
-  whole matrix.
+  events' columns (a few times that for a moment while the parts are joined); the driver gets
+  item-sized results (neighbour lists). The item vectors stay in the object store and the **SID**
+  codebook is fitted and every item quantised and repaired in another task beside them
+  (:func:`call_on_worker`, with the driver's BLAS/OpenMP thread count); the driver gets the
+  codebook and the item -> SID table. This is the one place where every training event is in one
+  process (as codes): the SVD and Swing's user-overlap join read the whole matrix.
 
 - the **candidate pools** (items of each day from the evaluation cutoff on, as positions in the
   SID'd items) are merged from the partitions; the **RL / evaluation rows**

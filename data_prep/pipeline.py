@@ -16,8 +16,8 @@ from conrec_verl.core.contract import renamed_option
 from conrec_verl.data_prep import distributed as D
 from conrec_verl.data_prep import steps as T
 from conrec_verl.data_prep.embeddings import build_item_embeddings
-from conrec_verl.data_prep.train_codes import TrainCodes
 from conrec_verl.data_prep.errors import DataPrepError
+from conrec_verl.data_prep.train_codes import TrainCodes
 from conrec_verl.io_utils import atomic_dir, remove_stale_dirs
 
 
