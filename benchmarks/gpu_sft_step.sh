@@ -4,6 +4,9 @@
 #   bash benchmarks/gpu_sft_step.sh DATA_DIR [LAYERSxHIDDEN]       (default 2x64; the device tool's GPU)
 #   STEPS=7 BATCH=128 DEV=cuda     DEV=cpu runs the same on a CPU (export the CPU environment first:
 #                                  conrec_verl.runtime.cpu_env)
+#   RECIPE=1: one run instead, the recipe's own micro-batching (1,536 tokens) at BATCH rows, e.g. the
+#   per-size step cost of the cpu_small profile's comment: `DEV=cpu RECIPE=1 BATCH=32 STEPS=25 bash
+#   benchmarks/gpu_sft_step.sh DATA_DIR 4x128` (then 2x64, ...; compare the medians of steps 6 on)
 # Trains DATA_DIR/sft/warmup.parquet with recipes/conrec/config/sft_cpu_tiny.yaml (only device, batch
 # and micro-batch token budget changed) three times -- torch.compile as verl configures it, with
 # TORCH_COMPILE_DISABLE=1, and with 2,048-token micro-batches instead of 8,192 -- each for STEPS
@@ -40,9 +43,16 @@ for m in re.finditer(r"Epoch \d+/\d+:[^\[]*?(\d+)/\d+ \[[^\]]*?,\s*([0-9.]+)(s/i
         last = int(m.group(1))
         v.append(float(m.group(2)) if m.group(3) == "s/it" else 1 / float(m.group(2)))
 print("   ", " ".join(f"{x:.2f}" for x in v) or "(no step finished)")
+if len(v) > 5:
+    import statistics
+    print(f"    median of steps 6 on: {statistics.median(v[5:]):.3f} s")
 PY
 }
 if [ "${PROFILE:-0}" = 1 ]; then PRE="--no-python $PY -m cProfile -o $WORK/prof.out"; else PRE=; fi
+if [ "${RECIPE:-0}" = 1 ]; then
+  OVR= PRE=$PRE run recipe
+  exit 0
+fi
 OVR="data.max_token_len_per_gpu=8192" PRE=$PRE run compile_default
 [ -s "$WORK/prof.out" ] && $PY -c "import pstats; pstats.Stats('$WORK/prof.out').sort_stats('tottime').print_stats(25)" | tail -30
 OVR="data.max_token_len_per_gpu=8192" run compile_off TORCH_COMPILE_DISABLE=1
