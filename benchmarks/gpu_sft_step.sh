@@ -50,10 +50,11 @@ PY
 }
 if [ "${PROFILE:-0}" = 1 ]; then PRE="--no-python $PY -m cProfile -o $WORK/prof.out"; else PRE=; fi
 if [ "${RECIPE:-0}" = 1 ]; then
-  OVR= PRE=$PRE run recipe
+  OVR= run recipe
   exit 0
 fi
-OVR="data.max_token_len_per_gpu=8192" PRE=$PRE run compile_default
+OVR="data.max_token_len_per_gpu=8192" run compile_default
+PRE=
 [ -s "$WORK/prof.out" ] && $PY -c "import pstats; pstats.Stats('$WORK/prof.out').sort_stats('tottime').print_stats(25)" | tail -30
 OVR="data.max_token_len_per_gpu=8192" run compile_off TORCH_COMPILE_DISABLE=1
 OVR="data.max_token_len_per_gpu=2048" run compile_off_2048 TORCH_COMPILE_DISABLE=1
