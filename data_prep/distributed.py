@@ -33,31 +33,33 @@ starts a local one for the run). The config and the output folder are the same a
   as the local reader does.
 
 - the **split plan** is made on each partition (one day range for the log) and merged into the
-  per-user cutoffs; the log's counts are per-partition aggregates (:func:`map_partitions`).
+  per-user cutoffs on a worker; the log's counts are per-partition aggregates
+  (:func:`reduce_partitions`).
 - **item embeddings** and **Swing** are computed on one worker (preferably on the driver's node),
   never on the driver, from the training events as integer codes (:func:`train_codes_ray`,
   ``data_prep/train_codes.py``): each user partition codes its events against its own ids, and
   one task joins the parts. That worker holds about 13 bytes per training event (user and item
   code, polarity, weight) plus 8 per dislike (its time, for Swing's per-item cap), not the
-  events' columns (a few times that for a moment while the parts are joined); the driver gets
-  item-sized results (neighbour lists). The item vectors stay in the object store and the **SID**
-  codebook is fitted and every item quantised and repaired in another task beside them
-  (:func:`call_on_worker`, with the driver's BLAS/OpenMP thread count); the driver gets the
-  codebook and the item -> SID table. This is the one place where every training event is in one
-  process (as codes): the SVD and Swing's user-overlap join read the whole matrix.
+  events' columns (a few times that for a moment while the parts are joined). The item vectors
+  stay in the object store and the **SID** codebook is fitted and every item quantised and
+  repaired in another task beside them (:func:`call_on_worker`, with the driver's BLAS/OpenMP
+  thread count). This is the one place where every training event is in one process (as codes):
+  the SVD and Swing's user-overlap join read the whole matrix.
 
 - the **candidate pools** (items of each day from the evaluation cutoff on, as positions in the
-  SID'd items) are merged from the partitions; the **RL / evaluation rows**
+  SID'd items) are merged from the partitions on a worker; the **RL / evaluation rows**
   (:func:`row_sets_ray`: stages, candidate sets) and the **SFT sets** (alignment questions, warm-up
   rows of every dislike) are made on the partitions and written there as shards
   (``data_prep/shards.py``); every seeded draw is per user or per row, so a partition draws its
-  users' share of the local build.
+  users' share of the local build. The shards are merged into the data folder's files by one task
+  on the cluster (``data_prep.steps.write_files``), one row group per shard at a time.
 
-So with ``engine=ray`` the driver never holds the log's events: it holds per-item state (item
-ids, embeddings, SIDs, Swing neighbours, the day pools; each partition sends its own distinct
-items or (day, item) pairs, so up to ``partitions`` times that while they are merged), per-user
-state (cutoffs, the shards' merge-key runs) and the candidate pools; every output file is merged
-from the workers' shards, one row group per shard at a time.
+So with ``engine=ray`` and a log read on the cluster, the driver holds neither the log's events nor
+per-item or per-user state: the distinct items, the split plan (per-user cutoffs), the warm items,
+the item -> SID map and SID table, Swing's neighbours, the item lookup, the candidate pools, the
+shards' merge-key runs and the rows all stay in the object store or on the workers
+(``ObjectRef`` s on the driver, ``data_prep.steps.OnCluster``); the driver fetches counts, reports
+and the codebook. (A MovieLens log is read on the driver, which then holds its events.)
 """
 
 from __future__ import annotations
@@ -216,6 +218,7 @@ def _row_sets_part(df: pd.DataFrame, shared) -> tuple[dict, dict]:
     from conrec_verl.data_prep.shards import write_shard
 
     plan, lookup, args, staging = shared
+    plan, lookup, args = resolved(plan), resolved(lookup), tuple(resolved(a) for a in args)
     events = df[_EVENT_COLUMNS].reset_index(drop=True)
     out = T.user_row_sets(events, replace(plan, key=plan.event_keys(events)), lookup, *args)
     part = int(df["_part"].iloc[0])
@@ -225,16 +228,36 @@ def _row_sets_part(df: pd.DataFrame, shared) -> tuple[dict, dict]:
     return shards, out.stats
 
 
-def row_sets_ray(log, plan, lookup, args: tuple, n_parts: int, staging) -> tuple[dict, dict]:
-    """:func:`data_prep.steps.user_row_sets` on every user partition of the log (``log.parts``, or
-    the driver's table of a log read there, sent to the cluster), each partition's sets written by
-    its worker as shards under ``staging``. Returns ``{name: ShardedRows}`` (merged into the files
-    when the folder is written, :func:`data_prep.steps.write_rl_files`) and the summed counts; the
-    driver holds the shards' runs (one per user, or per user and cutoff) and counts, never the rows."""
-    import ray.data
-
+def _collect_row_sets(per_part: list, warmup_cutoffs: bool) -> tuple[dict, dict]:
+    """The partitions' shards as ``{name: ShardedRows}`` (:func:`data_prep.steps.finish_row_sets`)
+    and their summed counts."""
     from conrec_verl.data_prep import steps as T
     from conrec_verl.data_prep.shards import ShardedRows
+
+    sets: dict = {}
+    sums: dict = {}
+    for shards, stats in per_part:
+        for name, (path, runs) in shards.items():
+            sets.setdefault(name, ShardedRows(T.rl_set_schema(name))).add(path, runs)
+        sums = T.add_stat_sums(sums, stats)
+    for name in ("rl/val", "eval/test"):  # files the folder always has, even with no row
+        sets.setdefault(name, ShardedRows(T.rl_set_schema(name)))
+    if warmup_cutoffs:  # sft.warmup.rows=cutoffs
+        for name in ("sft/warmup", "sft/warmup_val"):
+            sets.setdefault(name, ShardedRows(T.rl_set_schema(name)))
+    return T.finish_row_sets(sets, sums, warmup_cutoffs), sums
+
+
+def row_sets_ray(log, plan, lookup, args: tuple, n_parts: int, staging) -> tuple[Any, dict]:
+    """:func:`data_prep.steps.user_row_sets` on every user partition of the log (``log.parts``, or
+    the driver's table of a log read there, sent to the cluster), each partition's sets written by
+    its worker as shards under ``staging``. ``plan``, ``lookup`` and the entries of ``args`` may be
+    ``ObjectRef`` s (state kept on the cluster). Returns an ``ObjectRef`` to ``{name: ShardedRows}``
+    (the shards and their runs, one per user or per user and cutoff, collected on a worker and merged
+    into the files when the folder is written, :func:`data_prep.steps.write_files`) and the summed
+    counts: the driver never holds the rows or their runs."""
+    import ray
+    import ray.data
 
     parts = log.parts
     if parts is None:  # a log read on the driver (MovieLens): its events, in the log's order
@@ -243,19 +266,11 @@ def row_sets_ray(log, plan, lookup, args: tuple, n_parts: int, staging) -> tuple
         frame["_part"] = stable_partition(frame["user_id"].to_numpy(), n_parts)
         parts = ray.data.from_pandas(frame)
         del frame
-    shared = (replace(plan, key=None), lookup, args, str(staging))
-    sets: dict = {}
-    sums: dict = {}
-    for shards, stats in map_partitions(parts, _row_sets_part, shared):
-        for name, (path, runs) in shards.items():
-            sets.setdefault(name, ShardedRows(T.rl_set_schema(name))).add(path, runs)
-        sums = T.add_stat_sums(sums, stats)
-    for name in ("rl/val", "eval/test"):  # files the folder always has, even with no row
-        sets.setdefault(name, ShardedRows(T.rl_set_schema(name)))
-    if args[-1]:  # sft.warmup.rows=cutoffs
-        for name in ("sft/warmup", "sft/warmup_val"):
-            sets.setdefault(name, ShardedRows(T.rl_set_schema(name)))
-    return sets, sums
+    if not isinstance(plan, ray.ObjectRef):
+        plan = replace(plan, key=None)  # the workers compute their events' keys
+    sets, sums = reduce_partitions(parts, _row_sets_part, (plan, lookup, args, str(staging)), _collect_row_sets,
+                                   bool(args[-1]), num_returns=2)
+    return sets, fetch(sums)
 
 
 # -- reading a log in several files, partitioned by user -------------------------------------------
@@ -290,8 +305,9 @@ def read_log_ray(icfg: Mapping, files: list[str], source: str, n_parts: int) -> 
     Ray Data (see the module docstring). Returns ``(None, stats, parts)``: the table stays on the
     cluster as ``parts``, a materialized Dataset of the events partitioned by user (plus ``_file``,
     ``_row``, ``_part`` and ``_dup``, the flag of a repeated identical event, all False after
-    ``input.duplicates=drop``); ``stats`` holds the read counts and the log's counts (``item_ids``:
-    its distinct items, for the item table), all from per-partition aggregates."""
+    ``input.duplicates=drop``); ``stats`` holds the read counts and the log's counts, all from
+    per-partition aggregates, and ``item_ids``: an ``ObjectRef`` to the log's distinct items (sorted,
+    kept on the cluster for the item-side steps)."""
     import ray.data
 
     from conrec_verl.data_prep import readers as R
@@ -336,15 +352,13 @@ def read_log_ray(icfg: Mapping, files: list[str], source: str, n_parts: int) -> 
         n_dup = int(parts.sum("_dup") or 0)
         if duplicates == "drop":
             parts = parts.map_batches(_drop_repeats, batch_format="pandas").materialize()
-        per_part = map_partitions(parts, _log_counts)
+        counts_ref, item_ids = reduce_partitions(parts, _log_counts, None, _sum_log_counts, num_returns=2)
+        log_counts = fetch(counts_ref)
     stats = {"raw_rows": int(c["rows"]), "neutral_dropped": int(c["neutral"]), "duplicate_events": n_dup,
              "duplicates": duplicates}
     if many:
         stats["input_files"] = len(files)
-    stats.update({k: int(sum(p[k] for p in per_part)) for k in ("events", "users", "likes", "dislikes")})
-    item_ids = np.unique(np.concatenate([p["items"] for p in per_part])) if per_part else np.zeros(0, object)
-    stats.update(items=int(len(item_ids)), item_ids=item_ids,
-                 day_range=(min(p["days"][0] for p in per_part), max(p["days"][1] for p in per_part)))
+    stats.update(log_counts, item_ids=item_ids)
     return None, stats, parts
 
 
@@ -364,12 +378,19 @@ def _log_counts(df: pd.DataFrame, _shared) -> dict:
             "days": (int(df["day"].min()), int(df["day"].max()))}
 
 
-def map_partitions(parts, fn, shared=None) -> list:
-    """``fn(events, shared)`` on every user partition of ``parts`` (:func:`read_log_ray`), on the
-    cluster: ``events`` = the partition's events in the log's order (user, time, item, file order; a
-    table sent from the driver without ``_file``: its ``_row`` order);
-    ``shared`` is sent once through the object store. The results (any picklable value, small:
-    they come to the driver) in partition order."""
+def _sum_log_counts(per_part: list) -> tuple[dict, np.ndarray]:
+    """The log's counts (events, users, likes, dislikes, distinct items, first and last day) and its
+    distinct items (sorted; kept on the cluster) from the partitions' shares."""
+    counts = {k: int(sum(p[k] for p in per_part)) for k in ("events", "users", "likes", "dislikes")}
+    item_ids = np.unique(np.concatenate([p["items"] for p in per_part])) if per_part else np.zeros(0, object)
+    counts.update(items=int(len(item_ids)),
+                  day_range=(min(p["days"][0] for p in per_part), max(p["days"][1] for p in per_part)))
+    return counts, item_ids
+
+
+def _partition_results(parts, fn, shared):
+    """``fn(events, shared)`` on every user partition of ``parts``, each result pickled into a
+    one-row block of a materialized Dataset (``_part``, ``payload``) that stays on the cluster."""
     import ray
 
     ref = ray.put(shared)
@@ -384,8 +405,53 @@ def map_partitions(parts, fn, shared=None) -> list:
                              "payload": [pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)]})
 
     with _worker_errors():
-        rows = parts.groupby("_part").map_groups(run, batch_format="pandas").take_all()
+        return parts.groupby("_part").map_groups(run, batch_format="pandas").materialize()
+
+
+def _in_part_order(ds) -> list:
+    rows = ds.take_all()
     return [pickle.loads(r["payload"]) for r in sorted(rows, key=lambda r: int(r["_part"]))]
+
+
+def map_partitions(parts, fn, shared=None) -> list:
+    """``fn(events, shared)`` on every user partition of ``parts`` (:func:`read_log_ray`), on the
+    cluster: ``events`` = the partition's events in the log's order (user, time, item, file order; a
+    table sent from the driver without ``_file``: its ``_row`` order);
+    ``shared`` is sent once through the object store (an ``ObjectRef`` inside it is read with
+    :func:`resolved`). The results (any picklable value, small: they come to the driver) in
+    partition order; :func:`reduce_partitions` keeps them on the cluster."""
+    return _in_part_order(_partition_results(parts, fn, shared))
+
+
+def reduce_partitions(parts, fn, shared, reduce, *args, num_returns: int = 1):
+    """``reduce([fn(events, shared) per partition, in partition order], *args)`` with the per-partition
+    results never on the driver: they stay in the object store and one task (:func:`call_on_worker`)
+    reduces them. Returns that task's ``ObjectRef`` (a list of ``num_returns`` refs when ``reduce``
+    returns that many values): per-item and per-user state stays on the cluster, and the driver
+    fetches only what it must see (counts, a report)."""
+    results = _partition_results(parts, fn, shared)
+
+    def gather(ds, *more):
+        return reduce(_in_part_order(ds), *more)
+
+    return call_on_worker(gather, results, *args, keep=True, num_returns=num_returns)
+
+
+def resolved(value):
+    """``value``, or what it refers to when it is a Ray ``ObjectRef`` (state that the driver passes
+    on by reference, inside a task's shared argument, where Ray does not resolve it)."""
+    import ray
+
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
+def fetch(ref):
+    """The value behind ``ref`` on the driver (small results only: counts, reports), with a
+    :class:`DataPrepError` raised in the task that made it raised as itself."""
+    import ray
+
+    with _worker_errors():
+        return ray.get(ref)
 
 
 # -- the split, planned on the partitions -----------------------------------------------------------
@@ -404,20 +470,31 @@ def _split_part(df: pd.DataFrame, shared) -> dict:
 
 def split_ray(parts, cfg: Mapping, day_range: tuple[int, int]):
     """The split plan of the partitioned log: :func:`data_prep.samples.plan_split` on every partition
-    (one global day range; per-user cutoffs from each user's events), merged. Returns the plan
-    (without per-event keys), the warm items and the counts of training events and dislikes."""
+    (one global day range; per-user cutoffs from each user's events), merged on a worker
+    (:func:`reduce_partitions`). Returns ``ObjectRef`` s to the plan (without per-event keys) and to the
+    warm items (both stay on the cluster), and the split's counts (:func:`_merge_split`)."""
     from conrec_verl.data_prep import samples as S
 
     dr = (int(S.day_number(day_range[0])[0]), int(S.day_number(day_range[1])[0]))
     empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
                           (("user_id", object), ("item_id", object), ("ts", np.int64), ("day", np.int64))})
     plan = S.plan_split(empty, cfg, dr)  # the config's checks, before any partition runs
+    plan_ref, warm_ref, counts_ref = reduce_partitions(parts, _split_part, (dict(cfg), dr), _merge_split,
+                                                       replace(plan, key=None), num_returns=3)
+    return plan_ref, warm_ref, fetch(counts_ref)
+
+
+def _merge_split(per_part: list, plan) -> tuple:
+    """The partitions' split plans merged into ``plan`` (the whole log's, without per-user cutoffs),
+    the warm items (a set) and the split's counts: ``info`` (the plan's), ``train_events``,
+    ``train_dislikes``, ``warm_items`` and ``first_eval_day`` (the day of the earliest evaluation
+    cutoff, from which the candidate pools are drawn)."""
     eval_cut: dict = {}
     train_cuts: dict = {}
     info = dict(plan.info)
     warm: set = set()
     n_train = n_neg = 0
-    for p in map_partitions(parts, _split_part, (dict(cfg), dr)):
+    for p in per_part:
         eval_cut.update(p["eval_cut"])
         train_cuts.update(p["train_cuts"])
         for k in ("train_cutoffs_moved_back", "train_cutoffs_without_full_window"):
@@ -426,7 +503,10 @@ def split_ray(parts, cfg: Mapping, day_range: tuple[int, int]):
         warm.update(p["train_items"].tolist())
         n_train += p["train_events"]
         n_neg += p["train_dislikes"]
-    return replace(plan, key=None, eval_cut=eval_cut, train_cuts=train_cuts, info=info), warm, n_train, n_neg
+    plan = replace(plan, eval_cut=eval_cut, train_cuts=train_cuts, info=info)
+    first = plan.cutoff_day(min(eval_cut.values())) if eval_cut else 0
+    return plan, warm, {"info": info, "train_events": n_train, "train_dislikes": n_neg, "warm_items": len(warm),
+                        "first_eval_day": int(first)}
 
 
 # -- the item-side steps on one worker: embeddings, Swing ----------------------------------------
@@ -442,13 +522,10 @@ def _train_part(df: pd.DataFrame, plan) -> pd.DataFrame:
 
 def train_events_ray(parts, plan):
     """The events before each user's evaluation cutoff, kept on the cluster (a materialized
-    Dataset, per user partition) for the steps that read them on a worker."""
-    import ray
-
-    ref = ray.put(replace(plan, key=None, train_cuts={}))  # the mask needs the evaluation cutoffs only
-
+    Dataset, per user partition) for the steps that read them on a worker. ``plan``: the split plan
+    or an ``ObjectRef`` to it (:func:`split_ray`)."""
     def keep(df: pd.DataFrame) -> pd.DataFrame:
-        return _train_part(df, ray.get(ref))
+        return _train_part(df, resolved(plan))
 
     with _worker_errors():
         return parts.groupby("_part").map_groups(keep, batch_format="pandas").materialize()
@@ -489,7 +566,7 @@ def wait(ref) -> None:
     ray.wait([ref], fetch_local=False)
 
 
-def call_on_worker(fn, *args, num_cpus: float = 1, blas: bool = False, keep: bool = False):
+def call_on_worker(fn, *args, num_cpus: float = 1, blas: bool = False, keep: bool = False, num_returns: int = 1):
     """``fn(*args)`` in one Ray task on the driver's node (soft affinity): the item-side steps that
     read every training event run there, beside their data, not on the driver. ``ObjectRef``
     arguments are resolved in the task, so a result kept there never comes to the driver. ``blas``:
@@ -497,11 +574,12 @@ def call_on_worker(fn, *args, num_cpus: float = 1, blas: bool = False, keep: boo
     linear algebra (the SVD of the item embeddings) sums in the same order and the vectors equal the
     local engine's on a machine like the driver's; on other CPUs or BLAS builds they may differ in
     the last bits. ``keep``: return the result's ``ObjectRef`` (it stays in the object store, for
-    the next task) instead of the value. A :class:`DataPrepError` in the task is raised as itself."""
+    the next task) instead of the value; with ``num_returns`` > 1, ``fn`` returns that many values and
+    ``keep`` returns one ref per value. A :class:`DataPrepError` in the task is raised as itself."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    options = {"num_cpus": num_cpus, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+    options = {"num_cpus": num_cpus, "num_returns": int(num_returns), "scheduling_strategy": NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=True)}
     if blas:
         threads = str(blas_threads())
@@ -532,24 +610,30 @@ def _day_positions_part(df: pd.DataFrame, shared) -> dict:
     """One partition's (day -> positions in the SID'd items) of the days from ``first_day`` on."""
     from conrec_verl.data_prep import samples as S
 
-    sid_of, items, first_day = shared
+    sid_of, items, first_day = (resolved(v) for v in shared)
     pairs = S.day_item_pairs(df[df["day"].to_numpy() >= first_day], sid_of)
     pos = pd.Index(items).get_indexer(pairs["item_id"].to_numpy(dtype=object)).astype(np.int32)
     days = pairs["day"].to_numpy()
     return {int(d): np.unique(pos[days == d]) for d in np.unique(days)}
 
 
-def candidate_pools_ray(parts, sid_of: dict, first_day: int):
-    """:class:`data_prep.samples.CandidatePools` of the partitioned log: each partition sends its
-    distinct (day, item position) pairs from ``first_day`` on as int32 arrays, merged per day."""
+def _merge_day_positions(per_part: list, items: np.ndarray):
     from conrec_verl.data_prep import samples as S
 
-    items = np.asarray(sorted(sid_of), dtype=object)
     days: dict = {}
-    for part in map_partitions(parts, _day_positions_part, (sid_of, items, int(first_day))):
+    for part in per_part:
         for d, pos in part.items():
             days[d] = np.union1d(days[d], pos) if d in days else pos
     return S.CandidatePools(items, {d: days[d].astype(np.int32) for d in sorted(days)})
+
+
+def candidate_pools_ray(parts, sid_of, items, first_day: int):
+    """An ``ObjectRef`` to the :class:`data_prep.samples.CandidatePools` of the partitioned log: each
+    partition finds its distinct (day, item position) pairs from ``first_day`` on as int32 arrays,
+    merged per day on a worker. ``sid_of`` (item -> SID) and ``items`` (the SID'd items, sorted):
+    values or ``ObjectRef`` s."""
+    return reduce_partitions(parts, _day_positions_part, (sid_of, items, int(first_day)), _merge_day_positions,
+                             items)
 
 
 # -- SFT sets on the partitions ------------------------------------------------------------------
@@ -561,6 +645,7 @@ def _sft_part(df: pd.DataFrame, shared) -> dict:
     from conrec_verl.data_prep.steps import SFT_SCHEMAS
 
     plan, sid_of, align_cfg, wcfg, seed, vfrac, levels, staging = shared
+    plan, sid_of = resolved(plan), resolved(sid_of)
     users = df["user_id"].unique().tolist()
     train_users = {u for u in users if not S.is_val_user(seed, u, vfrac)}
     val_users = set(users) - train_users
@@ -580,23 +665,36 @@ def _sft_part(df: pd.DataFrame, shared) -> dict:
     return shards
 
 
-def sft_parts_ray(train_ds, plan, sid_of: dict, align_cfg: Mapping, wcfg: Mapping | None, seed: int, vfrac: float,
-                  levels: int, staging) -> tuple[Any, Any, Any]:
+def sft_parts_ray(train_ds, plan, sid_of, align_cfg: Mapping, wcfg: Mapping | None, seed: int, vfrac: float,
+                  levels: int, staging, heldout: float) -> list:
     """The per-user SFT sets on the partitions of the training events, written by the workers as
     shards under ``staging`` (a folder every worker can write: the build's output folder): the
-    alignment questions (each user's draws its own, :func:`data_prep.sft.alignment_from_pools`) and,
+    alignment questions (each user's draws its own, :func:`data_prep.sft.alignment_from_pools`; the
+    ``heldout`` fraction of them, by position in the merged order, goes to the held-out file) and,
     with ``wcfg`` (``sft.warmup.rows: every_dislike``), the warm-up rows of training and validation
-    users. Returns them as :class:`data_prep.shards.ShardedRows` (alignment, warm-up, warm-up
-    validation); the driver merges each into its file when it writes the folder
-    (:func:`data_prep.shards.merge_shards`), never holding the rows."""
+    users. ``plan`` and ``sid_of``: values or ``ObjectRef`` s. Returns ``ObjectRef`` s to them as
+    :class:`data_prep.shards.ShardedRows` (alignment, warm-up, warm-up validation), collected on a
+    worker and merged into their files when the folder is written (:func:`data_prep.shards.merge_shards`):
+    the driver holds neither the rows nor their runs."""
+    import ray
+
+    if not isinstance(plan, ray.ObjectRef):
+        plan = replace(plan, key=None)
+    shared = (plan, sid_of, dict(align_cfg), dict(wcfg) if wcfg else None, seed, vfrac, levels, str(staging))
+    return reduce_partitions(train_ds, _sft_part, shared, _collect_sft_parts, float(heldout), int(seed),
+                             num_returns=3)
+
+
+def _collect_sft_parts(per_part: list, heldout: float, seed: int) -> tuple:
+    from conrec_verl.data_prep.sft import heldout_positions
     from conrec_verl.data_prep.shards import ShardedRows
     from conrec_verl.data_prep.steps import SFT_SCHEMAS
 
     sets = {"alignment": ShardedRows(SFT_SCHEMAS["alignment"]), "warmup": ShardedRows(SFT_SCHEMAS["warmup"]),
             "warmup_val": ShardedRows(SFT_SCHEMAS["warmup"])}
-    shared = (replace(plan, key=None), sid_of, dict(align_cfg), dict(wcfg) if wcfg else None, seed, vfrac, levels,
-              str(staging))
-    for shards in map_partitions(train_ds, _sft_part, shared):
+    for shards in per_part:
         for name, (path, runs) in shards.items():
             sets[name].add(path, runs)
+    # the held-out questions: positions in the merged order, split when the folder is written
+    sets["alignment"].held_out = heldout_positions(len(sets["alignment"]), heldout, seed)
     return sets["alignment"], sets["warmup"], sets["warmup_val"]

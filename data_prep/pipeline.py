@@ -6,7 +6,6 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -173,26 +172,26 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
     with steps("split"):
         split = T.split_log(log, cfg)
     ecfg, sw = cfg.get("embedding", {}) or {}, cfg.get("swing", {}) or {}
+    on_cluster = split.train_on_cluster is not None  # engine=ray with the log on the cluster
     with steps("embeddings"):
         # the training events as codes (data_prep/train_codes.py), read by the embeddings and Swing
-        if split.train_on_cluster is not None:  # engine=ray: coded on the partitions, gathered on a worker
+        if on_cluster:  # coded on the partitions, gathered on a worker; the vectors stay in the object store
             codes = D.train_codes_ray(split.train_on_cluster)
             emb = D.call_on_worker(build_item_embeddings, ecfg, codes, split.all_items, log.items, seed,
                                    blas=True, keep=True)
-            D.wait(emb)  # the vectors stay in the object store; wait here so the step's time is its own
+            D.wait(emb)  # wait here so the step's time is its own
         else:
             codes = TrainCodes.from_frame(split.train)
             emb = build_item_embeddings(ecfg, codes, split.all_items, log.items, seed)
     with steps("sids"):
-        if split.train_on_cluster is not None:  # beside the vectors (never on the driver), same threads
-            sids = D.call_on_worker(T.item_sids, emb, replace(split, plan=None, train_on_cluster=None), cfg, seed,
-                                    blas=True)
-            del emb
+        if on_cluster:  # beside the vectors, same threads; the driver gets the codebook and the report
+            sids = T.on_cluster(T.item_sids, emb, split.warm, split.all_items, cfg, seed, blas=True)
         else:
-            sids = T.item_sids(emb, split, cfg, seed)
+            sids = T.item_sids(emb, split.warm, split.all_items, cfg, seed)
+        del emb
     with steps("swing"):
-        if split.train_on_cluster is not None:  # beside the codes too, pair scores in that task (no nested Ray)
-            swing = D.call_on_worker(T.swing_neighbours, codes, sw)
+        if on_cluster:  # beside the codes too, pair scores in that task (no nested Ray); kept there
+            swing = T.on_cluster(T.swing_neighbours, codes, sw)
         else:
             swing = T.swing_neighbours(codes, sw, ray_partitions)
         del codes
@@ -203,7 +202,8 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
     with steps("sft"):
         sft = T.sft_sets(log, split, sids, samples, cfg, seed, staging if ray_partitions else None)
     with steps("write"):
-        manifest = T.write_folder(tmp, cfg, seed, log, split, sids, swing, samples, sft)
+        manifest = T.write_folder(tmp, cfg, seed, log, split, sids, swing, samples, sft,
+                                  on_worker=bool(ray_partitions))
         if staging.exists():
             shutil.rmtree(staging)  # an error here fails the build: no _shards/ in a published folder
     manifest["timings_s"] = steps.timings

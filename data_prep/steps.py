@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,6 @@ from conrec_verl.data_prep.sft import (
     alignment_from_pools,
     alignment_pools,
     every_dislike_records,
-    heldout_positions,
     split_heldout,
     translation_records,
     warmup_config,
@@ -89,8 +88,9 @@ class Log:
     #: Dataset, ``data_prep.distributed.read_log_ray``), which the distributed steps map over;
     #: None otherwise
     parts: Any = None
-    #: with ``parts``: the log's distinct items (sorted) and its first and last day (YYYYMMDD)
-    item_ids: np.ndarray | None = None
+    #: with ``parts``: an ``ObjectRef`` to the log's distinct items (sorted; they stay on the cluster)
+    #: and the log's first and last day (YYYYMMDD)
+    item_ids: Any = None
     day_range: tuple | None = None
 
 
@@ -109,7 +109,9 @@ def read_log(cfg: dict, ray_partitions: int | None = None) -> Log:
 
     def on_ray(icfg, files, source):
         inter, stats, ds = D.read_log_ray(icfg, files, source, ray_partitions)
-        on_cluster.update(parts=ds, item_ids=stats["item_ids"], day_range=stats.pop("day_range"))
+        on_cluster.update(parts=ds, item_ids=stats.pop("item_ids"), day_range=stats.pop("day_range"))
+        if ((icfg.get("items") or {}).get("path")):  # an item table is read on the driver, checked against the log's ids
+            stats["item_ids"] = D.fetch(on_cluster["item_ids"])
         return inter, stats
 
     data = read_input(cfg.get("input", {}) or {}, on_ray if ray_partitions else None)
@@ -129,18 +131,29 @@ def input_checksums(files: list[str]) -> dict:
 
 @dataclass
 class Split:
+    """The split. With a log on a Ray cluster (``train_on_cluster`` set) ``plan``, ``all_items`` and
+    ``warm`` are ``ObjectRef`` s: that per-user and per-item state stays on the cluster, and the
+    driver holds only the counts below."""
+
     plan: Any  # samples.SplitPlan
     #: per interaction: whether it falls in the training part of the log (None for a log on a Ray
     #: cluster: its training events stay there, ``train_on_cluster``)
     train_mask: np.ndarray | None
     train: pd.DataFrame | None
-    all_items: np.ndarray
-    #: items seen in training (their SIDs are fitted; the others are cold)
-    warm: set
+    #: every item id of the log (sorted)
+    all_items: Any
+    #: items seen in training (their SIDs are fitted; the others are cold): a set
+    warm: Any
     #: events before the evaluation cutoff
     train_events: int = 0
     #: engine=ray: the training events kept on the cluster (``distributed.train_events_ray``)
     train_on_cluster: Any = None
+    #: the plan's report (cutoffs, windows) for the manifest
+    info: dict = field(default_factory=dict)
+    n_items: int = 0
+    n_warm: int = 0
+    #: the day of the earliest evaluation cutoff: the candidate pools hold the items of the days from it on
+    first_eval_day: int = 0
 
 
 NO_TRAIN_DISLIKE = "no dislike falls before the evaluation cutoff; move split.eval_cutoff_day later"
@@ -148,12 +161,12 @@ NO_TRAIN_DISLIKE = "no dislike falls before the evaluation cutoff; move split.ev
 
 def split_log(log: Log, cfg: dict) -> Split:
     scfg = cfg.get("split", {}) or {}
-    if log.parts is not None:  # planned on the partitions: only per-user state comes back
-        plan, warm, n_train, n_neg = D.split_ray(log.parts, scfg, log.day_range)
-        if n_neg == 0:
+    if log.parts is not None:  # planned on the partitions: the plan and the warm items stay there
+        plan, warm, c = D.split_ray(log.parts, scfg, log.day_range)
+        if c["train_dislikes"] == 0:
             raise DataPrepError(NO_TRAIN_DISLIKE)
-        return Split(plan, None, None, np.asarray(log.item_ids, dtype=object), warm, n_train,
-                     D.train_events_ray(log.parts, plan))
+        return Split(plan, None, None, log.item_ids, warm, c["train_events"], D.train_events_ray(log.parts, plan),
+                     c["info"], int(log.stats["items"]), c["warm_items"], c["first_eval_day"])
     inter = log.interactions
     plan = S.plan_split(inter, scfg)
     train_mask = plan.train_mask(inter["user_id"].to_numpy())
@@ -161,7 +174,10 @@ def split_log(log: Log, cfg: dict) -> Split:
     if not (train["polarity"] < 0).any():
         raise DataPrepError(NO_TRAIN_DISLIKE)
     all_items = np.asarray(sorted(inter["item_id"].unique()), dtype=object)
-    return Split(plan, train_mask, train, all_items, set(train["item_id"].unique().tolist()), int(len(train)))
+    warm = set(train["item_id"].unique().tolist())
+    first = plan.cutoff_day(min(plan.eval_cut.values())) if plan.eval_cut else 0
+    return Split(plan, train_mask, train, all_items, warm, int(len(train)), None, plan.info, len(all_items),
+                 len(warm), int(first))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,16 +189,23 @@ def split_log(log: Log, cfg: dict) -> Split:
 class Sids:
     book: Codebook
     #: item id -> SID string
-    sid_of: dict
+    sid_of: dict | None
     #: the ``sid_map.parquet`` table
-    table: pd.DataFrame
+    table: pd.DataFrame | None
     #: ``sid_report.json`` (Swing's stats are added by :func:`write_folder`)
     report: dict
     n_cold_items: int
+    #: items with a SID (the rows of ``table``)
+    n_with_sid: int = 0
+
+    def brief(self) -> "Sids":
+        """What the driver reads of a result kept on a Ray cluster: the codebook, report and counts."""
+        return replace(self, sid_of=None, table=None)
 
 
-def item_sids(emb: ItemEmbeddings, split: Split, cfg: dict, seed: int) -> Sids:
-    fit_mask = pd.Series(emb.item_ids).isin(split.warm).to_numpy()
+def item_sids(emb: ItemEmbeddings, warm: set, all_items: np.ndarray, cfg: dict, seed: int) -> Sids:
+    """SIDs for every embedded item, the codebook fitted on the ``warm`` ones (seen in training)."""
+    fit_mask = pd.Series(emb.item_ids).isin(warm).to_numpy()
     sres = build_sids(emb.vectors, fit_mask, emb.item_ids, cfg.get("sid", {}) or {}, seed)
     book = sres.codebook
     sid_strings = [format_sid(c) for c in sres.codes]
@@ -192,13 +215,13 @@ def item_sids(emb: ItemEmbeddings, split: Split, cfg: dict, seed: int) -> Sids:
         table[f"code_{level}"] = sres.codes[:, level].astype(np.int32)
     table["cold"] = ~fit_mask
     table["source"] = emb.source.astype(str)
-    n_cold_items = len(set(split.all_items.tolist()) - split.warm)
+    n_cold_items = len(set(all_items.tolist()) - warm)
     report = dict(sres.report)
     report.update(sid_build=book.fingerprint, embedding=emb.stats,
                   cold_items={"total": n_cold_items, "with_sid": int((~fit_mask).sum()),
                               "without_sid": int(n_cold_items - (~fit_mask).sum())},
-                  warm_items_without_sid=int(len(split.warm - set(sid_of))))
-    return Sids(book, sid_of, table, report, n_cold_items)
+                  warm_items_without_sid=int(len(warm - set(sid_of))))
+    return Sids(book, sid_of, table, report, n_cold_items, len(table))
 
 
 @dataclass
@@ -209,7 +232,45 @@ class SwingResult:
     neighbors: dict
     stats: dict
     #: item id -> dislikes in training
-    item_neg_count: dict
+    item_neg_count: dict | None
+
+    def brief(self) -> "SwingResult":
+        """What the driver reads of a result kept on a Ray cluster: the stats."""
+        return replace(self, frame=None, neighbors=None, item_neg_count=None)
+
+
+@dataclass
+class OnCluster:
+    """A step's result kept on the Ray cluster (engine=ray with a log read there): ``ref`` an
+    ``ObjectRef`` to it, ``brief`` its small part that the driver reads (``result.brief()``: counts,
+    reports, the codebook) and, for :class:`Sids`, ``sid_of`` a reference to the item -> SID map alone
+    (what the per-user steps read). The steps take either this or the result itself."""
+
+    ref: Any
+    brief: Any
+    sid_of: Any = None
+
+
+def on_cluster(fn, *args, blas: bool = False) -> OnCluster:
+    """``fn(*args)`` in a task on the cluster (:func:`data_prep.distributed.call_on_worker`; ``ObjectRef``
+    arguments are resolved there), its result kept there: an :class:`OnCluster`."""
+    full, sid_of, brief = D.call_on_worker(_kept_with_brief, fn, *args, blas=blas, keep=True, num_returns=3)
+    brief = D.fetch(brief)
+    return OnCluster(full, brief, sid_of if isinstance(brief, Sids) else None)
+
+
+def _kept_with_brief(fn, *args) -> tuple:
+    result = fn(*args)
+    return result, getattr(result, "sid_of", None), result.brief()
+
+
+def _kept(value):
+    """The result itself, or the reference to it of an :class:`OnCluster`."""
+    return value.ref if isinstance(value, OnCluster) else value
+
+
+def _brief(value):
+    return value.brief if isinstance(value, OnCluster) else value
 
 
 def swing_neighbours(train: TrainCodes, sw: dict, ray_partitions: int | None = None) -> SwingResult:
@@ -351,45 +412,59 @@ def user_row_sets(events: pd.DataFrame, plan, lookup, sid_of: dict, pools: "S.Ca
 
 @dataclass
 class Samples:
-    #: per file (the names of :class:`RowSets`): its rows, records in file order or (engine=ray)
-    #: :class:`data_prep.shards.ShardedRows` the workers wrote, merged when the folder is written
-    sets: dict
+    #: per file (the names of :class:`RowSets`): its rows, records in file order; or (engine=ray) an
+    #: ``ObjectRef`` to that dict with :class:`data_prep.shards.ShardedRows` the workers wrote, merged
+    #: when the folder is written
+    sets: Any
     stats: dict
 
 
-def sample_pools(log: Log, split: Split, sid_of: dict) -> "S.CandidatePools":
-    """The candidate pools of the whole log (:class:`data_prep.samples.CandidatePools`), from the
-    days a test row's target can fall on (from the earliest evaluation cutoff's day on)."""
-    first_day = split.plan.cutoff_day(min(split.plan.eval_cut.values())) if split.plan.eval_cut else 0
-    if log.parts is not None:
-        return D.candidate_pools_ray(log.parts, sid_of, first_day)
-    inter = log.interactions
-    return S.CandidatePools.from_pairs(sid_of, S.day_item_pairs(inter[inter["day"].to_numpy() >= first_day], sid_of))
+def item_tables(sid_of: dict, swing: SwingResult, all_items: np.ndarray) -> tuple:
+    """The item tables every user's rows are made from: the lookup (:func:`data_prep.samples.item_lookup`:
+    SIDs, Swing neighbours, dislike counts by item code) and the SID'd items, sorted (the candidate
+    pools' positions)."""
+    ctx = S.SampleContext(None, None, sid_of, swing.neighbors, swing.item_neg_count, "", 0, {})
+    return S.item_lookup(ctx, all_items), np.asarray(sorted(sid_of), dtype=object)
 
 
-def rl_samples(log: Log, split: Split, sids: Sids, swing: SwingResult, cfg: dict, rcfg: dict, seed: int,
+def finish_row_sets(sets: dict, sums: dict, warmup_cutoffs: bool) -> dict:
+    """``sets`` as the folder writes them: no warm-up rows of either kind when ``sft.warmup.rows:
+    cutoffs`` made no training row."""
+    if warmup_cutoffs and not sums["train"]["rows"]:
+        sets = dict(sets, **{"sft/warmup": [], "sft/warmup_val": []})
+    return sets
+
+
+def rl_samples(log: Log, split: Split, sids, swing, cfg: dict, rcfg: dict, seed: int,
                ray_partitions: int | None = None, staging: Path | None = None) -> Samples:
     """``rcfg``: the ``rl`` options with the context names (``pipeline.rl_options``). With
     ``ray_partitions`` (engine=ray) the rows are made and written as shards under ``staging`` by the
-    workers (:func:`data_prep.distributed.row_sets_ray`); the driver keeps their runs and counts."""
+    workers (:func:`data_prep.distributed.row_sets_ray`); the driver keeps a reference to them and
+    their counts. ``sids`` and ``swing``: the results, or (a log read on the cluster) their
+    :class:`OnCluster`, whose item tables are then made and kept on the cluster too."""
     scfg = cfg.get("samples", {}) or {}
-    sid_build = sids.book.fingerprint
-    ctx = S.SampleContext(log.interactions, split.plan, sids.sid_of, swing.neighbors, swing.item_neg_count,
-                          sid_build, seed, scfg)
-    lookup = S.item_lookup(ctx, split.all_items)
-    pools = sample_pools(log, split, sids.sid_of)
+    sid_build = _brief(sids).book.fingerprint
     wcfg = warmup_config((cfg.get("sft", {}) or {}).get("warmup", True))
     cutoffs = wcfg.get("rows") == "cutoffs"
-    args = (sids.sid_of, pools, sid_build, seed, dict(scfg), dict(rcfg), cutoffs)
+    if isinstance(sids, OnCluster):  # made beside the SIDs and Swing; the driver holds references
+        sid_of = sids.sid_of
+        lookup, pool_items = D.call_on_worker(item_tables, sid_of, swing.ref, split.all_items, keep=True,
+                                              num_returns=2)
+        pools = D.candidate_pools_ray(log.parts, sid_of, pool_items, split.first_eval_day)
+    else:
+        sid_of = sids.sid_of
+        lookup, pool_items = item_tables(sid_of, swing, split.all_items)
+        inter = log.interactions
+        pools = S.CandidatePools.from_pairs(sid_of, S.day_item_pairs(inter[inter["day"].to_numpy()
+                                                                           >= split.first_eval_day], sid_of))
+    args = (sid_of, pools, sid_build, seed, dict(scfg), dict(rcfg), cutoffs)
     if ray_partitions:
         if staging is None:
             raise ValueError("rl_samples: engine=ray needs a staging folder for the workers' shards")
         sets, sums = D.row_sets_ray(log, split.plan, lookup, args, ray_partitions, staging)
     else:
         out = user_row_sets(log.interactions, split.plan, lookup, *args, progress=bool(cfg.get("progress", True)))
-        sets, sums = out.records, out.stats
-    if cutoffs and not sums["train"]["rows"]:  # no training row: no warm-up rows of either kind
-        sets["sft/warmup"], sets["sft/warmup_val"] = [], []
+        sets, sums = finish_row_sets(out.records, out.stats, cutoffs), out.stats
     return Samples(sets, finish_sample_stats(sums))
 
 
@@ -464,7 +539,7 @@ def finish_sample_stats(sums: dict) -> dict:
 
 @dataclass
 class SftSets:
-    translation: list
+    translation: Any
     #: records, or (engine=ray) :class:`data_prep.shards.ShardedRows` with ``held_out`` set; then
     #: ``alignment_heldout`` is None (the split happens as the shards are merged)
     alignment: Any
@@ -472,16 +547,18 @@ class SftSets:
     #: records, or (engine=ray) :class:`data_prep.shards.ShardedRows` the workers wrote
     warmup: Any
     warmup_val: Any
+    #: (a log read on the cluster) every field above is an ``ObjectRef`` to it, read where the
+    #: folder is written (:func:`write_files`)
 
 
-def sft_sets(log: Log, split: Split, sids: Sids, samples: Samples, cfg: dict, seed: int,
+def sft_sets(log: Log, split: Split, sids, samples: Samples, cfg: dict, seed: int,
              staging: Path | None = None) -> SftSets:
     """``staging``: with engine=ray, the folder under which the workers write their alignment and
     warm-up shards (inside the build's output folder; :func:`write_folder` merges them, the build
-    removes them)."""
+    removes them). ``sids``: the result or its :class:`OnCluster`."""
     sft_cfg = cfg.get("sft", {}) or {}
     scfg = cfg.get("samples", {}) or {}
-    translation = translation_records(log.items, sids.sid_of) if sft_cfg.get("translation", True) else []
+    make_translation = bool(sft_cfg.get("translation", True)) and log.items is not None
     vfrac = float(scfg.get("val_user_fraction", 0.1))
     align_cfg = sft_cfg.get("alignment", {}) or {}
     heldout = float(align_cfg.get("heldout_fraction", 0.1))
@@ -490,13 +567,14 @@ def sft_sets(log: Log, split: Split, sids: Sids, samples: Samples, cfg: dict, se
     if split.train_on_cluster is not None:  # engine=ray: per-user work on the partitions
         if staging is None:
             raise ValueError("sft_sets: engine=ray needs a staging folder for the workers' shards")
+        translation = D.call_on_worker(translation_records, log.items, sids.sid_of, keep=True) \
+            if make_translation else []
         alignment, warmup, warmup_val = D.sft_parts_ray(split.train_on_cluster, split.plan, sids.sid_of,
                                                         align_cfg, wcfg if every else None, seed, vfrac,
-                                                        sids.book.num_levels, staging)
-        # the held-out questions: positions in the merged order, split when the folder is written
-        alignment.held_out = heldout_positions(len(alignment), heldout, seed)
+                                                        _brief(sids).book.num_levels, staging, heldout)
         alignment_heldout = None
     else:
+        translation = translation_records(log.items, sids.sid_of) if make_translation else []
         train = split.train
         train_users = {u for u in train["user_id"].unique().tolist() if not S.is_val_user(seed, u, vfrac)}
         neg_of, pos_of = alignment_pools(train, train_users, sids.sid_of, align_cfg)
@@ -511,8 +589,15 @@ def sft_sets(log: Log, split: Split, sids: Sids, samples: Samples, cfg: dict, se
         alignment = alignment_from_pools(neg_of, pos_of, sids.sid_of, align_cfg, seed)
         alignment, alignment_heldout = split_heldout(alignment, heldout, seed)
     if wcfg.get("rows") == "cutoffs":  # made with the RL rows (:func:`user_row_sets`)
-        warmup, warmup_val = samples.sets["sft/warmup"], samples.sets["sft/warmup_val"]
+        if isinstance(samples.sets, dict):
+            warmup, warmup_val = samples.sets["sft/warmup"], samples.sets["sft/warmup_val"]
+        else:  # a reference: the two sets stay where the rows' runs are
+            warmup, warmup_val = D.call_on_worker(_warmup_sets, samples.sets, keep=True, num_returns=2)
     return SftSets(translation, alignment, alignment_heldout, warmup, warmup_val)
+
+
+def _warmup_sets(sets: dict) -> tuple:
+    return sets["sft/warmup"], sets["sft/warmup_val"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,10 +653,12 @@ def write_rl_files(sets: dict, folder: Path) -> dict:
 SWING_SCHEMA = pa.schema([("item_id", pa.string()), ("neighbor_id", pa.string()), ("score", pa.float64())])
 
 
-def write_folder(folder: Path, cfg: dict, seed: int, log: Log, split: Split, sids: Sids, swing: SwingResult,
-                 samples: Samples, sft: SftSets) -> dict:
-    """Every data file of the folder and ``sid_report.json``; returns the manifest (without timings),
-    which the caller writes."""
+def write_files(folder: Path, sids: Sids, swing: SwingResult, sets: dict, sft: SftSets) -> dict:
+    """Every data file of the folder and ``sid_report.json``; returns the files' row counts. With
+    engine=ray this runs in a task on the cluster (:func:`write_folder`): the workers' shards are
+    merged there, and the fields of ``sft`` may be ``ObjectRef`` s, read here."""
+    sft = SftSets(*(D.resolved(getattr(sft, f)) for f in
+                    ("translation", "alignment", "alignment_heldout", "warmup", "warmup_val")))
     sids.book.save(folder / "codebook.npz")
     pq.write_table(pa.Table.from_pandas(sids.table, preserve_index=False), folder / "sid_map.parquet")
     pq.write_table(pa.Table.from_pandas(swing.frame, preserve_index=False, schema=SWING_SCHEMA),
@@ -595,9 +682,23 @@ def write_folder(folder: Path, cfg: dict, seed: int, log: Log, split: Split, sid
     if sft.warmup_val:
         counts["sft/warmup_val"] = write_parquet(sft.warmup_val, SFT_SCHEMAS["warmup"],
                                                  folder / "sft" / "warmup_val.parquet", renumber=True)
-    counts.update(write_rl_files(samples.sets, folder))
+    counts.update(write_rl_files(sets, folder))
+    write_json(dict(sids.report, swing=swing.stats), folder / "sid_report.json")
+    return counts
+
+
+def write_folder(folder: Path, cfg: dict, seed: int, log: Log, split: Split, sids, swing, samples: Samples,
+                 sft: SftSets, on_worker: bool = False) -> dict:
+    """Every data file of the folder (:func:`write_files`; with ``on_worker``, engine=ray, in a task on
+    the cluster, so that merging the workers' shards never loads the driver); returns the manifest
+    (without timings), which the caller writes. ``sids`` and ``swing``: the results or their
+    :class:`OnCluster`."""
+    if on_worker:
+        counts = D.call_on_worker(write_files, folder, _kept(sids), _kept(swing), samples.sets, sft)
+    else:
+        counts = write_files(folder, sids, swing, samples.sets, sft)
+    sids, swing = _brief(sids), _brief(swing)
     report = dict(sids.report, swing=swing.stats)
-    write_json(report, folder / "sid_report.json")
     return {
         "format_version": 1,
         "sid_build": sids.book.fingerprint,
@@ -605,10 +706,10 @@ def write_folder(folder: Path, cfg: dict, seed: int, log: Log, split: Split, sid
         "config": cfg,
         "inputs": log.checksums,
         "input_stats": log.stats,
-        "split": dict(split.plan.info, val_users=int(samples.stats["val"].get("users", 0)),
-                      train_events=int(split.train_events), warm_items=len(split.warm), cold_items=sids.n_cold_items),
-        "counts": dict(counts, users=int(log.stats["users"]), items=int(len(split.all_items)),
-                       events=int(log.stats["events"]), items_with_sid=int(len(sids.table))),
+        "split": dict(split.info, val_users=int(samples.stats["val"].get("users", 0)),
+                      train_events=int(split.train_events), warm_items=int(split.n_warm), cold_items=sids.n_cold_items),
+        "counts": dict(counts, users=int(log.stats["users"]), items=int(split.n_items),
+                       events=int(log.stats["events"]), items_with_sid=int(sids.n_with_sid)),
         "samples": samples.stats,
         "swing": swing.stats,
         "sid": {k: report[k] for k in ("method", "sizes", "before", "after", "levels")},

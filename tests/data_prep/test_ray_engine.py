@@ -241,13 +241,21 @@ def test_ray_engine_on_a_two_node_cluster_equals_local(tmp_path, two_node_cluste
 
     monkeypatch.setattr(T, "rl_samples", rl_samples)
     real_write = T.write_folder
-    warmups, row_sets = [], []
+    warmups, row_sets, held = [], [], []
 
-    def write_folder(folder, cfg, seed, log, split, sids, swing, samples, sft):
-        warmups.append((type(sft.warmup).__name__, len(getattr(sft.warmup, "shards", [])), len(sft.warmup),
-                        len(sft.warmup_val)))
-        row_sets.append({name: type(rows).__name__ for name, rows in samples.sets.items()})
-        return real_write(folder, cfg, seed, log, split, sids, swing, samples, sft)
+    def write_folder(folder, cfg, seed, log, split, sids, swing, samples, sft, **kw):
+        # what the driver holds when the folder is written: with Ray, references to the per-item and
+        # per-user state and to the rows' shards, all kept on the cluster (read here by the test only)
+        refs = [split.plan, split.all_items, split.warm, samples.sets, sft.alignment, sft.warmup, sft.warmup_val]
+        held.append((isinstance(sids, T.OnCluster), isinstance(swing, T.OnCluster),
+                     sum(isinstance(r, ray.ObjectRef) for r in refs), kw.get("on_worker", False)))
+        if isinstance(sids, T.OnCluster):
+            assert sids.brief.sid_of is None and sids.brief.table is None and swing.brief.frame is None
+        warmup, warmup_val, sets = (ray.get(r) if isinstance(r, ray.ObjectRef) else r
+                                    for r in (sft.warmup, sft.warmup_val, samples.sets))
+        warmups.append((type(warmup).__name__, len(getattr(warmup, "shards", [])), len(warmup), len(warmup_val)))
+        row_sets.append({name: type(rows).__name__ for name, rows in sets.items()})
+        return real_write(folder, cfg, seed, log, split, sids, swing, samples, sft, **kw)
 
     monkeypatch.setattr(T, "write_folder", write_folder)
     shards = sharded_synth_log(tmp_path / "shards")
@@ -256,8 +264,9 @@ def test_ray_engine_on_a_two_node_cluster_equals_local(tmp_path, two_node_cluste
     remote = build(generic_cfg(shards, tmp_path / "ray", *extra, "engine=ray",
                                f"ray.address={two_node_cluster.address}", "ray.partitions=5", *RAY_OPTS))
     assert seen == [(False, False, False), (True, True, True)]
+    assert held == [(False, False, 0, False), (True, True, 7, True)]
     # the warm-up rows: records on the local driver; with Ray only shards the workers wrote (one per
-    # partition with rows), merged into the same file by the driver when it writes the folder
+    # partition with rows), merged into the same file by a task on the cluster when the folder is written
     (kind_l, _, n_l, nv_l), (kind_r, n_shards, n_r, nv_r) = warmups
     assert (kind_l, kind_r) == ("list", "ShardedRows") and n_shards > 1 and n_l == n_r > 0 and nv_l == nv_r > 0
     # the RL and evaluation rows likewise: records locally, worker shards with Ray
