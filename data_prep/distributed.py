@@ -59,7 +59,9 @@ per-item or per-user state: the distinct items, the split plan (per-user cutoffs
 the item -> SID map and SID table, Swing's neighbours, the item lookup, the candidate pools, the
 shards' merge-key runs and the rows all stay in the object store or on the workers
 (``ObjectRef`` s on the driver, ``data_prep.steps.OnCluster``); the driver fetches counts, reports
-and the codebook. (A MovieLens log is read on the driver, which then holds its events.)
+and the codebook. Two inputs are read on the driver and keep their size there: a MovieLens log
+(its events) and an item table (``input.items.path``: the table, and the log's item ids fetched to
+check it against).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import pickle
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -413,19 +416,13 @@ def _in_part_order(ds) -> list:
     return [pickle.loads(r["payload"]) for r in sorted(rows, key=lambda r: int(r["_part"]))]
 
 
-def map_partitions(parts, fn, shared=None) -> list:
-    """``fn(events, shared)`` on every user partition of ``parts`` (:func:`read_log_ray`), on the
-    cluster: ``events`` = the partition's events in the log's order (user, time, item, file order; a
-    table sent from the driver without ``_file``: its ``_row`` order);
-    ``shared`` is sent once through the object store (an ``ObjectRef`` inside it is read with
-    :func:`resolved`). The results (any picklable value, small: they come to the driver) in
-    partition order; :func:`reduce_partitions` keeps them on the cluster."""
-    return _in_part_order(_partition_results(parts, fn, shared))
-
-
 def reduce_partitions(parts, fn, shared, reduce, *args, num_returns: int = 1):
-    """``reduce([fn(events, shared) per partition, in partition order], *args)`` with the per-partition
-    results never on the driver: they stay in the object store and one task (:func:`call_on_worker`)
+    """``reduce([fn(events, shared) per partition, in partition order], *args)`` on the cluster, where
+    ``fn`` runs on every user partition of ``parts`` (:func:`read_log_ray`) with ``events`` = the
+    partition's events in the log's order (user, time, item, file order; a table sent from the driver
+    without ``_file``: its ``_row`` order) and ``shared`` sent once through the object store (an
+    ``ObjectRef`` inside it is read with :func:`resolved`). The per-partition results are never on
+    the driver: they stay in the object store and one task (:func:`call_on_worker`)
     reduces them. Returns that task's ``ObjectRef`` (a list of ``num_returns`` refs when ``reduce``
     returns that many values): per-item and per-user state stays on the cluster, and the driver
     fetches only what it must see (counts, a report)."""
@@ -440,9 +437,8 @@ def reduce_partitions(parts, fn, shared, reduce, *args, num_returns: int = 1):
 def resolved(value):
     """``value``, or what it refers to when it is a Ray ``ObjectRef`` (state that the driver passes
     on by reference, inside a task's shared argument, where Ray does not resolve it)."""
-    import ray
-
-    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+    ray = sys.modules.get("ray")  # no reference exists where Ray was never imported (engine=local)
+    return ray.get(value) if ray is not None and isinstance(value, ray.ObjectRef) else value
 
 
 def fetch(ref):
@@ -659,7 +655,7 @@ def _sft_part(df: pd.DataFrame, shared) -> dict:
         keys = plan.event_keys(df)
         for name, who in (("warmup", train_users), ("warmup_val", val_users)):
             rows = F.every_dislike_records(df, keys, plan.recent, who, sid_of, wcfg, seed, levels) if who else []
-            # this worker writes its rows (users in sorted order); the driver gets the runs only
+            # this worker writes its rows (users in sorted order); only their runs leave it
             rows = sorted(rows, key=lambda r: r["extra_info"]["user_id"])
             shards[name] = write_shard(rows, SFT_SCHEMAS["warmup"], Path(staging) / name / f"part-{part:05d}.parquet")
     return shards

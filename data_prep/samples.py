@@ -492,8 +492,9 @@ class CandidatePools:
     day: dict
 
     @classmethod
-    def from_pairs(cls, sid_of: dict, pairs: pd.DataFrame) -> "CandidatePools":
-        items = np.asarray(sorted(sid_of), dtype=object)
+    def from_pairs(cls, sid_of: dict, pairs: pd.DataFrame, items: np.ndarray | None = None) -> "CandidatePools":
+        """``items``: ``sorted(sid_of)`` when the caller has it already."""
+        items = np.asarray(sorted(sid_of), dtype=object) if items is None else items
         pairs = pairs.drop_duplicates()
         pos = pd.Index(items).get_indexer(pairs["item_id"].to_numpy(dtype=object)).astype(np.int32)
         frame = pd.DataFrame({"day": pairs["day"].to_numpy(), "pos": pos}).sort_values(["day", "pos"], kind="stable")

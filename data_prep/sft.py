@@ -96,11 +96,15 @@ def alignment_from_pools(neg_of: dict, pos_of: dict, sid_of: dict, cfg: Mapping,
     return out
 
 
+def check_heldout_fraction(fraction: float) -> None:
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"sft.alignment.heldout_fraction must be in [0, 1), got {fraction!r}")
+
+
 def heldout_positions(n: int, fraction: float, seed: int) -> set[int]:
     """Which of ``n`` rows (positions in order) :func:`split_heldout` holds out: a seeded ``fraction``
     of them, at least one when ``fraction > 0`` and ``n >= 2``."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"sft.alignment.heldout_fraction must be in [0, 1), got {fraction!r}")
+    check_heldout_fraction(fraction)
     n_out = int(round(fraction * n))
     if fraction > 0 and n >= 2:
         n_out = max(1, n_out)

@@ -3,15 +3,18 @@
 With ``engine=ray`` the per-user rows of a set (the warm-up and alignment SFT rows, the RL
 training / validation rows, the evaluation rows) are written by the workers that make them: one
 parquet shard per user partition (:func:`write_shard`, rows in the local engine's order within the
-partition). The driver never holds those rows: it gets each shard's *runs* (merge key -> row
-count, in shard order; the key is the user, or (cutoff, user) for the RL rows: O(users x
-cutoffs)) and :func:`merge_shards` writes the data folder's single file by a k-way merge of the
-shards on that key, reading each shard forward in row groups and renumbering ``extra_info.index``. The local engine writes its rows through the
-same :class:`RowWriter`, so both engines write byte-identical files (same rows, same row groups).
+partition). Neither the driver nor any one process holds those rows: each shard's *runs* (merge key
+-> row count, in shard order; the key is the user, or (cutoff, user) for the RL rows: O(users x
+cutoffs)) are collected by one task, and :func:`merge_shards` (run by the task that writes the data
+folder, ``data_prep.steps.write_files``) writes the folder's single file by a k-way merge of the
+shards on that key, reading each shard forward in row groups and renumbering ``extra_info.index``.
+The local engine writes its rows through the same :class:`RowWriter`, so both engines write
+byte-identical files (same rows, same row groups).
 
-Memory on the driver: one shard row group (:data:`SHARD_GROUP_ROWS`) per shard being merged plus
-one output row group (:data:`ROW_GROUP_ROWS`), whatever the number of rows; it grows with the number of shards (one
-per user partition with rows, each an open file while merging), not with the rows.
+Memory of the merge: one shard row group (:data:`SHARD_GROUP_ROWS`) per shard being merged plus
+one output row group (:data:`ROW_GROUP_ROWS`), whatever the number of rows; it grows with the
+number of shards (one per user partition with rows, each an open file while merging), not with
+the rows.
 """
 
 from __future__ import annotations

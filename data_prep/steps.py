@@ -48,6 +48,7 @@ from conrec_verl.data_prep.readers import read_input
 from conrec_verl.data_prep.sft import (
     alignment_from_pools,
     alignment_pools,
+    check_heldout_fraction,
     every_dislike_records,
     split_heldout,
     translation_records,
@@ -192,7 +193,7 @@ class Sids:
     sid_of: dict | None
     #: the ``sid_map.parquet`` table
     table: pd.DataFrame | None
-    #: ``sid_report.json`` (Swing's stats are added by :func:`write_folder`)
+    #: ``sid_report.json`` (Swing's stats are added by :func:`write_files`)
     report: dict
     n_cold_items: int
     #: items with a SID (the rows of ``table``)
@@ -456,7 +457,8 @@ def rl_samples(log: Log, split: Split, sids, swing, cfg: dict, rcfg: dict, seed:
         lookup, pool_items = item_tables(sid_of, swing, split.all_items)
         inter = log.interactions
         pools = S.CandidatePools.from_pairs(sid_of, S.day_item_pairs(inter[inter["day"].to_numpy()
-                                                                           >= split.first_eval_day], sid_of))
+                                                                           >= split.first_eval_day], sid_of),
+                                            pool_items)
     args = (sid_of, pools, sid_build, seed, dict(scfg), dict(rcfg), cutoffs)
     if ray_partitions:
         if staging is None:
@@ -547,8 +549,8 @@ class SftSets:
     #: records, or (engine=ray) :class:`data_prep.shards.ShardedRows` the workers wrote
     warmup: Any
     warmup_val: Any
-    #: (a log read on the cluster) every field above is an ``ObjectRef`` to it, read where the
-    #: folder is written (:func:`write_files`)
+    #: (a log read on the cluster) the translation rows (with an item table), the alignment and
+    #: warm-up sets are ``ObjectRef`` s to them, read where the folder is written (:func:`write_files`)
 
 
 def sft_sets(log: Log, split: Split, sids, samples: Samples, cfg: dict, seed: int,
@@ -562,6 +564,7 @@ def sft_sets(log: Log, split: Split, sids, samples: Samples, cfg: dict, seed: in
     vfrac = float(scfg.get("val_user_fraction", 0.1))
     align_cfg = sft_cfg.get("alignment", {}) or {}
     heldout = float(align_cfg.get("heldout_fraction", 0.1))
+    check_heldout_fraction(heldout)  # here, not in the task that splits the shards later
     wcfg = warmup_config(sft_cfg.get("warmup", True))
     every = wcfg.get("rows") == "every_dislike"
     if split.train_on_cluster is not None:  # engine=ray: per-user work on the partitions

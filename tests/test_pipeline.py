@@ -14,9 +14,18 @@ from conrec_verl.pipeline import Phase, Pipeline, PipelineError, load_profile, m
 def finished_run(tmp_path_factory, wheel_install):
     """The CI profile run as a user runs it: from the wheel (conftest.wheel_install), in a folder
     outside the checkout, with a relative --run-dir."""
+    from ray.cluster_utils import Cluster
+
     cwd = tmp_path_factory.mktemp("pipeline")
-    proc = wheel_install.run(["-m", "conrec_verl.pipeline", "--run-dir", "run", "--profile", "ci_tiny"], cwd=cwd,
-                             timeout=1800)
+    # another job's Ray cluster runs on the machine (the latest one started, which a bare ray.init
+    # would attach to): the pipeline's main_ppo must start its own and leave that one alone
+    other = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        proc = wheel_install.run(["-m", "conrec_verl.pipeline", "--run-dir", "run", "--profile", "ci_tiny"], cwd=cwd,
+                                 timeout=1800)
+        assert other.head_node.remaining_processes_alive(), "the other job's cluster was stopped"
+    finally:
+        other.shutdown()
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert sorted(p.name for p in cwd.iterdir()) == ["run"]  # every phase ran in the run folder
     return cwd / "run"
@@ -32,6 +41,7 @@ def test_whole_pipeline_runs_and_reports_both_models(finished_run, capsys):
     assert (finished_run / "models" / "grpo" / "config.json").is_file()
     grpo_log = (finished_run / "logs" / "grpo.log").read_text()
     assert "training/conrec_stage:3" in grpo_log  # the curriculum reached its last stage
+    assert "++ray_kwargs.ray_init.address=local" in grpo_log and "Connecting to existing Ray cluster" not in grpo_log
     # cross-stage cleaning (on in the profile): one main_ppo per stage, each resumed from the last
     # stage's checkpoint, stages 2 and 3 screened by the model at the end of the stage before
     assert grpo_log.count("Resuming from") == 2
@@ -299,6 +309,22 @@ def test_grpo_selection_validates_at_every_checkpoint_and_names_bad_settings(tmp
                             ("grpo.select_by_val.metric=null", "must name a validation metric")):
         with pytest.raises(PipelineError, match=match):
             Pipeline(tmp_path / "bad", load_profile("ci_tiny", [override])).check_inputs()
+
+
+def test_main_ppo_starts_its_own_ray_unless_pointed_at_a_cluster(tmp_path, monkeypatch):
+    """The GRPO phase passes address=local (verl's ray.init would attach to the machine's latest
+    cluster, finished_run shows it does not), and composes; a cluster the user names is kept."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    pipe = Pipeline(tmp_path / "run", load_profile("ci_tiny"))
+    cfg = pipe.compose_configs({"grpo": ("conrec_cpu_tiny", pipe._grpo_overrides("m", "d", "c"))})["grpo"]
+    assert cfg["ray_kwargs"]["ray_init"]["address"] == "local"
+    named = ["grpo.overrides+=[++ray_kwargs.ray_init.address=auto]"]
+    cfg = pipe.compose_configs({"grpo": ("conrec_cpu_tiny", Pipeline(tmp_path / "named", load_profile(
+        "ci_tiny", named))._grpo_overrides("m", "d", "c"))})["grpo"]
+    assert cfg["ray_kwargs"]["ray_init"]["address"] == "auto"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert not any("ray_init.address" in o for o in Pipeline(tmp_path / "env", load_profile("ci_tiny"))
+                   ._grpo_overrides("m", "d", "c"))
 
 
 def test_selection_by_the_evaluation_metric_skips_verls_validation_and_names_bad_settings(tmp_path):

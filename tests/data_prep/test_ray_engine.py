@@ -259,7 +259,13 @@ def test_ray_engine_on_a_two_node_cluster_equals_local(tmp_path, two_node_cluste
 
     monkeypatch.setattr(T, "write_folder", write_folder)
     shards = sharded_synth_log(tmp_path / "shards")
-    extra = ("swing.min_co_dislikers=2", "swing.max_dislikers_per_item=6", *SHARD_OPTS)
+    # an item table with titles (read on the driver, checked against the log's ids fetched from the
+    # cluster; its translation rows made on a worker), one id the log lacks (dropped)
+    ids = sorted(set(pd.read_csv(shards / "part-1.csv").item_id.astype(str)))
+    pd.DataFrame({"item_id": ids + ["not-in-log"], "title": [f"film {i}" for i in ids] + ["x"]}).to_csv(
+        tmp_path / "items.csv", index=False)
+    extra = ("swing.min_co_dislikers=2", "swing.max_dislikers_per_item=6", *SHARD_OPTS,
+             f"input.items.path={tmp_path / 'items.csv'}", "input.items.columns.title=title")
     local = build(generic_cfg(shards, tmp_path / "local", *extra))
     remote = build(generic_cfg(shards, tmp_path / "ray", *extra, "engine=ray",
                                f"ray.address={two_node_cluster.address}", "ray.partitions=5", *RAY_OPTS))
@@ -276,6 +282,7 @@ def test_ray_engine_on_a_two_node_cluster_equals_local(tmp_path, two_node_cluste
     assert not (remote / "_shards").exists()
     assert not ray.is_initialized()  # the engine disconnects what it connected
     assert len(pd.read_parquet(local / "swing.parquet")) > 0
+    assert len(pd.read_parquet(local / "sft" / "translation.parquet")) == 2 * len(ids)
     assert len(pd.read_parquet(local / "rl" / "train.parquet")) > 0
     stats = json.loads((local / "manifest.json").read_text())["input_stats"]
     assert stats["input_files"] == 3 and stats["neutral_dropped"] > 0 and stats["duplicate_events"] > 0
