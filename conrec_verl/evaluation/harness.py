@@ -475,6 +475,9 @@ def run_evaluation(
             results.append(_score(data, pset, "predictions", ks, k, thresholds, time.time() - t0,
                                   {"file": str(predictions[name]), "excluded_entries_removed": removed},  # type: ignore[index]
                                   samples))
+            # the row as scored (after the exclusion rule), beside the others: a paired test between
+            # rows (benchmarks/paired_rows.py) reads every row from predictions/
+            write_predictions(pred_dir / f"{_slug(name)}.jsonl", data, pset.sids, candidate_scores=pset.candidate_scores)
         for name, spec in specs.items():
             t0 = time.time()
             pset, info, scores = model_predictions(

@@ -170,8 +170,11 @@ def test_cli_end_to_end(folder, tmp_path):
                     "--exclusion", "none", "--bootstrap", "200"])
     assert rc == 0
     for f in ("report.md", "metrics.json", "metric_by_k.png", "rows.png", "filter_sweep.png",
-              "predictions/random.jsonl", "predictions/tiny.jsonl"):
+              "predictions/random.jsonl", "predictions/tiny.jsonl", "predictions/oracle.jsonl"):
         assert (out / f).is_file(), f
+    # a predictions-file row is kept as scored, beside the others (paired tests read them there)
+    assert read_predictions(out / "predictions" / "oracle.jsonl", data, 20, "o").sids == \
+        read_predictions(pred, data, 20, "o").sids
     rep = json.loads((out / "metrics.json").read_text())
     rows = {r["name"]: r for r in rep["rows"]}
     assert set(rows) == {"random", "popularity", "recent_popularity", "swing", "codislike", "sasrec", "oracle", "tiny"}
