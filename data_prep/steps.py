@@ -447,13 +447,12 @@ def rl_samples(log: Log, split: Split, sids, swing, cfg: dict, rcfg: dict, seed:
     sid_build = _brief(sids).book.fingerprint
     wcfg = warmup_config((cfg.get("sft", {}) or {}).get("warmup", True))
     cutoffs = wcfg.get("rows") == "cutoffs"
+    sid_of = sids.sid_of  # a reference to the map with an OnCluster
     if isinstance(sids, OnCluster):  # made beside the SIDs and Swing; the driver holds references
-        sid_of = sids.sid_of
         lookup, pool_items = D.call_on_worker(item_tables, sid_of, swing.ref, split.all_items, keep=True,
                                               num_returns=2)
         pools = D.candidate_pools_ray(log.parts, sid_of, pool_items, split.first_eval_day)
     else:
-        sid_of = sids.sid_of
         lookup, pool_items = item_tables(sid_of, swing, split.all_items)
         inter = log.interactions
         pools = S.CandidatePools.from_pairs(sid_of, S.day_item_pairs(inter[inter["day"].to_numpy()
