@@ -11,7 +11,8 @@ process, each build in a fresh one, sampled every 20 ms by a thread; and the pea
 process tree, Ray's processes included), on a log written as ``--shards`` parquet files, then how time and memory grow with the events (ratios against the
 smallest size: linear = the size ratio). Baselines measured in the same run: (1) ``engine=ray``
 (a local Ray started for the build, partitions by user/item) against ``engine=local`` on the same
-log, with its output files compared byte for byte (target: within 1.5x); (2) the sparse Swing against
+log, with its output files compared byte for byte (target: within 1.5x; the local builds use
+``embedding.svd=partitioned``, the solver ``engine=ray`` runs, unless ``--local-svd sklearn``); (2) the sparse Swing against
 the literal brute-force formula on a small slice of the dislikes (speed-up ratio, results checked
 equal). Nothing here is a test; figures go in BENCHMARKS.md.
 """
@@ -178,6 +179,9 @@ def main(argv=None):
                     "memory with the local engine)")
     ap.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     ap.add_argument("--ray-partitions", type=int, default=None, help="ray.partitions (default: 2 per CPU)")
+    ap.add_argument("--local-svd", default="partitioned", choices=["partitioned", "sklearn"],
+                    help="embedding.svd of the engine=local builds: partitioned (default; the solver engine=ray "
+                    "runs, so the outputs can be compared byte for byte) or sklearn (the local engine's auto)")
     ap.add_argument("--shards", type=int, default=8, help="files the synthetic log is written in (a folder)")
     ap.add_argument("--workdir", default=None, help="where to put the synthetic logs and outputs (default: a temp dir)")
     args = ap.parse_args(argv)
@@ -203,7 +207,8 @@ def main(argv=None):
             print(f"\n[{mil:g}M events, {items:,} items, {users:,} users (log generated in {gen:.1f} s)]")
             wall = mon = None
             if mil in local_at:
-                wall, mon = run_build(log, work / f"out_{mil:g}M", args.days, args.sizes, args.train_cutoffs)
+                wall, mon = run_build(log, work / f"out_{mil:g}M", args.days, args.sizes, args.train_cutoffs,
+                                      (f"embedding.svd={args.local_svd}",))
                 results[mil] = (wall, mon)
                 print_steps(f"{mil:g}M events; engine=local", wall, mon)
                 m = json.loads((work / f"out_{mil:g}M" / "manifest.json").read_text())

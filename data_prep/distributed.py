@@ -17,8 +17,8 @@ starts a local one for the run). The config and the output folder are the same a
   scores the kept pairs ``(i, j)``, ``i < j``, whose ``i`` falls in it
   (:func:`conrec_verl.core.swing.swing_pair_scores` with ``items=``), from the dislike graph shared
   through the object store. Every pair's sum runs in the same order in any partition, so the
-  scores are bit-identical to the local ones. (A log read on Ray scores Swing on the worker that
-  holds its training events, below, without starting Ray work from inside a task.)
+  scores are bit-identical to the local ones. A log read on Ray scores Swing on a dislike graph
+  that is itself partitioned by item (``data_prep/swing_ray.py``), never gathered.
 
 - **reading** a log in several files (``input.path``: a folder or a glob of parquet/CSV/TSV
   shards, :func:`data_prep.readers.input_files`): one Ray Data read task per file runs the local
@@ -35,16 +35,15 @@ starts a local one for the run). The config and the output folder are the same a
 - the **split plan** is made on each partition (one day range for the log) and merged into the
   per-user cutoffs on a worker; the log's counts are per-partition aggregates
   (:func:`reduce_partitions`).
-- **item embeddings** and **Swing** are computed on one worker (preferably on the driver's node),
-  never on the driver, from the training events as integer codes (:func:`train_codes_ray`,
-  ``data_prep/train_codes.py``): each user partition codes its events against its own ids, and
-  one task joins the parts. That worker holds about 13 bytes per training event (user and item
-  code, polarity, weight) plus 8 per dislike (its time, for Swing's per-item cap), not the
-  events' columns (a few times that for a moment while the parts are joined). The item vectors
-  stay in the object store and the **SID** codebook is fitted and every item quantised and
-  repaired in another task beside them (:func:`call_on_worker`, with the driver's BLAS/OpenMP
-  thread count). This is the one place where every training event is in one process (as codes):
-  the SVD and Swing's user-overlap join read the whole matrix.
+- the **item embeddings** (``embedding.method=collab``) are a randomized SVD whose products are
+  sums over the user partitions (:func:`collab_factors_ray`, ``data_prep/partitioned_svd.py``):
+  every cross-user sum is taken in fixed point, so the vectors are the same bits for any
+  partitioning (the local engine with ``embedding.svd=partitioned`` is one partition); **Swing**
+  runs on a dislike graph shuffled by item (``data_prep/swing_ray.py``). No process holds every
+  training event: the SVD's reducing task holds ``items x (dim + 10)`` numbers, a Swing item
+  partition the dislike rows of its items' dislikers. The item vectors stay in the object store
+  and the **SID** codebook is fitted and every item quantised and repaired in a task beside them
+  (:func:`call_on_worker`, with the driver's BLAS/OpenMP thread count).
 
 - the **candidate pools** (items of each day from the evaluation cutoff on, as positions in the
   SID'd items) are merged from the partitions on a worker; the **RL / evaluation rows**
@@ -505,7 +504,7 @@ def _merge_split(per_part: list, plan) -> tuple:
                         "first_eval_day": int(first)}
 
 
-# -- the item-side steps on one worker: embeddings, Swing ----------------------------------------
+# -- the item-side steps on the partitions: the training events, the embeddings' SVD ------------
 
 TRAIN_COLUMNS = ["user_id", "item_id", "ts", "day", "polarity", "weight"]
 
@@ -527,31 +526,128 @@ def train_events_ray(parts, plan):
         return parts.groupby("_part").map_groups(keep, batch_format="pandas").materialize()
 
 
-def _codes_part(df: pd.DataFrame) -> pd.DataFrame:
-    from conrec_verl.data_prep.train_codes import TrainCodes
+def _svd_block_part(df: pd.DataFrame, shared):
+    from conrec_verl.data_prep.embeddings import signed_values
+    from conrec_verl.data_prep.partitioned_svd import UserBlock
 
-    # a shuffle need not keep the order: the log's (user, time, item, file order)
-    df = df.sort_values(_READ_ORDER, kind="stable")[TRAIN_COLUMNS]
-    df = df.astype({"user_id": object, "item_id": object, "ts": np.int64, "polarity": np.int8, "weight": np.float32})
-    return pd.DataFrame({"_part": [0], "payload": [pickle.dumps(TrainCodes.from_frame(df),
-                                                                  protocol=pickle.HIGHEST_PROTOCOL)]})
+    items, like_w, dislike_w = shared
+    items = resolved(items)
+    codes = np.searchsorted(items, df["item_id"].to_numpy(dtype=object))
+    vals = signed_values(df["polarity"].to_numpy(), df["weight"].to_numpy(np.float32), like_w, dislike_w)
+    return UserBlock.from_events(df["user_id"].to_numpy(dtype=object), codes, vals, len(items))
 
 
-def train_codes_ray(train_ds):
-    """The training events (the :func:`train_events_ray` Dataset) as
-    :class:`~conrec_verl.data_prep.train_codes.TrainCodes`: each user partition codes its events
-    against its own ids, and one task on the driver's node (:func:`call_on_worker`) joins the parts
-    into one set of sorted ids. Returns that task's ``ObjectRef``: the codes stay in the object store
-    for the tasks that read every training event (item embeddings, Swing), never on the driver."""
-    with _worker_errors():
-        coded = train_ds.groupby("_part").map_groups(_codes_part, batch_format="pandas").materialize()
+class _ShareSum:
+    """A Ray actor's running sum of the partitions' shares of one SVD pass (or of their stats): the
+    partitions' results are added where they are made, so at most one total per actor exists, not one
+    share per partition."""
 
-    def join(ds):
-        from conrec_verl.data_prep.train_codes import TrainCodes
+    def __init__(self):
+        self.total = None
 
-        return TrainCodes.concat(_payloads(ds))
+    def add(self, blocks: pd.DataFrame, state) -> None:
+        from conrec_verl.data_prep import partitioned_svd as PS
 
-    return call_on_worker(join, coded, keep=True)
+        for payload in blocks["payload"]:
+            block = pickle.loads(payload)
+            if state is None:
+                share = block.stats()
+                self.total = share if self.total is None else PS.merge_stats([self.total, share])
+            else:
+                share = block.product(state)
+                if self.total is None:
+                    self.total = share
+                else:
+                    for t, a in zip(self.total, share):
+                        t += a  # int64, in place: exact in any order
+
+    def take(self):
+        total, self.total = self.total, None
+        return total
+
+
+def _fetched_one_at_a_time(refs: list):
+    """The values behind ``refs`` (references kept in a list, which Ray does not resolve), fetched one
+    at a time as they are read, skipping ``None`` (an actor that got no partition)."""
+    import ray
+
+    for ref in refs:
+        value = ray.get(ref)
+        if value is not None:
+            yield value
+        del value
+
+
+def _svd_plan(items, dim: int, n_iter: int, seed: int, stats: list):
+    from conrec_verl.data_prep import partitioned_svd as PS
+
+    return PS.plan(PS.merge_stats(_fetched_one_at_a_time(stats)), len(items), dim, n_iter, seed)
+
+
+def _svd_advance(state, totals: list):
+    from conrec_verl.data_prep import partitioned_svd as PS
+
+    total = None  # the actors' totals added one at a time: two in memory, not every actor's
+    for share in _fetched_one_at_a_time(totals):
+        if total is None:
+            total = tuple(np.array(a, copy=True) for a in share)  # (an object-store array is read-only)
+        else:
+            for t, a in zip(total, share):
+                t += a
+    return PS.advance(state, total)
+
+
+def _sorted_items(warm) -> np.ndarray:
+    return np.array(sorted(warm), dtype=object)
+
+
+#: at most this many actors sum an SVD pass's shares (each holds one items x (dim + 10) int64 total)
+MAX_SVD_ACTORS = 8
+
+
+def collab_factors_ray(train_ds, warm, ecfg: Mapping, seed: int):
+    """The :class:`~conrec_verl.data_prep.embeddings.CollabFactors` of the training events (the
+    :func:`train_events_ray` Dataset; ``warm``: the reference to the training items' set) computed on
+    the cluster with :mod:`data_prep.partitioned_svd`: every user partition codes its events as one
+    :class:`~data_prep.partitioned_svd.UserBlock` (kept in the object store), each pass the actors
+    (:class:`_ShareSum`, up to :data:`MAX_SVD_ACTORS`) add the blocks' fixed-point shares as they make
+    them, and one task (with the driver's BLAS threads) adds the actors' totals and
+    takes the QR or the eigendecomposition. No process holds more than one partition's events; the
+    reducing task holds about four ``items x (dim + 10)`` arrays of 8-byte numbers (the basis, the
+    running total, one actor's total, the QR's workspace) and each actor two (its total, one
+    partition's share). Returns the factors' ``ObjectRef``."""
+    from conrec_verl.data_prep.embeddings import CollabFactors
+
+    items = call_on_worker(_sorted_items, warm, keep=True)
+    if ecfg.get("method", "collab") != "collab":  # the other methods read only which items are warm
+        return call_on_worker(lambda ids: CollabFactors(ids, None, {}), items, keep=True)
+    import ray
+
+    n_iter = int(ecfg.get("svd_iters", 5))
+    blocks = _partition_results(train_ds, _svd_block_part, (items, float(ecfg.get("like_weight", 1.0)),
+                                                            float(ecfg.get("dislike_weight", 1.0))))
+    block_refs = blocks.to_pandas_refs()
+    cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
+    n_sums = max(1, int(min(len(block_refs), cpus, MAX_SVD_ACTORS)))
+    # one actor per CPU (spread over the nodes) reserving none: they work only while the pass runs, and
+    # the task that reduces their totals runs between passes (a reserved CPU could leave it no node)
+    sums = [ray.remote(num_cpus=0, scheduling_strategy="SPREAD")(_ShareSum).remote() for _ in range(n_sums)]
+    try:
+        def one_pass(state) -> list:
+            with _worker_errors():
+                ray.get([sums[j % n_sums].add.remote(ref, state) for j, ref in enumerate(block_refs)])
+            takes = [s.take.remote() for s in sums]
+            ray.wait(takes, num_returns=len(takes), fetch_local=False)  # taken before an actor can be killed
+            return takes
+
+        state = call_on_worker(_svd_plan, items, int(ecfg.get("dim", 32)), n_iter, seed, one_pass(None), keep=True)
+        for _ in range(n_iter + 2):  # sketch, n_iter power steps, gram
+            state = call_on_worker(_svd_advance, state, one_pass(state), blas=True, keep=True)
+        return call_on_worker(lambda st, ids: CollabFactors(ids, st.vectors.astype(np.float32), st.report),
+                              state, items, keep=True)
+    finally:
+        for s in sums:
+            ray.kill(s)
 
 
 def wait(ref) -> None:
@@ -563,11 +659,11 @@ def wait(ref) -> None:
 
 
 def call_on_worker(fn, *args, num_cpus: float = 1, blas: bool = False, keep: bool = False, num_returns: int = 1):
-    """``fn(*args)`` in one Ray task on the driver's node (soft affinity): the item-side steps that
-    read every training event run there, beside their data, not on the driver. ``ObjectRef``
+    """``fn(*args)`` in one Ray task on the driver's node (soft affinity): the reductions of
+    per-partition results and the steps on per-item state run there, not on the driver. ``ObjectRef``
     arguments are resolved in the task, so a result kept there never comes to the driver. ``blas``:
     start the worker with the driver's BLAS thread count (Ray starts workers with one), so that dense
-    linear algebra (the SVD of the item embeddings) sums in the same order and the vectors equal the
+    linear algebra (the SVD's QR and eigendecomposition, the SID k-means) sums in the same order and the vectors equal the
     local engine's on a machine like the driver's; on other CPUs or BLAS builds they may differ in
     the last bits. ``keep``: return the result's ``ObjectRef`` (it stays in the object store, for
     the next task) instead of the value; with ``num_returns`` > 1, ``fn`` returns that many values and

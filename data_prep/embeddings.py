@@ -2,6 +2,10 @@
 
 * ``collab``  -- truncated SVD of the signed user x item matrix (+like_weight / -dislike_weight),
   built from the interactions *before* the cutoff only. Items first seen later are cold.
+  ``svd``: ``sklearn`` (scikit-learn's randomized ``TruncatedSVD``, the matrix in one process) or
+  ``partitioned`` (:mod:`data_prep.partitioned_svd`: the same kind of solver from per-user-partition
+  products with exact sums, what ``engine=ray`` runs on the cluster; ``auto`` picks it there and
+  scikit-learn's otherwise).
 * ``content`` -- TF-IDF of title + description, one-hot categories, standardised numeric features,
   reduced by truncated SVD (fitted on warm items; no pretrained weights needed).
 * ``hf``      -- mean-pooled last hidden states of a local Hugging Face encoder over item text
@@ -25,8 +29,23 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from conrec_verl.data_prep import partitioned_svd as PS
 from conrec_verl.data_prep.errors import DataPrepError
 from conrec_verl.data_prep.train_codes import TrainCodes
+
+SVD_SOLVERS = ("auto", "sklearn", "partitioned")
+
+
+@dataclass
+class CollabFactors:
+    """The training items (sorted ids) and, for ``embedding.method=collab``, their SVD factors,
+    computed where the training events are (``engine=ray``: on the partitions,
+    :func:`data_prep.distributed.collab_factors_ray`); :func:`build_item_embeddings` takes it in place
+    of the :class:`TrainCodes`."""
+
+    items: np.ndarray
+    vectors: np.ndarray | None
+    stats: dict
 
 
 @dataclass
@@ -56,10 +75,34 @@ def _svd(matrix, dim: int, seed: int) -> tuple[np.ndarray, object]:
     return svd.fit_transform(matrix), svd
 
 
-def collaborative(train: TrainCodes, dim: int, like_weight: float, dislike_weight: float, seed: int):
+def svd_solver(cfg: Mapping, on_cluster: bool) -> str:
+    """``embedding.svd`` resolved: ``auto`` is ``partitioned`` where the training events are on a
+    Ray cluster (nothing else reads them there) and ``sklearn`` otherwise."""
+    solver = str(cfg.get("svd", "auto"))
+    if solver not in SVD_SOLVERS:
+        raise DataPrepError(f"embedding.svd must be one of {', '.join(SVD_SOLVERS)}, got {solver!r}")
+    if solver == "auto":
+        return "partitioned" if on_cluster else "sklearn"
+    if solver == "sklearn" and on_cluster and cfg.get("method", "collab") == "collab":
+        raise DataPrepError("embedding.svd=sklearn needs the whole user x item matrix in one process; with "
+                            "engine=ray and a log read on the cluster the SVD runs on the user partitions: set "
+                            "embedding.svd=partitioned (or auto)")
+    return solver
+
+
+def signed_values(polarity: np.ndarray, weight: np.ndarray, like_weight: float, dislike_weight: float) -> np.ndarray:
+    """Each event's value in the signed matrix: ``+like_weight`` or ``-dislike_weight`` times its weight."""
+    return np.where(np.asarray(polarity) > 0, like_weight, -dislike_weight) * np.asarray(weight).astype(np.float64)
+
+
+def collaborative(train: TrainCodes, dim: int, like_weight: float, dislike_weight: float, seed: int,
+                  solver: str = "sklearn", n_iter: int = 5):
     """Item ids (sorted) and their SVD factors from the signed matrix of the ``train`` events."""
-    sign = np.where(train.polarity > 0, like_weight, -dislike_weight)
-    vals = sign * train.weight.astype(np.float64)
+    vals = signed_values(train.polarity, train.weight, like_weight, dislike_weight)
+    if solver == "partitioned":  # the local engine: every user in one block
+        block = PS.UserBlock.from_events(train.users[train.user], train.item, vals, len(train.items))
+        state = PS.svd_in_process([block], len(train.items), dim, n_iter, seed)
+        return np.asarray(train.items, dtype=object), state.vectors.astype(np.float32), state.report
     m = sp.csr_matrix((vals, (train.item, train.user)), shape=(len(train.items), len(train.users)))
     m.sum_duplicates()
     vecs, svd = _svd(m, dim, seed)
@@ -178,11 +221,12 @@ def file_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
     return ids, vecs
 
 
-def build_item_embeddings(cfg: Mapping, train: TrainCodes, all_items: np.ndarray, items: pd.DataFrame | None,
-                          seed: int) -> ItemEmbeddings:
+def build_item_embeddings(cfg: Mapping, train: TrainCodes | CollabFactors, all_items: np.ndarray,
+                          items: pd.DataFrame | None, seed: int) -> ItemEmbeddings:
     """Embeddings for warm items (seen in ``train``) and, where the method allows, cold items.
 
-    ``all_items`` is every item id of the log (sorted); ``train`` holds only pre-cutoff events.
+    ``all_items`` is every item id of the log (sorted); ``train`` holds only pre-cutoff events, or
+    is their :class:`CollabFactors` computed elsewhere (``engine=ray``).
     """
     method = cfg.get("method", "collab")
     dim = int(cfg.get("dim", 32))
@@ -199,8 +243,12 @@ def build_item_embeddings(cfg: Mapping, train: TrainCodes, all_items: np.ndarray
                 meta[col] = meta[col].fillna("")
 
     if method == "collab":
-        ids, vecs, s = collaborative(train, dim, float(cfg.get("like_weight", 1.0)),
-                                     float(cfg.get("dislike_weight", 1.0)), seed)
+        if isinstance(train, CollabFactors):
+            ids, vecs, s = train.items, train.vectors, dict(train.stats)
+        else:
+            ids, vecs, s = collaborative(train, dim, float(cfg.get("like_weight", 1.0)),
+                                         float(cfg.get("dislike_weight", 1.0)), seed, svd_solver(cfg, False),
+                                         int(cfg.get("svd_iters", 5)))
         stats.update(s)
         source = np.full(len(ids), "collab", dtype=object)
         if cfg.get("cold_from_content", True) and has_content(meta):

@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 from conrec_verl.core.contract import renamed_option
 from conrec_verl.data_prep import distributed as D
 from conrec_verl.data_prep import steps as T
-from conrec_verl.data_prep.embeddings import build_item_embeddings
+from conrec_verl.data_prep.embeddings import build_item_embeddings, svd_solver
 from conrec_verl.data_prep.errors import DataPrepError
+from conrec_verl.data_prep.swing_ray import swing_ray
 from conrec_verl.data_prep.train_codes import TrainCodes
 from conrec_verl.io_utils import atomic_dir, remove_stale_dirs
 
@@ -145,6 +146,9 @@ def build(cfg: Mapping | Any, step_hook: Callable[[str, str], None] | None = Non
     if out.exists() and not cfg.get("overwrite", False):
         raise DataPrepError(f"{out} already exists; pass overwrite=true to replace it")
     engine = D.check_engine(cfg)
+    # a log other than a MovieLens folder is read on the cluster with engine=ray (no whole-matrix SVD there)
+    svd_solver(cfg.get("embedding", {}) or {},
+               engine == "ray" and (cfg.get("input", {}) or {}).get("format") != "movielens")
     for stale in remove_stale_dirs(out, OWNER_FILE):
         print(f"data_prep: removed {stale.name}, left by a killed build", file=sys.stderr)
     with atomic_dir(out, owner=OWNER_FILE) as tmp:
@@ -174,13 +178,12 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
     ecfg, sw = cfg.get("embedding", {}) or {}, cfg.get("swing", {}) or {}
     on_cluster = split.train_on_cluster is not None  # engine=ray with the log on the cluster
     with steps("embeddings"):
-        # the training events as codes (data_prep/train_codes.py), read by the embeddings and Swing
-        if on_cluster:  # coded on the partitions, gathered on a worker; the vectors stay in the object store
-            codes = D.train_codes_ray(split.train_on_cluster)
-            emb = D.call_on_worker(build_item_embeddings, ecfg, codes, split.all_items, log.items, seed,
+        if on_cluster:  # the SVD's products on the user partitions; the vectors stay in the object store
+            factors = D.collab_factors_ray(split.train_on_cluster, split.warm, ecfg, seed)
+            emb = D.call_on_worker(build_item_embeddings, ecfg, factors, split.all_items, log.items, seed,
                                    blas=True, keep=True)
             D.wait(emb)  # wait here so the step's time is its own
-        else:
+        else:  # the training events as codes (data_prep/train_codes.py), read by the embeddings and Swing
             codes = TrainCodes.from_frame(split.train)
             emb = build_item_embeddings(ecfg, codes, split.all_items, log.items, seed)
     with steps("sids"):
@@ -190,11 +193,11 @@ def _build_into(cfg: dict, tmp: Path, hook, ray_partitions: int | None = None) -
             sids = T.item_sids(emb, split.warm, split.all_items, cfg, seed)
         del emb
     with steps("swing"):
-        if on_cluster:  # beside the codes too, pair scores in that task (no nested Ray); kept there
-            swing = T.on_cluster(T.swing_neighbours, codes, sw)
+        if on_cluster:  # on a dislike graph partitioned by item (data_prep/swing_ray.py); kept there
+            swing = swing_ray(split.train_on_cluster, sw, ray_partitions)
         else:
             swing = T.swing_neighbours(codes, sw, ray_partitions)
-        del codes
+            del codes
     staging = tmp / "_shards"  # engine=ray: the workers' row shards, merged into the files and removed
     with steps("samples"):
         samples = T.rl_samples(log, split, sids, swing, cfg, rl_options(cfg), seed, ray_partitions,

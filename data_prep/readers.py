@@ -327,10 +327,11 @@ def _weights(series: pd.Series | None, n: int, file: str, column: str | None) ->
     if series is None:
         return np.ones(n, dtype=np.float32)
     num = pd.to_numeric(series, errors="coerce")
-    bad = (num.isna() | (num < 0)).to_numpy()
+    # finite in float32 too (the dtype it is kept in): an infinite weight would poison the embeddings' sums
+    bad = (num.isna() | (num < 0) | ~(num <= np.finfo(np.float32).max)).to_numpy()
     if bad.any():
         r = _first_bad(bad)
-        raise DataPrepError(f"weight must be a non-negative number, got {_show(series.iloc[r - 1])}",
+        raise DataPrepError(f"weight must be a finite non-negative number, got {_show(series.iloc[r - 1])}",
                             file=file, column=column, row=r)
     return num.to_numpy(dtype=np.float32)
 

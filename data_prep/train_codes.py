@@ -6,9 +6,9 @@ how (polarity, weight) and, for Swing's per-item cap, when (the time of a dislik
 holds exactly that, as arrays: a user and an item code (positions in the sorted user and item
 ids) per event, in the log's order (user, time, item, file order). That is about 13 bytes per event,
 plus 8 per dislike (about 15 per event with the id arrays, where a table of the events with their
-string ids takes about 145); joining partitions needs a few times that for a moment. With
-``engine=ray`` it is the only form in which the training events reach one process
-(:func:`conrec_verl.data_prep.distributed.train_codes_ray`).
+string ids takes about 145). The local engine builds it from its table; ``engine=ray`` with a log
+read on the cluster never gathers the events: the SVD runs on the user partitions
+(``data_prep/partitioned_svd.py``) and Swing on a graph partitioned by item (``data_prep/swing_ray.py``).
 
 Codes follow the sorted ids (``pd.factorize(..., sort=True)``), so any order or tie-break taken on
 codes is the one taken on the ids, and the steps' outputs equal those computed from the table.
@@ -17,8 +17,6 @@ codes is the one taken on the ids, and the steps' outputs equal those computed f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
-
 import numpy as np
 import pandas as pd
 
@@ -64,31 +62,6 @@ class TrainCodes:
         return cls(np.asarray(users, dtype=object), np.asarray(items, dtype=object), u.astype(np.int32),
                    i.astype(np.int32), polarity, train["weight"].to_numpy(),
                    train["ts"].to_numpy(dtype=np.int64)[polarity < 0])
-
-    @classmethod
-    def concat(cls, parts: Sequence["TrainCodes"]) -> "TrainCodes":
-        """The codes of a log whose users are split between ``parts`` (each part holds all the
-        events of its users, in the log's order, coded against its own ids): one set of sorted ids,
-        the events in the log's order (by user, then each part's own order)."""
-        parts = [p for p in parts if len(p)] or list(parts[:1])
-        if not parts:
-            raise ValueError("TrainCodes.concat needs at least one part")
-        users = np.concatenate([p.users for p in parts])
-        if len(pd.unique(users)) != len(users):
-            raise ValueError("TrainCodes.concat: a user's events are in more than one part")
-        users_sorted = np.sort(users)  # object ids: Python's order, as pd.factorize(sort=True)
-        items = np.unique(np.concatenate([p.items for p in parts]))
-        _check_code_range(len(users_sorted), len(items))
-        user = np.concatenate([np.searchsorted(users_sorted, p.users).astype(np.int32)[p.user] for p in parts])
-        order = np.argsort(user, kind="stable")  # users are contiguous within a part: the log's order
-        neg = np.concatenate([p.polarity < 0 for p in parts])
-        neg_order = np.argsort(user[neg], kind="stable")
-        user = user[order]  # each array reordered as it is built: one event-sized temporary at a time
-        item = np.concatenate([np.searchsorted(items, p.items).astype(np.int32)[p.item] for p in parts])[order]
-        polarity = np.concatenate([p.polarity for p in parts])[order]
-        weight = np.concatenate([p.weight for p in parts])[order]
-        neg_ts = np.concatenate([p.neg_ts for p in parts])[neg_order]
-        return cls(users_sorted, items, user, item, polarity, weight, neg_ts)
 
 
 def _check_code_range(n_users: int, n_items: int) -> None:

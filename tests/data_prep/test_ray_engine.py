@@ -264,7 +264,8 @@ def test_ray_engine_on_a_two_node_cluster_equals_local(tmp_path, two_node_cluste
     ids = sorted(set(pd.read_csv(shards / "part-1.csv").item_id.astype(str)))
     pd.DataFrame({"item_id": ids + ["not-in-log"], "title": [f"film {i}" for i in ids] + ["x"]}).to_csv(
         tmp_path / "items.csv", index=False)
-    extra = ("swing.min_co_dislikers=2", "swing.max_dislikers_per_item=6", *SHARD_OPTS,
+    # the local engine with the solver that engine=ray runs on the partitions (its "auto" there)
+    extra = ("swing.min_co_dislikers=2", "swing.max_dislikers_per_item=6", "embedding.svd=partitioned", *SHARD_OPTS,
              f"input.items.path={tmp_path / 'items.csv'}", "input.items.columns.title=title")
     local = build(generic_cfg(shards, tmp_path / "local", *extra))
     remote = build(generic_cfg(shards, tmp_path / "ray", *extra, "engine=ray",
@@ -342,7 +343,8 @@ def test_ray_engine_per_user_split_with_its_own_local_ray(tmp_path):
             rows.append((f"u{u}", f"i{(u * 3 + k) % 25}", ms(1 + k + u % 4), 0 if (k + u) % 3 == 0 else 1))
     pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "label"]).to_csv(tmp_path / "log.csv", index=False)
     # the warm-up rows made from the RL rows (sft.warmup.rows=cutoffs): by the workers too
-    opts = ("split.mode=per_user", "sid.sizes=[4,8]", "split.train_fractions=[0.4,0.55]", "sft.warmup.rows=cutoffs")
+    opts = ("split.mode=per_user", "sid.sizes=[4,8]", "split.train_fractions=[0.4,0.55]", "sft.warmup.rows=cutoffs",
+            "embedding.svd=partitioned")
     local = build(generic_cfg(tmp_path / "log.csv", tmp_path / "local", *opts))
     remote = build(generic_cfg(tmp_path / "log.csv", tmp_path / "ray", *opts, "engine=ray", "ray.num_cpus=2",
                                *RAY_OPTS))
@@ -354,4 +356,9 @@ def test_bad_engine_options_fail_before_anything_is_written(tmp_path, synth_path
         build(generic_cfg(synth_path, tmp_path / "out", "engine=spark"))
     with pytest.raises(DataPrepError, match="ray.partitions"):
         build(generic_cfg(synth_path, tmp_path / "out", "engine=ray", "ray.partitions=0"))
+    with pytest.raises(DataPrepError, match="embedding.svd must be one of"):
+        build(generic_cfg(synth_path, tmp_path / "out", "embedding.svd=lapack"))
+    # scikit-learn's SVD reads the whole matrix in one process: not where the log is on the cluster
+    with pytest.raises(DataPrepError, match="set embedding.svd=partitioned"):
+        build(generic_cfg(synth_path, tmp_path / "out", "engine=ray", "embedding.svd=sklearn"))
     assert sorted(os.listdir(tmp_path)) == ["log.csv"]

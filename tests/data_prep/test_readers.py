@@ -49,6 +49,19 @@ def test_generic_csv_text_timestamps_weights_and_day(tmp_path):
     assert df["ts"].iloc[0] == pd.Timestamp("2024-01-02 23:30:00", tz="UTC").value // 10**6
 
 
+@pytest.mark.parametrize("bad, row", [("inf", 2), ("1e39", 3), ("-1", 2), ("x", 3)])
+def test_a_weight_that_is_not_a_finite_non_negative_number_names_its_row(tmp_path, bad, row):
+    """Infinite weights (also float32 overflow, 1e39) would poison the embeddings' sums."""
+    p = tmp_path / "log.csv"
+    w = ["1.0", "2.0", "0.5"]
+    w[row - 1] = bad
+    pd.DataFrame({"uid": [1, 1, 2], "iid": ["a", "b", "a"], "when": ["2024-01-01"] * 3, "lab": [0, 1, 0],
+                  "w": w}).to_csv(p, index=False)
+    with pytest.raises(DataPrepError, match=rf"log\.csv, column 'w', row {row}: weight must be a finite non-negative number"):
+        read_input(generic_input(p, columns={"user": "uid", "item": "iid", "timestamp": "when", "label": "lab",
+                                             "weight": "w"}))
+
+
 def test_generic_parquet_and_timezone_day(tmp_path):
     p = tmp_path / "log.parquet"
     pd.DataFrame({"user_id": ["u"] * 2, "item_id": ["x", "y"], "timestamp": [ms(2, 20), ms(3, 1)],

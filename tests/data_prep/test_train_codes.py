@@ -1,8 +1,7 @@
 """The training events as codes (data_prep/train_codes.py): what the item embeddings and Swing read.
 
-Claims: the codes joined from user partitions are the codes of the whole log (any partitioning, any
-partition order); Swing and the collaborative embeddings on codes equal the same formulas on the
-string-id table they replace, ties included (codes follow the ids' order, and "10" < "9")."""
+Claim: Swing and the collaborative embeddings on codes equal the same formulas on the string-id
+table they replace, ties included (codes follow the ids' order, and "10" < "9")."""
 
 from __future__ import annotations
 
@@ -29,63 +28,6 @@ def _log(seed: int, n_users: int = 60, n_items: int = 40, n_events: int = 900) -
     df["day"] = df["ts"] // 10
     df = df.sort_values(["user_id", "ts", "item_id"], kind="stable").reset_index(drop=True)
     return df.astype({"user_id": object, "item_id": object})  # as the readers hand them on
-
-
-@pytest.mark.parametrize("seed,n_parts", [(0, 1), (1, 3), (2, 7)])
-def test_codes_joined_from_user_partitions_are_the_whole_logs(seed, n_parts):
-    log = _log(seed)
-    rng = np.random.default_rng(100 + seed)
-    users = log["user_id"].unique()
-    part_of = dict(zip(users, rng.integers(0, n_parts, len(users))))
-    parts = [TrainCodes.from_frame(log[log["user_id"].map(part_of) == k]) for k in range(n_parts)]
-    rng.shuffle(parts)  # Ray returns the partitions in any order
-    joined, whole = TrainCodes.concat(parts), TrainCodes.from_frame(log)
-    for name in ("users", "items", "user", "item", "polarity", "weight", "neg_ts"):
-        np.testing.assert_array_equal(getattr(joined, name), getattr(whole, name), err_msg=name)
-    assert joined.user.dtype == np.int32 and joined.item.dtype == np.int32
-    # the codes are positions in the sorted ids: decoding gives the log back
-    assert (joined.users[joined.user] == log["user_id"].to_numpy()).all()
-    assert (joined.items[joined.item] == log["item_id"].to_numpy()).all()
-    assert list(joined.items) == sorted(log["item_id"].unique())
-
-
-def test_a_user_in_two_partitions_is_refused():
-    log = _log(0)
-    with pytest.raises(ValueError, match="more than one part"):
-        TrainCodes.concat([TrainCodes.from_frame(log.iloc[:500]), TrainCodes.from_frame(log.iloc[499:])])
-    with pytest.raises(ValueError, match="at least one part"):
-        TrainCodes.concat([])
-
-
-def test_empty_partitions_and_partitions_without_dislikes_join():
-    log = _log(5)
-    users = sorted(log["user_id"].unique())
-    likes_only = log[(log["user_id"] == users[0]) & (log["polarity"] > 0)]
-    rest = log[log["user_id"] != users[0]]
-    parts = [TrainCodes.from_frame(log.iloc[:0]), TrainCodes.from_frame(likes_only), TrainCodes.from_frame(rest)]
-    joined, whole = TrainCodes.concat(parts), TrainCodes.from_frame(pd.concat([likes_only, rest]))
-    for name in ("users", "items", "user", "item", "polarity", "weight", "neg_ts"):
-        np.testing.assert_array_equal(getattr(joined, name), getattr(whole, name), err_msg=name)
-
-
-def test_the_ray_engines_partition_coding_equals_the_local_codes():
-    """distributed._codes_part (what each user partition runs on Ray, here called directly on
-    shuffled partitions with the reader's extra columns) joined = the local engine's codes."""
-    import pickle
-
-    from conrec_verl.data_prep import distributed as D
-
-    log = _log(6)
-    log = log.assign(_file=0, _row=np.arange(len(log)), _part=pd.util.hash_array(log["user_id"].to_numpy()) % 4)
-    payloads = []
-    for k in range(4):
-        part = log[log["_part"] == k].sample(frac=1.0, random_state=k)  # a shuffle keeps no order
-        out = D._codes_part(part.astype({"user_id": "str", "item_id": "str"}))  # Arrow-backed strings
-        payloads.append(pickle.loads(out["payload"].iloc[0]))
-    joined, whole = TrainCodes.concat(payloads), TrainCodes.from_frame(log)
-    for name in ("users", "items", "user", "item", "polarity", "weight", "neg_ts"):
-        np.testing.assert_array_equal(getattr(joined, name), getattr(whole, name), err_msg=name)
-    assert joined.weight.dtype == np.float32 and joined.users.dtype == object
 
 
 def _swing_on_ids(log: pd.DataFrame, sw: dict) -> pd.DataFrame:
