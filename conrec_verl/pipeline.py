@@ -463,13 +463,11 @@ class Pipeline:
                 *val, *self._own_ray(), *map(str, self.profile.grpo.overrides)]
 
     def _own_ray(self) -> list[str]:
-        """main_ppo starts a Ray of its own for the run (``address=local``), as data_prep's Ray engine
-        does: left to itself, ``ray.init`` attaches to whatever cluster last started on the machine
-        (another job's, a test's) and then refuses verl's ``num_cpus``. Not when the user points it at
-        a cluster: ``RAY_ADDRESS`` set, or an override naming ``ray_kwargs.ray_init.address``."""
-        if self.env.get("RAY_ADDRESS") or any("ray_init.address" in str(o) for o in self.profile.grpo.overrides):
-            return []
-        return ["++ray_kwargs.ray_init.address=local"]
+        """main_ppo starts a Ray of its own for the run unless the user points it at a cluster
+        (:func:`conrec_verl.runtime.own_ray.own_ray_overrides`)."""
+        from conrec_verl.runtime.own_ray import own_ray_overrides
+
+        return own_ray_overrides(self.profile.grpo.overrides, self.env)
 
     def _grpo_selection(self) -> tuple[str, str, bool] | None:
         """``(metric, mode, include_start)`` of the profile's ``grpo.select_by_val``, or None when it is

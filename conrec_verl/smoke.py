@@ -118,9 +118,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         from conrec_verl.recipes import CONFIG_PKG
         from conrec_verl.runtime.cpu_env import cpu_env
+        from conrec_verl.runtime.own_ray import own_ray_overrides
 
         cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", CONFIG_PKG, "--config-name", "smoke_cpu",
-               f"smoke_dir={out}", f"hydra.run.dir={out / 'outputs'}", *args.overrides]  # nothing written outside --out
+               f"smoke_dir={out}", f"hydra.run.dir={out / 'outputs'}",  # nothing written outside --out
+               *own_ray_overrides(args.overrides), *args.overrides]
         print("+ " + " ".join(cmd), flush=True)
         os.execvpe(cmd[0], cmd, {**os.environ, **cpu_env()})
 

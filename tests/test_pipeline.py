@@ -327,6 +327,27 @@ def test_main_ppo_starts_its_own_ray_unless_pointed_at_a_cluster(tmp_path, monke
                    ._grpo_overrides("m", "d", "c"))
 
 
+@pytest.mark.parametrize("env, args, expected", [
+    ({}, [], "++ray_kwargs.ray_init.address=local"),
+    ({}, ["trainer.total_epochs=1"], "++ray_kwargs.ray_init.address=local"),
+    ({"RAY_ADDRESS": "10.0.0.1:6379"}, [], ""),
+    ({}, ["+ray_kwargs.ray_init.address=auto"], ""),
+])
+def test_the_recipe_script_and_smoke_take_the_pipelines_ray_rule(env, args, expected):
+    """What run_conrec_cpu.sh splices into its main_ppo command (the module's printout, read by the
+    shell), for the cases the pipeline's test covers (smoke --train: tests/test_smoke.py)."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | env
+    out = subprocess.run([sys.executable, "-m", "conrec_verl.runtime.own_ray", *args], env=full_env,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == expected
+    script = (Path(__file__).resolve().parents[1] / "recipes" / "conrec" / "run_conrec_cpu.sh").read_text()
+    assert 'own_ray="$(python -m conrec_verl.runtime.own_ray "$@")"' in script and "$own_ray \"$@\"" in script
+
+
 def test_selection_by_the_evaluation_metric_skips_verls_validation_and_names_bad_settings(tmp_path):
     pipe = Pipeline(tmp_path / "run", load_profile("ci_tiny"))
     assert pipe._grpo_selection() == ("FHR@20", "max", False)  # the shipped default

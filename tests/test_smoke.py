@@ -1,5 +1,7 @@
 """End to end: stock verl main_ppo on CPU with the hf rollout (the foundation smoke recipe)."""
 
+import os
+
 import pytest
 
 from conrec_verl.model_builder import save_tiny_model
@@ -32,6 +34,9 @@ def test_two_grpo_steps_validate_save_then_resume(smoke_dir, tmp_path):
     rc, out = run_smoke_cli(root, common[1:] + ["trainer.val_before_train=true"], log_path=tmp_path / "run1.log")
     assert rc == 0, out[-4000:]
     assert sorted(p.name for p in (root.parent / "cwd").iterdir()) == []  # hydra's outputs went under --out
+    # a Ray of its own (conrec_verl.runtime.own_ray), accepted by main_ppo
+    launched = next(line for line in out.splitlines() if line.startswith("+ "))
+    assert ("++ray_kwargs.ray_init.address=local" in launched) != bool(os.environ.get("RAY_ADDRESS"))
     steps = step_metrics(out)
     assert {1, 2} <= set(steps), f"steps seen: {sorted(steps)}"
     # validation ran before training with greedy decoding (val_kwargs)
