@@ -51,27 +51,43 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def tree_rss_bytes() -> int:
-    """RSS of this process and every process it started (a local Ray's GCS, raylet and workers);
-    0 without psutil (the `test` extra)."""
+def _pss_bytes(pid: int) -> int:
+    """Proportional set size of a process (each shared page divided among the processes that map
+    it), from /proc/PID/smaps_rollup; 0 where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tree_rss_bytes() -> tuple[int, int]:
+    """RSS and PSS of this process and every process it started (a local Ray's GCS, raylet and
+    workers), summed. The RSS sum counts a shared page (Ray's object store) once per process that
+    maps it: an upper bound; the PSS sum counts it once: the memory the tree actually uses. (0, 0)
+    without psutil (the `test` extra)."""
     try:
         import psutil
     except ImportError:
-        return 0
+        return 0, 0
 
     me = psutil.Process()
-    total = 0
+    rss = pss = 0
     for p in [me] + me.children(recursive=True):
         try:
-            total += p.memory_info().rss
+            rss += p.memory_info().rss
+            pss += _pss_bytes(p.pid)
         except psutil.Error:  # exited meanwhile
             pass
-    return total
+    return rss, pss
 
 
 class StepMonitor:
-    """Per step: wall time and peak RSS of this process (the driver); over the build: the peak RSS
-    of the whole process tree (sampled every 20 ms; shared pages of Ray's object store count once
+    """Per step: wall time, peak RSS of this process (the driver) and of the whole process tree
+    (sampled every 100 ms); over the build: the peak RSS of the whole process tree (sampled every 20 ms; shared pages of Ray's object store count once
     per process that maps them, so the tree figure is an upper bound)."""
 
     def __init__(self, interval: float = 0.02):
@@ -79,6 +95,11 @@ class StepMonitor:
         self.rows: list[tuple[str, float, int]] = []
         self._peak = 0
         self.tree_peak = 0
+        self._tree_step = 0
+        self.tree_pss_peak = 0
+        self._pss_step = 0
+        #: step name -> (peak RSS sum, peak PSS sum) of the whole process tree during that step
+        self.tree_by_step: dict[str, tuple[int, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -89,17 +110,23 @@ class StepMonitor:
         while not self._stop.is_set():
             self._peak = max(self._peak, rss_bytes())
             if n % 5 == 0:  # the tree walk costs more: every 100 ms
-                self.tree_peak = max(self.tree_peak, tree_rss_bytes())
+                tree, pss = tree_rss_bytes()
+                self.tree_peak = max(self.tree_peak, tree)
+                self._tree_step = max(self._tree_step, tree)
+                self.tree_pss_peak = max(self.tree_pss_peak, pss)
+                self._pss_step = max(self._pss_step, pss)
             n += 1
             time.sleep(self.interval)
 
     def hook(self, name: str, phase: str):
         if phase == "start":
             self._peak = rss_bytes()
+            self._tree_step = self._pss_step = 0
             self._t0 = time.perf_counter()
         else:
             self._peak = max(self._peak, rss_bytes())
             self.rows.append((name, time.perf_counter() - self._t0, self._peak))
+            self.tree_by_step[name] = (self._tree_step, self._pss_step)
 
     def close(self):
         self._stop.set()
@@ -138,7 +165,7 @@ def _build_here(log: Path, out: Path, days: int, sizes: str, cutoffs: int, extra
     build(cfg, step_hook=mon.hook)
     wall = time.perf_counter() - t0
     mon.close()
-    return wall, mon.rows, mon.tree_peak
+    return wall, mon.rows, mon.tree_peak, mon.tree_by_step, mon.tree_pss_peak
 
 
 def run_build(log: Path, out: Path, days: int, sizes: str, cutoffs: int,
@@ -150,19 +177,22 @@ def run_build(log: Path, out: Path, days: int, sizes: str, cutoffs: int,
 
     # not a multiprocessing.Pool: its workers are daemonic and a local Ray needs child processes
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        wall, rows, tree = pool.submit(_build_here, log, out, days, sizes, cutoffs, tuple(extra)).result()
+        wall, rows, tree, by_step, pss = pool.submit(_build_here, log, out, days, sizes, cutoffs,
+                                                     tuple(extra)).result()
     mon = StepMonitor.__new__(StepMonitor)
-    mon.rows, mon.tree_peak = rows, tree
+    mon.rows, mon.tree_peak, mon.tree_by_step, mon.tree_pss_peak = rows, tree, by_step, pss
     return wall, mon
 
 
 def print_steps(title: str, wall: float, mon: StepMonitor) -> None:
     print(f"\n[{title}]")
-    print(f"{'step':<12}{'wall s':>10}{'peak RSS GB':>14}")
+    print(f"{'step':<12}{'wall s':>10}{'peak RSS GB':>14}{'tree RSS GB':>14}{'tree PSS GB':>14}")
     for name, sec, peak in mon.rows:
-        print(f"{name:<12}{sec:>10.1f}{peak / 2**30:>14.2f}")
+        t_rss, t_pss = mon.tree_by_step.get(name, (0, 0))
+        print(f"{name:<12}{sec:>10.1f}{peak / 2**30:>14.2f}{t_rss / 2**30:>14.2f}{t_pss / 2**30:>14.2f}")
     print(f"{'total':<12}{wall:>10.1f}{max(p for _, _, p in mon.rows) / 2**30:>14.2f}")
-    print(f"process tree peak RSS {mon.tree_peak / 2**30:.2f} GB (driver + the processes it started)")
+    print(f"process tree peak RSS {mon.tree_peak / 2**30:.2f} GB, PSS {mon.tree_pss_peak / 2**30:.2f} GB "
+          "(driver + the processes it started; RSS counts a shared page once per process, PSS once)")
 
 
 def main(argv=None):
@@ -224,7 +254,8 @@ def main(argv=None):
                 same = (not compare_data_folders(work / f"out_{mil:g}M", work / f"out_{mil:g}M_ray")
                         if mon is not None else None)
                 ray_rows.append((mil, wall, rwall, same, max(p for _, _, p in mon.rows) if mon else None,
-                                 max(p for _, _, p in rmon.rows), mon.tree_peak if mon else None, rmon.tree_peak))
+                                 max(p for _, _, p in rmon.rows), mon.tree_peak if mon else None, rmon.tree_peak,
+                                 mon.tree_pss_peak if mon else None, rmon.tree_pss_peak))
                 shutil.rmtree(work / f"out_{mil:g}M_ray", ignore_errors=True)
             shutil.rmtree(work / f"out_{mil:g}M", ignore_errors=True)
             shutil.rmtree(log) if log.is_dir() else log.unlink()
@@ -256,14 +287,15 @@ def main(argv=None):
             print("\n## engine=ray vs engine=local (same log, same run; – = not built with the local engine); "
                   f"growth = value / value at {r0[0]:g}M")
             print("| events | local s | ray s | ray / local | local peak GB | ray driver peak GB | "
-                  "local tree GB | ray tree GB | identical outputs | ray time growth | ray driver growth | "
-                  "ray tree growth |")
-            print("|---" * 12 + "|")
-            for mil, lw, rw, same, lp, rp, lt, rt in ray_rows:
+                  "local tree GB | ray tree GB (RSS sum) | ray tree GB (PSS sum) | identical outputs | "
+                  "ray time growth | ray driver growth | ray tree growth (RSS, PSS) |")
+            print("|---" * 13 + "|")
+            for mil, lw, rw, same, lp, rp, lt, rt, _, rpss in ray_rows:
                 print(f"| {mil:g}M | {'–' if lw is None else f'{lw:.1f}'} | {rw:.1f} | "
                       f"{'–' if lw is None else f'{rw / lw:.2f}'} | {gb(lp)} | {gb(rp)} | {gb(lt)} | {gb(rt)} | "
-                      f"{'–' if same is None else same} | {rw / r0[2]:.2f} | {rp / r0[5]:.2f} | "
-                      f"{rt / r0[7] if r0[7] else float('nan'):.2f} |")
+                      f"{gb(rpss)} | {'–' if same is None else same} | {rw / r0[2]:.2f} | {rp / r0[5]:.2f} | "
+                      f"{rt / r0[7] if r0[7] else float('nan'):.2f}, "
+                      f"{rpss / r0[9] if r0[9] else float('nan'):.2f} |")
 
         # Swing: sparse vs the literal formula on a slice of the dislikes
         synth(work / "swing_log.parquet", 1_000_000, 100_000, 10_000, args.days)

@@ -553,13 +553,8 @@ class _ShareSum:
             if state is None:
                 share = block.stats()
                 self.total = share if self.total is None else PS.merge_stats([self.total, share])
-            else:
-                share = block.product(state)
-                if self.total is None:
-                    self.total = share
-                else:
-                    for t, a in zip(self.total, share):
-                        t += a  # int64, in place: exact in any order
+            else:  # int64, in place: exact in any order
+                self.total = PS.add_into(self.total, block.product(state), state.n_items)
 
     def take(self):
         total, self.total = self.total, None
@@ -588,12 +583,8 @@ def _svd_advance(state, totals: list):
     from conrec_verl.data_prep import partitioned_svd as PS
 
     total = None  # the actors' totals added one at a time: two in memory, not every actor's
-    for share in _fetched_one_at_a_time(totals):
-        if total is None:
-            total = tuple(np.array(a, copy=True) for a in share)  # (an object-store array is read-only)
-        else:
-            for t, a in zip(total, share):
-                t += a
+    for share in _fetched_one_at_a_time(totals):  # (the first copied: an object-store array is read-only)
+        total = PS.add_into(total, share, state.n_items)
     return PS.advance(state, total)
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
+import scipy.linalg
 import scipy.sparse as sp
 
 from conrec_verl.data_prep.errors import DataPrepError
@@ -88,6 +89,46 @@ def _to_float(total: np.ndarray, s: int) -> np.ndarray:
     return np.ldexp(np.asarray(total).astype(np.float64), -s)
 
 
+def _to_float_in_place(total: np.ndarray, s: int) -> np.ndarray:
+    """``total`` (a writable int64 array) as float64 ``total * 2^-s`` in its own memory, a chunk of
+    rows at a time (no second items x width array)."""
+    out = total.view(np.float64)
+    step = max(1, _CHUNK // max(1, total.shape[1] if total.ndim > 1 else 1))
+    for start in range(0, len(total), step):
+        out[start:start + step] = np.ldexp(total[start:start + step].astype(np.float64), -s)
+    return out
+
+
+@dataclass
+class ItemRows:
+    """A partition's share of a per-item sum: only the rows of the items its users touched
+    (``items`` ascending), the other items' rows being zero."""
+
+    items: np.ndarray
+    rows: np.ndarray
+
+
+def add_into(total, share, n_items: int):
+    """``total`` (``None`` or a tuple of writable int64 arrays) plus one ``share`` (a tuple of int64
+    arrays or :class:`ItemRows`), in place where it can. Exact: any order, any grouping."""
+    if total is None:
+        return tuple(_dense(a, n_items) for a in share)
+    for t, a in zip(total, share):
+        if isinstance(a, ItemRows):
+            t[a.items] += a.rows
+        else:
+            t += a
+    return total
+
+
+def _dense(a, n_items: int) -> np.ndarray:
+    if isinstance(a, ItemRows):
+        out = np.zeros((n_items, a.rows.shape[1]), dtype=np.int64)
+        out[a.items] = a.rows
+        return out
+    return np.array(a, dtype=np.int64, copy=True)
+
+
 @dataclass
 class UserBlock:
     """One partition's users' columns of ``X``: ``A`` (users x items, CSR, each row the user's
@@ -118,19 +159,22 @@ class UserBlock:
                 "max_abs": float(np.abs(self.A.data).max()) if self.A.nnz else 0.0,
                 "item_users": np.bincount(self.A.indices, minlength=self.A.shape[1]).astype(np.int64)}
 
-    def _item_sums(self, Z: np.ndarray, s: int) -> np.ndarray:
-        """``sum_u A[u, i] Z[u, :]`` for every item, each term in fixed point (int64, items x width)."""
+    def _item_sums(self, Z: np.ndarray, s: int) -> ItemRows:
+        """``sum_u A[u, i] Z[u, :]`` for every item this block's users touched, each term in fixed
+        point (int64 rows; the other items' sums are zero)."""
         C = self.A.tocsc()
         C.sort_indices()
-        out = np.zeros((C.shape[1], Z.shape[1]), dtype=np.int64)
-        item = np.repeat(np.arange(C.shape[1]), np.diff(C.indptr))
+        counts = np.diff(C.indptr)
+        touched = np.flatnonzero(counts)
+        out = np.zeros((len(touched), Z.shape[1]), dtype=np.int64)
+        row = np.repeat(np.arange(len(touched)), counts[touched])  # each stored value's row of ``out``
         for start in range(0, C.nnz, _CHUNK):
             stop = min(start + _CHUNK, C.nnz)
             q = _fixed(C.data[start:stop, None] * Z[C.indices[start:stop]], s)
-            seg = item[start:stop]
+            seg = row[start:stop]
             first = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
             out[seg[first]] += np.add.reduceat(q, first, axis=0)
-        return out
+        return ItemRows(touched, out)
 
     def product(self, state: "SvdState") -> tuple:
         """This partition's fixed-point share of ``state``'s next pass (summed over partitions by
@@ -151,12 +195,12 @@ class UserBlock:
         return gram, var
 
 
-def add_shares(shares) -> tuple:
+def add_shares(shares, n_items: int) -> tuple:
     """The partitions' fixed-point shares summed (exact: any order, any grouping)."""
     total = None
     for share in shares:
-        total = [np.array(a, copy=True) for a in share] if total is None else [t + a for t, a in zip(total, share)]
-    return tuple(total)
+        total = add_into(total, share, n_items)
+    return total
 
 
 def merge_stats(stats) -> dict:
@@ -221,7 +265,11 @@ def advance(state: SvdState, total: tuple) -> SvdState:
     # with Cauchy-Schwarz, every power-step sum |sum_u X[i,u] z_u[c]| <= sqrt(users of i) max|X| ||X||_F
     fro2 = st["nnz"] * st["max_abs"] ** 2
     if kind in ("sketch", "power"):
-        Q, _ = np.linalg.qr(_to_float(total[0], state.scale))
+        # the sum becomes the floats in its own memory, then LAPACK's QR in Fortran order (copied once)
+        Y = _to_float_in_place(total[0] if total[0].flags.writeable else np.array(total[0]), state.scale)
+        Y = np.asfortranarray(Y)
+        Q, _ = scipy.linalg.qr(Y, mode="economic", overwrite_a=True, check_finite=False)
+        del Y
         nxt = rest[0] if rest else None
         scale = (scale_for(fro2) if nxt == "gram"
                  else scale_for(math.sqrt(st["max_item_users"]) * st["max_abs"] * math.sqrt(fro2)))
@@ -247,5 +295,5 @@ def svd_in_process(blocks: list, n_items: int, dim: int, n_iter: int, seed: int)
     """The whole SVD where every block is in this process (the local engine: one block)."""
     state = plan(merge_stats(b.stats() for b in blocks), n_items, dim, n_iter, seed)
     while state.next_pass:
-        state = advance(state, add_shares(b.product(state) for b in blocks))
+        state = advance(state, add_shares((b.product(state) for b in blocks), n_items))
     return state

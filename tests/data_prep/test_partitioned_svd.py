@@ -111,7 +111,7 @@ def test_every_pass_uses_the_fixed_point_range_without_overflowing(case):
     state = PS.plan(PS.merge_stats(b.stats() for b in blocks), n, 8, 3, seed=0)
     seen = []
     while state.next_pass:
-        total = PS.add_shares(b.product(state) for b in blocks)
+        total = PS.add_shares((b.product(state) for b in blocks), n)
         seen.append((state.next_pass, max(float(np.abs(t).max()) for t in total)))
         state = PS.advance(state, total)
     assert [p for p, _ in seen] == ["sketch", "power", "power", "power", "gram"]
@@ -136,6 +136,8 @@ def test_fixed_point_sums_stay_within_their_bound_and_resolution():
     assert bound * 2.0 ** s < 2.0 ** 62 <= bound * 2.0 ** (s + 1)
     total = PS._fixed(terms, s).sum(axis=0)  # int64: exact
     np.testing.assert_allclose(PS._to_float(total, s), terms.sum(axis=0), rtol=0, atol=len(terms) * 2.0 ** -s)
+    rows = PS._fixed(terms, s)  # the reducer's conversion in the sum's own memory: the same floats
+    assert np.array_equal(PS._to_float_in_place(rows.copy(), s), PS._to_float(rows, s))
     assert PS.scale_for(0.0) == 0
 
 
