@@ -40,8 +40,8 @@ starts a local one for the run). The config and the output folder are the same a
   every cross-user sum is taken in fixed point, so the vectors are the same bits for any
   partitioning (the local engine with ``embedding.svd=partitioned`` is one partition); **Swing**
   runs on a dislike graph shuffled by item (``data_prep/swing_ray.py``). No process holds every
-  training event: the SVD's reducing task holds ``items x (dim + 10)`` numbers, a Swing item
-  partition the dislike rows of its items' dislikers. The item vectors stay in the object store
+  training event: the SVD's reducing task holds about four ``items x (dim + 10)`` arrays (per-item
+  state), a Swing item partition the dislike rows of its items' dislikers. The item vectors stay in the object store
   and the **SID** codebook is fitted and every item quantised and repaired in a task beside them
   (:func:`call_on_worker`, with the driver's BLAS/OpenMP thread count).
 
