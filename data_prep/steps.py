@@ -32,13 +32,11 @@ import pyarrow.parquet as pq
 from conrec_verl.core.contract import EVAL_SCHEMA, MESSAGES, RL_SCHEMA
 from conrec_verl.core.sid import Codebook, format_sid
 from conrec_verl.core.swing import (
-    SwingParams,
     cap_dislikers,
     choose_min_co_dislikers,
     dislike_matrix,
     item_coverage_at_thresholds,
     swing_scores,
-    top_k_neighbors,
 )
 from conrec_verl.data_prep import distributed as D
 from conrec_verl.data_prep import samples as S
@@ -278,47 +276,30 @@ def swing_neighbours(train: TrainCodes, sw: dict, ray_partitions: int | None = N
     """Swing over the dislikes of ``train`` (the events before each user's evaluation cutoff). Runs
     on the codes (their order is the ids' order, so ties break as on the ids) and labels the result
     with the ids."""
+    from conrec_verl.data_prep.swing_ray import finish, swing_options, swing_params
+
+    opts = swing_options(sw)  # the config read, checked and labelled as on the Ray engine
     neg = train.dislike
     neg_users, neg_items = train.user[neg], train.item[neg]
-    cap = sw.get("max_dislikers_per_item")
+    cap = opts["cap"]
     if cap:
-        sw_users, sw_items = cap_dislikers(neg_users, neg_items, train.neg_ts, int(cap))
+        sw_users, sw_items = cap_dislikers(neg_users, neg_items, train.neg_ts, cap)
     else:
         sw_users, sw_items = neg_users, neg_items
     R, _, _ = dislike_matrix(sw_users, sw_items)
-    cands = [int(c) for c in sw.get("auto_candidates", [6, 5, 4, 3, 2])]
-    coverage = item_coverage_at_thresholds(R, sorted(set(cands + [2])))
-    mcd = sw.get("min_co_dislikers", "auto")
-    if mcd in (None, "auto"):
-        mcd = choose_min_co_dislikers(R, float(sw.get("auto_item_coverage", 0.5)), cands)
-    params = SwingParams(float(sw.get("alpha1", 5.0)), float(sw.get("alpha2", 1.0)), float(sw.get("theta", 0.5)),
-                         int(mcd))
+    coverage = item_coverage_at_thresholds(R, opts["thresholds"])
+    mcd = choose_min_co_dislikers(R, opts["target"], opts["candidates"]) if opts["auto"] else opts["fixed"]
     pair_scores = (lambda R, p: D.swing_pair_scores_ray(R, p, ray_partitions)) if ray_partitions else None
-    scores = swing_scores(sw_users, sw_items, params, pair_scores)
-    top = top_k_neighbors(scores, int(sw.get("top_k", 20)), float(sw.get("min_score", 0.0)))
-    top = top.assign(item_id=train.items[top["item_id"].to_numpy(dtype=np.int64)],
-                     neighbor_id=train.items[top["neighbor_id"].to_numpy(dtype=np.int64)])
-    gts_n = int(sw.get("gts_neighbors", 3))
-    neighbors = {}
-    if gts_n > 0 and not top.empty:
-        neighbors = top.groupby("item_id", sort=False)["neighbor_id"].apply(lambda s: list(s[:gts_n])).to_dict()
-    frame = top.astype({"item_id": str, "neighbor_id": str, "score": np.float64})
+    scores = swing_scores(sw_users, sw_items, swing_params(opts, mcd), pair_scores)
     capped = 0
     if cap:
         pairs = np.unique(neg_users.astype(np.int64) * len(train.items) + neg_items)  # distinct (user, item)
-        capped = int((np.bincount(pairs % len(train.items)) > int(cap)).sum())
+        capped = int((np.bincount(pairs % len(train.items)) > cap).sum())
     neg_count = np.bincount(neg_items, minlength=len(train.items))
     disliked = np.flatnonzero(neg_count)
-    stats = {"min_co_dislikers": int(mcd),
-             "min_co_dislikers_mode": "auto" if sw.get("min_co_dislikers", "auto") in (None, "auto") else "fixed",
-             "item_coverage_by_threshold": coverage, "scored_pairs": int(len(scores)),
-             "items_with_neighbors": int(top["item_id"].nunique()) if len(top) else 0,
-             "dislike_events": int(neg.sum()), "graph_edges": int(len(sw_users)),
-             "max_dislikers_per_item": int(cap) if cap else None,
-             "capped_items": capped, "alpha1": params.alpha1, "alpha2": params.alpha2,
-             "theta": params.theta, "top_k": int(sw.get("top_k", 20)), "gts_neighbors": gts_n}
-    return SwingResult(frame, neighbors, stats, dict(zip(train.items[disliked].tolist(),
-                                                         neg_count[disliked].tolist())))
+    counts = {"dislike_events": int(neg.sum()), "graph_edges": int(len(sw_users)), "capped_items": capped,
+              "item_neg_count": dict(zip(train.items[disliked].tolist(), neg_count[disliked].tolist()))}
+    return finish([(scores, len(scores))], train.items, counts, coverage, mcd, opts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,11 +564,12 @@ def sft_sets(log: Log, split: Split, sids, samples: Samples, cfg: dict, seed: in
         warmup, warmup_val = [], []
         if every:
             keys, recent, levels = split.plan.key[split.train_mask], split.plan.recent, sids.book.num_levels
-            warmup = every_dislike_records(train, keys, recent, train_users, sids.sid_of, wcfg, seed, levels)
+            warmup = every_dislike_records(train, keys, recent, train_users, sids.sid_of, wcfg, seed, levels,
+                                           window=split.plan.window)
             # the same questions for the validation users (never in SFT): what picks SFT epochs
             val_users = {u for u in train["user_id"].unique().tolist() if S.is_val_user(seed, u, vfrac)}
             warmup_val = every_dislike_records(train, keys, recent, val_users, sids.sid_of, wcfg, seed,
-                                               levels) if val_users else []
+                                               levels, window=split.plan.window) if val_users else []
         alignment = alignment_from_pools(neg_of, pos_of, sids.sid_of, align_cfg, seed)
         alignment, alignment_heldout = split_heldout(alignment, heldout, seed)
     if wcfg.get("rows") == "cutoffs":  # made with the RL rows (:func:`user_row_sets`)
