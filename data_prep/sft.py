@@ -124,7 +124,7 @@ def split_heldout(records: list[dict], fraction: float, seed: int) -> tuple[list
     return kept, held
 
 
-WARMUP_DEFAULTS = {"rows": "every_dislike", "contexts": [1, 2, 3], "max_history_items": 96}
+WARMUP_DEFAULTS = {"rows": "every_dislike", "contexts": [1, 2, 3], "max_history_items": 96, "targets": "next"}
 
 
 def warmup_config(raw) -> dict:
@@ -144,6 +144,8 @@ def warmup_config(raw) -> dict:
         cfg.update(raw)
     if cfg["rows"] not in ("every_dislike", "cutoffs"):
         raise DataPrepError(f"sft.warmup.rows must be every_dislike or cutoffs, got {cfg['rows']!r}")
+    if cfg["targets"] not in ("next", "window"):
+        raise DataPrepError(f"sft.warmup.targets must be next or window, got {cfg['targets']!r}")
     ctx = [int(c) for c in cfg["contexts"]]
     if not ctx or any(c not in (1, 2, 3) for c in ctx):
         raise DataPrepError(f"sft.warmup.contexts must be a non-empty list of 1, 2, 3, got {cfg['contexts']!r}")
@@ -160,7 +162,7 @@ def _pick_context(seed: int, user, key, allowed: Sequence[int]) -> int:
 
 
 def every_dislike_records(train: pd.DataFrame, key: np.ndarray, recent: int, users: set, sid_of: dict,
-                          cfg: Mapping, seed: int, num_levels: int) -> list[dict]:
+                          cfg: Mapping, seed: int, num_levels: int, window: int = 0) -> list[dict]:
     """Warm-up SFT at the baselines' scale: one row per dislike (of an item with a SID) of every
     training user before the user's evaluation cutoff, whose history before it holds a dislike.
 
@@ -171,8 +173,22 @@ def every_dislike_records(train: pd.DataFrame, key: np.ndarray, recent: int, use
     prompt context is drawn (seeded per user and event) among ``cfg["contexts"]`` that its history
     can show with a non-empty negative section (:func:`eligible_contexts`), so warm-up SFT teaches
     every context GRPO and evaluation ask in; at most ``max_history_items`` SIDs (oldest dropped).
-    ``train`` holds only events up to each user's evaluation cutoff (no test-window event)."""
+    ``train`` holds only events up to each user's evaluation cutoff (no test-window event).
+
+    ``cfg["targets"] == "window"``: the same rows (same histories, contexts and prompts), but each
+    row's target is drawn (seeded per user and event) uniformly among the user's dislikes in the
+    ``window`` (key units, the split's ``window_days``) that starts at the anchor dislike: the
+    dislike itself, those at the same time and later ones with ``key < key_anchor + window``, an
+    item already in the history excluded. In expectation the model learns which items the user
+    dislikes *within the window*, the question FHR and GTS ask, instead of the exact next one
+    (the "dense all-action" target of future-window recommenders). Still no event after the
+    evaluation cutoff: ``train`` ends there."""
+    from conrec_verl.data_prep.samples import _stable_uniform
+
     contexts = list(cfg["contexts"])
+    in_window = cfg.get("targets", "next") == "window"
+    if in_window and window <= 0:
+        raise ValueError("every_dislike_records: targets=window needs the split's window in key units (window > 0)")
     fits = _sid_count_fits(int(cfg.get("max_history_items", 0) or 0), num_levels)
     df = train.assign(_key=key)
     df = df[df["user_id"].isin(users) & df["item_id"].isin(sid_of.keys())]
@@ -207,7 +223,15 @@ def every_dislike_records(train: pd.DataFrame, key: np.ndarray, recent: int, use
             ctx = _pick_context(seed, user, k[j] * 1000 + j, allowed)
             pos = [sids[t] for t in range(h) if p[t] > 0] if ctx == 3 else []
             prompt = render_history_prompt(ctx, recent_neg, neg, pos, fits=fits)
-            out.append({"messages": _msg(prompt, sids[j]),
+            target = sids[j]
+            if in_window:
+                seen = set(sids[:h])
+                end = h + int(np.searchsorted(k[h:], k[j] + window - 1, side="right"))
+                pool = list(dict.fromkeys(sids[t] for t in range(h, end) if p[t] < 0 and sids[t] not in seen))
+                if pool:  # empty only when every dislike in the window repeats a history item
+                    u = _stable_uniform(seed, "warmup_target", str(user), int(k[j] * 1000 + j))
+                    target = pool[min(int(u * len(pool)), len(pool) - 1)]
+            out.append({"messages": _msg(prompt, target),
                         "extra_info": {"task": "warmup", "user_id": str(user), "cutoff_day": -1, "context": ctx,
                                        "index": len(out)}})
     return out

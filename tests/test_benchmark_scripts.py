@@ -155,3 +155,60 @@ def test_average_checkpoints_is_the_parameter_mean_and_rejects_other_shapes(tmp_
     with pytest.raises(SystemExit, match="does not exist"):
         run_script("average_checkpoints.py", ["--out", str(tmp_path / "bad"), str(a), str(tmp_path / "nope")],
                    monkeypatch, capsys)
+
+
+def test_fuse_rows_is_reciprocal_rank_fusion_and_refuses_a_file_of_another_build(tmp_path, monkeypatch, capsys):
+    import json
+
+    from conrec_verl.core.eval_data import load_eval_data
+    from conrec_verl.core.sid import format_sid
+    from conrec_verl.evaluation.predictions import write_predictions
+    from tests.evaluation.fixtures import make_data_folder
+
+    mod = runpy.run_path(str(BENCH / "fuse_rows.py"))
+    # by hand, rrf_k = 1: b = 1/3 + 1/1, a = 1/1, c = 1/2 + 1/2 (ties with a: a was seen first), d = 1/4
+    assert mod["fuse"]([["a", "c", "b"], ["b", "c", None, "d"]], 3, rrf_k=1) == ["b", "a", "c"]
+    assert mod["fuse"]([["x", "y"], ["y", "x"]], 2, rrf_k=60) == ["x", "y"]  # a tie keeps the first list's order
+    folder = make_data_folder(tmp_path / "data", n_users=12, n_items=30)
+    data = load_eval_data(folder)
+    cat = list(data.catalogue)
+    one = write_predictions(tmp_path / "one.jsonl", data, [cat[:5] for _ in data.rows])
+    two = write_predictions(tmp_path / "two.jsonl", data, [cat[4::-1] for _ in data.rows])
+    out = tmp_path / "fused.jsonl"
+    with pytest.raises(SystemExit) as ok:
+        run_script("fuse_rows.py", ["--data", str(folder), "--out", str(out), "--k", "5", f"a={one}", f"b={two}"],
+                   monkeypatch, capsys)
+    assert ok.value.code == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == len(data.rows)
+    # cat[i] scores 1/(60+i) + 1/(64-i): the ends tie highest (first list's order), the middle lowest
+    assert lines[0]["predictions"] == [format_sid(cat[i]) for i in (0, 4, 1, 3, 2)]
+    other = [dict(json.loads(line), sid_build="other") for line in one.read_text().splitlines()]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(o) + "\n" for o in other))
+    with pytest.raises(SystemExit) as err:
+        run_script("fuse_rows.py", ["--data", str(folder), "--out", str(tmp_path / "no.jsonl"), "--k", "5",
+                                    f"a={one}", f"b={bad}"], monkeypatch, capsys)
+    assert err.value.code == 2 and not (tmp_path / "no.jsonl").exists()
+    assert "another SID build" in capsys.readouterr().err
+
+
+def test_likes_signal_probe_scores_match_a_brute_force_count(tmp_path):
+    import numpy as np
+
+    from conrec_verl.core.eval_data import load_eval_data
+    from tests.evaluation.fixtures import make_data_folder
+
+    mod = runpy.run_path(str(BENCH / "likes_signal_probe.py"))
+    data = load_eval_data(make_data_folder(tmp_path / "data", n_users=12, n_items=30))
+    probe = type("p", (mod["CoInteraction"],), {"pos_weight": 0.5})(exclusion="none").fit(data)
+    got = probe.row_scores(range(len(data.rows)))
+    sets = [(set(r.hist_neg), set(r.hist_pos)) for r in data.all_rows]
+    neg = {s: sum(s in n for n, _ in sets) for s in data.catalogue}
+    pos = {s: sum(s in p for _, p in sets) for s in data.catalogue}
+    for i, row in enumerate(data.rows):
+        for j, item in enumerate(data.catalogue):
+            co = lambda h: sum(1 for n, p in sets if h in n | p and item in n | p) if h != item else 0
+            want = sum(co(h) for h in row.hist_neg) + 0.5 * sum(co(h) for h in row.hist_pos)
+            want = want * (neg[item] + 1) / (neg[item] + pos[item] + 5) + 1e-6 * neg[item]
+            assert np.isclose(got[i, j], want), (i, item)

@@ -19,6 +19,11 @@ rate has an early bump (epoch ~6) and a dip before its maximum, hence the long p
 validation set of every sequence long enough (a 20% subset was too noisy and stopped in the dip).
 Defaults: 64-dim, 2 blocks, 2 heads, dropout 0.2, sequence length 50, Adam lr 1e-3, batch 128,
 cap 200 epochs, patience 20, every sequence with >= 7 dislikes holding out its last 5, val_k 20.
+
+``target_span`` > 1 trains each position on its next ``target_span`` dislikes instead of the next
+one ("dense all-action": the cross-entropy averaged over every (position, later item) pair), the
+sequence-model analogue of warm-up SFT's ``sft.warmup.targets: window`` (the sequences carry no
+timestamps, so the window is counted in items). Default 1: the original next-item loss.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ class SASRecBaseline(Baseline):
 
     def __init__(self, dim: int = 64, max_len: int = 50, layers: int = 2, heads: int = 2, dropout: float = 0.2,
                  epochs: int = 200, batch_size: int = 128, lr: float = 1e-3, patience: int | None = 20,
-                 val_fraction: float = 1.0, val_k: int = 20, val_items: int = 5, **kw):
+                 val_fraction: float = 1.0, val_k: int = 20, val_items: int = 5, target_span: int = 1, **kw):
         super().__init__(**kw)
         self.hp = dict(dim=dim, max_len=max_len, layers=layers, heads=heads, dropout=dropout)
         self.epochs, self.batch_size, self.lr = int(epochs), int(batch_size), float(lr)
@@ -84,6 +89,9 @@ class SASRecBaseline(Baseline):
         self.val_fraction = float(val_fraction)
         self.val_k = int(val_k)
         self.val_items = max(1, int(val_items))
+        if int(target_span) < 1:
+            raise ValueError(f"sasrec target_span must be >= 1, got {target_span!r}")
+        self.target_span = int(target_span)
         self.fit_info: dict = {}
 
     def _fit(self, data) -> None:
@@ -132,7 +140,9 @@ class SASRecBaseline(Baseline):
         validation hit rate/NLL per epoch and stop after ``patience`` epochs without improvement."""
         T = self.hp["max_len"]
         inputs = _pad_left([s[:-1] for s in seqs], T)
-        targets = _pad_left([s[1:] for s in seqs], T)
+        # (N, T, span): position i of s[:-1] learns s[i + o] for o = 1..span (0 = none)
+        targets = torch.stack([_pad_left([s[o:] + [0] * (o - 1) for s in seqs], T)
+                               for o in range(1, self.target_span + 1)], dim=2)
         opt = torch.optim.Adam(net.parameters(), lr=self.lr)
         gen = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)  # dropout draws: a refit repeats the run it stands for
@@ -148,7 +158,12 @@ class SASRecBaseline(Baseline):
                 valid = y > 0
                 if not valid.any():
                     continue
-                loss = nn.functional.cross_entropy(net(x)[valid], y[valid] - 1)
+                logits = net(x)
+                if self.target_span == 1:
+                    y, valid = y[..., 0], valid[..., 0]
+                else:  # every (position, later item) pair: the position's logits once per target
+                    logits = logits.unsqueeze(2).expand(-1, -1, self.target_span, -1)
+                loss = nn.functional.cross_entropy(logits[valid], y[valid] - 1)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

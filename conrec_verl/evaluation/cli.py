@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sasrec-epochs", type=int, default=200, help="SASRec epoch cap (early stopping decides)")
     p.add_argument("--sasrec-patience", type=int, default=20,
                    help="SASRec early stopping: epochs without validation improvement (0 = train all epochs)")
+    p.add_argument("--sasrec-target-span", type=int, default=1,
+                   help="SASRec: each position learns its next N dislikes (dense all-action; default 1: the next one)")
     p.add_argument("--swing-recency-decay", type=float, default=1.0)
     p.add_argument("--prompt-context", "--prompt-stage", dest="prompt_context", default=str(DEFAULT_CONTEXT),
                    choices=["row", "1", "2", "3"],
@@ -193,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             k=args.k, ks=_ints(args.ks, "--ks"), thresholds=thresholds, seed=args.seed, max_rows=args.max_rows,
             baseline_params={
                 "swing": {"recency_decay": args.swing_recency_decay},
-                "sasrec": {"epochs": args.sasrec_epochs, "patience": args.sasrec_patience}},
+                "sasrec": {"epochs": args.sasrec_epochs, "patience": args.sasrec_patience,
+                           "target_span": args.sasrec_target_span}},
             model_params=model_params, forget_reference=args.forget_reference,
             forget_reference_model=args.forget_reference_model, title=args.title,
             split=args.split, exclusion=args.exclusion, all_contexts=args.all_contexts, n_boot=args.bootstrap,

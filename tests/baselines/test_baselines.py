@@ -99,6 +99,36 @@ def test_sasrec_stops_early_then_refits_for_its_best_epoch_count(data):
     assert len(c.losses) == 4 and c.val_nll == [] and not c.fit_info["stopped_early"]
 
 
+@pytest.mark.parametrize("span", [1, 3])
+def test_sasrec_target_span_loss_is_the_mean_over_each_positions_next_items(span):
+    """target_span = N: the first step's loss is the cross-entropy averaged over every (position,
+    one of its next N items) pair, computed here one pair at a time from the same network."""
+    import copy
+
+    import torch
+
+    from conrec_verl.baselines.sasrec import SASRecNet, _pad_left
+
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 11, size=n).tolist() for n in (2, 4, 7, 9, 12)]
+    torch.manual_seed(0)
+    net = SASRecNet(10, dim=16, max_len=12, layers=1, dropout=0.0)
+    b = SASRecBaseline(dim=16, max_len=12, layers=1, dropout=0.0, batch_size=100, target_span=span)
+    first = b._train(copy.deepcopy(net), seqs, 1)[0]
+    terms = []
+    with torch.no_grad():
+        for s in seqs:
+            logits = net(_pad_left([s[:-1]], 12))[0]
+            for i in range(len(s) - 1):
+                pos = 12 - (len(s) - 1) + i
+                for o in range(1, span + 1):
+                    if i + o < len(s):
+                        terms.append(float(torch.nn.functional.cross_entropy(logits[pos], torch.tensor(s[i + o] - 1))))
+    assert first == pytest.approx(float(np.mean(terms)), rel=1e-5)
+    with pytest.raises(ValueError, match="target_span"):
+        SASRecBaseline(target_span=0)
+
+
 def test_every_report_row_obeys_one_rule_and_reduced_runs_claim_nothing(folder, tmp_path):
     data = load_eval_data(folder)
     # a predictions file that puts each user's known items first: the rule removes them

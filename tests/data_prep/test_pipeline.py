@@ -292,6 +292,58 @@ def test_warmup_every_dislike_matches_a_brute_force_walk_of_the_log(built):
     assert {c for *_, c in got} == {1, 2, 3}
 
 
+def test_warmup_window_targets_are_dislikes_of_the_window_from_each_anchor(built, tmp_path):
+    """``sft.warmup.targets=window``: the same rows and prompts as the next-dislike rows, each
+    target a dislike of the same user within window_days of the anchor (the anchor's day counts),
+    never an item of the prompt's history and never after the evaluation cutoff (the anchor's
+    own target where every such dislike repeats a history item); draws seeded."""
+    d, log, out = built
+    sm = read(out, "sid_map.parquet")
+    sid_of = dict(zip(sm.item_id, sm.sid))
+    val_users = set(read(out, "rl/val.parquet")["extra_info"].map(lambda e: e["user_id"]))
+    log = log.assign(day=pd.to_datetime(log.timestamp, unit="ms").dt.strftime("%Y%m%d").astype(int))
+    log = log[(log.day <= 20240110) & log.item_id.isin(sid_of) & ~log.user_id.isin(val_users)]
+    log = log.assign(dn=day_number(log.day.to_numpy()))
+    anchors = {}  # user -> [(next SID, SIDs allowed by the window)] in time order
+    for user, ev in log.groupby("user_id", sort=True):
+        ev = ev.sort_values("timestamp", kind="stable")
+        for _, e in ev[ev.label == 0].iterrows():
+            before = ev[ev.timestamp < e.timestamp]
+            if not (before.label == 0).any():
+                continue
+            seen = {sid_of[i] for i in before.item_id}
+            win = ev[(ev.timestamp >= e.timestamp) & (ev.dn < e.dn + 7) & (ev.label == 0)]
+            pool = {sid_of[i] for i in win.item_id} - seen
+            anchors.setdefault(str(user), []).append((sid_of[e.item_id], pool))
+
+    def by_user(folder):
+        w = read(folder, "sft/warmup.parquet")
+        rows = {}
+        for msgs, info in zip(w["messages"], w["extra_info"]):
+            rows.setdefault(info["user_id"], []).append((msgs[0]["content"], msgs[1]["content"]))
+        return rows
+
+    nxt = by_user(out)
+    win_out = build(generic_cfg(d / "log.csv", tmp_path / "win", "sft.warmup.targets=window"))
+    win = by_user(win_out)
+    assert sorted(win) == sorted(nxt) == sorted(anchors)
+    changed = 0
+    for user, rows in win.items():
+        assert len(rows) == len(nxt[user]) == len(anchors[user])
+        for (prompt, target), (prompt0, target0), (next_sid, pool) in zip(rows, nxt[user], anchors[user]):
+            assert prompt == prompt0 and target0 == next_sid
+            if pool:
+                assert target in pool and target not in prompt, (user, target, pool)
+            else:  # every dislike of the window repeats a history item: the anchor's own target
+                assert target == target0
+            changed += target != target0
+    assert changed > 0
+    again = build(generic_cfg(d / "log.csv", tmp_path / "win2", "sft.warmup.targets=window"))
+    assert read(again, "sft/warmup.parquet").equals(read(win_out, "sft/warmup.parquet"))
+    with pytest.raises(DataPrepError, match="sft.warmup.targets must be next or window"):
+        build(generic_cfg(d / "log.csv", tmp_path / "bad", "sft.warmup.targets=future"))
+
+
 def test_warmup_rows_cutoffs_mode_answers_the_next_future_dislike(tmp_path, synth_path):
     out = build(generic_cfg(synth_path, tmp_path / "o", "sft.warmup.rows=cutoffs"))
     warm = read(out, "sft/warmup.parquet")
