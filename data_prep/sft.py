@@ -146,6 +146,9 @@ def warmup_config(raw) -> dict:
         raise DataPrepError(f"sft.warmup.rows must be every_dislike or cutoffs, got {cfg['rows']!r}")
     if cfg["targets"] not in ("next", "window"):
         raise DataPrepError(f"sft.warmup.targets must be next or window, got {cfg['targets']!r}")
+    if cfg["targets"] == "window" and cfg["rows"] != "every_dislike":
+        raise DataPrepError("sft.warmup.targets=window needs sft.warmup.rows=every_dislike (the cutoffs rows "
+                            "answer the next future dislike of an RL row)")
     ctx = [int(c) for c in cfg["contexts"]]
     if not ctx or any(c not in (1, 2, 3) for c in ctx):
         raise DataPrepError(f"sft.warmup.contexts must be a non-empty list of 1, 2, 3, got {cfg['contexts']!r}")

@@ -342,6 +342,9 @@ def test_warmup_window_targets_are_dislikes_of_the_window_from_each_anchor(built
     assert read(again, "sft/warmup.parquet").equals(read(win_out, "sft/warmup.parquet"))
     with pytest.raises(DataPrepError, match="sft.warmup.targets must be next or window"):
         build(generic_cfg(d / "log.csv", tmp_path / "bad", "sft.warmup.targets=future"))
+    with pytest.raises(DataPrepError, match="needs sft.warmup.rows=every_dislike"):
+        build(generic_cfg(d / "log.csv", tmp_path / "bad", "sft.warmup.targets=window", "sft.warmup.rows=cutoffs"))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_warmup_rows_cutoffs_mode_answers_the_next_future_dislike(tmp_path, synth_path):
