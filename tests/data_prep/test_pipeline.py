@@ -253,15 +253,21 @@ def test_sft_sets_exclude_validation_users(built):
         assert users and not users & val_users, rel
 
 
-def test_warmup_every_dislike_matches_a_brute_force_walk_of_the_log(built):
-    from conrec_verl.core import prompts
-
-    d, log, out = built
+def _warmup_log(log, out):
+    """The built folder's SID map and the log's events warm-up SFT may use: items with a SID,
+    training users, days up to the evaluation cutoff."""
     sm = read(out, "sid_map.parquet")
     sid_of = dict(zip(sm.item_id, sm.sid))
     val_users = set(read(out, "rl/val.parquet")["extra_info"].map(lambda e: e["user_id"]))
     log = log.assign(day=pd.to_datetime(log.timestamp, unit="ms").dt.strftime("%Y%m%d").astype(int))
-    log = log[(log.day <= 20240110) & log.item_id.isin(sid_of) & ~log.user_id.isin(val_users)]
+    return sid_of, log[(log.day <= 20240110) & log.item_id.isin(sid_of) & ~log.user_id.isin(val_users)]
+
+
+def test_warmup_every_dislike_matches_a_brute_force_walk_of_the_log(built):
+    from conrec_verl.core import prompts
+
+    d, log, out = built
+    sid_of, log = _warmup_log(log, out)
     expected = []
     for user, ev in log.groupby("user_id", sort=True):
         ev = ev.sort_values("timestamp", kind="stable")
@@ -298,11 +304,7 @@ def test_warmup_window_targets_are_dislikes_of_the_window_from_each_anchor(built
     never an item of the prompt's history and never after the evaluation cutoff (the anchor's
     own target where every such dislike repeats a history item); draws seeded."""
     d, log, out = built
-    sm = read(out, "sid_map.parquet")
-    sid_of = dict(zip(sm.item_id, sm.sid))
-    val_users = set(read(out, "rl/val.parquet")["extra_info"].map(lambda e: e["user_id"]))
-    log = log.assign(day=pd.to_datetime(log.timestamp, unit="ms").dt.strftime("%Y%m%d").astype(int))
-    log = log[(log.day <= 20240110) & log.item_id.isin(sid_of) & ~log.user_id.isin(val_users)]
+    sid_of, log = _warmup_log(log, out)
     log = log.assign(dn=day_number(log.day.to_numpy()))
     anchors = {}  # user -> [(next SID, SIDs allowed by the window)] in time order
     for user, ev in log.groupby("user_id", sort=True):
