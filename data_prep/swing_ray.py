@@ -61,8 +61,9 @@ _STAT_COLUMNS = ["item_id", "n_events", "n_dislikers", "n_kept"]
 # -- the options, read as swing_neighbours reads them ----------------------------------------------
 
 def swing_options(sw: dict) -> dict:
-    """The ``swing`` config as :func:`~conrec_verl.data_prep.steps.swing_neighbours` reads it, with
-    its errors (bad ``alpha``, ``min_co_dislikers``, ``top_k``) raised before any work."""
+    """The ``swing`` config as both engines read it (here and
+    :func:`~conrec_verl.data_prep.steps.swing_neighbours`), with its errors (bad ``alpha``,
+    ``min_co_dislikers``, ``top_k``) raised before any work."""
     cap = sw.get("max_dislikers_per_item")
     cands = [int(c) for c in sw.get("auto_candidates", [6, 5, 4, 3, 2])]
     mode = sw.get("min_co_dislikers", "auto")
@@ -221,8 +222,10 @@ def top_part(directed: pd.DataFrame, opts: dict) -> tuple[pd.DataFrame, int]:
 
 def finish(tops: Sequence[tuple[pd.DataFrame, int]], graph_items: np.ndarray, counts: dict, coverage: dict,
            mcd: int, opts: dict):
-    """The :class:`~conrec_verl.data_prep.steps.SwingResult` from the partitions' :func:`top_part`,
-    labelled and counted as :func:`~conrec_verl.data_prep.steps.swing_neighbours` does."""
+    """The :class:`~conrec_verl.data_prep.steps.SwingResult` from scored pairs of item codes: the
+    partitions' :func:`top_part` here, the one whole score frame in
+    :func:`~conrec_verl.data_prep.steps.swing_neighbours` (one labelling and one stats dict for
+    both engines)."""
     from conrec_verl.data_prep.steps import SwingResult
 
     frames = [t for t, _ in tops if len(t)]
