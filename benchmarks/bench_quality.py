@@ -38,7 +38,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from conrec_verl.core.eval_data import load_eval_data  # noqa: E402
+from conrec_verl.core.stats import bootstrap_ci, mcnemar  # noqa: E402
 from conrec_verl.evaluation.harness import ModelSpec, run_evaluation  # noqa: E402
+from conrec_verl.evaluation.predictions import hit_samples, predictions_file  # noqa: E402
 from conrec_verl.evaluation.report import GOAL_RATIO, markdown  # noqa: E402
 from conrec_verl.io_utils import atomic_write_text  # noqa: E402
 
@@ -135,6 +138,40 @@ def section(name: str, report: dict, missing: list[str], models: dict[str, str] 
     return "\n".join(lines)
 
 
+def step_table(hits: dict[str, list[float]], k: int = 20, n_boot: int = 1000, seed: int = 0) -> tuple[list[str], bool | None]:
+    """The Table 2 steps read as the goal asks ("each step non-decreasing within its interval"):
+    every ablation row in ``hits`` (per-row FHR@k hits over the same evaluation rows) against the
+    ablation row before it. A step *drops* when it is significantly below that row (exact McNemar,
+    p < 0.05, negative difference); a difference within noise is not a drop. Returns the markdown
+    lines and whether no step drops (``None`` with fewer than two rows)."""
+    present = [r for r in ABLATION_ROWS if r in hits]
+    if len(present) < 2:
+        return [], None
+    lines = [f"#### Table 2 steps (each row against the row before it, FHR@{k})", "",
+             "A step drops when it is significantly below the row before it (exact McNemar on the same rows, p < 0.05); "
+             "\"previous in interval\" says whether the row before it lies inside the step's bootstrap 95% interval.", "",
+             "| step | FHR@{0} [95% interval] | row before it | difference | rows only the step hits | rows only the row before hits "
+             "| McNemar p | previous in interval | drops |".format(k),
+             "|---|---|---|---|---|---|---|---|---|"]
+    ok = True
+    for prev, cur in zip(present, present[1:]):
+        a, b = hits[cur], hits[prev]
+        if len(a) != len(b):
+            raise ValueError(f"rows {cur!r} and {prev!r} were scored on {len(a)} and {len(b)} rows: not paired")
+        t = mcnemar(a, b)
+        lo, hi = bootstrap_ci(a, n_boot=n_boot, seed=seed) or (float("nan"), float("nan"))
+        mean_a, mean_b = sum(a) / max(len(a), 1), sum(b) / max(len(b), 1)
+        drop = t.diff < 0 and t.p_value < 0.05
+        ok = ok and not drop
+        lines.append(f"| {cur} | {mean_a:.4f} [{lo:.3f}, {hi:.3f}] | {prev} ({mean_b:.4f}) | {t.diff:+.4f} | {t.only_a} | "
+                     f"{t.only_b} | {t.p_value:.2g} | {'yes' if lo <= mean_b <= hi else 'no'} | {'**yes**' if drop else 'no'} |")
+    missing = [r for r in ABLATION_ROWS if r not in hits]
+    lines += ["", f"Table 2 steps non-decreasing within their intervals: **{'yes' if ok else 'no'}**"
+              + (f" (rows not evaluated: {', '.join(missing)}; each step is taken against the row before it that was)" if missing else "")
+              + ".", ""]
+    return lines, ok
+
+
 def prompt_for(values: list[str], dataset: str, default: str = "3,384") -> str:
     """The ``CONTEXT,TOKENS`` for ``dataset`` from ``[DATASET:]CONTEXT,TOKENS`` values (last wins)."""
     out = default
@@ -220,6 +257,12 @@ def main() -> None:
             all_contexts=args.all_contexts, title=DATASETS[name]["title"])
         missing = [r for r in ABLATION_ROWS if r not in rows]
         part = section(name, report, missing, rows, work)
+        eval_data = load_eval_data(data, max_rows=args.max_rows)
+        hits = {row: hit_samples(predictions_file(work / name / "eval" / "predictions", row), eval_data, 20)
+                for row in rows if row in ABLATION_ROWS}
+        steps, _ = step_table(hits, 20)
+        if steps:
+            part = part.rstrip("\n") + "\n\n" + "\n".join(steps)
         part = part.replace("\n\n", f"\n\nModel prompts (context,tokens): SFT-only rows {prompts_used['sft']}, "
                             f"GRPO rows {prompts_used['grpo']}.\n\n", 1)
         parts.append(part)

@@ -16,16 +16,7 @@ from pathlib import Path
 
 from conrec_verl.core.stats import mcnemar
 from conrec_verl.core.eval_data import load_eval_data
-from conrec_verl.evaluation.predictions import read_predictions
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name.replace(" ", "_")).strip("_")
-
-
-def hits(data, path: Path, k: int) -> list[float]:
-    pset = read_predictions(path, data, k, path.stem)
-    return [float(bool(set(p[:k]) & set(r.target.future_neg))) for r, p in zip(data.rows, pset.sids)]
+from conrec_verl.evaluation.predictions import hit_samples, predictions_file
 
 
 def main(argv=None) -> int:
@@ -39,12 +30,12 @@ def main(argv=None) -> int:
     data = load_eval_data(args.data)
     files = {}
     for name in (args.a, args.b):
-        path = Path(args.eval) / "predictions" / f"{_slug(name)}.jsonl"
+        path = predictions_file(Path(args.eval) / "predictions", name)
         if not path.is_file():
             print(f"paired_rows: error: {path} not found (row {name!r})", file=sys.stderr)
             return 2
         files[name] = path
-    a, b = hits(data, files[args.a], args.k), hits(data, files[args.b], args.k)
+    a, b = hit_samples(files[args.a], data, args.k), hit_samples(files[args.b], data, args.k)
     t = mcnemar(a, b)
     print(f"FHR@{args.k}: {args.a} {sum(a) / len(a):.4f}, {args.b} {sum(b) / len(b):.4f} on {len(a)} rows; "
           f"only A hits {t.only_a}, only B hits {t.only_b}; exact McNemar p = {t.p_value:.3g}")

@@ -353,7 +353,8 @@ class Pipeline:
     def start_from(self, source: Path, reuse: Sequence[str] | None = None) -> list[str]:
         """Begin this run folder with another run folder's finished phases (``--from``): its data
         folder (linked, not copied) and the phases in ``reuse`` (default: every finished phase before
-        GRPO), whose models this run then starts from -- e.g. new GRPO settings on the same SFT."""
+        GRPO), whose models this run then starts from -- e.g. new GRPO settings on the same SFT.
+        Each reused model is linked as ``RUN/models/<name>``."""
         source = Path(source).resolve()
         src_state_path = source / "pipeline.json"
         if not src_state_path.is_file():
@@ -384,6 +385,14 @@ class Pipeline:
             raise PipelineError(f"{link} exists and is not {source / 'data'}")
         for n in reuse:
             state["done"][n] = dict(src["done"][n], reused_from=str(source))
+            # RUN/models/<x> of a reused phase links to the source's model, so that this run folder
+            # holds every model it was made from where a user (or run_ablation.sh) looks for it
+            model = src["done"][n].get("path")
+            if model and Path(model).is_dir():
+                dest = self.run / "models" / Path(model).name
+                if not dest.exists() and not dest.is_symlink():
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.symlink_to(Path(model).resolve(), target_is_directory=True)
         state["sid_build"] = src.get("sid_build")
         state["from"] = {"run": str(source), "phases": list(reuse)}
         self._save_state(state)

@@ -212,3 +212,58 @@ def test_likes_signal_probe_scores_match_a_brute_force_count(tmp_path):
             want = sum(co(h) for h in row.hist_neg) + 0.5 * sum(co(h) for h in row.hist_pos)
             want = want * (neg[item] + 1) / (neg[item] + pos[item] + 5) + 1e-6 * neg[item]
             assert np.isclose(got[i, j], want), (i, item)
+
+
+def test_step_table_flags_only_a_significant_drop_against_the_row_before():
+    mod = runpy.run_path(str(BENCH / "bench_quality.py"))
+    n = 40
+    warm = [1.0] * 12 + [0.0] * (n - 12)
+    align = [1.0] * 13 + [0.0] * (n - 13)             # +1 row: no drop
+    grpo = [0.0] * 13 + [0.0] * (n - 13)              # loses all 13 rows: p = 2 * 0.5**13, a drop
+    lines, ok = mod["step_table"]({"warm-up SFT": warm, "+ alignment": align}, 20)
+    assert ok is True and any(line.startswith("| + alignment | 0.3250") and line.endswith("| yes | no |") for line in lines)
+    lines, ok = mod["step_table"]({"warm-up SFT": warm, "+ alignment": align, "+ positive penalty": grpo}, 20)
+    row = next(line for line in lines if line.startswith("| + positive penalty |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "+ alignment (0.3250)" and cells[3] == "-0.3250" and cells[4:6] == ["0", "13"]
+    assert float(cells[6]) == pytest.approx(2 * 0.5 ** 13, rel=0.02) and cells[-1] == "**yes**" and ok is False
+    assert "rows not evaluated: + progressive GRPO, + future negative reward, + cross-stage cleaning" in "\n".join(lines)
+    # steps are taken in Table 2's order, whatever the dict order; fewer than two rows: no table
+    lines, ok = mod["step_table"]({"+ positive penalty": align, "warm-up SFT": warm}, 20)
+    assert ok is True and "| + positive penalty | 0.3250" in "\n".join(lines)
+    assert mod["step_table"]({"warm-up SFT": warm}, 20) == ([], None)
+    with pytest.raises(ValueError, match="not paired"):
+        mod["step_table"]({"warm-up SFT": warm, "+ alignment": align[:-1]}, 20)
+
+
+def test_paired_rows_reads_the_harness_files_and_counts_discordant_rows(tmp_path, monkeypatch, capsys):
+    from conrec_verl.core.eval_data import load_eval_data
+    from conrec_verl.evaluation.predictions import hit_samples, predictions_file, write_predictions
+    from tests.evaluation.fixtures import make_data_folder
+
+    folder = make_data_folder(tmp_path / "data", n_users=12, n_items=30)
+    data = load_eval_data(folder)
+    cat = list(data.catalogue)
+    pred = tmp_path / "eval" / "predictions"
+    pred.mkdir(parents=True)
+    # row A: each row's own future dislikes first (a hit wherever the row has one); row B: one fixed list
+    first = [list(dict.fromkeys(list(r.target.future_neg) + cat))[:5] for r in data.rows]
+    a = write_predictions(predictions_file(pred, "+ row A"), data, first)
+    b = write_predictions(predictions_file(pred, "row/B"), data, [cat[:5] for _ in data.rows])
+    assert a.name == "row_A.jsonl" and b.name == "row_B.jsonl"
+    ha, hb = hit_samples(a, data, 5), hit_samples(b, data, 5)
+    # scored as the metric scores them: rows without any future dislike are left out; a row whose
+    # future dislikes have no SID counts, as a miss
+    scored = [r for r in data.rows if r.target.has_future_dislike]
+    assert len(ha) == len(hb) == len(scored) and sum(ha) == sum(bool(r.target.future_neg) for r in scored)
+    want_b = [float(bool(set(cat[:5]) & set(r.target.future_neg))) for r in scored]
+    assert hb == want_b
+    with pytest.raises(SystemExit) as done:
+        run_script("paired_rows.py", ["--data", str(folder), "--eval", str(tmp_path / "eval"), "--a", "+ row A",
+                                      "--b", "row/B", "--k", "5"], monkeypatch, capsys)
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and f"only A hits {int(sum(ha) - sum(want_b))}, only B hits 0" in out
+    with pytest.raises(SystemExit) as err:
+        run_script("paired_rows.py", ["--data", str(folder), "--eval", str(tmp_path / "eval"), "--a", "nope", "--b", "row/B"],
+                   monkeypatch, capsys)
+    assert err.value.code == 2 and "nope" in capsys.readouterr().err

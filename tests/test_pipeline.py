@@ -255,6 +255,9 @@ def test_a_run_folder_can_start_from_another_runs_finished_phases(tmp_path, caps
     assert state["done"]["sft_warmup"]["reused_from"] == str(src)
     assert (new.run / "data").resolve() == (src / "data").resolve()
     assert new._current_model(state) == src / "models" / "sft_warmup"
+    # the reused model that exists is linked where this run keeps its models; none is invented
+    assert (new.run / "models" / "sft_warmup").resolve() == (src / "models" / "sft_warmup").resolve()
+    assert not (new.run / "models" / "base").exists() and not (new.run / "models" / "base").is_symlink()
     assert [p.name for p in new.select(["grpo"], state)] == ["grpo"]  # its prerequisites are done
     assert (src / "pipeline.json").read_text() == before
     with pytest.raises(PipelineError, match=r"phase\(s\) \['sft_alignment'\] have not finished"):

@@ -43,7 +43,7 @@ from conrec_verl.core.prompts import budget_fits, chat_prompt_length, render_his
 from conrec_verl.core.sid import Codes, extract_sids, format_sid, parse_sid
 from conrec_verl.core.stats import bootstrap_ci, mcnemar
 from conrec_verl.core.eval_data import DEFAULT_EXCLUSION, EvalData, EvalInputError, check_exclusion, load_eval_data
-from conrec_verl.evaluation.predictions import PredictionSet, read_predictions, write_predictions
+from conrec_verl.evaluation.predictions import PredictionSet, predictions_file, read_predictions, write_predictions
 from conrec_verl.io_utils import atomic_dir
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -468,7 +468,7 @@ def run_evaluation(
                 pset, info = baseline_predictions(data, name, max(ks), seed=seed, exclusion=exclusion,
                                                   **(baseline_params or {}).get(name, {}))
             results.append(_score(data, pset, "baseline", ks, k, thresholds, time.time() - t0, info, samples))
-            write_predictions(pred_dir / f"{_slug(name)}.jsonl", data, pset.sids, candidate_scores=pset.candidate_scores)
+            write_predictions(predictions_file(pred_dir, name), data, pset.sids, candidate_scores=pset.candidate_scores)
         for name, pset in psets.items():
             t0 = time.time()
             removed = apply_exclusion(data, pset, exclusion)
@@ -477,7 +477,7 @@ def run_evaluation(
                                   samples))
             # the row as scored (after the exclusion rule), beside the others: a paired test between
             # rows (benchmarks/paired_rows.py) reads every row from predictions/
-            write_predictions(pred_dir / f"{_slug(name)}.jsonl", data, pset.sids, candidate_scores=pset.candidate_scores)
+            write_predictions(predictions_file(pred_dir, name), data, pset.sids, candidate_scores=pset.candidate_scores)
         for name, spec in specs.items():
             t0 = time.time()
             pset, info, scores = model_predictions(
@@ -491,7 +491,7 @@ def run_evaluation(
             if by_context:
                 row.info["by_context"] = _by_context(data, by_context, k, n_boot, seed)
             results.append(row)
-            write_predictions(pred_dir / f"{_slug(name)}.jsonl", data, pset.sids, scores, pset.candidate_scores)
+            write_predictions(predictions_file(pred_dir, name), data, pset.sids, scores, pset.candidate_scores)
         with timer("forget rate, intervals, paired tests"):
             if forget_reference_model is None and forget_reference is not None:
                 ref = next((r for r in results if r.name == forget_reference), None)
@@ -546,10 +546,6 @@ def run_evaluation(
         report["wall_s"] = round(time.time() - t_all, 2)
         write_report_files(report, stage)
     return report
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_") or "row"
 
 
 def _score(data, pset, kind, ks, k, thresholds, wall, info, samples: dict | None = None) -> RowResult:

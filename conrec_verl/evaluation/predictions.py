@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from conrec_verl.core.contract import json_object
+from conrec_verl.core.metrics import metric_samples
 from conrec_verl.core.sid import Codes, format_sid, parse_sid
 from conrec_verl.core.eval_data import EvalData, EvalInputError
 from conrec_verl.io_utils import atomic_write_text
@@ -136,3 +137,21 @@ def write_predictions(path: str | os.PathLike, data: EvalData, ranked: Sequence[
         lines.append(json.dumps(obj) + "\n")
     atomic_write_text(path, "".join(lines))
     return path
+
+
+def predictions_file(folder: str | os.PathLike, name: str) -> Path:
+    """Where conrec-eval keeps row ``name``'s predictions as scored: ``folder/<name as a file name>.jsonl``."""
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_") or "row"
+    return Path(folder) / f"{slug}.jsonl"
+
+
+def hit_samples(path: str | os.PathLike, data: EvalData, k: int, metric: str = "FHR") -> list[float]:
+    """Per-row 1/0 outcomes of ``metric@k`` (``FHR``, ``HR``, ...) of a predictions file, scored as the
+    harness scores them (:func:`conrec_verl.core.metrics.metric_samples`): two files of one split give
+    lists over the same rows, ready for a paired test."""
+    pset = read_predictions(path, data, k)
+    samples, _, _ = metric_samples(pset.sids, data.targets, [k], pset.candidate_scores)
+    key = f"{metric}@{k}"
+    if key not in samples:
+        raise EvalInputError(f"{path}: no per-row values of {key} (known: {', '.join(sorted(samples))})")
+    return samples[key]
