@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from conrec_verl.core.prompts import vocabulary_corpus
-from conrec_verl.core.sid import Codebook, CodebookError, all_sid_tokens
+from conrec_verl.core.sid import Codebook, CodebookError, SidTokenMap, all_sid_tokens
 from conrec_verl.io_utils import atomic_dir
 
 CHAT_TEMPLATE = (
@@ -117,11 +117,69 @@ def build_tiny_model(tokenizer, num_layers: int = 2, hidden_size: int = 64, num_
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
+SID_INITS = ("random", "codebook")
+
+
+def init_sid_embeddings_from_codebook(model, tokenizer, codebook: Codebook, seed: int = 0) -> dict:
+    """Give every SID token's embedding row the direction of its codeword (``sid_init: codebook``).
+
+    Token ``(l, c)`` gets ``s * M @ codewords[l][c]``, with ``M`` a fixed random map from the
+    codebook's width ``d`` to the model's ``h`` that keeps lengths (orthonormal columns when
+    ``h >= d``, orthonormal rows otherwise; seeded) and one scale ``s`` for every level, so that the
+    SID rows have the standard deviation of the model's other rows. Residual quantisation makes an
+    item's embedding about the sum of its codewords, so the sum of an item's SID token rows is then
+    about ``s * M @ e_item``: items the log says are alike start close, where random rows know
+    nothing. One scale keeps that sum exact up to ``s``. Output rows follow when the model ties
+    them to the input rows; an untied output matrix gets the same rows at its own scale. Returns
+    ``{"rows": n, "scale": s}``."""
+    import numpy as np
+    import torch
+
+    sizes = [int(n) for n in codebook.sizes]
+    ids = SidTokenMap(tokenizer, sizes).ids
+    d = int(codebook.codewords[0].shape[1])
+    emb = model.get_input_embeddings().weight
+    h = int(emb.shape[1])
+    gen = torch.Generator().manual_seed(int(seed))
+    q, _ = torch.linalg.qr(torch.randn(max(h, d), min(h, d), generator=gen, dtype=torch.float64))
+    m = q if h >= d else q.T  # (h, d)
+    words = torch.from_numpy(np.concatenate(codebook.codewords).astype(np.float64))  # (sum sizes, d)
+    rows = words @ m.T  # (sum sizes, h)
+    flat = [tid for level in ids for tid in level]
+    others = torch.ones(emb.shape[0], dtype=torch.bool)
+    others[flat] = False
+    out = model.get_output_embeddings()
+    tied = out is None or out.weight.data_ptr() == emb.data_ptr()
+    spread = float(rows.std())
+
+    def fill(weight) -> float:
+        scale = float(weight[others].double().std()) / spread if spread > 0 else 0.0
+        weight[flat] = (rows * scale).to(weight.dtype)
+        return scale
+
+    with torch.no_grad():
+        scale = fill(emb)
+        if not tied:
+            fill(out.weight)
+    return {"rows": len(flat), "scale": scale}
+
+
 def save_tiny_model(out_dir: str | os.PathLike, sid_sizes: Sequence[int], extra_texts: Iterable[str] = (),
-                    num_layers: int = 2, hidden_size: int = 64, seed: int = 0) -> Path:
-    """Build and save the tiny model + tokenizer as one HF folder (atomically)."""
+                    num_layers: int = 2, hidden_size: int = 64, seed: int = 0, sid_init: str = "random",
+                    codebook: Codebook | None = None) -> Path:
+    """Build and save the tiny model + tokenizer as one HF folder (atomically). ``sid_init``:
+    ``random`` (every row alike) or ``codebook`` (:func:`init_sid_embeddings_from_codebook`; needs
+    ``codebook``)."""
+    if sid_init not in SID_INITS:
+        raise ModelBuildError(f"sid_init must be one of {', '.join(SID_INITS)}; got {sid_init!r}")
+    if sid_init == "codebook" and codebook is None:
+        raise ModelBuildError("sid_init=codebook needs the build's codebook (conrec-model tiny --data-dir)")
     tokenizer = build_tokenizer(sid_sizes, extra_texts)
     model = build_tiny_model(tokenizer, num_layers=num_layers, hidden_size=hidden_size, seed=seed)
+    if sid_init == "codebook":
+        if list(codebook.sizes) != [int(n) for n in sid_sizes]:
+            raise ModelBuildError(f"codebook sizes {list(codebook.sizes)} differ from the SID sizes {list(sid_sizes)}")
+        init_sid_embeddings_from_codebook(model, tokenizer, codebook, seed=seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
@@ -344,6 +402,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     tiny.add_argument("--layers", type=int, default=2)
     tiny.add_argument("--hidden", type=int, default=64)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--sid-init", choices=SID_INITS, default="random",
+                      help="SID token rows: random, or codebook (each row its codeword's direction; needs --data-dir)")
     tiny.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     ext = sub.add_parser("extend", help="add SID tokens to an existing HF model folder")
     ext.add_argument("--model", required=True)
@@ -370,13 +430,16 @@ def _run_cli(parser, args) -> None:
         _refuse_existing(args.out, args.overwrite)
     if args.cmd == "tiny":
         texts: list[str] = []
-        sizes = args.sid_sizes
+        sizes, book = args.sid_sizes, None
         if args.data_dir is not None:
-            book_path = args.data_dir / "codebook.npz"
-            sizes = list(Codebook.load(book_path).sizes)
+            book = Codebook.load(args.data_dir / "codebook.npz")
+            sizes = list(book.sizes)
             texts = _texts_from_data_dir(args.data_dir)
-        out = save_tiny_model(args.out, sizes, texts, num_layers=args.layers, hidden_size=args.hidden, seed=args.seed)
-        print(f"tiny model with SID sizes {sizes} written to {out}")
+        elif args.sid_init == "codebook":
+            parser.error("--sid-init codebook needs --data-dir (the build's codebook.npz)")
+        out = save_tiny_model(args.out, sizes, texts, num_layers=args.layers, hidden_size=args.hidden, seed=args.seed,
+                              sid_init=args.sid_init, codebook=book)
+        print(f"tiny model with SID sizes {sizes} ({args.sid_init} SID rows) written to {out}")
     elif args.cmd == "extend":
         out = extend_model_with_sid_tokens(args.model, args.out, args.sid_sizes)
         print(f"{args.model} + SID tokens {args.sid_sizes} written to {out}")

@@ -635,7 +635,8 @@ class Pipeline:
         else:
             cmd = [sys.executable, "-m", "conrec_verl.model_builder", "tiny", "--data-dir", str(self.run / "data"),
                    "--out", str(out), "--layers", str(m.tiny.layers), "--hidden", str(m.tiny.hidden),
-                   "--seed", str(m.tiny.seed), "--overwrite"]  # a rerun replaces a half-built base
+                   "--seed", str(m.tiny.seed), "--sid-init", str(m.tiny.get("sid_init", "random")),
+                   "--overwrite"]  # a rerun replaces a half-built base
         self._run(phase.name, cmd)
         return {"path": str(out)}
 

@@ -81,6 +81,10 @@ def test_cli_builds_tiny_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["tiny", "--out", str(tmp_path / "x"), "--sid-sizes", "4,zero"])
     assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit) as err:  # the codebook comes from a data folder
+        main(["tiny", "--out", str(tmp_path / "x"), "--sid-sizes", "4,4", "--sid-init", "codebook"])
+    assert err.value.code == 2 and "--sid-init codebook needs --data-dir" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli_errors_are_one_line_and_never_replace_a_model(tiny_model_dir, tmp_path, capsys):
@@ -286,3 +290,51 @@ def test_a_packed_sft_micro_batch_keeps_its_rows_apart(tiny_model_dir):
         torch.testing.assert_close(packed[start:start + len(r)], ref, atol=1e-5, rtol=1e-5)
         start += len(r)
     assert (unmasked[len(rows[0]):] - torch.cat(alone[1:])).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("hidden", [64, 16])
+def test_codebook_sid_init_puts_each_sid_row_along_its_codeword(tmp_path, hidden):
+    """sid_init=codebook: SID rows are s * M codeword with M length-keeping (h >= d: inner products
+    are the codewords' times s^2, so an item's summed SID rows keep the geometry of its
+    reconstructed embedding), at the spread of the other rows; every other row is the random
+    build's; the tied output rows follow; the codebook must match the SID sizes."""
+    import numpy as np
+
+    from conrec_verl.core.sid import Codebook, SidTokenMap
+    from conrec_verl.model_builder import ModelBuildError, save_tiny_model
+
+    rng = np.random.default_rng(3)
+    sizes, d = (4, 3), 8
+    book = Codebook([rng.normal(size=(n, d)).astype(np.float32) for n in sizes])
+    save_tiny_model(tmp_path / "rand", sizes, hidden_size=hidden, seed=5)
+    save_tiny_model(tmp_path / "book", sizes, hidden_size=hidden, seed=5, sid_init="codebook", codebook=book)
+    rand = AutoModelForCausalLM.from_pretrained(tmp_path / "rand")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "book")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "book")
+    ids = SidTokenMap(tok, sizes).ids
+    flat = [t for level in ids for t in level]
+    emb = model.get_input_embeddings().weight.detach().double()
+    others = [i for i in range(emb.shape[0]) if i not in set(flat)]
+    assert torch.equal(emb[others].float(), rand.get_input_embeddings().weight.detach()[others])
+    assert torch.equal(model.get_output_embeddings().weight.detach().double(), emb)  # tied
+    rows, words = emb[flat].numpy(), np.concatenate(book.codewords).astype(np.float64)
+    assert emb[flat].std().item() == pytest.approx(emb[others].std().item(), rel=1e-5)  # the other rows' spread
+    if hidden >= d:
+        c = (rows * rows).sum() / (words * words).sum()  # s^2
+        np.testing.assert_allclose(rows @ rows.T, c * (words @ words.T), rtol=1e-4, atol=1e-7)
+        # an item (1, 2): the sum of its two SID rows has the length of its reconstruction, times s
+        item = rows[1] + rows[sizes[0] + 2]
+        recon = book.codewords[0][1].astype(np.float64) + book.codewords[1][2]
+        assert np.linalg.norm(item) == pytest.approx(np.sqrt(c) * np.linalg.norm(recon), rel=1e-4)
+        assert not np.allclose(rows, rand.get_input_embeddings().weight.detach().double()[flat].numpy())
+    else:  # fewer model dims than codeword dims: an orthonormal projection, seeded
+        save_tiny_model(tmp_path / "again", sizes, hidden_size=hidden, seed=5, sid_init="codebook", codebook=book)
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "again").get_input_embeddings().weight.detach()
+        assert torch.equal(again.double(), emb)
+    with pytest.raises(ModelBuildError, match="needs the build's codebook"):
+        save_tiny_model(tmp_path / "x", sizes, sid_init="codebook")
+    with pytest.raises(ModelBuildError, match="differ from the SID sizes"):
+        save_tiny_model(tmp_path / "y", (4, 4), sid_init="codebook", codebook=book)
+    with pytest.raises(ModelBuildError, match="sid_init must be one of"):
+        save_tiny_model(tmp_path / "z", sizes, sid_init="zeros")
+    assert not any((tmp_path / n).exists() for n in "xyz")

@@ -463,3 +463,16 @@ def test_cleaning_decisions_of_another_rule_are_refused(tmp_path):
     with pytest.raises(PipelineError, match=r"was screened with cleaning rule .*'share': 0.5.*delete"):
         pipe._grpo_with_cleaning(Phase("grpo", "GRPO"), ["true"], pipe.run / "models" / "base", pipe.run / "data",
                                  pipe.run / "grpo")
+
+
+def test_the_model_phase_passes_the_profiles_sid_init(tmp_path):
+    """model.tiny.sid_init reaches conrec-model (random unless the profile says codebook)."""
+    phase = next(p for p in Pipeline(tmp_path / "x", load_profile("ci_tiny")).phases() if p.name == "model")
+    for overrides, want in (([], "random"), (["model.tiny.sid_init=codebook"], "codebook")):
+        pipe = Pipeline(tmp_path / want, load_profile("ci_tiny", overrides))
+        ran = []
+        pipe._run = lambda phase, cmd, cwd=None: ran.append(cmd)
+        pipe.check_data_folder = lambda state: ""
+        assert pipe.phase_model(phase, {"done": {}}) == {"path": str(pipe.run / "models" / "base")}
+        cmd = ran[0]
+        assert cmd[cmd.index("--sid-init") + 1] == want and cmd[cmd.index("--data-dir") + 1] == str(pipe.run / "data")
