@@ -107,5 +107,5 @@ if [ "$EVAL" = 0 ]; then log "EVAL=0: models trained, evaluation skipped"; exit 
 log "evaluation + BENCHMARKS.md"
 # bench_quality.py reuses $WORK/D/data (the folder the models were trained on) and writes $WORK/D/eval
 "$PY" benchmarks/bench_quality.py --work "$WORK" --datasets "$(echo $DATASETS | tr ' ' ,)" "${MODELS[@]}" "${REFS[@]}" \
-  --command "$([ "$TRAIN" = 0 ] && echo "TRAIN=0 ")${BENCH_ARGS:+BENCH_ARGS=\"$BENCH_ARGS\" }bash benchmarks/run_ablation.sh" "${BENCH_EXTRA[@]}" --write "$WRITE"
+  --command "$([ "$TRAIN" = 0 ] && echo "TRAIN=0 ")$([ "$DATASETS" != "ml100k kuairand" ] && echo "DATASETS=\"$DATASETS\" ")${BENCH_ARGS:+BENCH_ARGS=\"$BENCH_ARGS\" }bash benchmarks/run_ablation.sh" "${BENCH_EXTRA[@]}" --write "$WRITE"
 log "done"
