@@ -257,12 +257,12 @@ def main() -> None:
             all_contexts=args.all_contexts, title=DATASETS[name]["title"])
         missing = [r for r in ABLATION_ROWS if r not in rows]
         part = section(name, report, missing, rows, work)
-        eval_data = load_eval_data(data, max_rows=args.max_rows)
-        hits = {row: hit_samples(predictions_file(work / name / "eval" / "predictions", row), eval_data, 20)
-                for row in rows if row in ABLATION_ROWS}
-        steps, _ = step_table(hits, 20)
-        if steps:
-            part = part.rstrip("\n") + "\n\n" + "\n".join(steps)
+        ablation = [row for row in rows if row in ABLATION_ROWS]
+        if len(ablation) >= 2:  # each Table 2 step against the row before it, on the rows as scored
+            eval_data = load_eval_data(data, max_rows=args.max_rows)
+            hits = {row: hit_samples(predictions_file(work / name / "eval" / "predictions", row), eval_data, 20)
+                    for row in ablation}
+            part = part.rstrip("\n") + "\n\n" + "\n".join(step_table(hits, 20)[0])
         part = part.replace("\n\n", f"\n\nModel prompts (context,tokens): SFT-only rows {prompts_used['sft']}, "
                             f"GRPO rows {prompts_used['grpo']}.\n\n", 1)
         parts.append(part)

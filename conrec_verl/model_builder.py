@@ -174,11 +174,11 @@ def save_tiny_model(out_dir: str | os.PathLike, sid_sizes: Sequence[int], extra_
         raise ModelBuildError(f"sid_init must be one of {', '.join(SID_INITS)}; got {sid_init!r}")
     if sid_init == "codebook" and codebook is None:
         raise ModelBuildError("sid_init=codebook needs the build's codebook (conrec-model tiny --data-dir)")
+    if sid_init == "codebook" and list(codebook.sizes) != [int(n) for n in sid_sizes]:
+        raise ModelBuildError(f"codebook sizes {list(codebook.sizes)} differ from the SID sizes {list(sid_sizes)}")
     tokenizer = build_tokenizer(sid_sizes, extra_texts)
     model = build_tiny_model(tokenizer, num_layers=num_layers, hidden_size=hidden_size, seed=seed)
     if sid_init == "codebook":
-        if list(codebook.sizes) != [int(n) for n in sid_sizes]:
-            raise ModelBuildError(f"codebook sizes {list(codebook.sizes)} differ from the SID sizes {list(sid_sizes)}")
         init_sid_embeddings_from_codebook(model, tokenizer, codebook, seed=seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
