@@ -123,15 +123,18 @@ SID_INITS = ("random", "codebook")
 def init_sid_embeddings_from_codebook(model, tokenizer, codebook: Codebook, seed: int = 0) -> dict:
     """Give every SID token's embedding row the direction of its codeword (``sid_init: codebook``).
 
-    Token ``(l, c)`` gets ``s * M @ codewords[l][c]``, with ``M`` a fixed random map from the
-    codebook's width ``d`` to the model's ``h`` that keeps lengths (orthonormal columns when
-    ``h >= d``, orthonormal rows otherwise; seeded) and one scale ``s`` for every level, so that the
-    SID rows have the standard deviation of the model's other rows. Residual quantisation makes an
-    item's embedding about the sum of its codewords, so the sum of an item's SID token rows is then
-    about ``s * M @ e_item``: items the log says are alike start close, where random rows know
-    nothing. One scale keeps that sum exact up to ``s``. Output rows follow when the model ties
-    them to the input rows; an untied output matrix gets the same rows at its own scale. Returns
-    ``{"rows": n, "scale": s}``."""
+    Token ``(l, c)`` gets ``s * M @ codewords[l][c]``, with ``M`` a fixed random map (seeded) from
+    the codebook's width ``d`` to the model's ``h`` and one scale ``s`` for every level, chosen so
+    that the SID rows have the standard deviation of the model's other rows. When ``h >= d`` (the
+    tiny profiles: 32 -> 64) ``M`` has orthonormal columns and keeps every length and inner product
+    (times ``s``); residual quantisation makes an item's embedding about the sum of its codewords,
+    so the sum of an item's SID token rows is then about ``s * M @ e_item``: items the log says are
+    alike start close, where random rows know nothing. When ``h < d``, ``M`` is an orthonormal
+    projection and keeps them only approximately. A codeword of length zero (the disambiguation
+    level of ``sid.collisions: extra_level`` has no geometry) keeps its token's random row, so the
+    items of a collision group stay apart. Output rows follow when the model ties them to the
+    input rows; an untied output matrix gets the same rows at its own scale. Returns
+    ``{"rows": rows set, "kept_random": rows left random, "scale": s}``."""
     import numpy as np
     import torch
 
@@ -144,24 +147,28 @@ def init_sid_embeddings_from_codebook(model, tokenizer, codebook: Codebook, seed
     q, _ = torch.linalg.qr(torch.randn(max(h, d), min(h, d), generator=gen, dtype=torch.float64))
     m = q if h >= d else q.T  # (h, d)
     words = torch.from_numpy(np.concatenate(codebook.codewords).astype(np.float64))  # (sum sizes, d)
-    rows = words @ m.T  # (sum sizes, h)
+    live = words.norm(dim=1) > 0
+    rows = (words @ m.T)[live]  # (live codewords, h)
     flat = [tid for level in ids for tid in level]
+    target = [tid for tid, ok in zip(flat, live.tolist()) if ok]
     others = torch.ones(emb.shape[0], dtype=torch.bool)
     others[flat] = False
     out = model.get_output_embeddings()
     tied = out is None or out.weight.data_ptr() == emb.data_ptr()
-    spread = float(rows.std())
+    spread = float(rows.std()) if len(target) > 1 else 0.0
 
     def fill(weight) -> float:
         scale = float(weight[others].double().std()) / spread if spread > 0 else 0.0
-        weight[flat] = (rows * scale).to(weight.dtype)
+        if target and scale > 0:
+            weight[target] = (rows * scale).to(weight.dtype)
         return scale
 
     with torch.no_grad():
         scale = fill(emb)
         if not tied:
             fill(out.weight)
-    return {"rows": len(flat), "scale": scale}
+    return {"rows": len(target) if scale > 0 else 0, "kept_random": len(flat) - (len(target) if scale > 0 else 0),
+            "scale": scale}
 
 
 def save_tiny_model(out_dir: str | os.PathLike, sid_sizes: Sequence[int], extra_texts: Iterable[str] = (),

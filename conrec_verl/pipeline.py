@@ -202,6 +202,25 @@ def _diff_keys(a, b, prefix: str = "") -> list[str]:
 
 PATH_KEYS = ("model.base", "data.input_path")
 
+#: profile keys added after run folders were first recorded, with the value that does what a
+#: profile without them did: a recorded profile that lacks one is read with it (so that a run
+#: folder of an older version still resumes), and only another value counts as a change
+ADDED_KEYS = {"model.tiny.sid_init": "random"}
+
+
+def with_added_keys(profile: dict) -> dict:
+    """``profile`` (a plain container, as recorded in ``pipeline.json``) with every :data:`ADDED_KEYS`
+    key it lacks set to its default; keys under a missing parent (e.g. no ``model.tiny``) stay absent."""
+    out = json.loads(json.dumps(profile))
+    for dotted, value in ADDED_KEYS.items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf not in node:
+            node[leaf] = value
+    return out
+
 
 def resolve_paths(profile):
     """The profile with its path keys absolute (relative to the caller's folder, where the user
@@ -253,6 +272,7 @@ class Pipeline:
         if recorded is None or not state["done"]:
             state["profile"] = current
             return
+        recorded = with_added_keys(recorded)
         if json.dumps(recorded, sort_keys=True) == json.dumps(current, sort_keys=True):
             return
         changed = sorted(_diff_keys(recorded, current))
@@ -295,6 +315,12 @@ class Pipeline:
         data_path = self.profile.data.get("input_path")
         if data_path and not Path(os.path.expanduser(str(data_path))).exists():
             raise PipelineError(f"data.input_path={data_path} does not exist")
+        sid_init = self.profile.model.get("tiny", {}).get("sid_init", "random")
+        if sid_init not in ("random", "codebook"):
+            raise PipelineError(f"model.tiny.sid_init={sid_init}: choose random or codebook")
+        if base and sid_init != "random":
+            raise PipelineError(f"model.tiny.sid_init={sid_init} applies to the tiny model only; with model.base "
+                                "the SID rows of the extended model start at the mean of its embeddings")
         self._cleaning_rule()  # a bad grpo.cleaning block fails here, before any work
         self._grpo_selection()
 
@@ -379,20 +405,28 @@ class Pipeline:
                                  for n in reuse if n in state["done"]):
             raise PipelineError(f"{self.run} already has finished phases of its own; --from starts a new run folder")
         link = self.run / "data"
-        if not link.exists():
-            link.symlink_to(source / "data", target_is_directory=True)
-        elif link.resolve() != (source / "data").resolve():
+        if link.exists() and link.resolve() != (source / "data").resolve():
             raise PipelineError(f"{link} exists and is not {source / 'data'}")
+        # RUN/models/<x> of a reused phase links to the source's model, so that this run folder holds
+        # every model it was made from where a user (or run_ablation.sh) looks for it; all checked
+        # before anything is linked
+        models = {}
         for n in reuse:
-            state["done"][n] = dict(src["done"][n], reused_from=str(source))
-            # RUN/models/<x> of a reused phase links to the source's model, so that this run folder
-            # holds every model it was made from where a user (or run_ablation.sh) looks for it
             model = src["done"][n].get("path")
             if model and Path(model).is_dir():
                 dest = self.run / "models" / Path(model).name
-                if not dest.exists() and not dest.is_symlink():
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    dest.symlink_to(Path(model).resolve(), target_is_directory=True)
+                if (dest.exists() or dest.is_symlink()) and dest.resolve() != Path(model).resolve():
+                    raise PipelineError(f"{dest} exists and is not {model}, the {n} model this run reuses; "
+                                        "move it away or start a new run folder")
+                models[dest] = Path(model).resolve()
+        if not link.exists():
+            link.symlink_to(source / "data", target_is_directory=True)
+        for dest, model in models.items():
+            if not (dest.exists() or dest.is_symlink()):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.symlink_to(model, target_is_directory=True)
+        for n in reuse:
+            state["done"][n] = dict(src["done"][n], reused_from=str(source))
         state["sid_build"] = src.get("sid_build")
         state["from"] = {"run": str(source), "phases": list(reuse)}
         self._save_state(state)

@@ -221,7 +221,7 @@ def test_step_table_flags_only_a_significant_drop_against_the_row_before():
     align = [1.0] * 13 + [0.0] * (n - 13)             # +1 row: no drop
     grpo = [0.0] * 13 + [0.0] * (n - 13)              # loses all 13 rows: p = 2 * 0.5**13, a drop
     lines, ok = mod["step_table"]({"warm-up SFT": warm, "+ alignment": align}, 20)
-    assert ok is True and any(line.startswith("| + alignment | 0.3250") and line.endswith("| yes | no |") for line in lines)
+    assert ok is True and any(line.startswith("| + alignment | 0.3250") and line.endswith("| no | no |") for line in lines)
     lines, ok = mod["step_table"]({"warm-up SFT": warm, "+ alignment": align, "+ positive penalty": grpo}, 20)
     row = next(line for line in lines if line.startswith("| + positive penalty |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
@@ -234,6 +234,22 @@ def test_step_table_flags_only_a_significant_drop_against_the_row_before():
     assert mod["step_table"]({"warm-up SFT": warm}, 20) == ([], None)
     with pytest.raises(ValueError, match="not paired"):
         mod["step_table"]({"warm-up SFT": warm, "+ alignment": align[:-1]}, 20)
+    # a lower value within noise is no drop; a significant rise is none either
+    less = [1.0] * 10 + [0.0] * (n - 10)              # 2 rows fewer: p = 0.5, and 0.30 is inside [.., ..]
+    lines, ok = mod["step_table"]({"warm-up SFT": warm, "+ alignment": less}, 20)
+    assert ok is True and next(line for line in lines if line.startswith("| + alignment")).endswith("| no | no |")
+    more = [1.0] * 30 + [0.0] * (n - 30)              # 18 rows more: p < 1e-4, a rise
+    lines, ok = mod["step_table"]({"warm-up SFT": warm, "+ alignment": more}, 20)
+    assert ok is True and next(line for line in lines if line.startswith("| + alignment")).endswith("| no | no |")
+    # the row before above the step's interval is a drop even where the paired test is not significant:
+    # the two rows hit disjoint rows (0.20 vs 0.28 of 200: 40 vs 56 discordant, McNemar p = 0.13), and
+    # 0.28 is above the step's interval (about 0.20 +- 0.055)
+    base = [0.0] * 40 + [1.0] * 56 + [0.0] * 104
+    worse = [1.0] * 40 + [0.0] * 160
+    lines, ok = mod["step_table"]({"warm-up SFT": base, "+ alignment": worse}, 20)
+    row = next(line for line in lines if line.startswith("| + alignment")).split("|")
+    assert float(row[-4]) > 0.05
+    assert ok is False and row[-3].strip() == "yes" and row[-2].strip() == "**yes**"
 
 
 def test_paired_rows_reads_the_harness_files_and_counts_discordant_rows(tmp_path, monkeypatch, capsys):
@@ -244,6 +260,9 @@ def test_paired_rows_reads_the_harness_files_and_counts_discordant_rows(tmp_path
     folder = make_data_folder(tmp_path / "data", n_users=12, n_items=30)
     data = load_eval_data(folder)
     cat = list(data.catalogue)
+    # a row with no future dislike at all (the metric leaves it out; the old script scored it a miss)
+    data.rows[3].target.future_neg, data.rows[3].target.n_future_neg_cold = [], 0
+    assert not data.rows[3].target.has_future_dislike
     pred = tmp_path / "eval" / "predictions"
     pred.mkdir(parents=True)
     # row A: each row's own future dislikes first (a hit wherever the row has one); row B: one fixed list
@@ -255,14 +274,17 @@ def test_paired_rows_reads_the_harness_files_and_counts_discordant_rows(tmp_path
     # scored as the metric scores them: rows without any future dislike are left out; a row whose
     # future dislikes have no SID counts, as a miss
     scored = [r for r in data.rows if r.target.has_future_dislike]
-    assert len(ha) == len(hb) == len(scored) and sum(ha) == sum(bool(r.target.future_neg) for r in scored)
+    assert len(ha) == len(hb) == len(scored) == len(data.rows) - 1
+    assert sum(ha) == sum(bool(r.target.future_neg) for r in scored)
     want_b = [float(bool(set(cat[:5]) & set(r.target.future_neg))) for r in scored]
     assert hb == want_b
+    monkeypatch.setattr("conrec_verl.core.eval_data.load_eval_data", lambda *a, **k: data)  # the row above
     with pytest.raises(SystemExit) as done:
         run_script("paired_rows.py", ["--data", str(folder), "--eval", str(tmp_path / "eval"), "--a", "+ row A",
                                       "--b", "row/B", "--k", "5"], monkeypatch, capsys)
     out = capsys.readouterr().out
-    assert done.value.code == 0 and f"only A hits {int(sum(ha) - sum(want_b))}, only B hits 0" in out
+    assert done.value.code == 0 and f"on {len(scored)} rows" in out
+    assert f"only A hits {int(sum(ha) - sum(want_b))}, only B hits 0" in out
     with pytest.raises(SystemExit) as err:
         run_script("paired_rows.py", ["--data", str(folder), "--eval", str(tmp_path / "eval"), "--a", "nope", "--b", "row/B"],
                    monkeypatch, capsys)

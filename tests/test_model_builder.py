@@ -292,33 +292,32 @@ def test_a_packed_sft_micro_batch_keeps_its_rows_apart(tiny_model_dir):
     assert (unmasked[len(rows[0]):] - torch.cat(alone[1:])).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("hidden", [64, 16])
-def test_codebook_sid_init_puts_each_sid_row_along_its_codeword(tmp_path, hidden):
-    """sid_init=codebook: SID rows are s * M codeword with M length-keeping (h >= d: inner products
-    are the codewords' times s^2, so an item's summed SID rows keep the geometry of its
-    reconstructed embedding), at the spread of the other rows; every other row is the random
-    build's; the tied output rows follow; the codebook must match the SID sizes."""
+@pytest.mark.parametrize("hidden,d", [(64, 8), (16, 32)])
+def test_codebook_sid_init_puts_each_sid_row_along_its_codeword(tmp_path, hidden, d):
+    """sid_init=codebook: SID rows are s * M codeword. With h >= d, M keeps lengths, so inner
+    products are the codewords' times s^2 and an item's summed SID rows keep the geometry of its
+    reconstructed embedding; with h < d, M is a seeded projection. The rows have the other rows'
+    spread, every other row is the random build's, and the codebook must match the SID sizes."""
     import numpy as np
 
     from conrec_verl.core.sid import Codebook, SidTokenMap
     from conrec_verl.model_builder import ModelBuildError, save_tiny_model
 
     rng = np.random.default_rng(3)
-    sizes, d = (4, 3), 8
+    sizes = (4, 3)
     book = Codebook([rng.normal(size=(n, d)).astype(np.float32) for n in sizes])
     save_tiny_model(tmp_path / "rand", sizes, hidden_size=hidden, seed=5)
     save_tiny_model(tmp_path / "book", sizes, hidden_size=hidden, seed=5, sid_init="codebook", codebook=book)
-    rand = AutoModelForCausalLM.from_pretrained(tmp_path / "rand")
+    rand = AutoModelForCausalLM.from_pretrained(tmp_path / "rand").get_input_embeddings().weight.detach().double()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "book")
     tok = AutoTokenizer.from_pretrained(tmp_path / "book")
-    ids = SidTokenMap(tok, sizes).ids
-    flat = [t for level in ids for t in level]
+    flat = [t for level in SidTokenMap(tok, sizes).ids for t in level]
     emb = model.get_input_embeddings().weight.detach().double()
     others = [i for i in range(emb.shape[0]) if i not in set(flat)]
-    assert torch.equal(emb[others].float(), rand.get_input_embeddings().weight.detach()[others])
-    assert torch.equal(model.get_output_embeddings().weight.detach().double(), emb)  # tied
-    rows, words = emb[flat].numpy(), np.concatenate(book.codewords).astype(np.float64)
+    assert torch.equal(emb[others], rand[others])
     assert emb[flat].std().item() == pytest.approx(emb[others].std().item(), rel=1e-5)  # the other rows' spread
+    rows, words = emb[flat].numpy(), np.concatenate(book.codewords).astype(np.float64)
+    assert not np.allclose(rows, rand[flat].numpy())
     if hidden >= d:
         c = (rows * rows).sum() / (words * words).sum()  # s^2
         np.testing.assert_allclose(rows @ rows.T, c * (words @ words.T), rtol=1e-4, atol=1e-7)
@@ -326,8 +325,10 @@ def test_codebook_sid_init_puts_each_sid_row_along_its_codeword(tmp_path, hidden
         item = rows[1] + rows[sizes[0] + 2]
         recon = book.codewords[0][1].astype(np.float64) + book.codewords[1][2]
         assert np.linalg.norm(item) == pytest.approx(np.sqrt(c) * np.linalg.norm(recon), rel=1e-4)
-        assert not np.allclose(rows, rand.get_input_embeddings().weight.detach().double()[flat].numpy())
-    else:  # fewer model dims than codeword dims: an orthonormal projection, seeded
+    else:  # a projection: lengths shrink (never grow) and the same seed gives the same rows
+        c = (rows * rows).sum() / (words * words).sum()
+        lengths = np.linalg.norm(rows, axis=1) / (np.sqrt(c) * np.linalg.norm(words, axis=1))
+        assert lengths.std() > 1e-3  # not a length-keeping map: the ratios vary
         save_tiny_model(tmp_path / "again", sizes, hidden_size=hidden, seed=5, sid_init="codebook", codebook=book)
         again = AutoModelForCausalLM.from_pretrained(tmp_path / "again").get_input_embeddings().weight.detach()
         assert torch.equal(again.double(), emb)
@@ -338,3 +339,39 @@ def test_codebook_sid_init_puts_each_sid_row_along_its_codeword(tmp_path, hidden
     with pytest.raises(ModelBuildError, match="sid_init must be one of"):
         save_tiny_model(tmp_path / "z", sizes, sid_init="zeros")
     assert not any((tmp_path / n).exists() for n in "xyz")
+
+
+def test_codebook_sid_init_keeps_random_rows_for_zero_codewords_and_fills_an_untied_head():
+    """The disambiguation level of sid.collisions=extra_level has zero codewords: its tokens keep
+    their random rows (a zero row would make a collision group's items identical). An untied
+    output matrix gets the same directions at its own spread."""
+    import numpy as np
+    from transformers import Qwen3Config
+
+    from conrec_verl.core.sid import Codebook, SidTokenMap
+    from conrec_verl.model_builder import build_tokenizer, init_sid_embeddings_from_codebook
+
+    rng = np.random.default_rng(4)
+    sizes = (4, 3, 2)
+    book = Codebook([rng.normal(size=(4, 8)), rng.normal(size=(3, 8)), np.zeros((2, 8))])
+    tok = build_tokenizer(sizes)
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(3.0)  # another spread than the input rows
+    before_in = model.get_input_embeddings().weight.detach().clone()
+    before_out = model.get_output_embeddings().weight.detach().clone()
+    info = init_sid_embeddings_from_codebook(model, tok, book, seed=1)
+    ids = SidTokenMap(tok, sizes).ids
+    live, dead = ids[0] + ids[1], ids[2]
+    emb, out = model.get_input_embeddings().weight.detach(), model.get_output_embeddings().weight.detach()
+    assert info["rows"] == 7 and info["kept_random"] == 2
+    assert torch.equal(emb[dead], before_in[dead]) and torch.equal(out[dead], before_out[dead])
+    assert not torch.allclose(emb[live], before_in[live])
+    others = [i for i in range(len(tok)) if i not in set(live + dead)]
+    assert out[live].std().item() == pytest.approx(out[others].std().item(), rel=1e-4)
+    assert emb[live].std().item() == pytest.approx(emb[others].std().item(), rel=1e-4)
+    ratio = out[live] / emb[live]  # the same rows, another scale
+    assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), rtol=1e-4)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conrec_verl.pipeline import Phase, Pipeline, PipelineError, load_profile, main
+from conrec_verl.pipeline import Phase, Pipeline, PipelineError, load_profile, main, with_added_keys
 
 
 @pytest.fixture(scope="module")
@@ -258,6 +258,11 @@ def test_a_run_folder_can_start_from_another_runs_finished_phases(tmp_path, caps
     # the reused model that exists is linked where this run keeps its models; none is invented
     assert (new.run / "models" / "sft_warmup").resolve() == (src / "models" / "sft_warmup").resolve()
     assert not (new.run / "models" / "base").exists() and not (new.run / "models" / "base").is_symlink()
+    clash = Pipeline(tmp_path / "clash", load_profile("ci_tiny"))
+    (clash.run / "models" / "sft_warmup").mkdir(parents=True)  # a model of its own where the link would go
+    with pytest.raises(PipelineError, match="exists and is not"):
+        clash.start_from(src)
+    assert not (clash.run / "data").exists() and not (clash.run / "pipeline.json").exists()  # nothing half-made
     assert [p.name for p in new.select(["grpo"], state)] == ["grpo"]  # its prerequisites are done
     assert (src / "pipeline.json").read_text() == before
     with pytest.raises(PipelineError, match=r"phase\(s\) \['sft_alignment'\] have not finished"):
@@ -452,6 +457,33 @@ def test_a_run_folder_keeps_the_profile_it_was_started_with(tmp_path, capsys):
     state = changed._load_state()
     changed.check_profile(state)
     assert state["profile"]["eval"]["k"] == 10 and state["profile_history"][0]["eval"]["k"] == 20
+
+
+def test_a_run_folder_recorded_before_a_profile_key_existed_still_resumes(tmp_path):
+    """A pipeline.json written before model.tiny.sid_init existed resumes with the key's default;
+    asking for another value is a profile change."""
+    pipe = Pipeline(tmp_path / "run", load_profile("ci_tiny"))
+    pipe.run.mkdir()
+    state = pipe._load_state()
+    state["done"]["data"] = {"seconds": 1}
+    pipe.check_profile(state)
+    del state["profile"]["model"]["tiny"]["sid_init"]  # as an older version recorded it
+    pipe._save_state(state)
+    old = pipe._load_state()
+    Pipeline(pipe.run, load_profile("ci_tiny")).check_profile(old)  # no error
+    assert "sid_init" not in old["profile"]["model"]["tiny"]  # the record itself is left as it was
+    with pytest.raises(PipelineError, match=r"changed: model\.tiny\.sid_init"):
+        Pipeline(pipe.run, load_profile("ci_tiny", ["model.tiny.sid_init=codebook"])).check_profile(pipe._load_state())
+    assert with_added_keys({"model": {"base": None}}) == {"model": {"base": None}}  # no tiny block: nothing added
+
+
+def test_sid_init_is_checked_before_any_work(tmp_path):
+    with pytest.raises(PipelineError, match="choose random or codebook"):
+        Pipeline(tmp_path / "a", load_profile("ci_tiny", ["model.tiny.sid_init=zeros"])).check_inputs()
+    base = tmp_path / "hf"
+    base.mkdir()
+    with pytest.raises(PipelineError, match="applies to the tiny model only"):
+        Pipeline(tmp_path / "b", load_profile("ci_tiny", [f"model.base={base}", "model.tiny.sid_init=codebook"])).check_inputs()
 
 
 def test_cleaning_decisions_of_another_rule_are_refused(tmp_path):
