@@ -17,8 +17,9 @@ For each dataset it
 3. writes ``<work>/<dataset>/eval/`` (report.md, metrics.json, plots, predictions) and replaces the
    text between ``<!-- quality:begin -->`` and ``<!-- quality:end -->`` in ``--write`` (appended
    when the markers are missing) with both datasets' tables, the machine, the wall times, the cold
-   share, the model rows still missing, and the distance to the project goal
-   (full-pipeline FHR@20 >= 1.25 x the best baseline).
+   share, the model rows still missing, the distance to the project goal (full-pipeline
+   FHR@20 >= 1.25 x the best baseline) and the Table 2 steps, each ablation row against the row
+   before it (``step_table``: whether every step is non-decreasing within its interval).
 """
 
 from __future__ import annotations
