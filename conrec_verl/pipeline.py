@@ -315,9 +315,11 @@ class Pipeline:
         data_path = self.profile.data.get("input_path")
         if data_path and not Path(os.path.expanduser(str(data_path))).exists():
             raise PipelineError(f"data.input_path={data_path} does not exist")
+        from conrec_verl.model_builder import SID_INITS
+
         sid_init = self.profile.model.get("tiny", {}).get("sid_init", "random")
-        if sid_init not in ("random", "codebook"):
-            raise PipelineError(f"model.tiny.sid_init={sid_init}: choose random or codebook")
+        if sid_init not in SID_INITS:
+            raise PipelineError(f"model.tiny.sid_init={sid_init}: choose {' or '.join(SID_INITS)}")
         if base and sid_init != "random":
             raise PipelineError(f"model.tiny.sid_init={sid_init} applies to the tiny model only; with model.base "
                                 "the SID rows of the extended model start at the mean of its embeddings")
