@@ -92,6 +92,46 @@ def test_run_ablation_grpo_overrides_compose_with_the_recipe():
     assert seen == {("neg_only", "next_neg"), ("neg_only", "gts")}
 
 
+def _run_ablation(tmp_path, env_extra):
+    """run_ablation.sh with a stand-in python that only records its arguments (nothing trains)."""
+    import os
+    import subprocess
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), WORK=str(tmp_path / "work"), DATASETS="kuairand", EVAL="0", **env_extra)
+    proc = subprocess.run(["bash", str(BENCH / "run_ablation.sh")], env=env, capture_output=True, text=True)
+    calls = log.read_text().splitlines() if log.exists() else []
+    return proc, calls
+
+
+def test_run_ablation_reuse_from_starts_the_default_run_from_the_named_folder(tmp_path):
+    src = tmp_path / "shipped"
+    proc, calls = _run_ablation(tmp_path, {"REUSE_FROM": f"ml100k=/nowhere kuairand={src}"})
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "work" / "kuairand"
+    first = calls[0].split()
+    assert first[:2] == ["-m", "conrec_verl.pipeline"]
+    assert first[first.index("--run-dir") + 1] == str(run) and first[first.index("--from") + 1] == str(src)
+    assert "--only" in first and first[first.index("--only") + 1] == "data"
+    # the next call trains the default run's remaining phases in the same folder, and nothing else has --from src
+    assert f"--run-dir {run} --only data,model" in calls[1]
+    assert sum(f"--from {src}" in c for c in calls) == 1
+    # without REUSE_FROM the default run is trained from scratch: no call starts from another folder's phases
+    proc, calls = _run_ablation(tmp_path / "plain", {})
+    assert proc.returncode == 0, proc.stderr
+    assert f"--run-dir {tmp_path / 'plain' / 'work' / 'kuairand'} --only data,model" in calls[0]
+
+
+def test_run_ablation_reuse_from_refuses_a_malformed_value(tmp_path):
+    proc, calls = _run_ablation(tmp_path, {"REUSE_FROM": "runs/ml100k_ship"})
+    assert proc.returncode == 2 and "LOG=RUN_FOLDER" in proc.stderr
+    assert calls == []
+
+
 def test_grpo_stage_similarity_means_per_stage(tmp_path, monkeypatch, capsys):
     mod = runpy.run_path(str(BENCH / "grpo_stage_similarity.py"))
     lines = []
