@@ -23,6 +23,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Callable, Collection, Sequence
 
+import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
@@ -331,3 +332,29 @@ def score_sids(model, tokenizer, prompt, sids: Sequence[Codes], max_prompt_token
         if was_training:
             model.train()
     return total.tolist()
+
+
+@torch.no_grad()
+def catalog_log_probs(model, tokenizer, prompts: Sequence, trie: SidTrie, token_map: SidTokenMap | None = None,
+                      progress: bool = False) -> np.ndarray:
+    """Exact log-probability of every SID of ``trie`` after each prompt: an array of shape
+    (prompts, items), columns in ``trie.iter_sids()`` order.
+
+    The exact counterpart of :func:`constrained_beam_search` (whose top K it equals when the beam
+    misses nothing): each prompt runs once and every item's ``levels`` tokens are teacher-forced
+    after it (:func:`score_sids`). Ranking the whole catalogue costs ``items x levels`` decoded
+    tokens per prompt, so it is meant for evaluation, where the scores of several models can then
+    be combined item by item (``conrec-eval --ensemble``).
+    """
+    sids = list(trie.iter_sids())
+    if token_map is None:
+        token_map = SidTokenMap(tokenizer, trie.level_sizes())
+    out = np.empty((len(prompts), len(sids)), dtype=np.float32)
+    rows = range(len(prompts))
+    if progress:
+        from tqdm.auto import tqdm
+
+        rows = tqdm(rows, desc="catalogue scores", unit="prompt")
+    for i in rows:
+        out[i] = score_sids(model, tokenizer, prompts[i], sids, None, token_map)
+    return out

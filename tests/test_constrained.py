@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorLis
 
 from conrec_verl.constrained import (
     ConstrainedDecodingError,
+    catalog_log_probs,
     SidTokenMap,
     SidTrieLogitsProcessor,
     constrained_beam_search,
@@ -80,6 +81,25 @@ def test_exhaustive_beam_equals_brute_force_ranking(tiny):
     again = constrained_beam_search(model, tok, [PROMPTS[0]], trie, k=5, num_beams=len(sids))[0]
     assert again.sids == res.sids
     assert model.generation_config.do_sample is True  # restored after the call
+
+
+def test_catalog_log_probs_are_each_sids_teacher_forced_score_and_rank_as_the_exhaustive_beam(tiny):
+    model, tok = tiny
+    rnd = random.Random(2)
+    sids = set(rnd.sample(list(itertools.product(range(4), repeat=3)), 15))
+    trie = SidTrie(sids)
+    order = list(trie.iter_sids())
+    M = catalog_log_probs(model, tok, PROMPTS, trie)
+    assert M.shape == (len(PROMPTS), len(sids))
+    for i, p in enumerate(PROMPTS):
+        # column j is the j-th SID of the trie's walk, scored alone after prompt i (the oracle)
+        assert M[i] == pytest.approx(score_sids(model, tok, p, order), abs=1e-5)
+        # the probabilities of all items sum to at most 1 (the constraint is not renormalised)
+        assert float(torch.tensor(M[i]).double().exp().sum()) <= 1.0 + 1e-6
+    beam = constrained_beam_search(model, tok, PROMPTS, trie, k=6, num_beams=len(sids))
+    for i, r in enumerate(beam):
+        best = sorted(range(len(order)), key=lambda j: -M[i, j])[:6]
+        assert r.sids == [order[j] for j in best]
 
 
 def test_logits_processor_and_prefix_fn_mask_by_trie(tiny):

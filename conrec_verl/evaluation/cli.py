@@ -6,7 +6,8 @@ Example::
     python -m conrec_verl.evaluation --data runs/ml100k/data --out runs/ml100k/eval \\
         --model "warm-up SFT=runs/ml100k/models/sft_warmup" --model-prompt "warm-up SFT=2,504" \\
         --model "GRPO=runs/ml100k/models/grpo" --model-prompt "GRPO=3,384" \\
-        --forget-reference-model runs/ml100k/models/sft_alignment
+        --forget-reference-model runs/ml100k/models/sft_alignment \\
+        --ensemble "two runs=runs/ml100k/models/sft_warmup,runs/ml100k_seed1/models/sft_warmup"
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from conrec_verl.evaluation.harness import (
     DEFAULT_CONTEXT,
     DEFAULT_PROMPT_TOKENS,
     DEFAULT_THRESHOLDS,
+    EnsembleSpec,
     ModelSpec,
     run_evaluation,
 )
@@ -71,21 +73,32 @@ def _budget(text: str, flag: str) -> int | None:
     return v
 
 
-def model_specs(models: dict[str, str], prompts: dict[str, str], context: str, budget: int | None) -> dict[str, ModelSpec]:
-    """``--model NAME=DIR`` rows with ``--model-prompt NAME=CONTEXT[,BUDGET]`` overrides."""
-    unknown = sorted(set(prompts) - set(models))
+def model_specs(models: dict[str, str], prompts: dict[str, str], context: str, budget: int | None,
+                ensembles: dict[str, str] | None = None) -> tuple[dict[str, ModelSpec], dict[str, EnsembleSpec]]:
+    """``--model NAME=DIR`` and ``--ensemble NAME=DIR,DIR,...`` rows, with ``--model-prompt
+    NAME=CONTEXT[,BUDGET]`` overrides (an ensemble's override applies to all its members)."""
+    ensembles = ensembles or {}
+    unknown = sorted(set(prompts) - set(models) - set(ensembles))
     if unknown:
-        raise EvalInputError(f"--model-prompt names rows that are not --model rows: {unknown}")
-    out = {}
-    for name, path in models.items():
+        raise EvalInputError(f"--model-prompt names rows that are not --model or --ensemble rows: {unknown}")
+
+    def prompt(name):
         ctx, b = context, budget
         if name in prompts:
             c, _, bb = prompts[name].partition(",")
             ctx = c.strip() or context
             if bb.strip():
                 b = _budget(bb.strip(), f"--model-prompt {name}")
-        out[name] = ModelSpec(path, ctx, b)
-    return out
+        return ctx, b
+
+    out = {name: ModelSpec(path, *prompt(name)) for name, path in models.items()}
+    ens = {}
+    for name, paths in ensembles.items():
+        members = [p.strip() for p in paths.split(",") if p.strip()]
+        if not members:
+            raise EvalInputError(f"--ensemble {name}: expects NAME=DIR[,DIR...], got no folder")
+        ens[name] = EnsembleSpec(members, *prompt(name))
+    return out, ens
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,8 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["row", "1", "2", "3"],
                    help="model prompts: progressive context 1-3 rendered within --max-prompt-tokens, or the "
                         "split's stored prompt (default: %(default)s, the last GRPO stage's)")
+    p.add_argument("--ensemble", action="append", metavar="NAME=DIR[,DIR...]",
+                   help="an ensemble row: every catalogue item ranked by the mean of the model folders' log-probabilities "
+                        "of its SID (exact; one folder = exact decoding of that model) (repeatable)")
     p.add_argument("--model-prompt", action="append", metavar="NAME=CONTEXT[,BUDGET]",
-                   help="a model row's own context and token budget, e.g. 'warm-up SFT=2,504' (repeatable)")
+                   help="a model or ensemble row's own context and token budget, e.g. 'warm-up SFT=2,504' (repeatable)")
     p.add_argument("--all-contexts", action="store_true",
                    help="also decode every model row in contexts 1, 2 and 3 (by-context table)")
     p.add_argument("--num-beams", type=int, default=None, help="beams (>= K; default K)")
@@ -187,11 +203,12 @@ def main(argv: list[str] | None = None) -> int:
                         "measure_unconstrained": args.measure_unconstrained}
         if args.alignment:
             model_params["alignment_path"] = args.alignment
-        specs = model_specs(_pairs(args.model, "--model"), _pairs(args.model_prompt, "--model-prompt"),
-                            args.prompt_context, _budget(args.max_prompt_tokens, "--max-prompt-tokens"))
+        specs, ensembles = model_specs(_pairs(args.model, "--model"), _pairs(args.model_prompt, "--model-prompt"),
+                                       args.prompt_context, _budget(args.max_prompt_tokens, "--max-prompt-tokens"),
+                                       _pairs(args.ensemble, "--ensemble"))
         report = run_evaluation(
             args.data, args.out, baselines=baselines,
-            predictions=_pairs(args.predictions, "--predictions"), models=specs,
+            predictions=_pairs(args.predictions, "--predictions"), models=specs, ensembles=ensembles,
             k=args.k, ks=_ints(args.ks, "--ks"), thresholds=thresholds, seed=args.seed, max_rows=args.max_rows,
             baseline_params={
                 "swing": {"recency_decay": args.swing_recency_decay},

@@ -7,6 +7,8 @@ Row kinds
 * model folders: any Hugging Face causal LM folder whose tokenizer has this build's SID tokens;
   top-K by SID-constrained beam search, Candidate Acc by the model's own likelihood of each
   candidate, and the 4-way alignment accuracy on held-out alignment questions for the forget rate;
+* ensembles (:class:`EnsembleSpec`): several model folders ranking the whole catalogue together,
+  each item scored by the mean of the members' log-probabilities of its SID (exact, no beam);
 * predictions files in the JSONL interchange format (:mod:`conrec_verl.evaluation.predictions`).
 
 The same rules for every row:
@@ -92,6 +94,31 @@ class ModelSpec:
                 raise EvalInputError(f"model {self.path}: prompt context must be 1, 2, 3 or 'row', got {self.context!r}")
         if self.max_prompt_tokens is not None and int(self.max_prompt_tokens) < 1:
             raise EvalInputError(f"model {self.path}: prompt token budget must be >= 1, got {self.max_prompt_tokens!r}")
+
+
+@dataclass
+class EnsembleSpec:
+    """An ensemble row: model folders asked with one context and budget (as :class:`ModelSpec`).
+
+    Every item of the catalogue gets the mean over the members of the log-probability each gives
+    its SID after the row's prompt (a product of experts, computed exactly by
+    :func:`conrec_verl.constrained.catalog_log_probs`); the top K are the highest means among the
+    items the exclusion rule leaves. Candidate Acc ranks the candidates by the same means. One
+    member is allowed: that is exact decoding of one model, the reference its beam search approximates.
+    """
+
+    paths: Sequence[str]
+    context: int | str = DEFAULT_CONTEXT
+    max_prompt_tokens: int | None = DEFAULT_PROMPT_TOKENS
+
+    def __post_init__(self):
+        self.paths = tuple(str(p) for p in self.paths)
+        if not self.paths:
+            raise EvalInputError("an ensemble needs at least one model folder")
+        if len(set(self.paths)) != len(self.paths):
+            raise EvalInputError(f"an ensemble lists a model folder twice: {list(self.paths)}")
+        checked = ModelSpec(self.paths[0], self.context, self.max_prompt_tokens)  # the same rules as a model row
+        self.context, self.max_prompt_tokens = checked.context, checked.max_prompt_tokens
 
 
 class PhaseTimer:
@@ -298,6 +325,62 @@ def model_predictions(data: EvalData, model_dir, k: int, num_beams: int | None =
     return PredictionSet(label, [r.sids for r in results], cand_scores), info, [r.scores for r in results]
 
 
+def ensemble_predictions(data: EvalData, spec: EnsembleSpec, k: int, exclusion: str = DEFAULT_EXCLUSION,
+                         device: str = "auto", dtype: str = "auto", candidate_acc: bool = True,
+                         timer: PhaseTimer | None = None, name: str | None = None,
+                         cache: dict | None = None) -> tuple[PredictionSet, dict, list[list[float]]]:
+    """Top K of an :class:`EnsembleSpec` row: mean catalogue log-probabilities, excluded items masked.
+
+    ``cache`` (a dict kept by the caller) holds each (folder, context, budget)'s score matrix, so a
+    model shared by several ensemble rows of one evaluation is run once. A row whose exclusion would
+    leave fewer than K items is ranked unmasked, as the beam search does (``rows_exclusion_skipped``).
+    """
+    from conrec_verl.constrained import SidTokenMap, catalog_log_probs
+
+    check_exclusion(exclusion)
+    timer = timer or PhaseTimer()
+    cache = {} if cache is None else cache
+    label = name or "ensemble"
+    trie = data.trie()
+    sids = list(trie.iter_sids())
+    if k > len(sids):
+        raise EvalInputError(f"K={k} is larger than the number of items with a SID ({len(sids)})")
+    total = None
+    info: dict = {}
+    for path in spec.paths:
+        key = (path, spec.context, spec.max_prompt_tokens)
+        if key not in cache:
+            with timer(f"{label}: {Path(path).name}: catalogue scores"):
+                model, tokenizer = load_model(path, device, dtype)
+                prompts, _, pinfo = render_prompts(data, tokenizer, spec.context, spec.max_prompt_tokens)
+                scores = catalog_log_probs(model, tokenizer, prompts, trie, SidTokenMap(tokenizer, data.codebook.sizes),
+                                           progress=True)
+                cache[key] = (scores, pinfo)
+                del model
+        scores, pinfo = cache[key]
+        info = info or dict(pinfo)
+        total = scores.astype(np.float64) if total is None else total + scores
+    mean = total / len(spec.paths)
+    column = {s: j for j, s in enumerate(sids)}
+    ranked = mean.copy()
+    skipped = 0
+    if exclusion != "none":
+        for i, row in enumerate(data.rows):
+            cols = [column[s] for s in row.excluded(exclusion) if s in column]
+            if len(sids) - len(cols) >= k:
+                ranked[i, cols] = -np.inf
+            elif cols:
+                skipped += 1
+    top = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
+    top_sids = [[sids[j] for j in row] for row in top]
+    top_scores = [[float(mean[i, j]) for j in row] for i, row in enumerate(top)]
+    cand_scores = [[float(mean[i, column[c]]) for c in r.target.candidates]
+                   if (candidate_acc and r.target.candidates) else None for i, r in enumerate(data.rows)]
+    info.update({"members": list(spec.paths), "combination": "mean log-probability over the catalogue (exact)",
+                 "exclusion": exclusion, "rows_exclusion_skipped": skipped})
+    return PredictionSet(label, top_sids, cand_scores), info, top_scores
+
+
 def reference_alignment_accuracy(data: EvalData, model_dir, alignment_path: Path, device: str = "auto",
                                  alignment_max_rows: int | None = None, dtype: str = "auto") -> tuple[float | None, int]:
     """The alignment-SFT model's accuracy on the held-out alignment questions (the forget rate's reference)."""
@@ -414,6 +497,7 @@ def run_evaluation(
     forget_reference_model: str | os.PathLike | None = None,
     all_contexts: bool = False,
     n_boot: int = 1000,
+    ensembles: dict[str, EnsembleSpec] | None = None,
 ) -> dict:
     """Evaluate every row and write ``report.md``, ``metrics.json``, PNG plots and the predictions.
 
@@ -421,7 +505,9 @@ def run_evaluation(
     context and budget) or a :class:`ModelSpec`. The forget rate's reference accuracy comes from
     ``forget_reference_model`` (the alignment-SFT model's folder; only its alignment accuracy is
     measured) or from the model row named ``forget_reference``. ``all_contexts``: also decode every
-    model row in contexts 1, 2 and 3 (same budget) for the report's by-context table.
+    model row in contexts 1, 2 and 3 (same budget) for the report's by-context table. ``ensembles``
+    maps a row name to an :class:`EnsembleSpec` (kind ``ensemble``; tested against the best baseline
+    like a model row).
     """
     from conrec_verl.baselines import BASELINES, DEFAULT_BASELINES
     from conrec_verl.evaluation.report import write_report_files
@@ -444,7 +530,8 @@ def run_evaluation(
         pred_dir = stage / "predictions"
         results: list[RowResult] = []
         samples: dict[str, dict] = {}
-        names = [*baselines, *(predictions or {}), *specs]
+        ensembles = dict(ensembles or {})
+        names = [*baselines, *(predictions or {}), *specs, *ensembles]
         if len(set(names)) != len(names):
             raise EvalInputError(f"row names must be unique, got {names}")
         # read all predictions files first: a bad file fails before any expensive work
@@ -491,6 +578,14 @@ def run_evaluation(
             if by_context:
                 row.info["by_context"] = _by_context(data, by_context, k, n_boot, seed)
             results.append(row)
+            write_predictions(predictions_file(pred_dir, name), data, pset.sids, scores, pset.candidate_scores)
+        catalogue_cache: dict = {}
+        for name, espec in ensembles.items():
+            t0 = time.time()
+            pset, info, scores = ensemble_predictions(
+                data, espec, max(ks), exclusion=exclusion, device=mp.get("device", "auto"), dtype=mp.get("dtype", "auto"),
+                candidate_acc=mp.get("candidate_acc", True), timer=timer, name=name, cache=catalogue_cache)
+            results.append(_score(data, pset, "ensemble", ks, k, thresholds, time.time() - t0, info, samples))
             write_predictions(predictions_file(pred_dir, name), data, pset.sids, scores, pset.candidate_scores)
         with timer("forget rate, intervals, paired tests"):
             if forget_reference_model is None and forget_reference is not None:

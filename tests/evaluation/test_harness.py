@@ -358,6 +358,86 @@ def test_model_rows_obey_the_exclusion_rule_and_return_k(folder, tmp_path, rule)
         assert changed > 0  # the fixture's model does recommend items the rule removes
 
 
+@pytest.mark.parametrize("rule", ["none", "interacted"])
+def test_one_model_ensemble_is_the_exhaustive_beam_search(folder, tmp_path, rule):
+    """An ensemble of one folder ranks exactly: the beam search with a beam per item gives the same top K."""
+    from conrec_verl.evaluation.harness import EnsembleSpec, ensemble_predictions, model_predictions
+    from conrec_verl.model_builder import save_tiny_model
+
+    data = load_eval_data(folder)
+    model = save_tiny_model(tmp_path / "tiny", (4, 4, 4))
+    beam, _, bscores = model_predictions(data, model, 10, device="cpu", candidate_acc=True, exclusion=rule,
+                                         num_beams=len(data.sid_items))
+    ens, info, escores = ensemble_predictions(data, EnsembleSpec([str(model)]), 10, exclusion=rule, device="cpu")
+    assert ens.sids == beam.sids
+    assert np.allclose(escores, bscores, atol=1e-4)
+    # Candidate Acc scores are the model's own likelihoods of the candidates, as for a model row
+    for e, b in zip(ens.candidate_scores, beam.candidate_scores):
+        assert (e is None) == (b is None) and (e is None or np.allclose(e, b, atol=1e-4))
+    assert info["members"] == [str(model)] and info["exclusion"] == rule and info["rows_exclusion_skipped"] == 0
+
+
+def test_ensemble_ranks_by_the_members_mean_log_probability(folder, tmp_path):
+    from conrec_verl.constrained import score_sids
+    from conrec_verl.evaluation.harness import EnsembleSpec, PhaseTimer, ensemble_predictions, load_model, render_prompts
+    from conrec_verl.model_builder import save_tiny_model
+
+    data = load_eval_data(folder)
+    paths = [str(save_tiny_model(tmp_path / f"m{seed}", (4, 4, 4), seed=seed)) for seed in (1, 2)]
+    spec = EnsembleSpec(paths, context=2, max_prompt_tokens=96)
+    timer, cache = PhaseTimer(), {}
+    ens, _, scores = ensemble_predictions(data, spec, 8, exclusion="interacted", device="cpu", timer=timer, cache=cache)
+    # the oracle: every catalogue SID scored alone by each member, averaged, excluded items dropped, sorted
+    catalogue = sorted(data.sid_items)
+    per_model = []
+    for path in paths:
+        model, tok = load_model(path, "cpu")
+        prompts, _, _ = render_prompts(data, tok, 2, 96)
+        per_model.append(np.array([score_sids(model, tok, p, catalogue) for p in prompts]))
+    mean = np.mean(per_model, axis=0)
+    singles = []
+    for i, row in enumerate(data.rows):
+        ex = row.excluded("interacted")
+        ranked = sorted((j for j, s in enumerate(catalogue) if s not in ex), key=lambda j: -mean[i, j])
+        assert ens.sids[i] == [catalogue[j] for j in ranked[:8]]
+        assert scores[i] == pytest.approx([mean[i, j] for j in ranked[:8]], abs=1e-4)
+        singles.append([catalogue[j] for j in sorted(range(len(catalogue)), key=lambda j: -per_model[0][i, j])
+                        if catalogue[j] not in ex][:8])
+    assert ens.sids != singles  # the second member changes the ranking: the mean is not the first model's
+    # a second ensemble row sharing a member reuses its scores (one catalogue pass per folder)
+    ensemble_predictions(data, EnsembleSpec(paths[:1], context=2, max_prompt_tokens=96), 8, device="cpu",
+                         timer=timer, cache=cache)
+    assert sum("catalogue scores" in p["phase"] for p in timer.phases) == 2 and len(cache) == 2
+
+
+def test_cli_ensemble_row_and_its_errors(folder, tmp_path, capsys):
+    from conrec_verl.model_builder import save_tiny_model
+
+    a = save_tiny_model(tmp_path / "a", (4, 4, 4), seed=1)
+    b = save_tiny_model(tmp_path / "b", (4, 4, 4), seed=2)
+    out = tmp_path / "report"
+    assert eval_main(["--data", str(folder), "--out", str(out), "--baselines", "popularity", "--thresholds", "none",
+                      "--ensemble", f"both={a},{b}", "--model-prompt", "both=1,128", "--bootstrap", "50"]) == 0
+    rows = {r["name"]: r for r in json.loads((out / "metrics.json").read_text())["rows"]}
+    both = rows["both"]
+    assert both["kind"] == "ensemble" and both["info"]["members"] == [str(a), str(b)]
+    assert both["info"]["prompt_context"] == 1 and both["info"]["prompt_budget"] == 128
+    assert both["paired"]["against"] == "popularity" and both["metrics"]["invalid_rate"] == 0.0
+    assert read_predictions(out / "predictions" / "both.jsonl", load_eval_data(folder), 20).n_invalid_strings == 0
+    assert "| both | ensemble |" in (out / "report.md").read_text()
+    capsys.readouterr()
+    for args, msg in (([f"x={a},{a}"], "twice"), (["x=,"], "no folder"),
+                      ([f"x={tmp_path / 'nowhere'}"], "no config.json")):
+        assert eval_main(["--data", str(folder), "--out", str(tmp_path / "bad"), "--baselines", "none",
+                          "--ensemble", *args]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1
+    assert not (tmp_path / "bad").exists()
+    assert eval_main(["--data", str(folder), "--out", str(tmp_path / "bad"), "--baselines", "none",
+                      "--ensemble", f"x={a}", "--model-prompt", "y=1"]) == 2
+    assert "--model or --ensemble rows" in capsys.readouterr().err
+
+
 def test_cli_errors_are_one_line(folder, tmp_path, capsys):
     data = load_eval_data(folder)
     p = write_predictions(tmp_path / "p.jsonl", data, oracle(data),
