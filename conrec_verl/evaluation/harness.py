@@ -325,44 +325,31 @@ def model_predictions(data: EvalData, model_dir, k: int, num_beams: int | None =
     return PredictionSet(label, [r.sids for r in results], cand_scores), info, [r.scores for r in results]
 
 
-def ensemble_predictions(data: EvalData, spec: EnsembleSpec, k: int, exclusion: str = DEFAULT_EXCLUSION,
-                         device: str = "auto", dtype: str = "auto", candidate_acc: bool = True,
-                         timer: PhaseTimer | None = None, name: str | None = None,
-                         cache: dict | None = None) -> tuple[PredictionSet, dict, list[list[float]]]:
-    """Top K of an :class:`EnsembleSpec` row: mean catalogue log-probabilities, excluded items masked.
-
-    ``cache`` (a dict kept by the caller) holds each (folder, context, budget)'s score matrix, so a
-    model shared by several ensemble rows of one evaluation is run once. A row whose exclusion would
-    leave fewer than K items is ranked unmasked, as the beam search does (``rows_exclusion_skipped``).
-    """
+def catalogue_scores(data: EvalData, path: str, context: int | str = DEFAULT_CONTEXT,
+                     max_prompt_tokens: int | None = DEFAULT_PROMPT_TOKENS, device: str = "auto",
+                     dtype: str = "auto") -> tuple[np.ndarray, dict]:
+    """One model folder's exact log-probability of every SID (columns in ``data.trie().iter_sids()``
+    order) after each row's prompt, and the prompts' info (context, budget, lengths)."""
     from conrec_verl.constrained import SidTokenMap, catalog_log_probs
 
+    model, tokenizer = load_model(path, device, dtype)
+    prompts, _, info = render_prompts(data, tokenizer, context, max_prompt_tokens)
+    scores = catalog_log_probs(model, tokenizer, prompts, data.trie(), SidTokenMap(tokenizer, data.codebook.sizes),
+                               progress=True)
+    return scores, info
+
+
+def rank_catalogue(data: EvalData, scores: np.ndarray, k: int,
+                   exclusion: str = DEFAULT_EXCLUSION) -> tuple[list[list[Codes]], list[list[float]], int]:
+    """Top ``k`` SIDs per row of a (rows, items) score matrix in ``data.trie().iter_sids()`` order,
+    the items the exclusion rule names masked; a row whose exclusion would leave fewer than ``k``
+    items is ranked unmasked, as the beam search does. Returns (top SIDs, their scores, rows unmasked)."""
     check_exclusion(exclusion)
-    timer = timer or PhaseTimer()
-    cache = {} if cache is None else cache
-    label = name or "ensemble"
-    trie = data.trie()
-    sids = list(trie.iter_sids())
+    sids = list(data.trie().iter_sids())
     if k > len(sids):
         raise EvalInputError(f"K={k} is larger than the number of items with a SID ({len(sids)})")
-    total = None
-    info: dict = {}
-    for path in spec.paths:
-        key = (path, spec.context, spec.max_prompt_tokens)
-        if key not in cache:
-            with timer(f"{label}: {Path(path).name}: catalogue scores"):
-                model, tokenizer = load_model(path, device, dtype)
-                prompts, _, pinfo = render_prompts(data, tokenizer, spec.context, spec.max_prompt_tokens)
-                scores = catalog_log_probs(model, tokenizer, prompts, trie, SidTokenMap(tokenizer, data.codebook.sizes),
-                                           progress=True)
-                cache[key] = (scores, pinfo)
-                del model
-        scores, pinfo = cache[key]
-        info = info or dict(pinfo)
-        total = scores.astype(np.float64) if total is None else total + scores
-    mean = total / len(spec.paths)
     column = {s: j for j, s in enumerate(sids)}
-    ranked = mean.copy()
+    ranked = np.array(scores, dtype=np.float64)
     skipped = 0
     if exclusion != "none":
         for i, row in enumerate(data.rows):
@@ -372,8 +359,37 @@ def ensemble_predictions(data: EvalData, spec: EnsembleSpec, k: int, exclusion: 
             elif cols:
                 skipped += 1
     top = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
-    top_sids = [[sids[j] for j in row] for row in top]
-    top_scores = [[float(mean[i, j]) for j in row] for i, row in enumerate(top)]
+    return ([[sids[j] for j in row] for row in top],
+            [[float(scores[i, j]) for j in row] for i, row in enumerate(top)], skipped)
+
+
+def ensemble_predictions(data: EvalData, spec: EnsembleSpec, k: int, exclusion: str = DEFAULT_EXCLUSION,
+                         device: str = "auto", dtype: str = "auto", candidate_acc: bool = True,
+                         timer: PhaseTimer | None = None, name: str | None = None,
+                         cache: dict | None = None) -> tuple[PredictionSet, dict, list[list[float]]]:
+    """Top K of an :class:`EnsembleSpec` row: mean catalogue log-probabilities, excluded items masked
+    (:func:`rank_catalogue`).
+
+    ``cache`` (a dict kept by the caller) holds each (folder, context, budget)'s score matrix, so a
+    model shared by several ensemble rows of one evaluation is run once.
+    """
+    check_exclusion(exclusion)
+    timer = timer or PhaseTimer()
+    cache = {} if cache is None else cache
+    label = name or "ensemble"
+    total = None
+    info: dict = {}
+    for path in spec.paths:
+        key = (path, spec.context, spec.max_prompt_tokens)
+        if key not in cache:
+            with timer(f"{label}: {Path(path).name}: catalogue scores"):
+                cache[key] = catalogue_scores(data, path, spec.context, spec.max_prompt_tokens, device, dtype)
+        scores, pinfo = cache[key]
+        info = info or dict(pinfo)
+        total = scores.astype(np.float64) if total is None else total + scores
+    mean = total / len(spec.paths)
+    top_sids, top_scores, skipped = rank_catalogue(data, mean, k, exclusion)
+    column = {s: j for j, s in enumerate(data.trie().iter_sids())}
     cand_scores = [[float(mean[i, column[c]]) for c in r.target.candidates]
                    if (candidate_acc and r.target.candidates) else None for i, r in enumerate(data.rows)]
     info.update({"members": list(spec.paths), "combination": "mean log-probability over the catalogue (exact)",

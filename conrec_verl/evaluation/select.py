@@ -13,16 +13,29 @@ keep the model GRPO started from, by the metric that is reported::
 
 It prints and writes ``{"metric", "k", "split", "rows", "scores": {name: value}, "best": name}``
 (ties go to the model named first).
+
+With ``--ensembles`` it scores every non-empty subset of the ``--model`` folders as an ensemble
+row of ``conrec-eval --ensemble`` (each item ranked by the members' mean log-probability, exact over
+the catalogue) and names the best subset on the same validation rows, so that the members of a
+reported ensemble are chosen without looking at the evaluation split::
+
+    python -m conrec_verl.evaluation.select --data RUN/data --ensembles \
+        --model a=RUN/models/grpo --model b=RUN2/models/grpo --model c=RUN3/models/grpo
+
+(ties go to fewer members, then to the subset listed first).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
 from pathlib import Path
 from typing import Mapping
+
+import numpy as np
 
 from conrec_verl.core.eval_data import DEFAULT_EXCLUSION, EXCLUSION_RULES, EvalInputError, load_eval_data
 from conrec_verl.core.metrics import HIT_METRIC_RE as METRIC_RE, metric_samples
@@ -65,6 +78,44 @@ def validation_scores(data_dir, models: Mapping[str, str], metric: str = "FHR@20
             "best": next((m for m, v in finite.items() if v == best), None)}
 
 
+#: subsets grow as 2^n: more folders than this is refused rather than left running for hours
+MAX_ENSEMBLE_FOLDERS = 12
+
+
+def ensemble_search(data_dir, models: Mapping[str, str], metric: str = "FHR@20", split: str = "rl/val.parquet",
+                    context: int | str = 3, budget: int | None = 384, exclusion: str = DEFAULT_EXCLUSION,
+                    device: str = "auto") -> dict:
+    """``metric`` of every non-empty subset of ``models`` as an ensemble (mean catalogue
+    log-probability, :func:`conrec_verl.evaluation.harness.rank_catalogue`) on ``split``; the best
+    subset (ties: fewer members, then the first listed) under ``best``."""
+    from conrec_verl.evaluation.harness import catalogue_scores, rank_catalogue
+
+    name, k = parse_metric(metric)
+    names = list(models)
+    if not names:
+        raise ValueError("no model folders to score")
+    if len(names) > MAX_ENSEMBLE_FOLDERS:
+        raise ValueError(f"--ensembles scores 2^n - 1 subsets: give at most {MAX_ENSEMBLE_FOLDERS} folders, got {len(names)}")
+    data = load_eval_data(data_dir, split, unique_rows=False)
+    targets = [r.target for r in data.rows]
+    scores = {label: catalogue_scores(data, models[label], context, budget, device)[0] for label in names}
+    results = []
+    n_rows = 0
+    for size in range(1, len(names) + 1):
+        for subset in itertools.combinations(names, size):
+            mean = np.mean([scores[m] for m in subset], axis=0)
+            top, _, _ = rank_catalogue(data, mean, k, exclusion)
+            values = metric_samples(top, targets, [k])[0].get(f"{name}@{k}", [])
+            n_rows = len(values)
+            results.append({"members": list(subset), "score": float(np.mean(values)) if values else float("nan")})
+    finite = [r for r in results if math.isfinite(r["score"])]
+    best = max(finite, key=lambda r: r["score"]) if finite else None  # max keeps the first of equals
+    ranked = sorted(results, key=lambda r: -r["score"] if math.isfinite(r["score"]) else math.inf)
+    return {"metric": f"{name}@{k}", "k": k, "split": split, "rows": n_rows, "context": context, "budget": budget,
+            "exclusion": exclusion, "folders": dict(models), "ensembles": ranked,
+            "best": None if best is None else best["members"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m conrec_verl.evaluation.select", description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="data folder written by data_prep")
@@ -76,14 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", default="384", help="prompt token budget, or none (default 384)")
     ap.add_argument("--exclusion", default=DEFAULT_EXCLUSION, choices=EXCLUSION_RULES)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--ensembles", action="store_true",
+                    help="score every subset of the --model folders as a conrec-eval --ensemble row and name the best")
     ap.add_argument("--out", help="also write the result here (JSON)")
     args = ap.parse_args(argv)
     from conrec_verl.evaluation.cli import _budget, _pairs
 
     try:
         context = args.context if args.context == "row" else int(args.context)
-        result = validation_scores(args.data, _pairs(args.model, "--model"), args.metric, args.split, context,
-                                   _budget(args.budget, "--budget"), args.exclusion, args.device)
+        score = ensemble_search if args.ensembles else validation_scores
+        result = score(args.data, _pairs(args.model, "--model"), args.metric, args.split, context,
+                       _budget(args.budget, "--budget"), args.exclusion, args.device)
     except (ValueError, EvalInputError, OSError) as exc:
         print(f"conrec-select: error: {exc}", file=sys.stderr)
         return 2
@@ -91,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(text + "\n")
     print(text)
+    if args.ensembles and result["best"]:
+        folders = ",".join(result["folders"][m] for m in result["best"])
+        print(f"best on {result['split']}: conrec-eval ... --ensemble \"{'+'.join(result['best'])}={folders}\"")
     return 0
 
 

@@ -92,3 +92,40 @@ def test_cli_writes_the_result(folder, models, tmp_path, capsys):
 def test_a_bad_model_spec_is_one_error(folder, spec, capsys):
     assert main(["--data", str(folder), "--model", spec]) == 2
     assert "--model expects NAME=PATH" in capsys.readouterr().err
+
+
+def test_ensemble_search_scores_every_subset_as_conrec_eval_would(folder, models, tmp_path, capsys):
+    """Each subset's score is the hit rate of the ensemble row conrec-eval would rank (by hand from
+    ensemble_predictions); the single-folder subsets equal the exact decoding of each model."""
+    from conrec_verl.evaluation.harness import EnsembleSpec, ensemble_predictions
+    from conrec_verl.evaluation.select import ensemble_search
+    from conrec_verl.model_builder import save_tiny_model
+
+    three = dict(models, c=str(save_tiny_model(tmp_path / "c", (4, 4, 4), seed=2)))
+    result = ensemble_search(folder, three, "FHR@10", device="cpu")
+    data = load_eval_data(folder, "rl/val.parquet", unique_rows=False)
+    assert len(result["ensembles"]) == 7 and result["rows"] > 10
+    for entry in result["ensembles"]:
+        pset, _, _ = ensemble_predictions(data, EnsembleSpec([three[m] for m in entry["members"]]), 10, device="cpu",
+                                          candidate_acc=False)
+        hits = [any(s in r.target.future_neg for s in top) for r, top in zip(data.rows, pset.sids)
+                if r.target.has_future_dislike]
+        assert entry["score"] == pytest.approx(sum(hits) / len(hits))
+    scores = [e["score"] for e in result["ensembles"]]
+    assert scores == sorted(scores, reverse=True)
+    top = max(scores)
+    first = next(e["members"] for e in sorted(result["ensembles"], key=lambda e: len(e["members"])) if e["score"] == top)
+    assert result["best"] == first
+    # the CLI prints the result and the conrec-eval argument of the best subset
+    assert main(["--data", str(folder), "--ensembles", "--metric", "FHR@10", "--device", "cpu",
+                 *[f"--model={n}={p}" for n, p in three.items()]]) == 0
+    out = capsys.readouterr().out
+    assert f'--ensemble "{"+".join(first)}=' in out
+
+
+def test_ensemble_search_refuses_too_many_folders(folder, models):
+    from conrec_verl.evaluation.select import MAX_ENSEMBLE_FOLDERS, ensemble_search
+
+    many = {f"m{i}": models["a"] for i in range(MAX_ENSEMBLE_FOLDERS + 1)}
+    with pytest.raises(ValueError, match="at most"):
+        ensemble_search(folder, many, device="cpu")
