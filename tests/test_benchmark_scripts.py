@@ -329,3 +329,32 @@ def test_paired_rows_reads_the_harness_files_and_counts_discordant_rows(tmp_path
         run_script("paired_rows.py", ["--data", str(folder), "--eval", str(tmp_path / "eval"), "--a", "nope", "--b", "row/B"],
                    monkeypatch, capsys)
     assert err.value.code == 2 and "nope" in capsys.readouterr().err
+
+
+def test_prior_correction_probe_prints_both_splits_and_alpha_zero_is_the_models_ranking(tmp_path, capsys):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from conrec_verl.model_builder import save_tiny_model
+    from tests.evaluation.fixtures import make_data_folder
+
+    mod = runpy.run_path(str(BENCH / "prior_correction_probe.py"))
+    m = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
+    assert mod["log_prior"](m) == pytest.approx(np.log([0.3, 0.175, 0.525]))
+    folder = make_data_folder(tmp_path / "data")
+    (folder / "rl").mkdir()
+    pq.write_table(pq.read_table(folder / "eval" / "test.parquet"), folder / "rl" / "val.parquet")
+    model = save_tiny_model(tmp_path / "tiny", (4, 4, 4))
+    assert mod["main"](["--data", str(folder), "--model", str(model), "--alphas=0,0.5", "--k", "5",
+                        "--device", "cpu"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| +")]
+    assert len(lines) == 2
+    # val and test are the same rows here, so both columns agree; alpha 0 is the exact decoding's FHR@5
+    from conrec_verl.core.eval_data import load_eval_data
+    from conrec_verl.evaluation.harness import EnsembleSpec, ensemble_predictions
+
+    data = load_eval_data(folder)
+    pset, _, _ = ensemble_predictions(data, EnsembleSpec([str(model)]), 5, device="cpu", candidate_acc=False)
+    hits = [any(s in r.target.future_neg for s in top) for r, top in zip(data.rows, pset.sids) if r.target.has_future_dislike]
+    cells = lines[0].strip("|").split("|")
+    assert float(cells[1]) == float(cells[2]) == pytest.approx(sum(hits) / len(hits), abs=1e-4)
