@@ -20,9 +20,11 @@ import sys
 import numpy as np
 from scipy.special import logsumexp
 
-from conrec_verl.core.eval_data import DEFAULT_EXCLUSION, EvalInputError, load_eval_data
-from conrec_verl.core.metrics import metric_samples
-from conrec_verl.evaluation.harness import catalogue_scores, rank_catalogue
+from conrec_verl.core.eval_data import DEFAULT_EXCLUSION, EXCLUSION_RULES, EvalInputError, load_eval_data
+from conrec_verl.evaluation.harness import mean_catalogue_scores, rank_catalogue
+from conrec_verl.evaluation.select import hit_rate
+
+SPLITS = ("rl/val.parquet", "eval/test.parquet")
 
 
 def log_prior(scores: np.ndarray) -> np.ndarray:
@@ -32,29 +34,32 @@ def log_prior(scores: np.ndarray) -> np.ndarray:
 
 def corrected_fhr(data, scores: np.ndarray, alpha: float, k: int, exclusion: str) -> float:
     top, _, _ = rank_catalogue(data, scores - alpha * log_prior(scores), k, exclusion)
-    values = metric_samples(top, [r.target for r in data.rows], [k])[0].get(f"FHR@{k}", [])
-    return float(np.mean(values)) if values else float("nan")
+    return hit_rate(top, [r.target for r in data.rows], "FHR", k)[0]
 
 
 def main(argv=None) -> int:
+    from conrec_verl.evaluation.cli import _budget
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True)
     ap.add_argument("--model", action="append", required=True, help="a model folder (repeat: an ensemble)")
     ap.add_argument("--alphas", default="-0.3,-0.1,0,0.1,0.2,0.3,0.5")
     ap.add_argument("--k", type=int, default=20)
-    ap.add_argument("--context", type=int, default=3)
-    ap.add_argument("--budget", type=int, default=384)
-    ap.add_argument("--exclusion", default=DEFAULT_EXCLUSION)
+    ap.add_argument("--context", default="3", choices=["1", "2", "3", "row"])
+    ap.add_argument("--budget", default="384", help="prompt token budget, or none")
+    ap.add_argument("--exclusion", default=DEFAULT_EXCLUSION, choices=list(EXCLUSION_RULES))
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
     try:
         alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+        context = args.context if args.context == "row" else int(args.context)
+        budget = _budget(args.budget, "--budget")
         splits = {}
-        for split in ("rl/val.parquet", "eval/test.parquet"):
+        for split in SPLITS:
             data = load_eval_data(args.data, split, unique_rows=False)
-            mean = np.mean([catalogue_scores(data, m, args.context, args.budget, args.device)[0] for m in args.model],
-                           axis=0)
-            splits[split] = (data, mean)
+            if not 1 <= args.k <= len(data.sid_items):
+                raise EvalInputError(f"--k must be between 1 and the {len(data.sid_items)} items with a SID, got {args.k}")
+            splits[split] = (data, mean_catalogue_scores(data, args.model, context, budget, args.device)[0])
     except (ValueError, EvalInputError, OSError) as exc:
         print(f"prior_correction_probe: {exc}", file=sys.stderr)
         return 2

@@ -27,7 +27,8 @@
 # are listed as missing in the section).
 # REUSE_FROM="ml100k=runs/ml100k_ship" starts $WORK/D from that finished run folder (same profile and
 # data config; conrec-pipeline --from: its data, base model and SFT models are linked, not retrained),
-# so only the GRPO rows and the warm-up-only row train: about 1 h less per log on the 2-core CPU.
+# so only the GRPO rows and the warm-up-only row train: about 45 minutes less per log on the 2-core
+# CPU. A relative folder is taken from the repository root (the script runs there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -57,17 +58,22 @@ pipeline() { "$PY" -m conrec_verl.pipeline --profile cpu_tiny "$@" "${EXTRA[@]}"
 # `--only grpo` trains another GRPO from the same "+ alignment" model.
 branch() { pipeline --run-dir "$2" --from "$1" --only data "${DARGS[@]}" "${@:3}"; }
 
-# REUSE_FROM's run folder for log $1 ("" when none is named)
-reuse_source() {
-  local pair
-  for pair in ${REUSE_FROM:-}; do
-    case "$pair" in
-      "$1="*) echo "${pair#*=}"; return ;;
-      *=*) ;;
-      *) echo "REUSE_FROM: expected LOG=RUN_FOLDER pairs, got '$pair'" >&2; exit 2 ;;
-    esac
-  done
-}
+# REUSE_FROM: LOG=RUN_FOLDER pairs, checked before anything runs (a misspelt log would otherwise
+# retrain its SFT phases from scratch without a word)
+declare -A REUSE=()
+read -r -a REUSE_PAIRS <<< "${REUSE_FROM:-}"
+for pair in "${REUSE_PAIRS[@]}"; do
+  log_name=${pair%%=*}
+  folder=${pair#*=}
+  if [ "$pair" = "$log_name" ] || [ -z "$folder" ] || [ -z "$log_name" ]; then
+    echo "REUSE_FROM: expected LOG=RUN_FOLDER pairs, got '$pair'" >&2; exit 2
+  fi
+  case " $DATASETS " in
+    *" $log_name "*) ;;
+    *) echo "REUSE_FROM: '$log_name' is not one of DATASETS ($DATASETS)" >&2; exit 2 ;;
+  esac
+  REUSE[$log_name]=$folder
+done
 
 MODELS=()
 REFS=()
@@ -89,7 +95,7 @@ for D in $DATASETS; do
     continue
   fi
 
-  SRC=$(reuse_source "$D")
+  SRC=${REUSE[$D]:-}
   if [ -n "$SRC" ] && [ ! -f "$RUN/pipeline.json" ]; then
     log "$D: reusing the data, base model and SFT phases of $SRC"
     pipeline --run-dir "$RUN" --from "$SRC" --only data "${DARGS[@]}" grpo.cleaning.enabled=false

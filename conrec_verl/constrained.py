@@ -20,6 +20,7 @@ softmax; the mask only restricts which tokens may be chosen; ``length_penalty=0`
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Callable, Collection, Sequence
 
@@ -296,16 +297,19 @@ def constrained_beam_search(
 
 @torch.no_grad()
 def score_sids(model, tokenizer, prompt, sids: Sequence[Codes], max_prompt_tokens: int | None = None,
-               token_map: SidTokenMap | None = None) -> list[float]:
+               token_map: SidTokenMap | None = None, chunk: int | None = None) -> list[float]:
     """Teacher-forced log-probability of each SID (its tokens only) after ``prompt``.
 
     Used for Candidate Acc and the alignment accuracy: rank SIDs by the model's own likelihood.
     The prompt runs once; its KV cache is repeated for the candidates, which then cost
-    ``levels - 1`` tokens each. Pass a ``token_map`` built once when scoring many rows (building
-    one reads the whole vocabulary).
+    ``levels - 1`` tokens each. ``chunk``: repeat it for at most that many candidates at a time
+    (memory bounded by ``chunk``, not by the number of SIDs; None = all at once). Pass a
+    ``token_map`` built once when scoring many rows (building one reads the whole vocabulary).
     """
     if not sids:
         return []
+    if chunk is not None and int(chunk) < 1:
+        raise ConstrainedDecodingError(f"chunk must be >= 1, got {chunk}")
     L = len(sids[0])
     if token_map is None:
         sizes = [max(int(s[level]) for s in sids) + 1 for level in range(L)]
@@ -314,20 +318,24 @@ def score_sids(model, tokenizer, prompt, sids: Sequence[Codes], max_prompt_token
     enc = _encode(tokenizer, [prompt], max_prompt_tokens, device)
     cand = torch.tensor([[token_map.token_id(level, c) for level, c in enumerate(s)] for s in sids],
                         dtype=torch.long, device=device)
-    n = cand.shape[0]
+    step = cand.shape[0] if chunk is None else int(chunk)
     was_training = model.training
     model.eval()
     try:
         out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=True)
-        first = torch.log_softmax(out.logits[0, -1, :].float(), dim=-1)[cand[:, 0]]
-        total = first
+        total = torch.log_softmax(out.logits[0, -1, :].float(), dim=-1)[cand[:, 0]]
         if L > 1:
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(n)
-            mask = torch.ones(n, enc["input_ids"].shape[1] + L - 1, dtype=enc["attention_mask"].dtype, device=device)
-            rest = model(input_ids=cand[:, :-1], attention_mask=mask, past_key_values=cache, use_cache=True).logits.float()
-            logp = torch.log_softmax(rest, dim=-1).gather(2, cand[:, 1:].unsqueeze(-1)).squeeze(-1)
-            total = total + logp.sum(dim=1)
+            parts = []
+            for start in range(0, cand.shape[0], step):
+                part = cand[start:start + step]
+                n = part.shape[0]
+                # the last (or only) chunk may consume the prompt's cache; earlier ones repeat a copy
+                cache = out.past_key_values if start + step >= cand.shape[0] else copy.deepcopy(out.past_key_values)
+                cache.batch_repeat_interleave(n)
+                mask = torch.ones(n, enc["input_ids"].shape[1] + L - 1, dtype=enc["attention_mask"].dtype, device=device)
+                rest = model(input_ids=part[:, :-1], attention_mask=mask, past_key_values=cache, use_cache=True).logits.float()
+                parts.append(torch.log_softmax(rest, dim=-1).gather(2, part[:, 1:].unsqueeze(-1)).squeeze(-1).sum(dim=1))
+            total = total + torch.cat(parts)
     finally:
         if was_training:
             model.train()
@@ -336,15 +344,17 @@ def score_sids(model, tokenizer, prompt, sids: Sequence[Codes], max_prompt_token
 
 @torch.no_grad()
 def catalog_log_probs(model, tokenizer, prompts: Sequence, trie: SidTrie, token_map: SidTokenMap | None = None,
-                      progress: bool = False) -> np.ndarray:
+                      progress: bool = False, chunk: int = 256) -> np.ndarray:
     """Exact log-probability of every SID of ``trie`` after each prompt: an array of shape
     (prompts, items), columns in ``trie.iter_sids()`` order.
 
     The exact counterpart of :func:`constrained_beam_search` (whose top K it equals when the beam
-    misses nothing): each prompt runs once and every item's ``levels`` tokens are teacher-forced
-    after it (:func:`score_sids`). Ranking the whole catalogue costs ``items x levels`` decoded
-    tokens per prompt, so it is meant for evaluation, where the scores of several models can then
-    be combined item by item (``conrec-eval --ensemble``).
+    misses nothing): the prompt runs once and each item's ``levels`` tokens are teacher-forced
+    after it (:func:`score_sids`), ``chunk`` items at a time, so the prompt's KV cache is repeated
+    ``chunk`` times at most (memory grows with ``chunk`` x prompt length x the model's KV size, not
+    with the catalogue). Ranking the whole catalogue costs ``items x levels`` decoded tokens per prompt, so it
+    is meant for evaluation, where several models' scores can then be combined item by item
+    (``conrec-eval --ensemble``).
     """
     sids = list(trie.iter_sids())
     if token_map is None:
@@ -356,5 +366,5 @@ def catalog_log_probs(model, tokenizer, prompts: Sequence, trie: SidTrie, token_
 
         rows = tqdm(rows, desc="catalogue scores", unit="prompt")
     for i in rows:
-        out[i] = score_sids(model, tokenizer, prompts[i], sids, None, token_map)
+        out[i] = score_sids(model, tokenizer, prompts[i], sids, None, token_map, chunk=chunk)
     return out

@@ -110,7 +110,7 @@ def _run_ablation(tmp_path, env_extra):
 
 def test_run_ablation_reuse_from_starts_the_default_run_from_the_named_folder(tmp_path):
     src = tmp_path / "shipped"
-    proc, calls = _run_ablation(tmp_path, {"REUSE_FROM": f"ml100k=/nowhere kuairand={src}"})
+    proc, calls = _run_ablation(tmp_path, {"REUSE_FROM": f"kuairand={src}"})
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "work" / "kuairand"
     first = calls[0].split()
@@ -126,9 +126,11 @@ def test_run_ablation_reuse_from_starts_the_default_run_from_the_named_folder(tm
     assert f"--run-dir {tmp_path / 'plain' / 'work' / 'kuairand'} --only data,model" in calls[0]
 
 
-def test_run_ablation_reuse_from_refuses_a_malformed_value(tmp_path):
-    proc, calls = _run_ablation(tmp_path, {"REUSE_FROM": "runs/ml100k_ship"})
-    assert proc.returncode == 2 and "LOG=RUN_FOLDER" in proc.stderr
+@pytest.mark.parametrize("value, message", [("runs/ml100k_ship", "LOG=RUN_FOLDER"), ("kuairand=", "LOG=RUN_FOLDER"),
+                                            ("kuairand=/a kuairnd=/b", "'kuairnd' is not one of DATASETS")])
+def test_run_ablation_reuse_from_refuses_a_malformed_value_before_anything_runs(tmp_path, value, message):
+    proc, calls = _run_ablation(tmp_path, {"REUSE_FROM": value})
+    assert proc.returncode == 2 and message in proc.stderr
     assert calls == []
 
 

@@ -89,10 +89,21 @@ def test_catalog_log_probs_are_each_sids_teacher_forced_score_and_rank_as_the_ex
     sids = set(rnd.sample(list(itertools.product(range(4), repeat=3)), 15))
     trie = SidTrie(sids)
     order = list(trie.iter_sids())
-    M = catalog_log_probs(model, tok, PROMPTS, trie)
+    M = catalog_log_probs(model, tok, PROMPTS, trie, chunk=4)  # 15 items: three chunks and a short one
     assert M.shape == (len(PROMPTS), len(sids))
+    tmap = SidTokenMap(tok, (4, 4, 4))
     for i, p in enumerate(PROMPTS):
-        # column j is the j-th SID of the trie's walk, scored alone after prompt i (the oracle)
+        # the oracle: prompt + the SID's tokens in one plain forward pass (no cache), log-softmax summed
+        ids = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        prompt_ids = tok(ids, add_special_tokens=False)["input_ids"]
+        for j, codes in enumerate(order):
+            sid_ids = [tmap.token_id(level, c) for level, c in enumerate(codes)]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt_ids + sid_ids])).logits[0].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            want = sum(float(logp[len(prompt_ids) - 1 + t, tok_id]) for t, tok_id in enumerate(sid_ids))
+            assert M[i, j] == pytest.approx(want, abs=1e-4)
+        # the chunked scores equal one pass over all items
         assert M[i] == pytest.approx(score_sids(model, tok, p, order), abs=1e-5)
         # the probabilities of all items sum to at most 1 (the constraint is not renormalised)
         assert float(torch.tensor(M[i]).double().exp().sum()) <= 1.0 + 1e-6

@@ -39,12 +39,12 @@ def user_errors() -> tuple[type[Exception], ...]:
     return errors
 
 
-def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
+def _pairs(values: list[str] | None, flag: str, form: str = "NAME=PATH") -> dict[str, str]:
     out: dict[str, str] = {}
     for v in values or []:
         name, sep, path = v.partition("=")
         if not sep or not name or not path:
-            raise EvalInputError(f"{flag} expects NAME=PATH, got {v!r}")
+            raise EvalInputError(f"{flag} expects {form}, got {v!r}")
         if name in out:
             raise EvalInputError(f"{flag}: row name {name!r} given twice")
         out[name] = path
@@ -95,9 +95,12 @@ def model_specs(models: dict[str, str], prompts: dict[str, str], context: str, b
     ens = {}
     for name, paths in ensembles.items():
         members = [p.strip() for p in paths.split(",") if p.strip()]
-        if not members:
-            raise EvalInputError(f"--ensemble {name}: expects NAME=DIR[,DIR...], got no folder")
-        ens[name] = EnsembleSpec(members, *prompt(name))
+        try:
+            if not members:
+                raise EvalInputError("expects NAME=DIR[,DIR...], got no folder")
+            ens[name] = EnsembleSpec(members, *prompt(name))
+        except EvalInputError as exc:
+            raise EvalInputError(f"--ensemble {name}: {exc}") from None
     return out, ens
 
 
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             model_params["alignment_path"] = args.alignment
         specs, ensembles = model_specs(_pairs(args.model, "--model"), _pairs(args.model_prompt, "--model-prompt"),
                                        args.prompt_context, _budget(args.max_prompt_tokens, "--max-prompt-tokens"),
-                                       _pairs(args.ensemble, "--ensemble"))
+                                       _pairs(args.ensemble, "--ensemble", "NAME=DIR[,DIR...]"))
         report = run_evaluation(
             args.data, args.out, baselines=baselines,
             predictions=_pairs(args.predictions, "--predictions"), models=specs, ensembles=ensembles,

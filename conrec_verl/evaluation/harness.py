@@ -60,7 +60,7 @@ DEFAULT_PROMPT_TOKENS = 384
 @dataclass
 class RowResult:
     name: str
-    kind: str  # baseline | model | predictions
+    kind: str  # baseline | model | ensemble | predictions
     metrics: dict
     wall_s: float
     filter_sweep: list[dict] = field(default_factory=list)
@@ -112,11 +112,17 @@ class EnsembleSpec:
     max_prompt_tokens: int | None = DEFAULT_PROMPT_TOKENS
 
     def __post_init__(self):
+        if isinstance(self.paths, (str, os.PathLike)):
+            raise EvalInputError(f"an ensemble takes a list of model folders, got one path {str(self.paths)!r}")
         self.paths = tuple(str(p) for p in self.paths)
         if not self.paths:
             raise EvalInputError("an ensemble needs at least one model folder")
-        if len(set(self.paths)) != len(self.paths):
-            raise EvalInputError(f"an ensemble lists a model folder twice: {list(self.paths)}")
+        seen: dict[str, str] = {}
+        for p in self.paths:
+            key = str(Path(p).resolve())
+            if key in seen:
+                raise EvalInputError(f"an ensemble lists one model folder twice: {seen[key]!r} and {p!r}")
+            seen[key] = p
         checked = ModelSpec(self.paths[0], self.context, self.max_prompt_tokens)  # the same rules as a model row
         self.context, self.max_prompt_tokens = checked.context, checked.max_prompt_tokens
 
@@ -339,6 +345,32 @@ def catalogue_scores(data: EvalData, path: str, context: int | str = DEFAULT_CON
     return scores, info
 
 
+def mean_catalogue_scores(data: EvalData, paths: Sequence[str], context: int | str = DEFAULT_CONTEXT,
+                          max_prompt_tokens: int | None = DEFAULT_PROMPT_TOKENS, device: str = "auto",
+                          dtype: str = "auto", cache: dict | None = None, timer: PhaseTimer | None = None,
+                          label: str = "ensemble") -> tuple[np.ndarray, dict]:
+    """The mean over ``paths`` (in order, float64) of their :func:`catalogue_scores`, and the first
+    member's prompt info. ``cache`` (a dict kept by the caller) holds each member's matrix under its
+    resolved folder, context, budget, split, rows, device and dtype, so a folder shared by several
+    ensembles is scored once; selection (``evaluation.select --ensembles``) and evaluation average
+    through this one function."""
+    timer = timer or PhaseTimer()
+    cache = {} if cache is None else cache
+    total, info = None, None
+    for i, path in enumerate(paths):
+        key = (str(Path(path).resolve()), context, max_prompt_tokens, str(data.split_path), len(data.rows), device, dtype)
+        if key not in cache:
+            where = Path(path)
+            with timer(f"{label}: member {i + 1} ({where.parent.name}/{where.name}): catalogue scores"):
+                cache[key] = catalogue_scores(data, path, context, max_prompt_tokens, device, dtype)
+        scores, pinfo = cache[key]
+        info = info if info is not None else dict(pinfo)
+        total = scores.astype(np.float64) if total is None else total + scores
+    if total is None:
+        raise EvalInputError("an ensemble needs at least one model folder")
+    return total / len(paths), info
+
+
 def rank_catalogue(data: EvalData, scores: np.ndarray, k: int,
                    exclusion: str = DEFAULT_EXCLUSION) -> tuple[list[list[Codes]], list[list[float]], int]:
     """Top ``k`` SIDs per row of a (rows, items) score matrix in ``data.trie().iter_sids()`` order,
@@ -348,6 +380,9 @@ def rank_catalogue(data: EvalData, scores: np.ndarray, k: int,
     sids = list(data.trie().iter_sids())
     if k > len(sids):
         raise EvalInputError(f"K={k} is larger than the number of items with a SID ({len(sids)})")
+    if np.shape(scores) != (len(data.rows), len(sids)):
+        raise EvalInputError(f"catalogue scores have shape {np.shape(scores)}; {data.split_path} needs "
+                             f"({len(data.rows)} rows, {len(sids)} items)")
     column = {s: j for j, s in enumerate(sids)}
     ranked = np.array(scores, dtype=np.float64)
     skipped = 0
@@ -367,27 +402,12 @@ def ensemble_predictions(data: EvalData, spec: EnsembleSpec, k: int, exclusion: 
                          device: str = "auto", dtype: str = "auto", candidate_acc: bool = True,
                          timer: PhaseTimer | None = None, name: str | None = None,
                          cache: dict | None = None) -> tuple[PredictionSet, dict, list[list[float]]]:
-    """Top K of an :class:`EnsembleSpec` row: mean catalogue log-probabilities, excluded items masked
-    (:func:`rank_catalogue`).
-
-    ``cache`` (a dict kept by the caller) holds each (folder, context, budget)'s score matrix, so a
-    model shared by several ensemble rows of one evaluation is run once.
-    """
+    """Top K of an :class:`EnsembleSpec` row: mean catalogue log-probabilities
+    (:func:`mean_catalogue_scores`, ``cache`` as there), excluded items masked (:func:`rank_catalogue`)."""
     check_exclusion(exclusion)
-    timer = timer or PhaseTimer()
-    cache = {} if cache is None else cache
     label = name or "ensemble"
-    total = None
-    info: dict = {}
-    for path in spec.paths:
-        key = (path, spec.context, spec.max_prompt_tokens)
-        if key not in cache:
-            with timer(f"{label}: {Path(path).name}: catalogue scores"):
-                cache[key] = catalogue_scores(data, path, spec.context, spec.max_prompt_tokens, device, dtype)
-        scores, pinfo = cache[key]
-        info = info or dict(pinfo)
-        total = scores.astype(np.float64) if total is None else total + scores
-    mean = total / len(spec.paths)
+    mean, info = mean_catalogue_scores(data, spec.paths, spec.context, spec.max_prompt_tokens, device, dtype,
+                                       cache, timer, label)
     top_sids, top_scores, skipped = rank_catalogue(data, mean, k, exclusion)
     column = {s: j for j, s in enumerate(data.trie().iter_sids())}
     cand_scores = [[float(mean[i, column[c]]) for c in r.target.candidates]
@@ -536,6 +556,12 @@ def run_evaluation(
     if unknown:
         raise EvalInputError(f"unknown baseline(s) {unknown}; choose from {sorted(BASELINES)}")
     specs = {name: (m if isinstance(m, ModelSpec) else ModelSpec(str(m))) for name, m in (models or {}).items()}
+    ensembles = {name: (e if isinstance(e, EnsembleSpec) else EnsembleSpec(e)) for name, e in (ensembles or {}).items()}
+    # a missing model folder fails before any baseline or model runs
+    for name, folder in [*((n, sp.path) for n, sp in specs.items()),
+                         *((n, p) for n, e in ensembles.items() for p in e.paths)]:
+        if not (Path(folder) / "config.json").is_file():
+            raise EvalInputError(f"row {name!r}: {folder}: not a Hugging Face model folder (no config.json)")
     with timer("load data"):
         data = load_eval_data(data_dir, split=split, max_rows=max_rows)
     ks = sorted({int(x) for x in ks} | {int(k)})
@@ -546,7 +572,6 @@ def run_evaluation(
         pred_dir = stage / "predictions"
         results: list[RowResult] = []
         samples: dict[str, dict] = {}
-        ensembles = dict(ensembles or {})
         names = [*baselines, *(predictions or {}), *specs, *ensembles]
         if len(set(names)) != len(names):
             raise EvalInputError(f"row names must be unique, got {names}")

@@ -22,7 +22,10 @@ reported ensemble are chosen without looking at the evaluation split::
     python -m conrec_verl.evaluation.select --data RUN/data --ensembles \
         --model a=RUN/models/grpo --model b=RUN2/models/grpo --model c=RUN3/models/grpo
 
-(ties go to fewer members, then to the subset listed first).
+(ties go to fewer members, then to the subset listed first). It then writes ``{"metric", "k",
+"split", "rows", "context", "budget", "exclusion", "folders": {name: folder}, "ensembles":
+[{"members": [name, ...], "score": value}, ...] (best first), "best": [name, ...]}`` and prints the
+``conrec-eval --ensemble`` arguments of the best subset on stderr.
 """
 
 from __future__ import annotations
@@ -34,8 +37,6 @@ import math
 import sys
 from pathlib import Path
 from typing import Mapping
-
-import numpy as np
 
 from conrec_verl.core.eval_data import DEFAULT_EXCLUSION, EXCLUSION_RULES, EvalInputError, load_eval_data
 from conrec_verl.core.metrics import HIT_METRIC_RE as METRIC_RE, metric_samples
@@ -67,10 +68,7 @@ def validation_scores(data_dir, models: Mapping[str, str], metric: str = "FHR@20
         pset, _, _ = model_predictions(data, folder, k, num_beams=num_beams, batch_size=batch_size,
                                        prompt_stage=context, device=device, candidate_acc=False,
                                        max_prompt_tokens=budget, exclusion=exclusion, name=label)
-        samples, _, _ = metric_samples(pset.sids, targets, [k])
-        values = samples.get(f"{name}@{k}", [])
-        n_rows = len(values)
-        scores[label] = float(sum(values) / len(values)) if values else float("nan")
+        scores[label], n_rows = hit_rate(pset.sids, targets, name, k)
     finite = {m: v for m, v in scores.items() if math.isfinite(v)}
     best = max(finite.values()) if finite else None
     return {"metric": f"{name}@{k}", "k": k, "split": split, "rows": n_rows, "context": context, "budget": budget,
@@ -82,13 +80,21 @@ def validation_scores(data_dir, models: Mapping[str, str], metric: str = "FHR@20
 MAX_ENSEMBLE_FOLDERS = 12
 
 
+def hit_rate(top, targets, metric: str, k: int) -> tuple[float, int]:
+    """Mean ``metric@k`` (``FHR``/``HR``) of ranked lists over the rows that count, and that count,
+    as :func:`conrec_verl.core.metrics.metric_samples` scores them (nan, 0 when no row counts)."""
+    values = metric_samples(top, targets, [k])[0].get(f"{metric}@{k}", [])
+    return (float(sum(values) / len(values)) if values else float("nan")), len(values)
+
+
 def ensemble_search(data_dir, models: Mapping[str, str], metric: str = "FHR@20", split: str = "rl/val.parquet",
                     context: int | str = 3, budget: int | None = 384, exclusion: str = DEFAULT_EXCLUSION,
                     device: str = "auto") -> dict:
-    """``metric`` of every non-empty subset of ``models`` as an ensemble (mean catalogue
-    log-probability, :func:`conrec_verl.evaluation.harness.rank_catalogue`) on ``split``; the best
-    subset (ties: fewer members, then the first listed) under ``best``."""
-    from conrec_verl.evaluation.harness import catalogue_scores, rank_catalogue
+    """``metric`` of every non-empty subset of ``models`` as an ensemble row of ``conrec-eval``
+    (:func:`conrec_verl.evaluation.harness.mean_catalogue_scores` then ``rank_catalogue``, the
+    functions the evaluation calls) on ``split``; the best subset (ties: fewer members, then the
+    first listed) under ``best``."""
+    from conrec_verl.evaluation.harness import EnsembleSpec, mean_catalogue_scores, rank_catalogue
 
     name, k = parse_metric(metric)
     names = list(models)
@@ -96,18 +102,18 @@ def ensemble_search(data_dir, models: Mapping[str, str], metric: str = "FHR@20",
         raise ValueError("no model folders to score")
     if len(names) > MAX_ENSEMBLE_FOLDERS:
         raise ValueError(f"--ensembles scores 2^n - 1 subsets: give at most {MAX_ENSEMBLE_FOLDERS} folders, got {len(names)}")
+    EnsembleSpec([models[m] for m in names], context, budget)  # the folder checks of an ensemble row (no repeats)
     data = load_eval_data(data_dir, split, unique_rows=False)
     targets = [r.target for r in data.rows]
-    scores = {label: catalogue_scores(data, models[label], context, budget, device)[0] for label in names}
+    cache: dict = {}
     results = []
     n_rows = 0
     for size in range(1, len(names) + 1):
         for subset in itertools.combinations(names, size):
-            mean = np.mean([scores[m] for m in subset], axis=0)
+            mean, _ = mean_catalogue_scores(data, [models[m] for m in subset], context, budget, device, cache=cache)
             top, _, _ = rank_catalogue(data, mean, k, exclusion)
-            values = metric_samples(top, targets, [k])[0].get(f"{name}@{k}", [])
-            n_rows = len(values)
-            results.append({"members": list(subset), "score": float(np.mean(values)) if values else float("nan")})
+            value, n_rows = hit_rate(top, targets, name, k)
+            results.append({"members": list(subset), "score": value})
     finite = [r for r in results if math.isfinite(r["score"])]
     best = max(finite, key=lambda r: r["score"]) if finite else None  # max keeps the first of equals
     ranked = sorted(results, key=lambda r: -r["score"] if math.isfinite(r["score"]) else math.inf)
@@ -145,9 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(text + "\n")
     print(text)
-    if args.ensembles and result["best"]:
+    if args.ensembles and result["best"]:  # a hint on stderr: stdout stays one JSON document
+        row = "+".join(result["best"])
         folders = ",".join(result["folders"][m] for m in result["best"])
-        print(f"best on {result['split']}: conrec-eval ... --ensemble \"{'+'.join(result['best'])}={folders}\"")
+        budget = "none" if result["budget"] is None else result["budget"]
+        print(f"best on {result['split']}: conrec-eval ... --ensemble \"{row}={folders}\" "
+              f"--model-prompt \"{row}={result['context']},{budget}\"", file=sys.stderr)
     return 0
 
 

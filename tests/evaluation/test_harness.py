@@ -410,6 +410,34 @@ def test_ensemble_ranks_by_the_members_mean_log_probability(folder, tmp_path):
     assert sum("catalogue scores" in p["phase"] for p in timer.phases) == 2 and len(cache) == 2
 
 
+def test_ensemble_rows_with_another_prompt_do_not_share_scores_and_exclusion_can_be_skipped(folder, tmp_path):
+    from conrec_verl.evaluation.harness import EnsembleSpec, PhaseTimer, ensemble_predictions, rank_catalogue
+    from conrec_verl.model_builder import save_tiny_model
+
+    data = load_eval_data(folder)
+    path = str(save_tiny_model(tmp_path / "m", (4, 4, 4), seed=1))
+    timer, cache = PhaseTimer(), {}
+    c2, _, _ = ensemble_predictions(data, EnsembleSpec([path], 2, 96), 5, device="cpu", timer=timer, cache=cache)
+    c3, _, _ = ensemble_predictions(data, EnsembleSpec([path], 3, 96), 5, device="cpu", timer=timer, cache=cache)
+    alone, _, _ = ensemble_predictions(data, EnsembleSpec([path], 3, 96), 5, device="cpu")
+    assert len(cache) == 2 and c3.sids == alone.sids and c2.sids != c3.sids
+    # K so large that a row's exclusion would leave fewer than K items: that row is ranked unmasked
+    n = len(data.sid_items)
+    scores = np.random.default_rng(0).normal(size=(len(data.rows), n))
+    most = max(len(r.excluded("interacted")) for r in data.rows)
+    top, _, skipped = rank_catalogue(data, scores, n - most + 1, "interacted")
+    assert skipped >= 1
+    for row, t in zip(data.rows, top):
+        ex = row.excluded("interacted")
+        assert len(t) == n - most + 1 and (not set(t) & ex or n - len(ex) < n - most + 1)
+    with pytest.raises(EvalInputError, match="shape"):
+        rank_catalogue(data, scores[:, :-1], 5)
+    with pytest.raises(EvalInputError, match="list of model folders"):
+        EnsembleSpec(path)
+    with pytest.raises(EvalInputError, match="twice"):
+        EnsembleSpec([path, path + "/"])
+
+
 def test_cli_ensemble_row_and_its_errors(folder, tmp_path, capsys):
     from conrec_verl.model_builder import save_tiny_model
 
@@ -436,6 +464,14 @@ def test_cli_ensemble_row_and_its_errors(folder, tmp_path, capsys):
     assert eval_main(["--data", str(folder), "--out", str(tmp_path / "bad"), "--baselines", "none",
                       "--ensemble", f"x={a}", "--model-prompt", "y=1"]) == 2
     assert "--model or --ensemble rows" in capsys.readouterr().err
+    # a bad prompt of an ensemble row names the row; a missing member fails before any baseline runs
+    assert eval_main(["--data", str(folder), "--out", str(tmp_path / "bad"), "--baselines", "none",
+                      "--ensemble", f"x={a},{b}", "--model-prompt", "x=5"]) == 2
+    assert "--ensemble x:" in capsys.readouterr().err
+    assert eval_main(["--data", str(folder), "--out", str(tmp_path / "bad"), "--baselines", "sasrec",
+                      "--ensemble", f"x={a},{tmp_path / 'gone'}"]) == 2
+    err = capsys.readouterr().err
+    assert "row 'x'" in err and "gone" in err and not (tmp_path / "bad").exists()
 
 
 def test_cli_errors_are_one_line(folder, tmp_path, capsys):

@@ -117,10 +117,36 @@ def test_ensemble_search_scores_every_subset_as_conrec_eval_would(folder, models
     first = next(e["members"] for e in sorted(result["ensembles"], key=lambda e: len(e["members"])) if e["score"] == top)
     assert result["best"] == first
     # the CLI prints the result and the conrec-eval argument of the best subset
-    assert main(["--data", str(folder), "--ensembles", "--metric", "FHR@10", "--device", "cpu",
+    assert main(["--data", str(folder), "--ensembles", "--metric", "FHR@10", "--device", "cpu", "--context", "2",
                  *[f"--model={n}={p}" for n, p in three.items()]]) == 0
-    out = capsys.readouterr().out
-    assert f'--ensemble "{"+".join(first)}=' in out
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["best"] == ensemble_search(folder, three, "FHR@10", context=2, device="cpu")["best"]
+    row = "+".join(json.loads(captured.out)["best"])
+    assert f'--ensemble "{row}=' in captured.err and f'--model-prompt "{row}=2,384"' in captured.err
+
+
+def test_ensemble_search_ties_go_to_fewer_members_then_the_first_listed(folder, models, monkeypatch):
+    """Identical score matrices for every folder: every subset ranks the same, so the first single folder wins."""
+    import numpy as np
+
+    from conrec_verl.evaluation import harness
+    from conrec_verl.evaluation.select import ensemble_search
+
+    def same(data, path, *args, **kwargs):
+        rng = np.random.default_rng(0)
+        return rng.normal(size=(len(data.rows), len(data.sid_items))).astype(np.float32), {}
+
+    monkeypatch.setattr(harness, "catalogue_scores", same)
+    result = ensemble_search(folder, {"second": models["b"], "first": models["a"]}, "FHR@10", device="cpu")
+    assert len({e["score"] for e in result["ensembles"]}) == 1
+    assert result["best"] == ["second"]
+
+
+def test_ensemble_search_refuses_one_folder_under_two_names(folder, models):
+    from conrec_verl.evaluation.select import ensemble_search
+
+    with pytest.raises(EvalInputError, match="twice"):
+        ensemble_search(folder, {"a": models["a"], "again": models["a"] + "/"}, device="cpu")
 
 
 def test_ensemble_search_refuses_too_many_folders(folder, models):
