@@ -7,7 +7,7 @@ Example::
         --model "warm-up SFT=runs/ml100k/models/sft_warmup" --model-prompt "warm-up SFT=2,504" \\
         --model "GRPO=runs/ml100k/models/grpo" --model-prompt "GRPO=3,384" \\
         --forget-reference-model runs/ml100k/models/sft_alignment \\
-        --ensemble "two runs=runs/ml100k/models/sft_warmup,runs/ml100k_seed1/models/sft_warmup"
+        --ensemble "two runs=runs/ml100k/models/grpo,runs/ml100k_win/models/grpo"
 """
 
 from __future__ import annotations
