@@ -742,7 +742,7 @@ def _sft_part(df: pd.DataFrame, shared) -> dict:
         keys = plan.event_keys(df)
         for name, who in (("warmup", train_users), ("warmup_val", val_users)):
             rows = F.every_dislike_records(df, keys, plan.recent, who, sid_of, wcfg, seed, levels,
-                                           window=plan.window) if who else []
+                                           window=plan.window, with_likes=name == "warmup") if who else []
             # this worker writes its rows (users in sorted order); only their runs leave it
             rows = sorted(rows, key=lambda r: r["extra_info"]["user_id"])
             shards[name] = write_shard(rows, SFT_SCHEMAS["warmup"], Path(staging) / name / f"part-{part:05d}.parquet")

@@ -565,7 +565,7 @@ def sft_sets(log: Log, split: Split, sids, samples: Samples, cfg: dict, seed: in
         if every:
             keys, recent, levels = split.plan.key[split.train_mask], split.plan.recent, sids.book.num_levels
             warmup = every_dislike_records(train, keys, recent, train_users, sids.sid_of, wcfg, seed, levels,
-                                           window=split.plan.window)
+                                           window=split.plan.window, with_likes=True)
             # the same questions for the validation users (never in SFT): what picks SFT epochs
             val_users = {u for u in train["user_id"].unique().tolist() if S.is_val_user(seed, u, vfrac)}
             warmup_val = every_dislike_records(train, keys, recent, val_users, sids.sid_of, wcfg, seed,

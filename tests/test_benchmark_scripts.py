@@ -29,6 +29,18 @@ def test_bench_constrained_decoding_runs(monkeypatch, capsys):
     assert "valid and distinct: True" in out
 
 
+def test_bench_catalogue_scores_agree_and_a_negative_tolerance_fails(monkeypatch, capsys):
+    args = ["--sizes", "4,4,4", "--items", "30", "--prompts", "2", "--prompt-items", "5", "--chunk", "7"]
+    with pytest.raises(SystemExit) as done:
+        run_script("bench_catalogue_scores.py", args, monkeypatch, capsys)
+    out = capsys.readouterr().out
+    assert done.value.code == 0, out
+    assert "speed-up" in out and "prompts whose top 20 items agree: 1.000" in out
+    with pytest.raises(SystemExit) as done:  # the agreement check is what decides the exit status
+        run_script("bench_catalogue_scores.py", [*args, "--tolerance", "-1"], monkeypatch, capsys)
+    assert done.value.code == 1
+
+
 def test_bench_quality_section_writer(tmp_path):
     mod = runpy.run_path(str(BENCH / "bench_quality.py"))
     target = tmp_path / "BENCHMARKS.md"

@@ -113,6 +113,32 @@ def test_catalog_log_probs_are_each_sids_teacher_forced_score_and_rank_as_the_ex
         assert r.sids == [order[j] for j in best]
 
 
+def test_catalog_log_probs_by_level_equal_item_by_item_for_any_chunk_and_trie_shape(tiny):
+    """Scoring each distinct prefix once gives every item the score of forcing its own tokens, for
+    tries whose prefixes are shared by many items, by one item each, or mixed, whatever the chunk
+    (one prefix at a time, some, all at once); the model is left in the mode it was in."""
+    model, tok = tiny
+    tmap = SidTokenMap(tok, SIZES)
+    shapes = {
+        "one first code": [(1, b, c) for b in range(4) for c in range(4)],
+        "no shared prefix": [(a, a, (a + 1) % 4) for a in range(4)],
+        "mixed": [(0, 0, 0), (0, 0, 3), (0, 2, 1), (3, 1, 1), (3, 1, 2), (2, 3, 0)],
+    }
+    model.train()
+    for name, sids in shapes.items():
+        trie = SidTrie(sids)
+        order = list(trie.iter_sids())
+        want = [score_sids(model, tok, p, order, None, tmap) for p in PROMPTS[:2]]
+        for chunk in (1, 3, 1000):
+            M = catalog_log_probs(model, tok, PROMPTS[:2], trie, tmap, chunk=chunk)
+            for i in range(2):
+                assert M[i] == pytest.approx(want[i], abs=1e-5), (name, chunk)
+        assert model.training
+    model.eval()
+    with pytest.raises(ConstrainedDecodingError, match="chunk must be >= 1"):
+        catalog_log_probs(model, tok, PROMPTS[:1], SidTrie(shapes["mixed"]), tmap, chunk=0)
+
+
 def test_logits_processor_and_prefix_fn_mask_by_trie(tiny):
     _, tok = tiny
     trie = SidTrie([(1, 2, 3), (1, 0, 0), (2, 2, 2)])

@@ -19,6 +19,11 @@ STAGE_CONTEXTS = {
 }
 
 INSTRUCTION = "Predict one item the user will mark not interested in the next days. Answer with its item ID only."
+#: the question of the optional like rows of warm-up SFT (``sft.warmup.likes``): the same history
+#: prompt asking for an item the user will like (item-sequence knowledge from the more frequent
+#: likes). Not in :func:`vocabulary_corpus`, so that tokenizers built before it stay the same; the
+#: byte-level tiny tokenizer spells its new word from known pieces.
+LIKE_INSTRUCTION = "Predict one item the user will like in the next days. Answer with its item ID only."
 NEG_RECENT_HEADER = "Items the user marked not interested in the last 3 days:"
 NEG_ALL_HEADER = "Items the user marked not interested:"
 POS_HEADER = "Items the user liked:"
@@ -54,8 +59,10 @@ def render_history_prompt(
     neg_all: Sequence[str] = (),
     pos: Sequence[str] = (),
     fits: Callable[[str], bool] | None = None,
+    instruction: str = INSTRUCTION,
 ) -> str:
-    """The user-turn text for a history -> future negative prompt at ``stage``.
+    """The user-turn text for a history -> future negative prompt at ``stage`` (``instruction``: the
+    question after the history; :data:`LIKE_INSTRUCTION` for the warm-up like rows).
 
     ``fits(text) -> bool`` (e.g. "tokenised length <= max_prompt_length") makes the function drop
     the oldest history items, largest section first, until the text fits. The instruction is never
@@ -65,7 +72,7 @@ def render_history_prompt(
 
     def render(secs) -> str:
         lines = [f"{header} {_join(items)}" for header, items in secs]
-        return "\n".join(lines + [INSTRUCTION])
+        return "\n".join(lines + [instruction])
 
     text = render(sections)
     if fits is None or fits(text):

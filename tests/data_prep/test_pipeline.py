@@ -349,6 +349,57 @@ def test_warmup_window_targets_are_dislikes_of_the_window_from_each_anchor(built
     assert not (tmp_path / "bad").exists()
 
 
+def test_warmup_like_rows_ask_the_likes_and_leave_the_dislike_rows_as_they_were(built, tmp_path):
+    """``sft.warmup.likes=s``: the dislike rows are exactly those of ``s = 0``; the like rows are the
+    training users' likes whose history before them holds a dislike (every one at ``s = 1``, a seeded
+    subset at ``s = 0.5``), each asking the like question with the liked item as its answer;
+    the validation set stays dislikes only; bad shares are refused before anything is written."""
+    from conrec_verl.core import prompts
+
+    d, log, out = built
+    sid_of, log = _warmup_log(log, out)
+    expected = []
+    for user, ev in log.groupby("user_id", sort=True):
+        ev = ev.sort_values("timestamp", kind="stable")
+        for _, e in ev[ev.label == 1].iterrows():
+            before = ev[ev.timestamp < e.timestamp]
+            if (before.label == 0).any():
+                expected.append((str(user), sid_of[e.item_id]))
+
+    def parts(folder):
+        w = read(folder, "sft/warmup.parquet")
+        rows = {"warmup": [], "warmup_like": []}
+        for msgs, info in zip(w["messages"], w["extra_info"]):
+            rows[info["task"]].append((info["user_id"], msgs[0]["content"], msgs[1]["content"], info["context"]))
+        return rows
+
+    base = parts(out)
+    assert base["warmup_like"] == []
+    every = build(generic_cfg(d / "log.csv", tmp_path / "all", "sft.warmup.likes=1.0"))
+    half = build(generic_cfg(d / "log.csv", tmp_path / "half", "sft.warmup.likes=0.5"))
+    got_all, got_half = parts(every), parts(half)
+    assert got_all["warmup"] == got_half["warmup"] == base["warmup"]
+    assert sorted((u, a) for u, _, a, _ in got_all["warmup_like"]) == sorted(expected)
+    for _, text, answer, ctx in got_all["warmup_like"]:
+        assert text.endswith(prompts.LIKE_INSTRUCTION) and prompts.INSTRUCTION not in text
+        assert (prompts.POS_HEADER in text) == (ctx == 3)
+        assert not text.split("\n")[0].endswith(prompts.EMPTY)  # a dislike is shown, as in the dislike rows
+    assert {c for *_, c in got_all["warmup_like"]} == {1, 2, 3}
+    half_rows = set(map(tuple, got_half["warmup_like"]))
+    assert half_rows < set(map(tuple, got_all["warmup_like"]))
+    assert 0.3 < len(half_rows) / len(got_all["warmup_like"]) < 0.7
+    for folder in (every, half):  # the epoch chosen answers the dislike question: no like rows there
+        assert read(folder, "sft/warmup_val.parquet").equals(read(out, "sft/warmup_val.parquet"))
+    again = build(generic_cfg(d / "log.csv", tmp_path / "half2", "sft.warmup.likes=0.5"))
+    assert read(again, "sft/warmup.parquet").equals(read(half, "sft/warmup.parquet"))
+    for bad, msg in (("1.5", "must be in \\[0, 1\\]"), ("many", "must be a number")):
+        with pytest.raises(DataPrepError, match=f"sft.warmup.likes {msg}"):
+            build(generic_cfg(d / "log.csv", tmp_path / "bad", f"sft.warmup.likes={bad}"))
+    with pytest.raises(DataPrepError, match="sft.warmup.likes needs sft.warmup.rows=every_dislike"):
+        build(generic_cfg(d / "log.csv", tmp_path / "bad", "sft.warmup.likes=0.5", "sft.warmup.rows=cutoffs"))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_warmup_rows_cutoffs_mode_answers_the_next_future_dislike(tmp_path, synth_path):
     out = build(generic_cfg(synth_path, tmp_path / "o", "sft.warmup.rows=cutoffs"))
     warm = read(out, "sft/warmup.parquet")

@@ -323,10 +323,11 @@ def test_ray_engine_on_a_movielens_folder_sends_the_driver_read_log_to_the_clust
     write_movielens(tmp_path / "ml", n_users=40)
 
     def cfg(out, *extra):
-        # warm-up targets drawn in each anchor's window (ms keys here): the same draws on the workers
+        # warm-up targets drawn in each anchor's window (ms keys here) and half the likes asked too:
+        # the same draws on the workers
         return load_config("movielens", [f"input.path={tmp_path / 'ml'}", f"out_dir={out}", "sid.sizes=[4,4,4]",
                                          "embedding.dim=8", "progress=false", "print_summary=false",
-                                         "sft.warmup.targets=window", *extra])
+                                         "sft.warmup.targets=window", "sft.warmup.likes=0.5", *extra])
 
     local = build(cfg(tmp_path / "local"))
     remote = build(cfg(tmp_path / "ray", "engine=ray", f"ray.address={two_node_cluster.address}",
