@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Collection, Sequence
 
@@ -344,7 +345,7 @@ def score_sids(model, tokenizer, prompt, sids: Sequence[Codes], max_prompt_token
 
 @torch.no_grad()
 def catalog_log_probs(model, tokenizer, prompts: Sequence, trie: SidTrie, token_map: SidTokenMap | None = None,
-                      progress: bool = False, chunk: int = 256) -> np.ndarray:
+                      progress: bool = False, chunk: int | None = 256) -> np.ndarray:
     """Exact log-probability of every SID of ``trie`` after each prompt: an array of shape
     (prompts, items), columns in ``trie.iter_sids()`` order.
 
@@ -355,16 +356,17 @@ def catalog_log_probs(model, tokenizer, prompts: Sequence, trie: SidTrie, token_
     its level-``l`` code's log-probability from that prefix's last position. An item's score is
     the sum over its levels, the same number :func:`score_sids` gives by forcing each item's own
     tokens. The cost is ``sum_l (distinct l-prefixes) x l`` decoded tokens per prompt instead of
-    ``items x (levels - 1)`` (MovieLens-100K, 1,642 items on 16 x 16 x 16 codes: 528 instead of
-    3,284; ``benchmarks/bench_catalogue_scores.py``). Prefixes run ``chunk`` at a time on a copy
-    of the prompt's KV cache, so memory grows with ``chunk`` x prompt length, never with the
-    catalogue; only the needed entries of each chunk's log-softmax are kept. Meant for evaluation,
+    ``items x (levels - 1)`` (MovieLens-100K's build, 1,642 items on 16 x 16 x 16 codes: 486
+    instead of 3,284; ``benchmarks/bench_catalogue_scores.py``). Prefixes run ``chunk`` at a time
+    (None: all of a level at once) on a copy of the prompt's KV cache, so memory grows with
+    ``chunk`` x prompt length, never with the catalogue; only the needed entries of each chunk's
+    log-softmax are kept. Meant for evaluation,
     where several models' scores are combined item by item (``conrec-eval --ensemble``).
     """
     sids = np.asarray(list(trie.iter_sids()), dtype=np.int64)
     if sids.size == 0:
         return np.empty((len(prompts), 0), dtype=np.float32)
-    if int(chunk) < 1:
+    if chunk is not None and int(chunk) < 1:
         raise ConstrainedDecodingError(f"chunk must be >= 1, got {chunk}")
     if token_map is None:
         token_map = SidTokenMap(tokenizer, trie.level_sizes())
@@ -372,12 +374,23 @@ def catalog_log_probs(model, tokenizer, prompts: Sequence, trie: SidTrie, token_
     device = next(model.parameters()).device
     tokens = torch.tensor([[token_map.token_id(level, int(c)) for level, c in enumerate(row)] for row in sids],
                           dtype=torch.long, device=device)
-    # per level l >= 1: the distinct prefixes of l codes (as token rows) and each item's prefix number
+    # the work of every prompt, planned once: per level l >= 1, chunks of distinct l-code prefixes
+    # (token rows) with, for each, the items below them, their prefix's row in the chunk and their
+    # level-l token
     plan = []
     for level in range(1, levels):
         _, first, inverse = np.unique(sids[:, :level], axis=0, return_index=True, return_inverse=True)
-        plan.append((tokens[torch.as_tensor(first, device=device), :level],
-                     torch.as_tensor(inverse.reshape(-1), device=device)))
+        inverse = inverse.reshape(-1)  # numpy 2.0.0 returned it with the unique axis kept
+        order = np.argsort(inverse, kind="stable")
+        step = len(first) if chunk is None else int(chunk)
+        for start in range(0, len(first), step):
+            stop = min(start + step, len(first))
+            lo, hi = np.searchsorted(inverse[order], [start, stop], side="left")
+            items = torch.as_tensor(order[lo:hi], device=device)
+            plan.append((level, tokens[torch.as_tensor(first[start:stop], device=device), :level], items,
+                         torch.as_tensor(inverse[order[lo:hi]] - start, device=device), tokens[items, level]))
+    # only the last position's logits are used (most Hugging Face causal LMs can skip the others)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     out = np.empty((len(prompts), n_items), dtype=np.float32)
     rows = range(len(prompts))
     if progress:
@@ -389,21 +402,17 @@ def catalog_log_probs(model, tokenizer, prompts: Sequence, trie: SidTrie, token_
     try:
         for i in rows:
             enc = _encode(tokenizer, [prompts[i]], None, device)
-            first = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=True)
+            first = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=True, **keep)
             total = torch.log_softmax(first.logits[0, -1, :].float(), dim=-1)[tokens[:, 0]]
-            for level, (prefixes, item_prefix) in enumerate(plan, start=1):
-                for start in range(0, prefixes.shape[0], int(chunk)):
-                    part = prefixes[start:start + int(chunk)]
-                    n = part.shape[0]
-                    cache = copy.deepcopy(first.past_key_values)
-                    cache.batch_repeat_interleave(n)
-                    mask = torch.ones(n, enc["input_ids"].shape[1] + level, dtype=enc["attention_mask"].dtype,
-                                      device=device)
-                    logits = model(input_ids=part, attention_mask=mask, past_key_values=cache,
-                                   use_cache=True).logits[:, -1, :].float()
-                    logp = torch.log_softmax(logits, dim=-1)
-                    below = (item_prefix >= start) & (item_prefix < start + n)
-                    total[below] += logp[item_prefix[below] - start, tokens[below, level]]
+            for level, part, items, row_in_part, next_token in plan:
+                n = part.shape[0]
+                cache = copy.deepcopy(first.past_key_values)
+                cache.batch_repeat_interleave(n)
+                mask = torch.ones(n, enc["input_ids"].shape[1] + level, dtype=enc["attention_mask"].dtype,
+                                  device=device)
+                logits = model(input_ids=part, attention_mask=mask, past_key_values=cache, use_cache=True,
+                               **keep).logits[:, -1, :].float()
+                total[items] += torch.log_softmax(logits, dim=-1)[row_in_part, next_token]
             out[i] = total.cpu().numpy()
     finally:
         if was_training:

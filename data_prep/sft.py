@@ -157,6 +157,8 @@ def warmup_config(raw) -> dict:
     cfg["contexts"] = sorted(set(ctx))
     cfg["max_history_items"] = int(cfg["max_history_items"] or 0)
     try:
+        if isinstance(cfg["likes"], bool):  # `likes: true` is no share
+            raise TypeError
         cfg["likes"] = float(cfg["likes"] or 0.0)
     except (TypeError, ValueError):
         raise DataPrepError(f"sft.warmup.likes must be a number in [0, 1], got {cfg['likes']!r}") from None

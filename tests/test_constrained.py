@@ -118,25 +118,27 @@ def test_catalog_log_probs_by_level_equal_item_by_item_for_any_chunk_and_trie_sh
     tries whose prefixes are shared by many items, by one item each, or mixed, whatever the chunk
     (one prefix at a time, some, all at once); the model is left in the mode it was in."""
     model, tok = tiny
-    tmap = SidTokenMap(tok, SIZES)
     shapes = {
         "one first code": [(1, b, c) for b in range(4) for c in range(4)],
         "no shared prefix": [(a, a, (a + 1) % 4) for a in range(4)],
         "mixed": [(0, 0, 0), (0, 0, 3), (0, 2, 1), (3, 1, 1), (3, 1, 2), (2, 3, 0)],
+        "two levels": [(0, 1), (0, 3), (2, 2), (3, 0), (3, 1)],
+        "one level": [(0,), (2,), (3,)],
     }
     model.train()
     for name, sids in shapes.items():
         trie = SidTrie(sids)
+        tmap = SidTokenMap(tok, SIZES[:len(sids[0])])
         order = list(trie.iter_sids())
         want = [score_sids(model, tok, p, order, None, tmap) for p in PROMPTS[:2]]
-        for chunk in (1, 3, 1000):
+        for chunk in (1, 3, 1000, None):
             M = catalog_log_probs(model, tok, PROMPTS[:2], trie, tmap, chunk=chunk)
             for i in range(2):
                 assert M[i] == pytest.approx(want[i], abs=1e-5), (name, chunk)
         assert model.training
     model.eval()
     with pytest.raises(ConstrainedDecodingError, match="chunk must be >= 1"):
-        catalog_log_probs(model, tok, PROMPTS[:1], SidTrie(shapes["mixed"]), tmap, chunk=0)
+        catalog_log_probs(model, tok, PROMPTS[:1], SidTrie(shapes["mixed"]), SidTokenMap(tok, SIZES), chunk=0)
 
 
 def test_logits_processor_and_prefix_fn_mask_by_trie(tiny):

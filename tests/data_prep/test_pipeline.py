@@ -392,7 +392,11 @@ def test_warmup_like_rows_ask_the_likes_and_leave_the_dislike_rows_as_they_were(
         assert read(folder, "sft/warmup_val.parquet").equals(read(out, "sft/warmup_val.parquet"))
     again = build(generic_cfg(d / "log.csv", tmp_path / "half2", "sft.warmup.likes=0.5"))
     assert read(again, "sft/warmup.parquet").equals(read(half, "sft/warmup.parquet"))
-    for bad, msg in (("1.5", "must be in \\[0, 1\\]"), ("many", "must be a number")):
+    # window targets change the dislike rows' answers only: a like row still answers its like
+    win = parts(build(generic_cfg(d / "log.csv", tmp_path / "win", "sft.warmup.likes=1.0",
+                                  "sft.warmup.targets=window")))
+    assert win["warmup_like"] == got_all["warmup_like"] and win["warmup"] != got_all["warmup"]
+    for bad, msg in (("1.5", "must be in \\[0, 1\\]"), ("many", "must be a number"), ("true", "must be a number")):
         with pytest.raises(DataPrepError, match=f"sft.warmup.likes {msg}"):
             build(generic_cfg(d / "log.csv", tmp_path / "bad", f"sft.warmup.likes={bad}"))
     with pytest.raises(DataPrepError, match="sft.warmup.likes needs sft.warmup.rows=every_dislike"):

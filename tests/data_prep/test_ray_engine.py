@@ -333,6 +333,8 @@ def test_ray_engine_on_a_movielens_folder_sends_the_driver_read_log_to_the_clust
     remote = build(cfg(tmp_path / "ray", "engine=ray", f"ray.address={two_node_cluster.address}",
                        "ray.partitions=3", *RAY_OPTS))
     assert len(pd.read_parquet(local / "eval" / "test.parquet")) > 0
+    tasks = pd.read_parquet(remote / "sft" / "warmup.parquet")["extra_info"].map(lambda e: e["task"])
+    assert {"warmup", "warmup_like"} <= set(tasks)  # the workers asked likes too
     assert compare_data_folders(local, remote) == []
 
 
