@@ -115,6 +115,7 @@ def snapshot(out: Path, rows_per_file: int) -> None:
                 manifest.pop("timings_s", None)
                 manifest.get("config", {}).pop("out_dir", None)
                 files[rel] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+                (out / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
             else:
                 files[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     (out / "files.json").write_text(json.dumps(files, indent=1, sort_keys=True))
@@ -138,10 +139,39 @@ def run_snapshot(tree: Path, out: Path, rows: int) -> None:
         sys.exit(f"the snapshot of {tree} imported another conrec_verl ({where})")
 
 
-def compare(base: Path, head: Path) -> list[str]:
+def _flat(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def added_config_keys(base: Path, head: Path) -> list[str] | None:
+    """When the two manifests differ only by ``config`` keys that the head adds (a new option,
+    recorded with its default), those keys; otherwise None (a real difference)."""
+    if not ((base / "manifest.json").is_file() and (head / "manifest.json").is_file()):
+        return None
+    a, b = (_flat(json.loads((d / "manifest.json").read_text())) for d in (base, head))
+    added = sorted(set(b) - set(a))
+    if set(a) - set(b) or any(a[k] != b[k] for k in a) or not all(k.startswith("config.") for k in added):
+        return None
+    return added
+
+
+def compare(base: Path, head: Path, notes: list | None = None) -> list[str]:
+    """What differs between two snapshots. A manifest that differs only by config keys the head
+    adds is no difference (its data files are compared on their own); the keys go to ``notes``."""
     diffs = []
     fa, fb = (json.loads((d / "files.json").read_text()) for d in (base, head))
     for name in sorted(set(fa) | set(fb)):
+        if name == "manifest.json" and name in fa and name in fb and fa[name] != fb[name]:
+            added = added_config_keys(base, head)
+            if added:
+                if notes is not None:
+                    notes.append(f"manifest.json records new config key(s) {', '.join(added)} (nothing else differs)")
+                continue
         if fa.get(name) != fb.get(name):
             diffs.append(f"data file {name}: {'missing' if name not in fb else 'added' if name not in fa else 'bytes differ'}")
     ra, rb = (json.loads((d / "rewards.json").read_text()) for d in (base, head))
@@ -171,13 +201,16 @@ def main() -> None:
         try:
             run_snapshot(tree, work / "out_base", args.rows)
             run_snapshot(ROOT, work / "out_head", args.rows)
-            diffs = compare(work / "out_base", work / "out_head")
+            notes: list[str] = []
+            diffs = compare(work / "out_base", work / "out_head", notes)
             n = len(json.loads((work / "out_head" / "rewards.json").read_text()))
             files = len(json.loads((work / "out_head" / "files.json").read_text()))
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     print(f"base {args.base} vs this working tree: {files} data files, {n} scored responses (compute_score and "
           f"the conrec manager each)")
+    for line in notes:
+        print("  note:", line)
     for line in diffs[:40]:
         print("  DIFFERS:", line)
     print("outputs unchanged" if not diffs else f"{len(diffs)} difference(s)")

@@ -179,6 +179,22 @@ def test_refactor_check_reports_every_changed_file_and_score(tmp_path):
     diffs = compare(tmp_path / "a", tmp_path / "b")
     assert [d.split(":")[0] for d in diffs] == ["data file y", "data file z", "reward of 't' (f)"]
     assert compare(tmp_path / "a", tmp_path / "a") == []
+    # a manifest that only records a new option's config key is no difference, but is noted; any
+    # other manifest change (a changed or removed key, a key outside config) is one
+    for name, manifest in (("c", {"config": {"k": 1}, "counts": {"x": 3}}),
+                           ("d", {"config": {"k": 1, "new": {"opt": 0.0}}, "counts": {"x": 3}}),
+                           ("e", {"config": {"k": 2, "new": {"opt": 0.0}}, "counts": {"x": 3}}),
+                           ("f", {"config": {"k": 1}, "counts": {"x": 3, "y": 1}})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "files.json").write_text(json.dumps({"manifest.json": name, "x": "1"}))
+        (tmp_path / name / "rewards.json").write_text("[]")
+        (tmp_path / name / "manifest.json").write_text(json.dumps(manifest))
+    notes = []
+    assert compare(tmp_path / "c", tmp_path / "d", notes) == []
+    assert notes == ["manifest.json records new config key(s) config.new.opt (nothing else differs)"]
+    for head in ("e", "f"):
+        assert compare(tmp_path / "c", tmp_path / head) == ["data file manifest.json: bytes differ"]
+    assert compare(tmp_path / "d", tmp_path / "c") == ["data file manifest.json: bytes differ"]
 
 
 def test_average_checkpoints_is_the_parameter_mean_and_rejects_other_shapes(tmp_path, monkeypatch, capsys):
