@@ -24,6 +24,7 @@ import random
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,8 +57,6 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from conrec_verl.constrained import SidTokenMap, catalog_log_probs
-    from conrec_verl.core.prompts import render_history_prompt
-    from conrec_verl.core.sid import format_sid
     from conrec_verl.core.sid_trie import SidTrie
     from conrec_verl.model_builder import save_tiny_model
 
@@ -75,14 +74,12 @@ def main(argv=None) -> int:
             tokenizer = AutoTokenizer.from_pretrained(args.model)
             prompts = render_prompts(data, tokenizer, 3, 384)[0][: args.prompts]
         else:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from bench_constrained_decoding import random_catalogue
+
             sizes = tuple(int(x) for x in args.sizes.split(","))
-            sids = set()
-            while len(sids) < args.items:
-                sids.add(tuple(rnd.randrange(s) for s in sizes))
+            sids, prompts = random_catalogue(sizes, args.items, args.prompts, args.prompt_items, rnd)
             trie = SidTrie(sids)
-            pool = sorted(sids)
-            prompts = [render_history_prompt(2, neg_all=[format_sid(x) for x in rnd.sample(pool, args.prompt_items)])
-                       for _ in range(args.prompts)]
         path = args.model or save_tiny_model(f"{tmp}/m", sizes, num_layers=args.layers, hidden_size=args.hidden,
                                              seed=args.seed)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -23,6 +23,20 @@ import time
 import torch
 
 
+def random_catalogue(sizes, items: int, prompts: int, prompt_items: int, rnd: random.Random):
+    """``items`` distinct random SIDs on codes of ``sizes`` and ``prompts`` context-2 prompts, each
+    listing ``prompt_items`` of them (also used by ``bench_catalogue_scores.py``)."""
+    from conrec_verl.core.prompts import render_history_prompt
+    from conrec_verl.core.sid import format_sid
+
+    sids = set()
+    while len(sids) < items:
+        sids.add(tuple(rnd.randrange(s) for s in sizes))
+    pool = sorted(sids)
+    return sids, [render_history_prompt(2, neg_all=[format_sid(x) for x in rnd.sample(pool, prompt_items)])
+                  for _ in range(prompts)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -42,20 +56,14 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from conrec_verl.constrained import constrained_beam_search, score_sids
-    from conrec_verl.core.prompts import render_history_prompt
-    from conrec_verl.core.sid import format_sid
     from conrec_verl.core.sid_trie import SidTrie
     from conrec_verl.model_builder import save_tiny_model
 
     sizes = tuple(int(x) for x in args.sizes.split(","))
     rnd = random.Random(args.seed)
-    sids = set()
-    while len(sids) < args.items:
-        sids.add(tuple(rnd.randrange(s) for s in sizes))
+    sids, prompts = random_catalogue(sizes, args.items, args.prompts, args.prompt_items, rnd)
     trie = SidTrie(sids)
     pool = sorted(sids)
-    prompts = [render_history_prompt(2, neg_all=[format_sid(x) for x in rnd.sample(pool, args.prompt_items)])
-               for _ in range(args.prompts)]
     with tempfile.TemporaryDirectory() as tmp:
         d = save_tiny_model(f"{tmp}/m", sizes, num_layers=args.layers, hidden_size=args.hidden, seed=args.seed)
         tok = AutoTokenizer.from_pretrained(d)

@@ -263,19 +263,25 @@ def _warmup_log(log, out):
     return sid_of, log[(log.day <= 20240110) & log.item_id.isin(sid_of) & ~log.user_id.isin(val_users)]
 
 
+def _walk(log, label: int):
+    """(user, event, the user's events strictly before it) for every event of ``label``, users in
+    sorted order, each user's events in time order: the brute-force walk of the warm-up oracles."""
+    for user, ev in log.groupby("user_id", sort=True):
+        ev = ev.sort_values("timestamp", kind="stable")
+        for _, e in ev[ev.label == label].iterrows():
+            yield user, e, ev[ev.timestamp < e.timestamp]
+
+
 def test_warmup_every_dislike_matches_a_brute_force_walk_of_the_log(built):
     from conrec_verl.core import prompts
 
     d, log, out = built
     sid_of, log = _warmup_log(log, out)
     expected = []
-    for user, ev in log.groupby("user_id", sort=True):
-        ev = ev.sort_values("timestamp", kind="stable")
-        for _, e in ev[ev.label == 0].iterrows():
-            before = ev[ev.timestamp < e.timestamp]
-            negs = [sid_of[i] for i in before[before.label == 0].item_id]
-            if negs:
-                expected.append((user, sid_of[e.item_id], negs[-96:]))
+    for user, e, before in _walk(log, label=0):
+        negs = [sid_of[i] for i in before[before.label == 0].item_id]
+        if negs:
+            expected.append((user, sid_of[e.item_id], negs[-96:]))
     warm = read(out, "sft/warmup.parquet")
     got = []
     for msgs, info in zip(warm["messages"], warm["extra_info"]):
@@ -358,13 +364,8 @@ def test_warmup_like_rows_ask_the_likes_and_leave_the_dislike_rows_as_they_were(
 
     d, log, out = built
     sid_of, log = _warmup_log(log, out)
-    expected = []
-    for user, ev in log.groupby("user_id", sort=True):
-        ev = ev.sort_values("timestamp", kind="stable")
-        for _, e in ev[ev.label == 1].iterrows():
-            before = ev[ev.timestamp < e.timestamp]
-            if (before.label == 0).any():
-                expected.append((str(user), sid_of[e.item_id]))
+    expected = [(str(user), sid_of[e.item_id]) for user, e, before in _walk(log, label=1)
+                if (before.label == 0).any()]
 
     def parts(folder):
         w = read(folder, "sft/warmup.parquet")
