@@ -18,6 +18,7 @@ import sys
 
 from conrec_verl.core.eval_data import DEFAULT_EXCLUSION, EXCLUSION_RULES, EvalInputError
 from conrec_verl.evaluation.harness import (
+    DECODES,
     DEFAULT_CONTEXT,
     DEFAULT_PROMPT_TOKENS,
     DEFAULT_THRESHOLDS,
@@ -153,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-contexts", action="store_true",
                    help="also decode every model row in contexts 1, 2 and 3 (by-context table)")
     p.add_argument("--num-beams", type=int, default=None, help="beams (>= K; default K)")
+    p.add_argument("--decode", choices=DECODES, default="beam",
+                   help="how model rows find their top K: beam (item-constrained beam search, the paper's) or exact "
+                        "(every item's log-probability, level by level down the SID trie: the model's true top K)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     p.add_argument("--max-prompt-tokens", default=str(DEFAULT_PROMPT_TOKENS),
                    help="token budget of a model prompt (chat template included); the oldest history is dropped "
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_rows is not None and args.max_rows < 1:
             raise EvalInputError(f"--max-rows must be >= 1, got {args.max_rows}")
         model_params = {"num_beams": args.num_beams, "batch_size": args.batch_size, "device": args.device,
-                        "dtype": args.dtype,
+                        "dtype": args.dtype, "decode": args.decode,
                         "candidate_acc": not args.no_candidate_acc,
                         "measure_unconstrained": args.measure_unconstrained}
         if args.alignment:

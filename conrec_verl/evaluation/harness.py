@@ -55,6 +55,8 @@ PAIRED_METRIC = "FHR"
 #: the GRPO recipes' final-stage context and the cpu_tiny recipe's ``data.max_prompt_length``
 DEFAULT_CONTEXT = 3
 DEFAULT_PROMPT_TOKENS = 384
+#: how a model row finds its top K (:func:`model_predictions`)
+DECODES = ("beam", "exact")
 
 
 @dataclass
@@ -262,8 +264,13 @@ def model_predictions(data: EvalData, model_dir, k: int, num_beams: int | None =
                       measure_unconstrained: bool = False, max_prompt_tokens: int | None = DEFAULT_PROMPT_TOKENS,
                       exclusion: str = DEFAULT_EXCLUSION, exclude_history: bool | None = None,
                       extra_contexts: Sequence[int] = (), timer: PhaseTimer | None = None, name: str | None = None,
-                      dtype: str = "auto") -> tuple[PredictionSet, dict, list[list[float]]]:
+                      dtype: str = "auto", decode: str = "beam") -> tuple[PredictionSet, dict, list[list[float]]]:
     """Top-K by constrained beam search, candidate scores, alignment accuracy of one model folder.
+
+    ``decode``: ``beam`` (the item-constrained beam search with ``num_beams`` beams, the paper's
+    decoding) or ``exact`` (every item's exact log-probability,
+    :func:`conrec_verl.constrained.catalog_log_probs`, ranked as an ensemble row ranks them,
+    :func:`rank_catalogue`: the model's true top K, which the beam search can miss).
 
     The prompts are rendered for ``prompt_stage`` (context 1-3, or ``"row"``) within
     ``max_prompt_tokens``. ``exclusion`` masks each row's trie (:meth:`SidTrie.without`), so the
@@ -271,11 +278,13 @@ def model_predictions(data: EvalData, model_dir, k: int, num_beams: int | None =
     in these contexts (same budget) and put their per-row FHR/HR outcomes in
     ``info["by_context"]``.
     """
-    from conrec_verl.constrained import SidTokenMap, constrained_beam_search, score_sids
+    from conrec_verl.constrained import BeamResult, SidTokenMap, catalog_log_probs, constrained_beam_search, score_sids
 
     if exclude_history is not None:  # the older boolean form
         exclusion = "dislikes" if exclude_history else "none"
     check_exclusion(exclusion)
+    if decode not in DECODES:
+        raise EvalInputError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
     timer = timer or PhaseTimer()
     label = name or Path(model_dir).name
     with timer(f"{label}: load model"):
@@ -286,12 +295,17 @@ def model_predictions(data: EvalData, model_dir, k: int, num_beams: int | None =
         prompts, lengths, info = render_prompts(data, tokenizer, prompt_stage, max_prompt_tokens)
     exclude = [r.excluded(exclusion) for r in data.rows] if exclusion != "none" else None
     info["exclusion"] = exclusion
+    info["decode"] = decode
 
     def search(ps):
+        if decode == "exact":
+            scores = catalog_log_probs(model, tokenizer, ps, trie, token_map, progress=True)
+            top, top_scores, unmasked = _rank_catalogue_rows(data, scores, k, exclusion)
+            return [BeamResult(s_, sc, n_beams=k, exclusion_skipped=u) for s_, sc, u in zip(top, top_scores, unmasked)]
         return constrained_beam_search(model, tokenizer, ps, trie, k=k, num_beams=num_beams, batch_size=batch_size,
                                        max_prompt_tokens=None, progress=True, exclude=exclude)
 
-    with timer(f"{label}: beam search"):
+    with timer(f"{label}: {'catalogue scores' if decode == 'exact' else 'beam search'}"):
         results = search(prompts)
     # dead beams can only come from a trie narrower than the beam at some depth; every returned SID is valid
     info["dead_beams"] = int(sum(r.n_invalid for r in results))
@@ -376,6 +390,13 @@ def rank_catalogue(data: EvalData, scores: np.ndarray, k: int,
     """Top ``k`` SIDs per row of a (rows, items) score matrix in ``data.trie().iter_sids()`` order,
     the items the exclusion rule names masked; a row whose exclusion would leave fewer than ``k``
     items is ranked unmasked, as the beam search does. Returns (top SIDs, their scores, rows unmasked)."""
+    top, top_scores, unmasked = _rank_catalogue_rows(data, scores, k, exclusion)
+    return top, top_scores, int(sum(unmasked))
+
+
+def _rank_catalogue_rows(data: EvalData, scores: np.ndarray, k: int,
+                         exclusion: str) -> tuple[list[list[Codes]], list[list[float]], list[bool]]:
+    """:func:`rank_catalogue` with a flag per row (ranked unmasked) instead of their count."""
     check_exclusion(exclusion)
     sids = list(data.trie().iter_sids())
     if k > len(sids):
@@ -385,17 +406,17 @@ def rank_catalogue(data: EvalData, scores: np.ndarray, k: int,
                              f"({len(data.rows)} rows, {len(sids)} items)")
     column = {s: j for j, s in enumerate(sids)}
     ranked = np.array(scores, dtype=np.float64)
-    skipped = 0
+    unmasked = [False] * len(data.rows)
     if exclusion != "none":
         for i, row in enumerate(data.rows):
             cols = [column[s] for s in row.excluded(exclusion) if s in column]
             if len(sids) - len(cols) >= k:
                 ranked[i, cols] = -np.inf
             elif cols:
-                skipped += 1
+                unmasked[i] = True
     top = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
     return ([[sids[j] for j in row] for row in top],
-            [[float(scores[i, j]) for j in row] for i, row in enumerate(top)], skipped)
+            [[float(scores[i, j]) for j in row] for i, row in enumerate(top)], unmasked)
 
 
 def ensemble_predictions(data: EvalData, spec: EnsembleSpec, k: int, exclusion: str = DEFAULT_EXCLUSION,
@@ -555,6 +576,8 @@ def run_evaluation(
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise EvalInputError(f"unknown baseline(s) {unknown}; choose from {sorted(BASELINES)}")
+    if (model_params or {}).get("decode", "beam") not in DECODES:
+        raise EvalInputError(f"decode must be one of {', '.join(DECODES)}, got {model_params['decode']!r}")
     specs = {name: (m if isinstance(m, ModelSpec) else ModelSpec(str(m))) for name, m in (models or {}).items()}
     ensembles = {name: (e if isinstance(e, EnsembleSpec) else EnsembleSpec(e)) for name, e in (ensembles or {}).items()}
     # a missing model folder fails before any baseline or model runs

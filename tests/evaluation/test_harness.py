@@ -377,6 +377,35 @@ def test_one_model_ensemble_is_the_exhaustive_beam_search(folder, tmp_path, rule
     assert info["members"] == [str(model)] and info["exclusion"] == rule and info["rows_exclusion_skipped"] == 0
 
 
+@pytest.mark.parametrize("rule", ["none", "interacted"])
+def test_exact_decoding_of_a_model_row_is_the_exhaustive_beam_search(folder, tmp_path, rule):
+    """``decode="exact"`` ranks every item by its log-probability: the top K (also in an extra
+    context) and its scores are the beam search's with a beam per item, and the same as a
+    one-folder ensemble row; a decode that does not exist is refused before anything runs."""
+    from conrec_verl.evaluation.harness import EnsembleSpec, ensemble_predictions, model_predictions, run_evaluation
+    from conrec_verl.model_builder import save_tiny_model
+
+    data = load_eval_data(folder)
+    model = save_tiny_model(tmp_path / "tiny", (4, 4, 4), seed=5)
+    beam, binfo, bscores = model_predictions(data, model, 10, device="cpu", exclusion=rule,
+                                             num_beams=len(data.sid_items), extra_contexts=(2, 3))
+    exact, info, escores = model_predictions(data, model, 10, device="cpu", exclusion=rule, decode="exact",
+                                             extra_contexts=(2, 3))
+    assert info["decode"] == "exact" and binfo["decode"] == "beam"
+    assert exact.sids == beam.sids and np.allclose(escores, bscores, atol=1e-4)
+    assert exact.candidate_scores == beam.candidate_scores
+    assert info["by_context"][2]["sids"] == binfo["by_context"][2]["sids"]
+    assert info.get("rows_exclusion_skipped", 0) == binfo.get("rows_exclusion_skipped", 0)
+    ens, _, _ = ensemble_predictions(data, EnsembleSpec([str(model)]), 10, exclusion=rule, device="cpu")
+    assert ens.sids == exact.sids
+    with pytest.raises(EvalInputError, match="decode must be one of beam, exact"):
+        model_predictions(data, model, 10, device="cpu", decode="greedy")
+    with pytest.raises(EvalInputError, match="decode must be one of beam, exact"):
+        run_evaluation(folder, tmp_path / "bad", baselines=["popularity"], models={"m": str(model)},
+                       model_params={"decode": "greedy"})
+    assert not (tmp_path / "bad").exists()
+
+
 def test_ensemble_ranks_by_the_members_mean_log_probability(folder, tmp_path):
     from conrec_verl.constrained import score_sids
     from conrec_verl.evaluation.harness import EnsembleSpec, PhaseTimer, ensemble_predictions, load_model, render_prompts
