@@ -546,8 +546,8 @@ class Pipeline:
     def _selection_args(self) -> list[str]:
         """The evaluation's prompt, exclusion and device settings for the selection child: the GRPO
         row's context and budget (``eval.grpo_prompt``, else ``--prompt-context`` /
-        ``--max-prompt-tokens`` of ``eval.args``, else 3 and 384), ``--exclusion`` of ``eval.args``
-        and the profile's device. A value the evaluation would refuse is a :class:`PipelineError`."""
+        ``--max-prompt-tokens`` of ``eval.args``, else 3 and 384), ``--exclusion`` and ``--decode`` of
+        ``eval.args`` (checkpoints are chosen decoded as the evaluation decodes them) and the profile's device. A value the evaluation would refuse is a :class:`PipelineError`."""
         args = [str(a) for a in self.profile.eval.get("args") or []]
 
         def flag(name: str, default: str) -> str:
@@ -568,8 +568,14 @@ class Pipeline:
         if budget.lower() != "none" and not (budget.isdigit() and int(budget) >= 0):
             raise PipelineError(f"grpo.select_by_val: the GRPO row's prompt budget must be a number of tokens or "
                                 f"none (eval.grpo_prompt / --max-prompt-tokens), got {budget!r}")
+        from conrec_verl.core.eval_data import DECODES
+
+        decode = flag("--decode", "beam")
+        if decode not in DECODES:
+            raise PipelineError(f"grpo.select_by_val: eval.args --decode must be one of {', '.join(DECODES)}, "
+                                f"got {decode!r}")
         return ["--context", context, "--budget", budget, "--exclusion", flag("--exclusion", "interacted"),
-                "--device", "cuda" if self.profile.device == "cuda" else "cpu"]
+                "--decode", decode, "--device", "cuda" if self.profile.device == "cuda" else "cpu"]
 
     def _select_by_eval_metric(self, phase: Phase, metric: str, include_start: bool, model: Path,
                                ckpt: Path) -> tuple[int, dict]:

@@ -368,9 +368,15 @@ def test_selection_by_the_evaluation_metric_skips_verls_validation_and_names_bad
                             ("grpo.select_by_val.include_start=yes please", "include_start must be true or false"),
                             ("grpo.select_by_val=FHR@20", "must be null or"),
                             ('eval.grpo_prompt="three,384"', "prompt context must be 1, 2, 3 or row"),
-                            ('eval.grpo_prompt="3,lots"', "prompt budget must be a number of tokens or none")):
+                            ('eval.grpo_prompt="3,lots"', "prompt budget must be a number of tokens or none"),
+                            ("eval.args=[--decode,greedy]", "--decode must be one of beam, exact")):
         with pytest.raises(PipelineError, match=match):
             Pipeline(tmp_path / "bad", load_profile("ci_tiny", [override])).check_inputs()
+    # checkpoints are chosen decoded as the evaluation decodes them
+    args = pipe._selection_args()
+    assert args[args.index("--decode") + 1] == "beam"
+    exact = Pipeline(tmp_path / "x", load_profile("ci_tiny", ["eval.args=[--decode,exact]"]))._selection_args()
+    assert exact[exact.index("--decode") + 1] == "exact"
 
 
 def _fake_grpo_run(pipe, tmp_path, scores, steps=(3, 6)):

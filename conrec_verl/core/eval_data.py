@@ -29,6 +29,9 @@ class EvalInputError(ValueError):
 #: not in the rows and not excluded.
 EXCLUSION_RULES = ("none", "dislikes", "interacted")
 DEFAULT_EXCLUSION = "interacted"
+#: how a model row finds its top K: the item-constrained beam search, or every item's exact
+#: log-probability (``conrec_verl.evaluation.harness.model_predictions``)
+DECODES = ("beam", "exact")
 
 
 def check_exclusion(rule: str) -> str:

@@ -16,9 +16,8 @@ import argparse
 import os
 import sys
 
-from conrec_verl.core.eval_data import DEFAULT_EXCLUSION, EXCLUSION_RULES, EvalInputError
+from conrec_verl.core.eval_data import DECODES, DEFAULT_EXCLUSION, EXCLUSION_RULES, EvalInputError
 from conrec_verl.evaluation.harness import (
-    DECODES,
     DEFAULT_CONTEXT,
     DEFAULT_PROMPT_TOKENS,
     DEFAULT_THRESHOLDS,

@@ -44,7 +44,14 @@ from conrec_verl.core.neg_filter import NegativeFilter, removal_sweep
 from conrec_verl.core.prompts import budget_fits, chat_prompt_length, render_history_prompt
 from conrec_verl.core.sid import Codes, extract_sids, format_sid, parse_sid
 from conrec_verl.core.stats import bootstrap_ci, mcnemar
-from conrec_verl.core.eval_data import DEFAULT_EXCLUSION, EvalData, EvalInputError, check_exclusion, load_eval_data
+from conrec_verl.core.eval_data import (  # noqa: F401 - DECODES re-exported
+    DECODES,
+    DEFAULT_EXCLUSION,
+    EvalData,
+    EvalInputError,
+    check_exclusion,
+    load_eval_data,
+)
 from conrec_verl.evaluation.predictions import PredictionSet, predictions_file, read_predictions, write_predictions
 from conrec_verl.io_utils import atomic_dir
 
@@ -55,8 +62,6 @@ PAIRED_METRIC = "FHR"
 #: the GRPO recipes' final-stage context and the cpu_tiny recipe's ``data.max_prompt_length``
 DEFAULT_CONTEXT = 3
 DEFAULT_PROMPT_TOKENS = 384
-#: how a model row finds its top K (:func:`model_predictions`)
-DECODES = ("beam", "exact")
 
 
 @dataclass

@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from conrec_verl.core.eval_data import DEFAULT_EXCLUSION, EXCLUSION_RULES, EvalInputError, load_eval_data
+from conrec_verl.core.eval_data import DECODES, DEFAULT_EXCLUSION, EXCLUSION_RULES, EvalInputError, load_eval_data
 from conrec_verl.core.metrics import HIT_METRIC_RE as METRIC_RE, metric_samples
 
 
@@ -53,8 +53,9 @@ def parse_metric(metric: str) -> tuple[str, int]:
 def validation_scores(data_dir, models: Mapping[str, str], metric: str = "FHR@20",
                       split: str = "rl/val.parquet", context: int | str = 3, budget: int | None = 384,
                       exclusion: str = DEFAULT_EXCLUSION, device: str = "auto", batch_size: int = 8,
-                      num_beams: int | None = None) -> dict:
-    """``metric`` of every model folder in ``models`` (name -> folder, in order) on ``split``."""
+                      num_beams: int | None = None, decode: str = "beam") -> dict:
+    """``metric`` of every model folder in ``models`` (name -> folder, in order) on ``split``, each
+    model decoded as a ``conrec-eval`` model row with that ``decode`` (beam or exact)."""
     from conrec_verl.evaluation.harness import model_predictions
 
     name, k = parse_metric(metric)
@@ -67,12 +68,12 @@ def validation_scores(data_dir, models: Mapping[str, str], metric: str = "FHR@20
     for label, folder in models.items():
         pset, _, _ = model_predictions(data, folder, k, num_beams=num_beams, batch_size=batch_size,
                                        prompt_stage=context, device=device, candidate_acc=False,
-                                       max_prompt_tokens=budget, exclusion=exclusion, name=label)
+                                       max_prompt_tokens=budget, exclusion=exclusion, name=label, decode=decode)
         scores[label], n_rows = hit_rate(pset.sids, targets, name, k)
     finite = {m: v for m, v in scores.items() if math.isfinite(v)}
     best = max(finite.values()) if finite else None
     return {"metric": f"{name}@{k}", "k": k, "split": split, "rows": n_rows, "context": context, "budget": budget,
-            "exclusion": exclusion, "scores": scores,
+            "exclusion": exclusion, "decode": decode, "scores": scores,
             "best": next((m for m, v in finite.items() if v == best), None)}
 
 
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", default="384", help="prompt token budget, or none (default 384)")
     ap.add_argument("--exclusion", default=DEFAULT_EXCLUSION, choices=EXCLUSION_RULES)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--decode", default="beam", choices=DECODES,
+                    help="how each --model row finds its top K, as conrec-eval --decode (ensembles are always exact)")
     ap.add_argument("--ensembles", action="store_true",
                     help="score every subset of the --model folders as a conrec-eval --ensemble row and name the best")
     ap.add_argument("--out", help="also write the result here (JSON)")
@@ -141,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         context = args.context if args.context == "row" else int(args.context)
-        score = ensemble_search if args.ensembles else validation_scores
-        result = score(args.data, _pairs(args.model, "--model"), args.metric, args.split, context,
-                       _budget(args.budget, "--budget"), args.exclusion, args.device)
+        common = (args.data, _pairs(args.model, "--model"), args.metric, args.split, context,
+                  _budget(args.budget, "--budget"), args.exclusion, args.device)
+        result = ensemble_search(*common) if args.ensembles else validation_scores(*common, decode=args.decode)
     except (ValueError, EvalInputError, OSError) as exc:
         print(f"conrec-select: error: {exc}", file=sys.stderr)
         return 2

@@ -66,6 +66,21 @@ def test_scores_are_the_evaluation_metric_on_every_validation_row(folder, models
     assert result["best"] == next(m for m, v in result["scores"].items() if v == best)
 
 
+def test_exact_decoding_scores_as_the_beam_with_a_beam_per_item(folder, models, capsys):
+    """``decode="exact"`` is the evaluation's exact model row: the same hit rates as a beam search
+    that misses nothing; the CLI passes --decode on and refuses one that does not exist."""
+    n_items = len(load_eval_data(folder, "rl/val.parquet", unique_rows=False).sid_items)
+    exact = validation_scores(folder, models, "FHR@10", device="cpu", decode="exact")
+    beam = validation_scores(folder, models, "FHR@10", device="cpu", num_beams=n_items)
+    assert exact["decode"] == "exact" and beam["decode"] == "beam"
+    assert exact["scores"] == pytest.approx(beam["scores"]) and exact["rows"] == beam["rows"]
+    assert main(["--data", str(folder), "--model", f"a={models['a']}", "--metric", "FHR@10", "--device", "cpu",
+                 "--decode", "exact"]) == 0
+    assert json.loads(capsys.readouterr().out)["scores"]["a"] == pytest.approx(exact["scores"]["a"])
+    with pytest.raises(SystemExit):
+        main(["--data", str(folder), "--model", f"a={models['a']}", "--decode", "greedy"])
+
+
 def test_ties_go_to_the_model_named_first(folder, models):
     same = {"start": models["a"], "later": models["a"]}
     assert validation_scores(folder, same, "FHR@20", device="cpu")["best"] == "start"
