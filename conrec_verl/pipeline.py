@@ -543,25 +543,87 @@ class Pipeline:
                                 "validate the starting model at a checkpoint)")
         return metric, mode, include_start
 
+    def _eval_flag(self, name: str, default: str) -> str:
+        """The value of ``name`` in the profile's ``eval.args`` (``--flag value`` or ``--flag=value``)."""
+        args = [str(a) for a in self.profile.eval.get("args") or []]
+        for i, a in enumerate(args):
+            if a == name and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith(name + "="):
+                return a.split("=", 1)[1]
+        return default
+
+    def _eval_prompt(self, key: str) -> tuple[str, str]:
+        """(context, budget) a model row is evaluated with: ``eval.<key>`` (``warmup_prompt`` /
+        ``grpo_prompt``, ``CONTEXT[,BUDGET]``), else ``--prompt-context`` / ``--max-prompt-tokens``
+        of ``eval.args``, else 3 and 384 (the evaluation's defaults)."""
+        context, budget = self._eval_flag("--prompt-context", "3"), self._eval_flag("--max-prompt-tokens", "384")
+        if self.profile.eval.get(key):
+            first, _, second = str(self.profile.eval[key]).partition(",")
+            context, budget = first.strip() or context, second.strip() or budget
+        return context, budget
+
+    def _data_prep_request(self) -> tuple[str, list[str], Path] | None:
+        """A :meth:`compose_configs` request for this run's data_prep config (data_prep's config
+        folder, the profile's ``data`` overrides), or None once the data folder's manifest records it."""
+        if (self.run / "data" / "manifest.json").is_file():
+            return None
+        import importlib.util
+
+        config_dir = Path(importlib.util.find_spec("conrec_verl.data_prep").submodule_search_locations[0]) / "config"
+        overrides = [f"out_dir={self.run / 'data'}", *map(str, self.profile.data.overrides)]
+        if self.profile.data.get("input_path"):
+            overrides.append(f"input.path={self.profile.data.input_path}")
+        return str(self.profile.data.config), overrides, config_dir
+
+    def check_contexts(self, grpo: dict | None, data: dict | None) -> None:
+        """Every prompt context a model is RL-trained (the progressive-GRPO stages, verl's
+        validation rows) or evaluated with (the warm-up and GRPO rows, GRPO checkpoint selection)
+        is one warm-up SFT taught it (``sft.warmup.contexts`` of data_prep): a model asked in a
+        form it never learned answers as it was taught elsewhere. Checked before the first phase
+        when the profile has a warm-up stage; a :class:`PipelineError` names each asker."""
+        from conrec_verl.core.schedule import ScheduleError, StageSchedule, untaught_contexts
+
+        if not any(str(s.name) == "warmup" for s in self.profile.sft.stages):
+            return
+        if data is None:  # the data folder is built: its manifest records the config it was built with
+            data = json.loads((self.run / "data" / "manifest.json").read_text()).get("config") or {}
+        taught = ((data.get("sft") or {}).get("warmup") or {}).get("contexts") or []
+        rl = data.get("rl") or {}
+
+        def rl_context(new: str, old: str):  # an old key name wins over the new one's default (rl_options)
+            return rl.get(old) if rl.get(old) is not None else rl.get(new)
+
+        asked: dict[str, int | None] = {}
+        if grpo is not None:
+            algo = grpo.get("algorithm") or {}
+            if algo.get("adv_estimator") == "progressive_grpo":
+                try:
+                    schedule = StageSchedule.from_config(algo.get("progressive_grpo"))
+                except ScheduleError as exc:
+                    raise PipelineError(f"grpo: {exc}") from None
+                asked.update({f"GRPO stage {s.name}": s.context for s in schedule.stages})
+            asked["GRPO validation rows (rl.val_context)"] = rl_context("val_context", "val_stage")
+        row = rl_context("eval_context", "eval_stage")
+        for key, who in (("warmup_prompt", "the warm-up SFT row"), ("grpo_prompt", "the GRPO row")):
+            if key == "grpo_prompt" and grpo is None and "grpo" not in {p.name for p in self.phases()}:
+                continue
+            context = self._eval_prompt(key)[0]
+            asked[f"evaluation: {who} (eval.{key})"] = row if context == "row" else (
+                int(context) if context.isdigit() else None)
+        bad = untaught_contexts(taught, asked)
+        if bad:
+            raise PipelineError(f"{'; '.join(bad)}: warm-up SFT never taught this prompt context (data_prep "
+                                f"sft.warmup.contexts={list(taught)}); add it there (data.overrides) or ask in a "
+                                "taught context. Nothing was run")
+
     def _selection_args(self) -> list[str]:
         """The evaluation's prompt, exclusion and device settings for the selection child: the GRPO
         row's context and budget (``eval.grpo_prompt``, else ``--prompt-context`` /
         ``--max-prompt-tokens`` of ``eval.args``, else 3 and 384), ``--exclusion`` and ``--decode`` of
         ``eval.args`` (checkpoints are chosen decoded as the evaluation decodes them) and the profile's device. A value the evaluation would refuse is a :class:`PipelineError`."""
-        args = [str(a) for a in self.profile.eval.get("args") or []]
-
-        def flag(name: str, default: str) -> str:
-            for i, a in enumerate(args):
-                if a == name and i + 1 < len(args):
-                    return args[i + 1]
-                if a.startswith(name + "="):
-                    return a.split("=", 1)[1]
-            return default
-
-        context, budget = flag("--prompt-context", "3"), flag("--max-prompt-tokens", "384")
-        if self.profile.eval.get("grpo_prompt"):
-            first, _, second = str(self.profile.eval.grpo_prompt).partition(",")
-            context, budget = first.strip() or context, second.strip() or budget
+        flag = self._eval_flag
+        context, budget = self._eval_prompt("grpo_prompt")
         if context not in ("row", "1", "2", "3"):
             raise PipelineError(f"grpo.select_by_val: the GRPO row's prompt context must be 1, 2, 3 or row "
                                 f"(eval.grpo_prompt / --prompt-context), got {context!r}")
@@ -602,12 +664,13 @@ class Pipeline:
         best = max(values.values())
         return min(s for s, v in values.items() if v == best), {str(s): round(v, 5) for s, v in sorted(values.items())}
 
-    def compose_configs(self, requests: dict[str, tuple[str, list[str]]]) -> dict[str, dict]:
-        """``{name: resolved config}`` of verl configs composed with their overrides, in a child
-        process (:mod:`conrec_verl.runtime.compose`; the launcher stays free of torch and verl); a
-        config that does not compose is a :class:`PipelineError` naming it and Hydra's message."""
-        req = {name: {"config_dir": str(RECIPE_DIR / "config"), "config_name": str(cfg), "overrides": list(ov)}
-               for name, (cfg, ov) in requests.items()}
+    def compose_configs(self, requests: dict[str, tuple]) -> dict[str, dict]:
+        """``{name: resolved config}`` of verl configs (``(config name, overrides)``; or another
+        Hydra config folder's: ``(name, overrides, folder)``) composed with their overrides, in one
+        child process (:mod:`conrec_verl.runtime.compose`; the launcher stays free of torch and
+        verl); a config that does not compose is a :class:`PipelineError` naming it and Hydra's message."""
+        req = {name: {"config_dir": str(r[2] if len(r) > 2 else RECIPE_DIR / "config"), "config_name": str(r[0]),
+                      "overrides": list(r[1])} for name, r in requests.items()}
         proc = subprocess.run([sys.executable, "-m", "conrec_verl.runtime.compose"], input=json.dumps(req),
                               capture_output=True, text=True, env=self.env)
         try:
@@ -618,7 +681,8 @@ class Pipeline:
         bad = {name: r["error"] for name, r in out.items() if not r.get("ok")}
         if bad:
             name, error = next(iter(bad.items()))
-            raise PipelineError(f"phase {name}: its verl config {requests[name][0]} with the profile's overrides does "
+            kind = "config" if len(requests[name]) > 2 else "verl config"
+            raise PipelineError(f"phase {name}: its {kind} {requests[name][0]} with the profile's overrides does "
                                 f"not compose, nothing was run: {error}")
         return {name: r["config"] for name, r in out.items()}
 
@@ -636,8 +700,14 @@ class Pipeline:
                 extra = [f"++data.conrec.row_weights={self.run / 'grpo_cleaning'}"] if self._cleaning_rule() else []
                 requests["grpo"] = (str(self.profile.grpo.config),
                                     self._grpo_overrides(placeholder_model, data, self.run / "grpo") + extra)
+        contexts = bool({p.name for p in phases} & {"sft_warmup", "grpo", "eval"}) and any(
+            str(s.name) == "warmup" for s in self.profile.sft.stages)
+        if contexts and self._data_prep_request() is not None:
+            requests["data"] = self._data_prep_request()
+        composed = self.compose_configs(requests) if requests else {}
+        if contexts:
+            self.check_contexts(composed.get("grpo"), composed.get("data"))
         if requests:
-            composed = self.compose_configs(requests)
             for phase in phases:
                 if not phase.name.startswith("sft_"):
                     continue

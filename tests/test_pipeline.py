@@ -115,6 +115,11 @@ def test_profiles_compose_with_their_verl_configs(profile):
     assert grpo.data.custom_cls.name == "ConrecSidDataset" and grpo.data.shuffle is False
     assert "hf_model" in grpo.actor_rollout_ref.actor.checkpoint.save_contents
     assert grpo.trainer.device == ("cpu" if prof.device == "cpu" else "cuda")
+    # the hf rollout (the CPU backend, and the GPU profile's vLLM-less path) spells only items of the
+    # build, as evaluation decodes: the item trie is on in every profile's GRPO config
+    hf = grpo.actor_rollout_ref.rollout.engine_kwargs.hf
+    assert hf.logits_processor == "conrec_verl.constrained:rollout_logits_processor"
+    assert hf.logits_processor_kwargs.sid_map == "d/sid_map.parquet"
     if prof.device == "cpu":  # the CPU runtime starts no Ray dashboard and no idle workers
         ray_init = grpo.ray_kwargs.ray_init
         assert ray_init.include_dashboard is False
@@ -181,6 +186,40 @@ def test_a_bad_training_override_stops_the_pipeline_before_any_phase(tmp_path, c
     err = capsys.readouterr().err
     assert "phase sft_translation: its verl config sft_cpu_tiny" in err and "no_such_key" in err
     assert not (run / "data").exists()
+
+
+def test_a_context_warm_up_sft_never_taught_stops_the_pipeline_before_any_phase(tmp_path, capsys):
+    """GRPO stages and evaluation rows are asked only in prompt contexts warm-up SFT taught
+    (data_prep sft.warmup.contexts), read from the composed data_prep config before data exists."""
+    run = tmp_path / "run"
+    assert main(["--run-dir", str(run), "--profile", "ci_tiny", "data.overrides=['sft.warmup.contexts=[2,3]']"]) == 2
+    err = capsys.readouterr().err
+    assert "GRPO stage recent_neg (context 1)" in err and "sft.warmup.contexts=[2, 3]" in err
+    assert "all_neg" not in err and "neg_and_pos" not in err and "evaluation" not in err
+    assert not (run / "data").exists()
+    assert main(["--run-dir", str(run), "--profile", "ci_tiny", "data.overrides=['sft.warmup.contexts=[1,3]']",
+                 "eval.warmup_prompt=2,384"]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation: the warm-up SFT row (eval.warmup_prompt) (context 2)" in err
+    assert "GRPO stage all_neg (context 2)" in err and "GRPO validation rows (rl.val_context) (context 2)" in err
+    assert not (run / "data").exists()
+
+
+def test_a_built_data_folder_tells_which_contexts_were_taught(tmp_path):
+    """Once data_prep ran, its manifest is the record (old rl key names still win, as data_prep reads them)."""
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    config = {"sft": {"warmup": {"contexts": [2, 3]}}, "rl": {"val_context": 2, "eval_context": 3, "eval_stage": None}}
+    (run / "data" / "manifest.json").write_text(json.dumps({"config": config}))
+    pipe = Pipeline(run, load_profile("ci_tiny", ["eval.grpo_prompt=row,384"]))
+    pipe.check_contexts(None, None)  # the GRPO row is asked in the rows' own context, 3: taught
+    config["rl"]["eval_stage"] = 1
+    (run / "data" / "manifest.json").write_text(json.dumps({"config": config}))
+    with pytest.raises(PipelineError, match=r"evaluation: the GRPO row \(eval.grpo_prompt\) \(context 1\)"):
+        pipe.check_contexts(None, None)
+    config["sft"]["warmup"]["contexts"] = [1, 2, 3]
+    (run / "data" / "manifest.json").write_text(json.dumps({"config": config}))
+    pipe.check_contexts(None, None)
 
 
 def test_killing_the_pipeline_stops_the_running_phase(tmp_path):

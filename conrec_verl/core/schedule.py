@@ -60,6 +60,14 @@ def eligible_contexts(n_recent_neg: int, n_neg: int) -> tuple[int, ...]:
     return (1, 2, 3) if n_recent_neg > 0 else (2, 3)
 
 
+def untaught_contexts(taught: Sequence[int], asked: Mapping[str, int | None]) -> list[str]:
+    """The askers (``{who: context}``; None = not asked) whose prompt context is none of the
+    ``taught`` ones (warm-up SFT's ``sft.warmup.contexts``): a model must never be RL-trained or
+    evaluated with a prompt form its SFT stages did not teach it."""
+    known = {int(c) for c in taught}
+    return [f"{who} (context {int(c)})" for who, c in asked.items() if c is not None and int(c) not in known]
+
+
 STAGE_ROWS = ("assigned", "eligible")
 
 

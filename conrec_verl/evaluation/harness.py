@@ -44,7 +44,7 @@ from conrec_verl.core.neg_filter import NegativeFilter, removal_sweep
 from conrec_verl.core.prompts import budget_fits, chat_prompt_length, render_history_prompt
 from conrec_verl.core.sid import Codes, extract_sids, format_sid, parse_sid
 from conrec_verl.core.stats import bootstrap_ci, mcnemar
-from conrec_verl.core.eval_data import (  # noqa: F401 - DECODES re-exported
+from conrec_verl.core.eval_data import (
     DECODES,
     DEFAULT_EXCLUSION,
     EvalData,

@@ -94,3 +94,12 @@ def test_curriculum_total_steps_override_extends_last_stage():
     s = StageSchedule.from_config(CFG)
     order = CurriculumOrder(s, n_rows=3, batch_size=2, total_steps=12)
     assert len(order) == 24 and order.locate(23)[1].index == 3
+
+
+def test_untaught_contexts_names_every_asker_outside_the_taught_ones():
+    from conrec_verl.core.schedule import untaught_contexts
+
+    asked = {"GRPO stage a": 1, "GRPO stage b": 3, "eval row": None, "val rows": 2}
+    assert untaught_contexts([2, 3], asked) == ["GRPO stage a (context 1)"]
+    assert untaught_contexts([3], asked) == ["GRPO stage a (context 1)", "val rows (context 2)"]
+    assert untaught_contexts([1, 2, 3], asked) == []
