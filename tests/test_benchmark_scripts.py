@@ -1,5 +1,6 @@
 """The benchmark scripts still run (tiny sizes; their timings are not asserted)."""
 
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -388,3 +389,37 @@ def test_prior_correction_probe_prints_both_splits_and_alpha_zero_is_the_models_
     hits = [any(s in r.target.future_neg for s in top) for r, top in zip(data.rows, pset.sids) if r.target.has_future_dislike]
     cells = lines[0].strip("|").split("|")
     assert float(cells[1]) == float(cells[2]) == pytest.approx(sum(hits) / len(hits), abs=1e-4)
+
+
+def test_rollout_non_items_classes_outputs_as_the_reward_and_the_trie_spells_only_items(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from conrec_verl.core.sid import format_sid
+    from conrec_verl.model_builder import save_tiny_model
+    from conrec_verl.plugins.compute_score import get_scorer
+    from tests.evaluation.fixtures import make_data_folder
+
+    mod = runpy.run_path(str(BENCH / "rollout_non_items.py"))
+    folder = make_data_folder(tmp_path / "data")
+    (folder / "rl").mkdir()
+    test = pq.read_table(folder / "eval" / "test.parquet")
+    keep = [json.loads(r["ground_truth"])["future_neg"] != [] for r in test.column("reward_model").to_pylist()]
+    test = test.filter(keep)  # training rows always have a future dislike
+    pq.write_table(test, folder / "rl" / "train.parquet")
+    scorer = get_scorer({"codebook_path": str(folder / "codebook.npz")})
+    items = sorted(scorer.items)
+    non_item = next(c for c in ((a, b, c) for a in range(4) for b in range(4) for c in range(4)) if c not in scorer.items)
+    gt = test.column("reward_model").to_pylist()[0]["ground_truth"]
+    shares = mod["classify"](scorer, ["no sid here", format_sid(non_item), format_sid(items[0]), format_sid(items[1])],
+                             [gt] * 4)
+    assert (shares["invalid"], shares["non_item"], shares["item"]) == (0.25, 0.25, 0.5)
+    assert shares["reward"] == pytest.approx(sum(scorer.score(t, gt).reward for t in (
+        "no sid here", format_sid(non_item), format_sid(items[0]), format_sid(items[1]))) / 4)
+    model = save_tiny_model(tmp_path / "tiny", (4, 4, 4))
+    assert mod["main"](["--data", str(folder), "--model", str(model), "--rows", "6", "--n", "4"]) == 0
+    out = capsys.readouterr().out
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in out.splitlines()
+             if line.startswith("| ") and not line.startswith("| rollouts")}
+    assert table["item trie (recipe default)"][:4] == ["24", "0.0000", "0.0000", "1.0000"]
+    assert float(table["unconstrained"][3]) < 1.0  # a random model spells non-items or no SID unconstrained
+    assert mod["main"](["--data", str(tmp_path / "nowhere"), "--model", str(model)]) == 2
