@@ -602,3 +602,26 @@ def test_an_unwritable_output_is_one_error_line(synth_path, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("data_prep: error: cannot write or read") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_require_negative_history_skips_rows_without_a_dislike_before_the_cutoff(tmp_path):
+    """Off (default): evaluation and validation keep users with likes but no dislike before the
+    cutoff (their prompt says so), training never trains them. On: no split has such a row, and
+    the skipped rows are counted under their reason."""
+    log = synth_log()  # every synthetic user dislikes early; add users who only like until the eval cutoff
+    extra = [(f"w{u}", f"i{(u + k) % 20}", ms(day), 1) for u in range(4) for k, day in enumerate(range(2, 10))]
+    extra += [(f"w{u}", f"i{(u + k) % 20 + 1}", ms(day, 15), 0) for u in range(4) for k, day in enumerate((11, 12))]
+    log = pd.concat([log, pd.DataFrame(extra, columns=log.columns)], ignore_index=True)
+    log.to_csv(tmp_path / "log.csv", index=False)
+    out = build(generic_cfg(tmp_path / "log.csv", tmp_path / "off"))
+    n_neg = {name: read(out, name)["extra_info"].map(lambda e: e["n_hist_neg"])
+             for name in ("rl/train.parquet", "rl/val.parquet", "eval/test.parquet")}
+    assert (n_neg["rl/train.parquet"] > 0).all()
+    without = {name: int((v == 0).sum()) for name, v in n_neg.items()}
+    assert without["eval/test.parquet"] > 0  # the synthetic log has such users: the check below can fail
+    on = build(generic_cfg(tmp_path / "log.csv", tmp_path / "on", "samples.require_negative_history=true"))
+    m = json.loads((on / "manifest.json").read_text())
+    for name, before in n_neg.items():
+        after = read(on, name)["extra_info"].map(lambda e: e["n_hist_neg"])
+        assert (after > 0).all() and len(after) == len(before) - without[name], name
+    assert m["samples"]["skipped"]["test"]["no_negative_history"] == without["eval/test.parquet"]
