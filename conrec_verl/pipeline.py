@@ -589,6 +589,8 @@ class Pipeline:
         if data is None:  # the data folder is built: its manifest records the config it was built with
             data = json.loads((self.run / "data" / "manifest.json").read_text()).get("config") or {}
         taught = ((data.get("sft") or {}).get("warmup") or {}).get("contexts") or []
+        if not taught:  # a data folder whose manifest predates the key: nothing to check against
+            return
         rl = data.get("rl") or {}
 
         def rl_context(new: str, old: str):  # an old key name wins over the new one's default (rl_options)

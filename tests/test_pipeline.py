@@ -220,6 +220,8 @@ def test_a_built_data_folder_tells_which_contexts_were_taught(tmp_path):
     config["sft"]["warmup"]["contexts"] = [1, 2, 3]
     (run / "data" / "manifest.json").write_text(json.dumps({"config": config}))
     pipe.check_contexts(None, None)
+    (run / "data" / "manifest.json").write_text(json.dumps({"config": {"rl": config["rl"]}}))
+    pipe.check_contexts(None, None)  # a manifest written before sft.warmup.contexts existed: not refused
 
 
 def test_killing_the_pipeline_stops_the_running_phase(tmp_path):
