@@ -197,12 +197,17 @@ def test_a_context_warm_up_sft_never_taught_stops_the_pipeline_before_any_phase(
     assert "GRPO stage recent_neg (context 1)" in err and "sft.warmup.contexts=[2, 3]" in err
     assert "all_neg" not in err and "neg_and_pos" not in err and "evaluation" not in err
     assert not (run / "data").exists()
-    assert main(["--run-dir", str(run), "--profile", "ci_tiny", "data.overrides=['sft.warmup.contexts=[1,3]']",
-                 "eval.warmup_prompt=2,384"]) == 2
-    err = capsys.readouterr().err
-    assert "evaluation: the warm-up SFT row (eval.warmup_prompt) (context 2)" in err
-    assert "GRPO stage all_neg (context 2)" in err and "GRPO validation rows (rl.val_context) (context 2)" in err
-    assert not (run / "data").exists()
+    # every asker is named: the configs as composed (no child process needed for the rest)
+    pipe = Pipeline(run, load_profile("ci_tiny", ["eval.warmup_prompt=2,384"]))
+    grpo = {"algorithm": {"adv_estimator": "progressive_grpo", "progressive_grpo": {"kl_ref": 0.001, "stages": [
+        {"name": "recent_neg", "context": 1, "steps": 1}, {"name": "all_neg", "context": 2, "steps": 1}]}}}
+    data = {"sft": {"warmup": {"contexts": [1, 3]}}, "rl": {"val_context": 2, "eval_context": 3}}
+    with pytest.raises(PipelineError) as err:
+        pipe.check_contexts(grpo, data)
+    assert "evaluation: the warm-up SFT row (eval.warmup_prompt) (context 2)" in str(err.value)
+    assert "GRPO stage all_neg (context 2)" in str(err.value) and "recent_neg" not in str(err.value)
+    assert "GRPO validation rows (rl.val_context) (context 2)" in str(err.value)
+    pipe.check_contexts(grpo, {**data, "sft": {"warmup": {"contexts": [1, 2, 3]}}})
 
 
 def test_a_built_data_folder_tells_which_contexts_were_taught(tmp_path):
